@@ -1,0 +1,3 @@
+from tec_cache.cli import main
+
+main()

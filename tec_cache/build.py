@@ -1,0 +1,473 @@
+"""Stage 1 orchestration: source images --> views --> base model --> codec --> shards --> manifest.
+
+The unit of work and of atomicity is a shard: view-epoch v of the images in chunk c (images
+[c*shard_size, (c+1)*shard_size) of the sorted source). Chunk c belongs to rank c % world_size,
+and each image of a chunk is decoded once for all the view-epochs that chunk still lacks. A shard
+is complete when its file and its sidecar JSON are both in place; a re-run skips complete shards,
+so a killed, extended (more --views) or re-ranked build ends with the same shards as one
+uninterrupted run. Rank 0 writes the manifest last, from the sidecars.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numcodecs
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tec_cache import shards as shard_io
+from tec_cache.basemodels import BaseModelSpec, load_base_model
+from tec_cache.codecs import TargetShape, get_codec, split_fields
+from tec_cache.dist import DistInfo, barrier, destroy_process_group, dist_info, init_process_group, resolve_device
+from tec_cache.faults import fault_point
+from tec_cache.manifest import MANIFEST_NAME, SCHEMA_VERSION, ManifestError, load_manifest, write_json_atomic
+from tec_cache.records import ViewRecord, record_key
+from tec_cache.sources import BadImage, ImageSource, open_source
+from tec_cache.targets import extract_targets, normalise_images
+from tec_cache.views import ViewRecipe, make_views
+
+TOOL_VERSION = "tec-cache 0.1.0"
+# Disk estimate safety factor: shard sizes vary with image content.
+DISK_MARGIN = 1.10
+
+
+@dataclass
+class BuildConfig:
+    data: Path
+    out: Path
+    checkpoint: Path
+    spec: BaseModelSpec
+    views: int = 1
+    codec: str = "int8"
+    format: str = "webdataset"
+    compressor: str = "zstd:3"
+    shard_size: int = 256
+    seed: int = 0
+    batch_size: int = 64
+    num_workers: int = 4
+    device: str = "auto"
+    strict: bool = False
+    dry_run: bool = False
+    jpeg_quality: int = 95
+
+    def validate(self) -> None:
+        for opt, value in (("--views", self.views), ("--shard-size", self.shard_size), ("--batch-size", self.batch_size)):
+            if value < 1:
+                raise ValueError(f"{opt}: must be a positive integer, got {value}")
+        if self.num_workers < 0:
+            raise ValueError(f"--num-workers: must be >= 0, got {self.num_workers}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"--jpeg-quality: must be in 1..100, got {self.jpeg_quality}")
+        if self.format not in shard_io.FORMATS:
+            raise ValueError(f"--format: unknown format {self.format!r}; expected one of {list(shard_io.FORMATS)}")
+        get_codec(self.codec)
+        _compressor(self.compressor)
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"--out: {self.out} exists and is not a folder")
+
+
+@dataclass
+class BuildResult:
+    manifest_path: Path | None
+    views_built: int
+    shards_built: int
+    shards_skipped: int
+    skipped_images: list[dict[str, str]]
+    seconds: float
+    bytes_per_view: float
+    estimate: dict[str, Any] = field(default_factory=dict)
+
+
+def _compressor(spec: str) -> numcodecs.abc.Codec | None:
+    name, _, level = spec.partition(":")
+    if name == "none":
+        return None
+    if name == "zstd":
+        return numcodecs.Zstd(level=int(level or 3))
+    raise ValueError(f"--compressor: {spec!r} is not 'zstd:LEVEL' or 'none'")
+
+
+def shard_relpath(fmt: str, view_epoch: int, chunk: int) -> str:
+    return f"ve{view_epoch:03d}/shard-{chunk:06d}{shard_io.shard_suffix(fmt)}"
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def source_fingerprint(source: ImageSource) -> str:
+    h = hashlib.sha256()
+    for it in source.items:
+        h.update(it.key.encode("utf-8") + b"\0")
+    return h.hexdigest()
+
+
+def _identity(batch: list[Any]) -> Any:
+    return batch[0]
+
+
+class _ViewJobs(Dataset):
+    """Job j: decode image ``jobs[j][0]`` once and cut the view-epochs ``jobs[j][1]``."""
+
+    def __init__(self, source: ImageSource, jobs: list[tuple[int, list[int]]], seed: int, recipe: ViewRecipe):
+        self.source, self.jobs, self.seed, self.recipe = source, jobs, seed, recipe
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, j: int) -> dict[str, Any]:
+        from tec_cache.sources import decode_image
+
+        index, views = self.jobs[j]
+        item = self.source.items[index]
+        try:
+            img = decode_image(self.source.read_bytes(index), item.path if item.offset < 0 else f"{item.path}:{item.key}")
+        except (BadImage, OSError) as e:
+            return {"index": index, "error": str(e)}
+        return {"index": index, "views": make_views(img, item.key, views, self.seed, self.recipe)}
+
+
+class _Stats:
+    """Running count/sum/sum-of-squares/min/max of the float targets, per field."""
+
+    def __init__(self) -> None:
+        self.acc: dict[str, list[float]] = {}
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        x = x.float()
+        vals = [x.numel(), x.sum().item(), x.square().sum().item(), x.min().item(), x.max().item()]
+        a = self.acc.get(name)
+        self.acc[name] = vals if a is None else [a[0] + vals[0], a[1] + vals[1], a[2] + vals[2], min(a[3], vals[3]), max(a[4], vals[4])]
+
+    def to_json(self) -> dict[str, list[float]]:
+        return self.acc
+
+
+def merge_stats(items: list[dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    merged: dict[str, list[float]] = {}
+    for st in items:
+        for name, a in st.items():
+            m = merged.get(name)
+            merged[name] = list(a) if m is None else [m[0] + a[0], m[1] + a[1], m[2] + a[2], min(m[3], a[3]), max(m[4], a[4])]
+    out = {}
+    for name, (n, s, ss, lo, hi) in merged.items():
+        mean = s / max(n, 1)
+        out[name] = {"count": n, "mean": mean, "std": math.sqrt(max(ss / max(n, 1) - mean * mean, 0.0)), "min": lo, "max": hi}
+    return out
+
+
+def _identity_fields(cfg: BuildConfig, source: ImageSource, facts: dict[str, Any], shape: TargetShape) -> dict[str, Any]:
+    """What must not change between a build and its resume/extension."""
+    return {
+        "base_model.sha256": facts["sha256"],
+        "base_model.arch": cfg.spec.arch,
+        "targets.topk": cfg.spec.topk,
+        "targets.last_layers": cfg.spec.last_layers,
+        "targets.num_patches": shape.num_patches,
+        "views.seed": cfg.seed,
+        "views.recipe.size": cfg.spec.img_size,
+        "views.recipe.jpeg_quality": cfg.jpeg_quality,
+        "codec.name": cfg.codec,
+        "format.name": cfg.format,
+        "format.compressor": cfg.compressor,
+        "format.shard_size": cfg.shard_size,
+        "source.fingerprint": source_fingerprint(source),
+    }
+
+
+def _check_resume(root: Path, expected: dict[str, Any]) -> int:
+    """Existing manifest must match this build; returns its view-epoch count (0 when none)."""
+    if not (root / MANIFEST_NAME).exists():
+        return 0
+    man = load_manifest(root)
+    for dotted, want in expected.items():
+        obj: Any = man.raw
+        for part in dotted.split("."):
+            obj = obj.get(part) if isinstance(obj, dict) else None
+        if obj != want:
+            raise ManifestError(
+                f"--out {root}: the existing cache was built with {dotted} = {obj!r}, this build asks for {want!r}; "
+                "use another --out or the same settings"
+            )
+    return man.num_view_epochs
+
+
+class Builder:
+    """One rank's share of a build."""
+
+    def __init__(self, cfg: BuildConfig, info: DistInfo, log: Callable[[str], None]):
+        cfg.validate()
+        self.cfg, self.info, self.log = cfg, info, log
+        self.device = resolve_device(cfg.device, info)
+        self.source = open_source(cfg.data)
+        self.recipe = ViewRecipe(size=cfg.spec.img_size, jpeg_quality=cfg.jpeg_quality)
+        self.codec = get_codec(cfg.codec)
+        self.model, self.facts = load_base_model(cfg.spec, cfg.checkpoint, self.device)
+        grid = cfg.spec.img_size // cfg.spec.patch_size
+        self.shape = TargetShape(grid * grid, self.model.embed_dim, self.model.blocks[-1].attn.num_heads, cfg.spec.topk)
+        self.field_specs = self.codec.field_specs(self.shape)
+        self.identity = _identity_fields(cfg, self.source, self.facts, self.shape)
+        old_views = _check_resume(cfg.out, self.identity)
+        self.num_views = max(cfg.views, old_views)
+        if old_views > cfg.views:
+            log(f"the cache already holds {old_views} view-epochs; keeping all of them")
+        self.num_chunks = math.ceil(len(self.source) / cfg.shard_size)
+        self.compressor = _compressor(cfg.compressor)
+        self.writer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tec-write")
+
+    # ---- planning -------------------------------------------------------------------------
+    def shard_path(self, v: int, c: int) -> Path:
+        return self.cfg.out / shard_relpath(self.cfg.format, v, c)
+
+    def is_complete(self, v: int, c: int) -> bool:
+        p = self.shard_path(v, c)
+        return p.exists() and _sidecar(p).exists()
+
+    def chunk_images(self, c: int) -> range:
+        return range(c * self.cfg.shard_size, min((c + 1) * self.cfg.shard_size, len(self.source)))
+
+    def plan(self) -> tuple[list[tuple[int, list[int]]], int, int]:
+        """This rank's (chunk, missing view-epochs) list, and views still missing on all ranks."""
+        mine, total_missing, total_done = [], 0, 0
+        for c in range(self.num_chunks):
+            missing = [v for v in range(self.num_views) if not self.is_complete(v, c)]
+            total_missing += len(missing) * len(self.chunk_images(c))
+            total_done += self.num_views - len(missing)
+            if missing and c % self.info.world_size == self.info.rank:
+                mine.append((c, missing))
+        return mine, total_missing, total_done
+
+    # ---- estimate -------------------------------------------------------------------------
+    def bytes_per_view(self, records: list[ViewRecord]) -> float:
+        per_member = 512 + 256 if self.cfg.format == "webdataset" else 0  # tar header + mean padding
+        total = 0
+        for r in records:
+            total += len(r.image) + per_member * (2 + len(r.fields))
+            for arr in r.fields.values():
+                raw = np.ascontiguousarray(arr).tobytes()
+                total += len(self.compressor.encode(raw)) if self.compressor is not None else len(raw)
+        return total / max(len(records), 1)
+
+    def check_disk(self, bpv: float, missing_views: int) -> dict[str, Any]:
+        need = int(bpv * missing_views * DISK_MARGIN)
+        probe = self.cfg.out
+        while not probe.exists():
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        est = {"bytes_per_view": round(bpv, 1), "views": missing_views, "bytes_needed": need, "bytes_free": free}
+        if not self.cfg.dry_run and need > free:
+            raise OSError(
+                f"--out {self.cfg.out}: not enough disk: the {missing_views} views still to build need about "
+                f"{_gb(need)} ({bpv / 1e3:.1f} KB/view, +{int((DISK_MARGIN - 1) * 100)}% margin), {_gb(free)} is free. "
+                "Free space, use fewer --views, --codec int8, or another --out."
+            )
+        return est
+
+    # ---- run ------------------------------------------------------------------------------
+    def run(self, progress: Callable[[int], None] | None = None, set_total: Callable[[int], None] | None = None) -> BuildResult:
+        t0 = time.time()
+        mine, total_missing, already_done = self.plan()
+        jobs = [(i, missing) for c, missing in mine for i in self.chunk_images(c)]
+        my_views = sum(len(m) * len(self.chunk_images(c)) for c, m in mine)
+        if set_total is not None:
+            set_total(my_views)
+        loader = DataLoader(
+            _ViewJobs(self.source, jobs, self.cfg.seed, self.recipe),
+            batch_size=1, collate_fn=_identity, num_workers=self.cfg.num_workers,
+            prefetch_factor=4 if self.cfg.num_workers > 0 else None,
+        )
+        it = iter(loader)
+        estimate: dict[str, Any] = {}
+        built = shards_built = 0
+        skipped_all: list[dict[str, str]] = []
+        bpv_seen: list[float] = []
+        for c, missing in mine:
+            writers: dict[int, Any] = {}
+            stats = {v: _Stats() for v in missing}
+            skipped: list[dict[str, str]] = []
+            pending: list[tuple[int, int, bytes, torch.Tensor]] = []
+            futures: list[Future] = []
+            try:
+                for _ in self.chunk_images(c):
+                    job = next(it)
+                    index = job["index"]
+                    if "error" in job:
+                        if self.cfg.strict:
+                            raise BadImage(f"--strict: {job['error']}")
+                        skipped.append({"key": self.source.items[index].key, "error": job["error"]})
+                        continue
+                    pending.extend((index, v, data, pix) for v, data, pix in job["views"])
+                    while len(pending) >= self.cfg.batch_size:
+                        batch, pending = pending[: self.cfg.batch_size], pending[self.cfg.batch_size:]
+                        recs = self._targets(batch, stats)
+                        if not estimate:
+                            estimate = self.check_disk(self.bytes_per_view(recs), total_missing)
+                            if self.cfg.dry_run:
+                                return self._dry(estimate, t0)
+                        futures.append(self.writer_pool.submit(self._write, c, missing, writers, recs))
+                        built += len(recs)
+                        if progress is not None:
+                            progress(len(recs))
+                if pending:
+                    recs = self._targets(pending, stats)
+                    if not estimate:
+                        estimate = self.check_disk(self.bytes_per_view(recs), total_missing)
+                        if self.cfg.dry_run:
+                            return self._dry(estimate, t0)
+                    futures.append(self.writer_pool.submit(self._write, c, missing, writers, recs))
+                    built += len(recs)
+                    if progress is not None:
+                        progress(len(recs))
+                for f in futures:
+                    f.result()
+                if self.cfg.dry_run:
+                    continue
+                for v in missing:
+                    w = writers.get(v) or self._open(v, c, writers)
+                    fault_point("before_shard_close")
+                    info = w.close()
+                    fault_point("after_shard_rename")
+                    write_json_atomic(
+                        _sidecar(self.shard_path(v, c)),
+                        {"num_samples": info.num_samples, "nbytes": info.nbytes, "sha256": info.sha256,
+                         "skipped": skipped, "stats": stats[v].to_json()},
+                    )
+                    bpv_seen.append(info.nbytes / max(info.num_samples, 1))
+                    shards_built += 1
+                    fault_point("after_shard")
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                for w in writers.values():
+                    w.abort()
+                raise
+            skipped_all.extend(skipped)
+        if self.cfg.dry_run:
+            # Nothing to compute on this rank: estimate from what is planned, without a forward.
+            return self._dry(estimate or {"views": total_missing, "bytes_per_view": None}, t0)
+        seconds = time.time() - t0
+        fault_point("before_barrier")
+        barrier()
+        manifest_path = None
+        if self.info.is_main:
+            manifest_path = self.write_manifest(seconds, built * self.info.world_size)
+        barrier()
+        return BuildResult(manifest_path, built, shards_built, already_done, skipped_all, seconds,
+                           float(np.mean(bpv_seen)) if bpv_seen else 0.0, estimate)
+
+    def _dry(self, estimate: dict[str, Any], t0: float) -> BuildResult:
+        return BuildResult(None, 0, 0, 0, [], time.time() - t0, float(estimate.get("bytes_per_view") or 0.0), estimate)
+
+    def _targets(self, batch: list[tuple[int, int, bytes, torch.Tensor]], stats: dict[int, _Stats]) -> list[ViewRecord]:
+        pixels = torch.stack([b[3] for b in batch])  # [B,3,S,S] uint8
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        images = normalise_images(pixels.to(self.device), self.recipe.mean, self.recipe.std)
+        feat, att, idx = extract_targets(self.model, images, topk=self.cfg.spec.topk, last_layers=self.cfg.spec.last_layers)
+        views = torch.tensor([b[1] for b in batch], device=feat.device)
+        for v in stats:
+            sel = views == v
+            if bool(sel.any()):
+                stats[v].add("feat", feat[sel])
+                stats[v].add("att", att[sel])
+        per_view = split_fields(self.codec.encode(feat, att, idx))
+        out = []
+        for (index, v, data, _), fields in zip(batch, per_view):
+            item = self.source.items[index]
+            out.append(ViewRecord(record_key(index), index, v, item.label, item.key, data, fields))
+        return out
+
+    def _open(self, v: int, c: int, writers: dict[int, Any]) -> Any:
+        path = self.shard_path(v, c)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writers[v] = shard_io.open_writer(self.cfg.format, path, self.field_specs, self.cfg.compressor)
+        return writers[v]
+
+    def _write(self, c: int, missing: list[int], writers: dict[int, Any], recs: list[ViewRecord]) -> None:
+        # Runs in the writer thread, overlapping the next batch's forward pass.
+        for r in recs:
+            w = writers.get(r.view_epoch) or self._open(r.view_epoch, c, writers)
+            w.write(r)
+            fault_point("mid_shard_write")
+
+    # ---- manifest -------------------------------------------------------------------------
+    def write_manifest(self, seconds: float, views_this_run: int) -> Path:
+        view_epochs, stats, skipped = [], [], {}
+        total_bytes = total_samples = 0
+        for v in range(self.num_views):
+            entries = []
+            for c in range(self.num_chunks):
+                path = self.shard_path(v, c)
+                if not self.is_complete(v, c):
+                    raise RuntimeError(f"shard {path} is missing after all ranks finished; re-run the build to complete it")
+                side = json.loads(_sidecar(path).read_text())
+                entries.append({"index": c, "path": shard_relpath(self.cfg.format, v, c), "num_samples": side["num_samples"],
+                                "nbytes": side["nbytes"], "sha256": side["sha256"]})
+                stats.append(side["stats"])
+                for s in side["skipped"]:
+                    skipped[s["key"]] = s["error"]
+                total_bytes += side["nbytes"]
+                total_samples += side["num_samples"]
+            view_epochs.append({"index": v, "num_samples": sum(e["num_samples"] for e in entries), "shards": entries})
+        spec = self.cfg.spec
+        grid = spec.img_size // spec.patch_size
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "tool": TOOL_VERSION,
+            "base_model": {**spec.to_json(), "sha256": self.facts["sha256"], "checkpoint": self.facts["path"],
+                           "layout": self.facts["layout"], "embed_dim": self.shape.dim, "num_heads": self.shape.heads,
+                           "depth": len(self.model.blocks)},
+            "targets": {"num_patches": self.shape.num_patches, "grid": [grid, grid], "patch_size": spec.patch_size,
+                        "dim": self.shape.dim, "heads": self.shape.heads, "topk": spec.topk,
+                        "last_layers": spec.last_layers, "tau": spec.tau},
+            "views": {"count": self.num_views, "seed": self.cfg.seed, "recipe": self.recipe.to_json(), "image_format": "jpeg"},
+            "codec": {"name": self.codec.name, "fields": {k: v.to_json() for k, v in self.field_specs.items()}},
+            "format": {"name": self.cfg.format, "compressor": self.cfg.compressor, "shard_size": self.cfg.shard_size},
+            "source": {**self.source.describe(), "fingerprint": self.identity["source.fingerprint"],
+                       "skipped": [{"key": k, "error": e} for k, e in sorted(skipped.items())]},
+            "view_epochs": view_epochs,
+            "stats": {"fields": merge_stats(stats), "total_bytes": total_bytes, "total_views": total_samples,
+                      "bytes_per_view": total_bytes / max(total_samples, 1),
+                      "build": {"seconds": round(seconds, 3), "views_this_run": views_this_run,
+                                "views_per_s": round(views_this_run / max(seconds, 1e-9), 2),
+                                "world_size": self.info.world_size, "device": str(self.device)}},
+        }
+        fault_point("before_manifest")
+        path = self.cfg.out / MANIFEST_NAME
+        write_json_atomic(path, manifest)
+        return path
+
+    def close(self) -> None:
+        self.writer_pool.shutdown(wait=True)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def build_cache(cfg: BuildConfig, log: Callable[[str], None] = lambda s: None,
+                progress: Callable[[int], None] | None = None, set_total: Callable[[int], None] | None = None) -> BuildResult:
+    """Run (this rank's part of) a build; under torchrun every rank calls it."""
+    info = dist_info()
+    joined = False
+    try:
+        device = resolve_device(cfg.device, info)
+        joined = init_process_group(info, device)
+        builder = Builder(cfg, info, log)
+        try:
+            return builder.run(progress, set_total)
+        finally:
+            builder.close()
+    finally:
+        if joined:
+            destroy_process_group()

@@ -1,0 +1,137 @@
+"""Views are pure functions of (seed, key, view); sources convert every mode and name bad files."""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from tec_cache.sources import BadImage, decode_image, open_source
+from tec_cache.views import ViewRecipe, cut_view, decode_view, make_views, view_params, view_rng
+from tests.conftest import add_skimage_photos, make_image_folder
+
+
+def _photo() -> Image.Image:
+    from skimage import data
+
+    return Image.fromarray(data.astronaut()).resize((300, 200))
+
+
+def test_views_are_pure_functions_of_seed_key_view():
+    img, r = _photo(), ViewRecipe(size=64)
+    a = make_views(img, "cls/a.jpg", [0, 1, 2], seed=7, recipe=r)
+    b = make_views(img, "cls/a.jpg", [2, 0], seed=7, recipe=r)  # other order, subset
+    assert a[0][1] == b[1][1] and a[2][1] == b[0][1]
+    assert len({v[1] for v in a}) == 3  # different view indices differ
+    assert make_views(img, "cls/b.jpg", [0], 7, r)[0][1] != a[0][1]
+    assert make_views(img, "cls/a.jpg", [0], 8, r)[0][1] != a[0][1]
+
+
+def test_stored_jpeg_decodes_to_the_pixels_the_base_model_saw():
+    (v, data, pix), = make_views(_photo(), "k", [0], 0, ViewRecipe(size=48))
+    assert pix.dtype == torch.uint8 and pix.shape == (3, 48, 48)
+    assert torch.equal(decode_view(data), pix)
+
+
+def test_crop_sampling_follows_random_resized_crop():
+    """Same sampling law as torchvision's RandomResizedCrop.get_params: boxes inside the image,
+    the same area and ratio distribution (compared with torchvision's own sampler), about half
+    flipped, and the centre-crop fallback."""
+    recipe = ViewRecipe()
+    ours, flips = [], 0
+    for i in range(2000):
+        p = view_params(500, 375, view_rng(0, f"img{i}", 0), recipe)
+        assert 0 <= p.top and p.top + p.height <= 375 and 0 <= p.left and p.left + p.width <= 500
+        ours.append((p.height * p.width / (500 * 375), p.width / p.height))
+        flips += p.flip
+    torch.manual_seed(0)
+    img = Image.new("RGB", (500, 375))
+    ref = []
+    for _ in range(2000):
+        t, l, h, w = T.RandomResizedCrop.get_params(img, scale=[0.2, 1.0], ratio=[3 / 4, 4 / 3])
+        ref.append((h * w / (500 * 375), w / h))
+    ours_a, ref_a = np.array(ours), np.array(ref)
+    assert ours_a[:, 0].min() >= 0.19 and ours_a[:, 1].min() >= 0.74 and ours_a[:, 1].max() <= 1.34
+    assert np.abs(ours_a.mean(0) - ref_a.mean(0)).max() < 0.02
+    assert np.abs(ours_a.std(0) - ref_a.std(0)).max() < 0.02
+    assert 900 < flips < 1100
+    # A sliver image makes every try fail: torchvision's centre-crop fallback.
+    p = view_params(1000, 10, view_rng(0, "sliver", 0), recipe)
+    assert (p.height, p.width, p.top) == (10, int(round(10 * 4 / 3)), 0)
+
+
+def test_cut_matches_torchvision_resized_crop():
+    img = _photo()
+    p = view_params(img.width, img.height, view_rng(1, "x", 3), ViewRecipe(size=56))
+    ref = T.functional.resized_crop(img, p.top, p.left, p.height, p.width, [56, 56], interpolation=T.InterpolationMode.BICUBIC)
+    if p.flip:
+        ref = T.functional.hflip(ref)
+    got = cut_view(img, p, ViewRecipe(size=56))
+    assert torch.equal(got, T.functional.pil_to_tensor(ref))
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "LA", "1"])
+def test_every_mode_becomes_rgb(mode):
+    arr = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    img = Image.fromarray(arr)
+    img = img.convert(mode) if mode != "I;16" else Image.fromarray((arr[..., 0].astype(np.uint16) * 256))
+    buf = io.BytesIO()
+    img.save(buf, format="TIFF" if mode in ("I;16", "CMYK") else "PNG")
+    out = decode_image(buf.getvalue(), "x")
+    assert out.mode == "RGB" and out.size == (30, 20)
+    if mode == "I;16":
+        assert np.asarray(out)[..., 0].max() > 128  # scaled down to 8 bits, not clipped to 255
+
+
+def test_bad_files_name_themselves(tmp_path):
+    with pytest.raises(BadImage, match="f.jpg: empty"):
+        decode_image(b"", "f.jpg")
+    with pytest.raises(BadImage, match="g.jpg: cannot decode"):
+        decode_image(b"garbage" * 20, "g.jpg")
+
+
+def test_decompression_bomb_refused():
+    buf = io.BytesIO()
+    Image.new("L", (20000, 10000)).save(buf, format="PNG")  # 200 MP of zeros compresses to ~200 KB
+    with pytest.raises(BadImage, match="bomb.png:.*exceeds"):
+        decode_image(buf.getvalue(), "bomb.png")
+
+
+def test_folder_source_sorted_with_labels(tmp_path):
+    root = make_image_folder(tmp_path / "d", n_per_class=2)
+    add_skimage_photos(root)
+    src = open_source(root)
+    keys = [it.key for it in src.items]
+    assert keys == sorted(keys)
+    assert src.classes == ["class0", "class1", "photos"]
+    assert {it.label for it in src.items if it.key.startswith("class1/")} == {1}
+    photo = src.items[keys.index("photos/camera.png")]
+    assert decode_image(src.read_bytes(keys.index(photo.key)), photo.key).mode == "RGB"
+
+
+def test_tar_source(tmp_path):
+    import webdataset as wds
+
+    arr = np.zeros((16, 16, 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG")
+    for shard in range(2):
+        with wds.TarWriter(str(tmp_path / f"src-{shard}.tar")) as w:
+            for i in range(3):
+                w.write({"__key__": f"s{shard}_{i}", "jpg": buf.getvalue(), "cls": str(i % 2).encode()})
+    src = open_source(tmp_path)
+    assert src.kind == "webdataset" and len(src) == 6
+    assert [it.label for it in src.items] == [0, 1, 0, 0, 1, 0]
+    assert decode_image(src.read_bytes(4), "x").size == (16, 16)
+
+
+def test_missing_and_empty_data(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--data"):
+        open_source(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        open_source(tmp_path / "empty")
