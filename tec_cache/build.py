@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tec_cache import shards as shard_io
 from tec_cache.basemodels import BaseModelSpec, load_base_model
 from tec_cache.codecs import TargetShape, get_codec, split_fields
-from tec_cache.dist import DistInfo, barrier, destroy_process_group, dist_info, init_process_group, resolve_device
+from tec_cache.dist import DistInfo, all_reduce_sum, barrier, destroy_process_group, dist_info, init_process_group, resolve_device
 from tec_cache.faults import fault_point
 from tec_cache.manifest import MANIFEST_NAME, SCHEMA_VERSION, ManifestError, load_manifest, write_json_atomic
 from tec_cache.records import ViewRecord, record_key
@@ -295,8 +295,26 @@ class Builder:
             writers: dict[int, Any] = {}
             stats = {v: _Stats() for v in missing}
             skipped: list[dict[str, str]] = []
-            pending: list[tuple[int, int, bytes, torch.Tensor]] = []
+            # One queue per view-epoch: a shard's batches never depend on which other shards of
+            # the chunk are being built, so a resumed or extended build computes them identically.
+            pending: dict[int, list[tuple[int, int, bytes, torch.Tensor]]] = {v: [] for v in missing}
             futures: list[Future] = []
+
+            def flush(v: int, n: int) -> bool:
+                """Compute and queue the first n pending views of view-epoch v; True to stop (dry run)."""
+                nonlocal estimate, built
+                batch, pending[v] = pending[v][:n], pending[v][n:]
+                recs = self._targets(batch, stats[v])
+                if not estimate:
+                    estimate = self.check_disk(self.bytes_per_view(recs), total_missing)
+                    if self.cfg.dry_run:
+                        return True
+                futures.append(self.writer_pool.submit(self._write, c, writers, recs))
+                built += len(recs)
+                if progress is not None:
+                    progress(len(recs))
+                return False
+
             try:
                 for _ in self.chunk_images(c):
                     job = next(it)
@@ -305,29 +323,16 @@ class Builder:
                         if self.cfg.strict:
                             raise BadImage(f"--strict: {job['error']}")
                         skipped.append({"key": self.source.items[index].key, "error": job["error"]})
-                        continue
-                    pending.extend((index, v, data, pix) for v, data, pix in job["views"])
-                    while len(pending) >= self.cfg.batch_size:
-                        batch, pending = pending[: self.cfg.batch_size], pending[self.cfg.batch_size:]
-                        recs = self._targets(batch, stats)
-                        if not estimate:
-                            estimate = self.check_disk(self.bytes_per_view(recs), total_missing)
-                            if self.cfg.dry_run:
-                                return self._dry(estimate, t0)
-                        futures.append(self.writer_pool.submit(self._write, c, missing, writers, recs))
-                        built += len(recs)
                         if progress is not None:
-                            progress(len(recs))
-                if pending:
-                    recs = self._targets(pending, stats)
-                    if not estimate:
-                        estimate = self.check_disk(self.bytes_per_view(recs), total_missing)
-                        if self.cfg.dry_run:
+                            progress(len(missing))
+                        continue
+                    for v, data, pix in job["views"]:
+                        pending[v].append((index, v, data, pix))
+                        if len(pending[v]) >= self.cfg.batch_size and flush(v, self.cfg.batch_size):
                             return self._dry(estimate, t0)
-                    futures.append(self.writer_pool.submit(self._write, c, missing, writers, recs))
-                    built += len(recs)
-                    if progress is not None:
-                        progress(len(recs))
+                for v in missing:
+                    if pending[v] and flush(v, len(pending[v])):
+                        return self._dry(estimate, t0)
                 for f in futures:
                     f.result()
                 if self.cfg.dry_run:
@@ -357,10 +362,11 @@ class Builder:
             return self._dry(estimate or {"views": total_missing, "bytes_per_view": None}, t0)
         seconds = time.time() - t0
         fault_point("before_barrier")
-        barrier()
+        built_all = int(all_reduce_sum(built, self.device))  # also the barrier before the manifest
         manifest_path = None
         if self.info.is_main:
-            manifest_path = self.write_manifest(seconds, built * self.info.world_size)
+            manifest_path = self.write_manifest(seconds, built_all)
+            skipped_all = load_manifest(self.cfg.out).raw["source"]["skipped"]
         barrier()
         return BuildResult(manifest_path, built, shards_built, already_done, skipped_all, seconds,
                            float(np.mean(bpv_seen)) if bpv_seen else 0.0, estimate)
@@ -368,18 +374,14 @@ class Builder:
     def _dry(self, estimate: dict[str, Any], t0: float) -> BuildResult:
         return BuildResult(None, 0, 0, 0, [], time.time() - t0, float(estimate.get("bytes_per_view") or 0.0), estimate)
 
-    def _targets(self, batch: list[tuple[int, int, bytes, torch.Tensor]], stats: dict[int, _Stats]) -> list[ViewRecord]:
+    def _targets(self, batch: list[tuple[int, int, bytes, torch.Tensor]], stats: _Stats) -> list[ViewRecord]:
         pixels = torch.stack([b[3] for b in batch])  # [B,3,S,S] uint8
         if self.device.type == "cuda":
             pixels = pixels.pin_memory().to(self.device, non_blocking=True)
         images = normalise_images(pixels.to(self.device), self.recipe.mean, self.recipe.std)
         feat, att, idx = extract_targets(self.model, images, topk=self.cfg.spec.topk, last_layers=self.cfg.spec.last_layers)
-        views = torch.tensor([b[1] for b in batch], device=feat.device)
-        for v in stats:
-            sel = views == v
-            if bool(sel.any()):
-                stats[v].add("feat", feat[sel])
-                stats[v].add("att", att[sel])
+        stats.add("feat", feat)
+        stats.add("att", att)
         per_view = split_fields(self.codec.encode(feat, att, idx))
         out = []
         for (index, v, data, _), fields in zip(batch, per_view):
@@ -393,7 +395,7 @@ class Builder:
         writers[v] = shard_io.open_writer(self.cfg.format, path, self.field_specs, self.cfg.compressor)
         return writers[v]
 
-    def _write(self, c: int, missing: list[int], writers: dict[int, Any], recs: list[ViewRecord]) -> None:
+    def _write(self, c: int, writers: dict[int, Any], recs: list[ViewRecord]) -> None:
         # Runs in the writer thread, overlapping the next batch's forward pass.
         for r in recs:
             w = writers.get(r.view_epoch) or self._open(r.view_epoch, c, writers)

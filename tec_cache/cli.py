@@ -17,7 +17,7 @@ from rich.table import Table
 from tec_cache.dist import dist_info
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Stage 1 of TEC: cache a frozen base model's targets.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # errors stay on one greppable line
 
 
 def _fail(msg: str, code: int = 2) -> None:

@@ -68,3 +68,12 @@ def barrier() -> None:
 def destroy_process_group() -> None:
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
+
+
+def all_reduce_sum(value: float, device: torch.device) -> float:
+    """Sum a number over all ranks (itself when running alone)."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    tdist.all_reduce(t)
+    return float(t.item())

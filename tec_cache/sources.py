@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 _TAR_IMAGE_SUFFIXES = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
@@ -79,6 +79,9 @@ def decode_image(data: bytes, where: str) -> Image.Image:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise BadImage(f"{where}: refused as a decompression bomb ({e})") from e
+        except UnidentifiedImageError as e:
+            # PIL's own message embeds a memory address; keep the error reproducible.
+            raise BadImage(f"{where}: not a recognised image format") from e
         except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
             raise BadImage(f"{where}: cannot decode image ({type(e).__name__}: {e})") from e
 

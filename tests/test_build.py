@@ -1,0 +1,237 @@
+"""End-to-end stage-1 builds: content, resume after a kill, extension, ranks, bad inputs, CLI."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tec_cache import shards as shard_io
+from tec_cache.basemodels import load_base_model
+from tec_cache.build import BuildConfig, build_cache
+from tec_cache.cli import app
+from tec_cache.codecs import get_codec
+from tec_cache.manifest import load_manifest
+from tec_cache.targets import extract_targets, normalise_images
+from tec_cache.views import decode_view
+from tests.conftest import TINY_ARCH, TINY_IMG, TINY_PATCH, TINY_TOPK, add_skimage_photos, make_image_folder, tiny_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+BAD = {"class0/zero.jpg", "class0/notimage.jpg", "class0/truncated.jpg"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = make_image_folder(tmp_path_factory.mktemp("src") / "data", n_per_class=5)
+    add_skimage_photos(root)
+    return root
+
+
+def _cfg(data, out, ckpt, **kw) -> BuildConfig:
+    args = dict(data=data, out=out, checkpoint=ckpt, spec=tiny_spec(), views=2, shard_size=5, batch_size=4,
+                num_workers=0, device="cpu")
+    args.update(kw)
+    return BuildConfig(**args)
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file, manifest excluded (it holds build timings)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != "manifest.json":
+            out[p.relative_to(root).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _manifest_sans_stats(root: Path) -> dict:
+    m = json.loads((root / "manifest.json").read_text())
+    m["stats"].pop("build")
+    m["base_model"].pop("checkpoint")
+    return m
+
+
+def _cli(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    r = subprocess.run([sys.executable, "-m", "tec_cache", *args], capture_output=True, text=True, env=e, cwd=ROOT, timeout=300)
+    if check and r.returncode != 0:
+        raise AssertionError(f"exit {r.returncode}\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def _build_args(data, out, ckpt, *extra: str) -> list[str]:
+    return ["build", "--data", str(data), "--out", str(out), "--checkpoint", str(ckpt), "--arch", TINY_ARCH,
+            "--img-size", str(TINY_IMG), "--patch-size", str(TINY_PATCH), "--topk", str(TINY_TOPK), "--views", "2",
+            "--shard-size", "5", "--batch-size", "4", "--num-workers", "0", "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference_cache(data_dir, tiny_ckpt, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "cache"
+    build_cache(_cfg(data_dir, out, tiny_ckpt))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "zarr"])
+def test_build_content(fmt, data_dir, tiny_ckpt, tmp_path):
+    out = tmp_path / "cache"
+    res = build_cache(_cfg(data_dir, out, tiny_ckpt, format=fmt, codec="fp16"))
+    man = load_manifest(out)
+    n_src = man.raw["source"]["num_images"]
+    skipped = {s["key"] for s in man.raw["source"]["skipped"]}
+    assert skipped == BAD and {s["key"] for s in res.skipped_images} == BAD
+    assert man.num_view_epochs == 2
+    assert man.targets == {**man.targets, "num_patches": 16, "dim": 192, "heads": 3, "topk": 3, "last_layers": 2, "tau": 1.8}
+    model, _ = load_base_model(tiny_spec(), tiny_ckpt)
+    codec = get_codec("fp16")
+    seen = {}
+    for e in man.shards():
+        reader = shard_io.open_reader(fmt, man.shard_path(e), man.fields, man.compressor,
+                                      expect=shard_io.ShardInfo(e.num_samples, e.nbytes, e.sha256))
+        recs = list(reader)
+        assert len(recs) == e.num_samples
+        pixels = torch.stack([decode_view(r.image) for r in recs])
+        feat, att, idx = extract_targets(model, normalise_images(pixels, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+                                         topk=3, last_layers=2)
+        dfeat, datt, didx = codec.decode({k: torch.from_numpy(__import__("numpy").stack([r.fields[k] for r in recs])) for k in man.fields})
+        # The stored image is exactly what the base model saw: its targets recomputed now agree.
+        torch.testing.assert_close(dfeat, feat, atol=2e-2, rtol=1e-2)
+        torch.testing.assert_close(datt, att, atol=2e-2, rtol=1e-2)
+        assert torch.equal(didx, idx)
+        for r in recs:
+            assert r.view_epoch == e.view_epoch
+            seen.setdefault(r.view_epoch, set()).add(r.image_key)
+    good = n_src - len(BAD)
+    assert all(len(keys) == good for keys in seen.values())
+    assert {"photos/astronaut.png", "class0/cmyk.jpg", "class0/palette.png"} <= seen[0]
+    assert man.raw["stats"]["fields"]["feat"]["count"] == 2 * good * 16 * 192
+
+
+def test_formats_hold_the_same_records(data_dir, tiny_ckpt, tmp_path):
+    caches = {}
+    for fmt in ("webdataset", "zarr"):
+        out = tmp_path / fmt
+        build_cache(_cfg(data_dir, out, tiny_ckpt, format=fmt, views=1))
+        man = load_manifest(out)
+        caches[fmt] = [(r.key, r.image, {k: v.tobytes() for k, v in r.fields.items()})
+                       for e in man.shards() for r in shard_io.open_reader(fmt, man.shard_path(e), man.fields, man.compressor)]
+    assert caches["webdataset"] == caches["zarr"]
+
+
+def test_extend_views_adds_only_missing(data_dir, tiny_ckpt, tmp_path, reference_cache):
+    out = tmp_path / "cache"
+    build_cache(_cfg(data_dir, out, tiny_ckpt, views=1))
+    first = {p: os.stat(out / p).st_mtime_ns for p in _tree(out) if p.startswith("ve000/")}
+    res = build_cache(_cfg(data_dir, out, tiny_ckpt, views=2))
+    assert res.shards_skipped == len(first) // 2  # shard + sidecar per chunk
+    assert {p: os.stat(out / p).st_mtime_ns for p in first} == first
+    assert _tree(out) == _tree(reference_cache)
+    assert _manifest_sans_stats(out) == _manifest_sans_stats(reference_cache)
+
+
+def test_changed_settings_refused_on_resume(data_dir, tiny_ckpt, tmp_path, reference_cache):
+    out = tmp_path / "cache"
+    shutil.copytree(reference_cache, out)
+    with pytest.raises(ValueError, match="views.seed = 0, this build asks for 1"):
+        build_cache(_cfg(data_dir, out, tiny_ckpt, seed=1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["after_shard:3", "mid_shard_write:7", "after_shard_rename:2", "before_manifest:1"])
+def test_killed_build_resumes_to_identical_cache(point, data_dir, tiny_ckpt, tmp_path, reference_cache):
+    out = tmp_path / "cache"
+    r = _cli(*_build_args(data_dir, out, tiny_ckpt), env={"TEC_FAULT": point}, check=False)
+    assert r.returncode == -9, r.stderr
+    assert not (out / "manifest.json").exists()
+    _cli(*_build_args(data_dir, out, tiny_ckpt))
+    assert _tree(out) == _tree(reference_cache)
+    assert _manifest_sans_stats(out) == _manifest_sans_stats(reference_cache)
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one(data_dir, tiny_ckpt, tmp_path, reference_cache):
+    out = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tec_cache",
+           *_build_args(data_dir, out, tiny_ckpt)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _tree(out) == _tree(reference_cache)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["stats"]["build"]["world_size"] == 2
+    assert _manifest_sans_stats(out) == _manifest_sans_stats(reference_cache)
+
+
+def test_strict_fails_naming_the_file(data_dir, tiny_ckpt, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, _build_args(data_dir, tmp_path / "c", tiny_ckpt, "--strict"))
+    assert r.exit_code == 1
+    assert "notimage.jpg" in r.output and "--strict" in r.output
+
+
+def test_dry_run_writes_nothing(data_dir, tiny_ckpt, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "c"
+    r = runner.invoke(app, _build_args(data_dir, out, tiny_ckpt, "--dry-run"))
+    assert r.exit_code == 0, r.output
+    assert "bytes/view" in r.output and "views to build" in r.output
+    assert not out.exists()
+
+
+def test_refuses_when_disk_is_too_small(data_dir, tiny_ckpt, tmp_path, monkeypatch):
+    import tec_cache.build as b
+
+    monkeypatch.setattr(b.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(OSError, match=r"not enough disk.*1000 B|not enough disk"):
+        build_cache(_cfg(data_dir, tmp_path / "c", tiny_ckpt))
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").rglob("*.tar"))
+
+
+def test_tar_source_build(tiny_ckpt, tmp_path):
+    import io
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    src = tmp_path / "tars"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    with wds.TarWriter(str(src / "part-000.tar")) as w:
+        for i in range(6):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(buf, format="JPEG")
+            w.write({"__key__": f"img{i}", "jpg": buf.getvalue(), "cls": str(i % 3).encode()})
+    out = tmp_path / "cache"
+    build_cache(_cfg(src, out, tiny_ckpt, views=1))
+    man = load_manifest(out)
+    recs = [r for e in man.shards() for r in shard_io.open_reader("webdataset", man.shard_path(e), man.fields, man.compressor)]
+    assert [r.label for r in recs] == [0, 1, 2, 0, 1, 2]
+    assert recs[0].image_key == "part-000.tar/img0"
+
+
+def test_inspect_and_verify(reference_cache, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["inspect", str(reference_cache)])
+    assert r.exit_code == 0, r.output
+    assert "bytes per view" in r.output and "feat" in r.output and "custom:vit_tiny_patch16_224" in r.output
+    r = runner.invoke(app, ["verify", str(reference_cache)])
+    assert r.exit_code == 0 and "ok" in r.output
+    bad = tmp_path / "bad"
+    shutil.copytree(reference_cache, bad)
+    shard = bad / "ve001" / "shard-000002.tar"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    r = runner.invoke(app, ["verify", str(bad)])
+    assert r.exit_code == 1
+    assert "ve001/shard-000002.tar" in r.output and "checksum" in r.output
+    (bad / "manifest.json").unlink()
+    r = runner.invoke(app, ["verify", str(bad)])
+    assert r.exit_code == 1 and "not a cache" in r.output

@@ -1,0 +1,511 @@
+"""Conformance suite for tec_cache.shards: every behaviour is checked for both on-disk formats;
+format-specific hostile-input checks follow at the end."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numcodecs
+import numpy as np
+import pytest
+import torch
+import zarr
+from zarr.storage import LocalStore
+
+from tec_cache.records import FieldSpec, ViewRecord
+from tec_cache.shards import (
+    FORMATS,
+    ShardError,
+    ShardInfo,
+    open_reader,
+    open_writer,
+    shard_nbytes,
+    shard_sha256,
+    shard_suffix,
+)
+
+L, D, H, K = 16, 8, 2, 3
+SPECS = {
+    "feat_q": FieldSpec("int8", (L, D)),
+    "feat_lo": FieldSpec("float16", (D,)),
+    "feat_scale": FieldSpec("float16", (D,)),
+    "att_q": FieldSpec("int8", (2, H, L)),
+    "idx": FieldSpec("int16", (K,)),
+}
+
+
+def make_records(n: int, seed: int = 0) -> list[ViewRecord]:
+    """Random records in a shuffled (not key-sorted) order, with awkward image keys and sizes."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(10 * n)[:n]
+    recs = []
+    for j, image_index in enumerate(order):
+        fields = {
+            "feat_q": rng.integers(-128, 128, (L, D), dtype=np.int8),
+            "feat_lo": rng.standard_normal(D).astype(np.float16),
+            "feat_scale": rng.random(D).astype(np.float16),
+            "att_q": rng.integers(-128, 128, (2, H, L), dtype=np.int8),
+            "idx": rng.integers(0, L, K).astype(np.int16),
+        }
+        if j == 1:
+            fields["feat_q"][:] = 0  # an all-fill-value record must still round-trip
+        recs.append(
+            ViewRecord(
+                key=f"{int(image_index):09d}",
+                image_index=int(image_index),
+                view_epoch=3,
+                label=int(rng.integers(-1, 1000)),
+                image_key=f"train/n{j:04d}/\u00fcml\u00e4ut \u65e5\u672c \"q\"\n{j}.JPEG",
+                image=b"" if j == 2 else rng.bytes(int(rng.integers(1, 3000))),
+                fields=fields,
+            )
+        )
+    return recs
+
+
+def shard_path(tmp_path: Path, fmt: str, name: str = "shard") -> Path:
+    return tmp_path / (name + shard_suffix(fmt))
+
+
+def write_shard(fmt: str, path: Path, recs: list[ViewRecord], compressor: str = "zstd:3") -> ShardInfo:
+    with open_writer(fmt, path, SPECS, compressor) as w:
+        for rec in recs:
+            w.write(rec)
+        return w.close()
+
+
+def assert_same(got: ViewRecord, want: ViewRecord) -> None:
+    for attr in ("key", "image_index", "view_epoch", "label", "image_key", "image"):
+        assert getattr(got, attr) == getattr(want, attr), attr
+    assert type(got.image) is bytes
+    assert set(got.fields) == set(want.fields)
+    for name, arr in want.fields.items():
+        assert got.fields[name].dtype == arr.dtype and got.fields[name].shape == arr.shape, name
+        np.testing.assert_array_equal(got.fields[name], arr, err_msg=name)
+        assert got.fields[name].flags.writeable, name
+
+
+def tree_bytes(fmt: str, path: Path) -> dict[str, bytes]:
+    if fmt == "webdataset":
+        return {"": path.read_bytes()}
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def largest_file(fmt: str, path: Path) -> Path:
+    if fmt == "webdataset":
+        return path
+    return max((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+@pytest.fixture(params=FORMATS)
+def fmt(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+# --- round trip ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compressor", ["zstd:3", "none"])
+def test_round_trip(fmt: str, compressor: str, tmp_path: Path) -> None:
+    recs = make_records(40)
+    path = shard_path(tmp_path, fmt)
+    info = write_shard(fmt, path, recs, compressor)
+    assert info == ShardInfo(len(recs), shard_nbytes(fmt, path), shard_sha256(fmt, path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporaries left
+    for expect in (None, info):
+        reader = open_reader(fmt, path, SPECS, compressor, expect=expect)
+        assert len(reader) == len(recs)
+        assert reader.keys() == [r.key for r in recs]
+        got = list(reader)
+        assert len(got) == len(recs)
+        for g, w in zip(got, recs):
+            assert_same(g, w)
+        for i in (0, 17, len(recs) - 1, -1, -len(recs)):
+            assert_same(reader[i], recs[i])
+        for i in (len(recs), -len(recs) - 1):
+            with pytest.raises(IndexError):
+                reader[i]
+
+
+def test_empty_shard(fmt: str, tmp_path: Path) -> None:
+    path = shard_path(tmp_path, fmt)
+    info = write_shard(fmt, path, [])
+    reader = open_reader(fmt, path, SPECS, expect=info)
+    assert info.num_samples == 0 and len(reader) == 0 and list(reader) == [] and reader.keys() == []
+
+
+def test_rewrite_is_byte_identical(fmt: str, tmp_path: Path) -> None:
+    recs = make_records(20, seed=1)
+    first, second = shard_path(tmp_path / "a", fmt), shard_path(tmp_path / "b", fmt)
+    first.parent.mkdir()
+    second.parent.mkdir()
+    info = write_shard(fmt, first, recs)
+    assert write_shard(fmt, second, recs) == info
+    assert tree_bytes(fmt, first) == tree_bytes(fmt, second)
+    # Overwriting an existing shard in place gives the same bytes and leaves no .tmp/.old behind.
+    assert write_shard(fmt, first, recs) == info
+    assert tree_bytes(fmt, first) == tree_bytes(fmt, second)
+    assert [p.name for p in first.parent.iterdir()] == [first.name]
+
+
+# --- atomic publication -------------------------------------------------------------------------
+
+
+def test_exception_in_context_leaves_nothing(fmt: str, tmp_path: Path) -> None:
+    path = shard_path(tmp_path, fmt)
+    with pytest.raises(RuntimeError, match="boom"):
+        with open_writer(fmt, path, SPECS) as w:
+            w.write(make_records(1)[0])
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_aborted_rewrite_keeps_old_shard(fmt: str, tmp_path: Path) -> None:
+    path = shard_path(tmp_path, fmt)
+    recs = make_records(5)
+    info = write_shard(fmt, path, recs)
+    bad = dataclasses.replace(recs[0], key="000000999", fields={**recs[0].fields, "idx": np.zeros(K, np.int32)})
+    with pytest.raises(ValueError, match="idx"):
+        with open_writer(fmt, path, SPECS) as w:
+            w.write(make_records(1, seed=5)[0])
+            w.write(bad)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert [r.key for r in open_reader(fmt, path, SPECS, expect=info)] == [r.key for r in recs]
+
+
+def test_writer_state(fmt: str, tmp_path: Path) -> None:
+    path = shard_path(tmp_path, fmt)
+    w = open_writer(fmt, path, SPECS)
+    w.write(make_records(1)[0])
+    info = w.close()
+    assert w.close() == info
+    with pytest.raises(ValueError, match="closed"):
+        w.write(make_records(1, seed=2)[0])
+    w.abort()  # no-op after close
+    assert path.exists()
+
+
+# --- expect= ------------------------------------------------------------------------------------
+
+
+def test_expect_detects_flipped_byte(fmt: str, tmp_path: Path) -> None:
+    path = shard_path(tmp_path, fmt)
+    info = write_shard(fmt, path, make_records(20))
+    victim = largest_file(fmt, path)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="checksum") as err:
+        open_reader(fmt, path, SPECS, expect=info)
+    assert str(path) in str(err.value)
+
+
+def test_expect_detects_truncation(fmt: str, tmp_path: Path) -> None:
+    path = shard_path(tmp_path, fmt)
+    info = write_shard(fmt, path, make_records(20))
+    victim = largest_file(fmt, path)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with pytest.raises(ShardError, match="size"):
+        open_reader(fmt, path, SPECS, expect=info)
+    with pytest.raises(ShardError):  # also caught without a manifest entry, at open or on read
+        list(open_reader(fmt, path, SPECS))
+
+
+def test_expect_detects_wrong_count(fmt: str, tmp_path: Path) -> None:
+    path = shard_path(tmp_path, fmt)
+    info = write_shard(fmt, path, make_records(7))
+    with pytest.raises(ShardError, match="sample count"):
+        open_reader(fmt, path, SPECS, expect=dataclasses.replace(info, num_samples=8))
+
+
+def test_missing_shard(fmt: str, tmp_path: Path) -> None:
+    with pytest.raises(ShardError, match="missing shard"):
+        open_reader(fmt, shard_path(tmp_path, fmt), SPECS)
+
+
+# --- schema -------------------------------------------------------------------------------------
+
+BAD_RECORDS: dict[str, tuple[Callable[[ViewRecord], ViewRecord], str]] = {
+    "dtype": (lambda r: dataclasses.replace(r, fields={**r.fields, "feat_q": r.fields["feat_q"].view(np.uint8)}), "feat_q"),
+    "shape": (lambda r: dataclasses.replace(r, fields={**r.fields, "idx": np.zeros(K + 1, np.int16)}), "idx"),
+    "missing": (lambda r: dataclasses.replace(r, fields={k: v for k, v in r.fields.items() if k != "att_q"}), "att_q"),
+    "extra": (lambda r: dataclasses.replace(r, fields={**r.fields, "bogus": np.zeros(1, np.int8)}), "bogus"),
+    "key": (lambda r: dataclasses.replace(r, key="12"), "key"),
+    "label": (lambda r: dataclasses.replace(r, label="7"), "label"),
+    "view_epoch": (lambda r: dataclasses.replace(r, view_epoch=2**40), "view_epoch"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECORDS))
+def test_write_rejects_bad_record(fmt: str, case: str, tmp_path: Path) -> None:
+    mutate, needle = BAD_RECORDS[case]
+    path = shard_path(tmp_path, fmt)
+    with pytest.raises(ValueError, match=needle):
+        with open_writer(fmt, path, SPECS) as w:
+            w.write(mutate(make_records(1)[0]))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_rejects_duplicate_key(fmt: str, tmp_path: Path) -> None:
+    rec = make_records(1)[0]
+    w = open_writer(fmt, shard_path(tmp_path, fmt), SPECS)
+    w.write(rec)
+    with pytest.raises(ValueError, match="already written"):
+        w.write(rec)
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "reader_specs",
+    [
+        {**SPECS, "feat_q": FieldSpec("int8", (L, D // 2))},
+        {**SPECS, "feat_lo": FieldSpec("float32", (D,))},
+        {k: v for k, v in SPECS.items() if k != "idx"},
+        {**SPECS, "extra": FieldSpec("int8", (4,))},
+    ],
+    ids=["shape", "dtype", "field-missing-in-reader", "field-missing-on-disk"],
+)
+def test_read_with_other_specs(fmt: str, reader_specs: dict[str, FieldSpec], tmp_path: Path) -> None:
+    path = shard_path(tmp_path, fmt)
+    write_shard(fmt, path, make_records(4))
+    with pytest.raises(ShardError) as err:
+        list(open_reader(fmt, path, reader_specs))
+    assert str(path) in str(err.value)
+
+
+def test_bad_specs_and_compressor(tmp_path: Path) -> None:
+    for bad in ({"label": FieldSpec("int8", (1,))}, {"x": FieldSpec("i1", (1,))}, {"x": FieldSpec("int8", (0,))}):
+        with pytest.raises(ValueError):
+            open_writer("zarr", tmp_path / "s.zarr", bad)
+    for compressor in ("gzip:3", "zstd", "zstd:x", "zstd:99"):
+        with pytest.raises(ValueError, match="compressor"):
+            open_writer("webdataset", tmp_path / "s.tar", SPECS, compressor)
+    with pytest.raises(ValueError, match="format"):
+        shard_suffix("parquet")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- DataLoader workers ------------------------------------------------------------------------
+
+
+class KeyedFeatures(torch.utils.data.Dataset):
+    """Top-level so spawned workers can unpickle it."""
+
+    def __init__(self, reader) -> None:
+        self.reader = reader
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, i: int) -> tuple[str, torch.Tensor, str]:
+        rec = self.reader[i]
+        return rec.key, torch.from_numpy(rec.fields["feat_q"]), hashlib.sha256(rec.image).hexdigest()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_dataloader_workers(fmt: str, start_method: str, tmp_path: Path) -> None:
+    recs = make_records(12)
+    path = shard_path(tmp_path, fmt)
+    info = write_shard(fmt, path, recs)
+    reader = open_reader(fmt, path, SPECS, expect=info)
+    reader[0]  # touch zarr in the parent before the workers start
+    loader = torch.utils.data.DataLoader(
+        KeyedFeatures(reader), batch_size=3, num_workers=2, multiprocessing_context=start_method
+    )
+    got = {}
+    for keys, feats, digests in loader:
+        for key, feat, digest in zip(keys, feats, digests):
+            got[key] = (feat.numpy(), digest)
+    assert sorted(got) == sorted(r.key for r in recs)
+    for rec in recs:
+        np.testing.assert_array_equal(got[rec.key][0], rec.fields["feat_q"])
+        assert got[rec.key][1] == hashlib.sha256(rec.image).hexdigest()
+
+
+# --- webdataset: hostile and malformed archives ------------------------------------------------
+
+
+def tar_members(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def pack(path: Path, members: list[tuple[str, bytes] | tarfile.TarInfo]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for member in members:
+            if isinstance(member, tarfile.TarInfo):
+                tar.addfile(member)
+            else:
+                info = tarfile.TarInfo(member[0])
+                info.size = len(member[1])
+                tar.addfile(info, io.BytesIO(member[1]))
+
+
+def special_member(name: str, kind: bytes) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = "/etc/passwd" if kind == tarfile.SYMTYPE else ""
+    return info
+
+
+HOSTILE = {
+    "absolute": ("/tmp/000000000.jpg", b"x"),
+    "dotdot": ("../000000000.jpg", b"x"),
+    "dotdot-deep": ("../../evil.jpg", b"x"),
+    "backslash": ("..\\000000000.jpg", b"x"),
+    "pickle": ("000000000.pickle", b"cos\nsystem\n."),
+    "pyd": ("000000000.pyd", b"MZ"),
+    "bare-pyd": (".pyd", b"MZ"),
+    "npy": ("000000000.feat_q.npy", b"\x93NUMPY"),
+    "short-key": ("12.jpg", b"x"),
+    "symlink": special_member("000000777.jpg", tarfile.SYMTYPE),
+    "directory": special_member("000000777.jpg", tarfile.DIRTYPE),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_tar_hostile_member(case: str, tmp_path: Path) -> None:
+    src = tmp_path / "src.tar"
+    write_shard("webdataset", src, make_records(2))
+    shard = tmp_path / "a" / "b" / "shard.tar"
+    shard.parent.mkdir(parents=True)
+    members = tar_members(src)
+    pack(shard, members[: len(members) // 2] + [HOSTILE[case]] + members[len(members) // 2 :])
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    needle = "member type" if isinstance(HOSTILE[case], tarfile.TarInfo) else "member name"
+    with pytest.raises(ShardError, match=needle) as err:
+        list(open_reader("webdataset", shard, SPECS))
+    assert str(shard) in str(err.value)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing extracted
+
+
+def zstd_without_content_size(frame: bytes) -> bytes:
+    """Rewrite a numcodecs zstd frame header so it no longer declares the decompressed size."""
+    descriptor = frame[4]
+    single = (descriptor >> 5) & 1
+    fcs = (single, 2, 4, 8)[descriptor >> 6]
+    body = frame[5 + (1 - single) + fcs :]
+    return frame[:4] + bytes([0x00, (27 - 10) << 3]) + body  # no FCS, 128 MiB window
+
+
+def replace_member(suffix: str, payload: bytes) -> Callable[[list[tuple[str, bytes]]], list]:
+    return lambda ms: [(n, payload if n.endswith(suffix) else b) for n, b in ms]
+
+
+ZSTD = numcodecs.Zstd(level=3)
+BOMB = ZSTD.encode(np.zeros(32 << 20, np.uint8))  # ~1 KiB that inflates to 32 MiB
+GOOD_IDX = ZSTD.encode(np.zeros(K, np.int16))
+MALFORMED: dict[str, tuple[Callable[[list[tuple[str, bytes]]], list], str]] = {
+    "zstd-bomb": (replace_member(".feat_q.zst", BOMB), "field feat_q size"),
+    "zstd-no-size": (replace_member(".idx.zst", zstd_without_content_size(GOOD_IDX)), "field idx size"),
+    "zstd-truncated": (replace_member(".idx.zst", GOOD_IDX[:-2]), "field idx data"),
+    "zstd-two-frames": (replace_member(".idx.zst", GOOD_IDX + GOOD_IDX), "field idx"),
+    "json-missing-key": (replace_member(".json", b'{"image_index":1,"view_epoch":0,"label":0}'), "json meta"),
+    "json-wrong-type": (
+        replace_member(".json", b'{"image_index":1,"view_epoch":0,"label":"0","image_key":"a"}'),
+        "json meta",
+    ),
+    "json-not-utf8": (replace_member(".json", b"\xff\xfe"), "json meta"),
+    "missing-member": (lambda ms: [m for m in ms if not m[0].endswith(".feat_lo.zst")], "missing member"),
+    "duplicate-member": (lambda ms: ms[:1] + ms, "duplicate member"),
+    "split-record": (lambda ms: ms + ms[:1], "member order"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_tar_malformed(case: str, tmp_path: Path) -> None:
+    mutate, needle = MALFORMED[case]
+    src = tmp_path / "src.tar"
+    write_shard("webdataset", src, make_records(3))
+    pack(tmp_path / "bad.tar", mutate(tar_members(src)))
+    with pytest.raises(ShardError, match=needle):
+        list(open_reader("webdataset", tmp_path / "bad.tar", SPECS))
+
+
+def test_tar_uncompressed_wrong_size_and_compressor_mismatch(tmp_path: Path) -> None:
+    path = tmp_path / "s.tar"
+    write_shard("webdataset", path, make_records(3), compressor="none")
+    with pytest.raises(ShardError, match="unknown suffix"):
+        open_reader("webdataset", path, SPECS, compressor="zstd:3")
+    pack(tmp_path / "bad.tar", replace_member(".idx.bin", b"\0" * (2 * K + 1))(tar_members(path)))
+    with pytest.raises(ShardError, match="field idx size"):
+        open_reader("webdataset", tmp_path / "bad.tar", SPECS, compressor="none")
+
+
+def test_tar_cut_at_member_boundary(tmp_path: Path) -> None:
+    path = tmp_path / "s.tar"
+    write_shard("webdataset", path, make_records(3))
+    with tarfile.open(path) as tar:
+        last_record_start = [m for m in tar.getmembers() if m.name.startswith(tar.getmembers()[-1].name[:9])][0].offset
+    path.write_bytes(path.read_bytes()[:last_record_start])
+    with pytest.raises(ShardError, match="end-of-archive"):
+        open_reader("webdataset", path, SPECS)
+
+
+def test_tar_layout(tmp_path: Path) -> None:
+    path = tmp_path / "s.tar"
+    recs = make_records(2)
+    write_shard("webdataset", path, recs)
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+        assert {m.name for m in members} == {
+            f"{r.key}.{suffix}" for r in recs for suffix in ["jpg", "json", *(f"{name}.zst" for name in SPECS)]
+        }
+        for m in members:
+            assert (m.mtime, m.uid, m.gid, m.mode, m.isreg()) == (0, 0, 0, 0o444, True)
+        meta = json.loads(tar.extractfile(f"{recs[0].key}.json").read().decode("utf-8"))
+        assert tar.extractfile(f"{recs[0].key}.jpg").read() == recs[0].image
+    want = recs[0]
+    assert meta == {"image_index": want.image_index, "view_epoch": 3, "label": want.label, "image_key": want.image_key}
+
+
+# --- zarr: damaged groups -----------------------------------------------------------------------
+
+
+def _drop(path: Path, rel: str) -> None:
+    target = path / rel
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
+def _set_offsets(path: Path, offsets: np.ndarray) -> None:
+    zarr.open_group(LocalStore(path), mode="r+")["image_offsets"][...] = offsets
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        (lambda p: _drop(p, "feat_q"), "missing array"),
+        (lambda p: _drop(p, "att_q/c/0/0/0/0"), "missing array data"),
+        (lambda p: _drop(p, "zarr.json"), "not a zarr v3 group"),
+        (lambda p: zarr.open_group(LocalStore(p), mode="r+").create_array("junk", shape=(1,), dtype="u1"), "unexpected array"),
+        (lambda p: _set_offsets(p, np.arange(5, dtype=np.int64)[::-1].copy()), "image_offsets"),
+        (lambda p: _set_offsets(p, np.array([0, 1, 2, 3, 10**9], np.int64)), "image_offsets"),
+    ],
+    ids=["array", "data-file", "group", "extra-array", "offsets-order", "offsets-bounds"],
+)
+def test_zarr_damaged(damage: Callable[[Path], object], needle: str, tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    write_shard("zarr", path, make_records(4))
+    damage(path)
+    with pytest.raises(ShardError, match=needle):
+        list(open_reader("zarr", path, SPECS))
+
+
+def test_zarr_corrupt_chunk_without_expect(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    write_shard("zarr", path, make_records(4))
+    victim = path / "feat_q" / "c" / "0" / "0" / "0"
+    data = bytearray(victim.read_bytes())
+    data[-6] ^= 0xFF  # inside the crc32c-protected shard index
+    victim.write_bytes(bytes(data))
+    reader = open_reader("zarr", path, SPECS)
+    with pytest.raises(ShardError, match="array data"):
+        reader[2]
