@@ -1,0 +1,141 @@
+"""Training checkpoints: atomic writes, keep-last-N, discovery of the latest complete one, RNG capture.
+
+Data flow: train loop state (model, optimizer, scaler, position, RNG states, resolved config)
+--> **checkpoint-<global step>.pt** in the run dir --> resume (same run dir) or export.
+
+A checkpoint is written to a hidden temporary sibling, flushed and fsynced, then renamed over its
+final name, and the folder is fsynced; only files with the final name pattern are ever read. So
+a process killed at any point leaves either the previous checkpoints untouched or the new one
+complete. Everything stored is a tensor, a number, a string, or a list/dict of them, so
+``torch.load(weights_only=True)`` reads it: no pickled objects.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tec_cache.faults import fault_point
+
+CHECKPOINT_FORMAT = "tec-train-checkpoint"
+CHECKPOINT_VERSION = 1
+_NAME_RE = re.compile(r"^checkpoint-(\d{8,})\.pt$")
+_TEMP_PREFIX = ".checkpoint-"
+
+
+class CheckpointError(ValueError):
+    """A file is not a readable tec-train checkpoint."""
+
+
+def checkpoint_path(run_dir: Path, global_step: int) -> Path:
+    return Path(run_dir) / f"checkpoint-{global_step:08d}.pt"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run dir as (global step, path), oldest first; temp files are ignored."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for p in run_dir.iterdir():
+        m = _NAME_RE.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Delete temporaries left by writers that were killed; call only while no writer runs."""
+    run_dir = Path(run_dir)
+    stale = [p for p in run_dir.glob(f"{_TEMP_PREFIX}*") if p.is_file()] if run_dir.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any], global_step: int, keep_last: int) -> Path:
+    """Write ``state`` atomically as checkpoint-<global_step>.pt, then keep only the newest ``keep_last``."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_path(run_dir, global_step)
+    tmp = run_dir / f"{_TEMP_PREFIX}{global_step:08d}.pt.tmp-{os.getpid()}"
+    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            # A kill here leaves a complete but unnamed temp file: the previous checkpoint stays latest.
+            fault_point("mid_checkpoint")
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(run_dir)
+    for _, old in list_checkpoints(run_dir)[:-keep_last]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint written by ``save_checkpoint`` (weights_only, on the CPU)."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised naming the file
+        raise CheckpointError(f"{path}: not a readable tec-train checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a tec-train checkpoint (no format {CHECKPOINT_FORMAT!r})")
+    if obj.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {obj.get('version')} is not supported (this tool reads {CHECKPOINT_VERSION})")
+    return obj
+
+
+def capture_rng(mask_generator: torch.Generator) -> dict[str, Any]:
+    """This process's RNG states in a weights_only-loadable form (tensors and plain numbers)."""
+    _, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),  # MT19937 words, uint32 in int64
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_cached),
+        },
+        "python": {"version": int(py_version), "state": torch.tensor(py_state, dtype=torch.int64), "gauss_next": py_gauss},
+        "mask": mask_generator.get_state(),
+    }
+
+
+def restore_rng(state: dict[str, Any], mask_generator: torch.Generator) -> None:
+    """Inverse of ``capture_rng``."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
+    mask_generator.set_state(state["mask"])

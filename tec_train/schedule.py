@@ -1,0 +1,38 @@
+"""Learning-rate rule and schedule of TEC pretraining (spec 4).
+
+Data flow: loader position (epoch, micro-batch) --> fractional epoch --> **lr** --> every AdamW
+param group, set at the start of each accumulation window as the reference does. The absolute lr
+comes from the base lr scaled by the effective batch (batch x accum x world size) / 256.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+def absolute_lr(blr: float, eff_batch: int) -> float:
+    """The reference's linear scaling rule: lr = blr * eff_batch / 256."""
+    return blr * eff_batch / 256
+
+
+@dataclass(frozen=True)
+class WarmupCosine:
+    """Linear warm-up from 0 to ``lr`` over ``warmup_epochs``, then a half-cosine down to ``min_lr`` at ``epochs``.
+
+    Called with a fractional epoch (epoch + micro-batch / micro-batches per epoch), so the lr
+    changes every iteration, not every epoch.
+    """
+
+    lr: float
+    min_lr: float
+    warmup_epochs: float
+    epochs: float
+
+    def __call__(self, epoch: float) -> float:
+        if epoch < self.warmup_epochs:
+            return self.lr * epoch / self.warmup_epochs
+        decay = self.epochs - self.warmup_epochs
+        if decay <= 0:  # all warm-up: no cosine phase left
+            return self.lr
+        progress = min((epoch - self.warmup_epochs) / decay, 1.0)
+        return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
