@@ -29,6 +29,7 @@ class BaseModelSpec:
     last_layers: int
     img_size: int = 224
     patch_size: int = 16
+    depth: int | None = None  # None: the arch's own depth
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,6 +55,7 @@ def resolve_spec(
     topk: int | None = None,
     tau: float | None = None,
     last_layers: int | None = None,
+    depth: int | None = None,
 ) -> BaseModelSpec:
     """Registry entry (or a custom one from ``arch``) with the given overrides applied.
 
@@ -78,8 +80,10 @@ def resolve_spec(
         last_layers=base.last_layers if last_layers is None else last_layers,
         img_size=base.img_size if img_size is None else img_size,
         patch_size=_arch_patch_size(arch, base.patch_size) if patch_size is None else patch_size,
+        depth=depth,
     )
-    for opt, value in (("--topk", spec.topk), ("--last-layers", spec.last_layers), ("--img-size", spec.img_size), ("--patch-size", spec.patch_size)):
+    for opt, value in (("--topk", spec.topk), ("--last-layers", spec.last_layers), ("--img-size", spec.img_size),
+                       ("--patch-size", spec.patch_size), ("--depth", spec.depth or 1)):
         if value < 1:
             raise ValueError(f"{opt}: must be a positive integer, got {value}")
     if spec.tau <= 0:
@@ -99,8 +103,9 @@ def _arch_patch_size(arch: str | None, default: int) -> int:
 
 def build_model(spec: BaseModelSpec) -> timm.models.VisionTransformer:
     """Random-weight timm ViT of the spec's shape, ready for ``load_checkpoint``."""
+    extra = {} if spec.depth is None else {"depth": spec.depth}
     model = timm.create_model(
-        spec.arch, pretrained=False, num_classes=0, img_size=spec.img_size, patch_size=spec.patch_size
+        spec.arch, pretrained=False, num_classes=0, img_size=spec.img_size, patch_size=spec.patch_size, **extra
     )
     if not isinstance(model, timm.models.VisionTransformer):
         raise ValueError(f"--arch: {spec.arch!r} is not a plain timm VisionTransformer")

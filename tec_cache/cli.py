@@ -42,6 +42,7 @@ def build(
     arch: Optional[str] = typer.Option(None, "--arch", help="Any timm ViT name; overrides the base model's architecture."),
     img_size: Optional[int] = typer.Option(None, "--img-size", help="View size in pixels (default 224)."),
     patch_size: Optional[int] = typer.Option(None, "--patch-size", help="Patch size (default from the arch)."),
+    depth: Optional[int] = typer.Option(None, "--depth", help="Block count, when the checkpoint's ViT is shallower than the arch's."),
     topk: Optional[int] = typer.Option(None, "--topk", help="Top-k patch rows of the attention target."),
     last_layers: Optional[int] = typer.Option(None, "--last-layers", help="Blocks averaged into the feature target."),
     tau: Optional[float] = typer.Option(None, "--tau", help="Attention-target temperature recorded for stage 2."),
@@ -69,7 +70,8 @@ def build(
     if checkpoint is None:
         _fail("--checkpoint is required: the base model's weights are never downloaded")
     try:
-        spec = resolve_spec(basemodel, arch=arch, img_size=img_size, patch_size=patch_size, topk=topk, tau=tau, last_layers=last_layers)
+        spec = resolve_spec(basemodel, arch=arch, img_size=img_size, patch_size=patch_size, topk=topk, tau=tau,
+                            last_layers=last_layers, depth=depth)
         cfg = BuildConfig(data=data, out=out, checkpoint=checkpoint, spec=spec, views=views, codec=codec, format=fmt,
                           compressor=compressor, shard_size=shard_size, seed=seed, batch_size=batch_size,
                           num_workers=num_workers, device=device, strict=strict, dry_run=dry_run, jpeg_quality=jpeg_quality)
