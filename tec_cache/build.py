@@ -30,7 +30,7 @@ from tec_cache.basemodels import BaseModelSpec, load_base_model
 from tec_cache.codecs import TargetShape, get_codec, split_fields
 from tec_cache.dist import DistInfo, all_reduce_sum, barrier, destroy_process_group, dist_info, init_process_group, resolve_device
 from tec_cache.faults import fault_point
-from tec_cache.manifest import MANIFEST_NAME, SCHEMA_VERSION, ManifestError, load_manifest, write_json_atomic
+from tec_cache.manifest import MANIFEST_NAME, SCHEMA_VERSION, ManifestError, is_temporary, load_manifest, write_json_atomic
 from tec_cache.records import ViewRecord, record_key
 from tec_cache.sources import BadImage, ImageSource, open_source
 from tec_cache.targets import extract_targets, normalise_images
@@ -444,10 +444,18 @@ class Builder:
                                 "views_per_s": round(views_this_run / max(seconds, 1e-9), 2),
                                 "world_size": self.info.world_size, "device": str(self.device)}},
         }
+        self.remove_leftovers()
         fault_point("before_manifest")
         path = self.cfg.out / MANIFEST_NAME
         write_json_atomic(path, manifest)
         return path
+
+    def remove_leftovers(self) -> None:
+        """Delete temporaries that killed runs left behind; every rank has finished by now."""
+        for d in [self.cfg.out, *sorted(self.cfg.out.glob("ve[0-9][0-9][0-9]"))]:
+            for p in d.iterdir():
+                if is_temporary(p.name):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def close(self) -> None:
         self.writer_pool.shutdown(wait=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tec_cache.faults import fault_point
 from tec_cache.records import FieldSpec
 
 SCHEMA_VERSION = 1
@@ -31,7 +32,13 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    fault_point("mid_json_write")
     os.replace(tmp, path)
+
+
+def is_temporary(name: str) -> bool:
+    """Names of half-written files: JSON temporaries above and shard writers' ``.tmp`` siblings."""
+    return (name.startswith(".") and ".tmp-" in name) or name.endswith(".tmp") or name.endswith(".old")
 
 
 @dataclass(frozen=True)

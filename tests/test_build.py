@@ -143,7 +143,8 @@ def test_changed_settings_refused_on_resume(data_dir, tiny_ckpt, tmp_path, refer
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["after_shard:3", "mid_shard_write:7", "after_shard_rename:2", "before_manifest:1"])
+@pytest.mark.parametrize("point", ["after_shard:3", "mid_shard_write:7", "after_shard_rename:2", "mid_json_write:2",
+                                   "before_manifest:1"])
 def test_killed_build_resumes_to_identical_cache(point, data_dir, tiny_ckpt, tmp_path, reference_cache):
     out = tmp_path / "cache"
     r = _cli(*_build_args(data_dir, out, tiny_ckpt), env={"TEC_FAULT": point}, check=False)
