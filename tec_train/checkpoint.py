@@ -101,7 +101,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a checkpoint written by ``save_checkpoint`` (weights_only, on the CPU)."""
     path = Path(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: reading the config or the RNG states does not page in the weights.
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - re-raised naming the file
         raise CheckpointError(f"{path}: not a readable tec-train checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:

@@ -1,0 +1,176 @@
+"""Stage-2 throughput: training from the cache against online mode and against targets in memory.
+
+Same student, same base model, same batch, same machine, one process. Measures, in order:
+1. the base-model forward alone (views/s),
+2. a stage-1 build of the benchmark images (views/s),
+3. the cache loader alone (views/s, images decoded, targets still quantised),
+4. three training step rates: online (base model inside the step, the reference's way), from the
+   cache, and from targets already in memory (no loader: the ceiling).
+The cache's speedup over online is bounded by online vs in-memory; the goal is cache >= 95% of
+in-memory. Runs on CPU with tiny sizes (default) and on a GPU with ViT-B/16 at 224 in bf16:
+
+    python benchmarks/bench_train.py                                   # tiny, CPU
+    python benchmarks/bench_train.py --arch vit_small_patch16_224 --model vit_small_patch16 \
+        --img-size 224 --batch-size 8                                  # ViT-S/16 pair, CPU
+    python benchmarks/bench_train.py --arch vit_base_patch16_224 --model vit_base_patch16 \
+        --img-size 224 --batch-size 128 --device cuda --images 4096   # ViT-B/16 pair, GPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tec_cache.basemodels import build_model, resolve_spec  # noqa: E402
+from tec_cache.build import BuildConfig, build_cache  # noqa: E402
+from tec_cache.dist import DistInfo, resolve_device  # noqa: E402
+from tec_cache.manifest import load_manifest  # noqa: E402
+from tec_cache.targets import extract_targets  # noqa: E402
+from tec_train.data import CacheLoader  # noqa: E402
+from tec_train.target_sources import CacheTargetSource, InMemoryTargetSource  # noqa: E402
+from tec_train.train import TrainConfig, train  # noqa: E402
+
+
+def make_images(root: Path, n: int) -> Path:
+    """n source images cut from skimage's photos at ImageNet-like sizes (offline, no dataset)."""
+    from skimage import data
+
+    photos = [Image.fromarray(getattr(data, k)()).convert("RGB") for k in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")]
+    rng = np.random.default_rng(0)
+    (root / "c").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        p = photos[i % len(photos)]
+        w, h = int(rng.integers(p.width // 2, p.width)), int(rng.integers(p.height // 2, p.height))
+        x, y = int(rng.integers(0, p.width - w + 1)), int(rng.integers(0, p.height - h + 1))
+        p.crop((x, y, x + w, y + h)).save(root / "c" / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def timed_rate(fn, n_items: int, repeat: int) -> float:
+    fn()  # warm-up (allocations, cudnn/SDPA selection)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync()
+    return n_items * repeat / (time.perf_counter() - t0)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def step_rate(run_dir: Path, warmup: int) -> float:
+    """Median steps/s over the logged steps after ``warmup`` (one metrics record per step)."""
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["images_per_s"] for r in recs if r["step"] > warmup]
+    return statistics.median(rates)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="vit_tiny_patch16_224", help="base model (timm)")
+    ap.add_argument("--base-depth", type=int, default=6)
+    ap.add_argument("--model", default="vit_tiny_patch4", help="student (tec-train --model)")
+    ap.add_argument("--depth", type=int, default=None, help="student depth override")
+    ap.add_argument("--img-size", type=int, default=32)
+    ap.add_argument("--patch-size", type=int, default=None)
+    ap.add_argument("--topk", type=int, default=15)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--images", type=int, default=None, help="source images (default: enough for the steps)")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per mode")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--num-workers", type=int, default=2)
+    ap.add_argument("--codec", default="int8")
+    ap.add_argument("--format", default="webdataset")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    if args.base_depth <= 0:
+        args.base_depth = None
+    device = resolve_device(args.device, DistInfo(0, 1, 0))
+    patch = args.patch_size or (4 if args.img_size <= 64 else 16)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="tec_bench_train_"))
+    n_img = args.images or args.batch_size * (args.steps + args.warmup + 1)
+    res: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                 "torch_threads": torch.get_num_threads(), "arch": args.arch, "model": args.model,
+                 "img_size": args.img_size, "batch_size": args.batch_size, "codec": args.codec, "format": args.format}
+
+    spec = resolve_spec(None, arch=args.arch, img_size=args.img_size, patch_size=patch, topk=args.topk, depth=args.base_depth)
+    torch.manual_seed(0)
+    base = build_model(spec)
+    ckpt = work / "base.pth"
+    torch.save({"model": base.state_dict()}, ckpt)
+    data = make_images(work / "images", n_img)
+
+    # 1. base-model forward alone
+    base = base.to(device).eval()
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    res["base_forward_views_per_s"] = timed_rate(
+        lambda: extract_targets(base, x, topk=spec.topk, last_layers=spec.last_layers), args.batch_size, 3)
+    del base
+
+    # 2. stage-1 build
+    cache = work / "cache"
+    t0 = time.perf_counter()
+    build_cache(BuildConfig(data=data, out=cache, checkpoint=ckpt, spec=spec, views=1, codec=args.codec, format=args.format,
+                            shard_size=max(64, args.batch_size * 2), batch_size=args.batch_size,
+                            num_workers=args.num_workers, device=str(device)))
+    res["build_views_per_s"] = n_img / (time.perf_counter() - t0)
+    man = load_manifest(cache)
+    res["bytes_per_view"] = man.raw["stats"]["bytes_per_view"]
+
+    # 3. the loader alone
+    loader = CacheLoader(man, batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    t0, n = time.perf_counter(), 0
+    for b in loader.epoch(0):
+        n += b.images.shape[0]
+    res["loader_views_per_s"] = n / (time.perf_counter() - t0)
+    res["loader_workers"] = args.num_workers
+    loader.close()
+
+    # 4. training step rates
+    common = dict(model=args.model, depth=args.depth, img_size=args.img_size, patch_size=patch,
+                  epochs=1000, warmup_epochs=1.0, batch_size=args.batch_size, max_steps=args.warmup + args.steps,
+                  log_every=1, ckpt_every=10**9, keep_last=1, num_workers=args.num_workers, device=str(device), seed=0)
+    online = TrainConfig(run_dir=str(work / "run-online"), arch=args.arch, checkpoint=str(ckpt), data=str(data),
+                         topk=args.topk, base_depth=args.base_depth, **common)
+    train(online)
+    res["online_images_per_s"] = step_rate(work / "run-online", args.warmup)
+    from_cache = TrainConfig(run_dir=str(work / "run-cache"), cache=str(cache), **common)
+    train(from_cache)
+    res["cache_images_per_s"] = step_rate(work / "run-cache", args.warmup)
+    src = CacheTargetSource(man, batch_size=args.batch_size, rank=0, world_size=1, num_workers=args.num_workers, seed=0,
+                            view_order="cycle", pin_memory=device.type == "cuda")
+    mem = InMemoryTargetSource.from_source(src, args.warmup + args.steps, device)
+    in_memory = TrainConfig(run_dir=str(work / "run-memory"), **common)
+    train(in_memory, source=mem)
+    res["in_memory_images_per_s"] = step_rate(work / "run-memory", args.warmup)
+    res["ceiling_in_memory_over_online"] = res["in_memory_images_per_s"] / res["online_images_per_s"]
+    res["speedup_cache_over_online"] = res["cache_images_per_s"] / res["online_images_per_s"]
+    res["cache_over_in_memory"] = res["cache_images_per_s"] / res["in_memory_images_per_s"]
+
+    print(f"\n{args.arch} base -> {args.model} student, {args.img_size} px, batch {args.batch_size}, {res['device']}\n")
+    print("| measure | value |\n|---|---|")
+    for k in ("base_forward_views_per_s", "build_views_per_s", "loader_views_per_s", "online_images_per_s",
+              "cache_images_per_s", "in_memory_images_per_s", "ceiling_in_memory_over_online",
+              "speedup_cache_over_online", "cache_over_in_memory", "bytes_per_view"):
+        print(f"| {k} | {res[k]:.3f} |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

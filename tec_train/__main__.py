@@ -1,0 +1,3 @@
+from tec_train.cli import main
+
+main()

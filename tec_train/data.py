@@ -1,0 +1,429 @@
+"""Stage-2 loader: cached shards --> batches of (images the base model saw, quantised targets).
+
+Data flow (design.md, stage 2):
+
+    manifest --check_compatibility--> CacheLoader.epoch(e) --DataLoader workers--> Batch (CPU)
+    Batch.to(device) --decode_targets (on the device)--> float targets --> student + losses
+
+Epoch e reads view-epoch ``view_epoch_for(e)``. Its sample order is a pure function of (seed, e,
+manifest): the view-epoch's shards are permuted, concatenated, and the samples inside each run of
+``shuffle_window`` consecutive shards are shuffled. That keeps every batch within a few shards
+(a worker keeps those few readers open) while each epoch still sees a different order.
+
+Partition: the global order is cut to a multiple of ``world_size * batch_size`` (drop_last, as the
+reference's DistributedSampler with drop_last; at most ``world_size * batch_size - 1`` views of an
+epoch are skipped, a different tail each epoch), split into batches, and global batch b goes to
+rank ``b % world_size``. Every rank therefore runs exactly ``steps_per_epoch`` steps whatever the
+shard count, so DDP never waits on a short rank. Inside a rank, torch's DataLoader hands whole
+batches round-robin to its workers, in order.
+
+A worker reads a batch with one ``read_many`` per shard, decodes its JPEGs and stacks its fields
+(one dataset call per batch, not per sample). Readers are opened lazily in the worker and kept in
+a small LRU keyed by path.
+
+Verification (``verify``): each rank checks each shard's size and sha256 once per run, in the worker
+that reads the first batch (in this rank's order) touching that shard, before that worker reads
+any of its records. Batches are yielded in order, so a batch of a later step that also reads the
+shard (read concurrently by another worker) can only be yielded after that first batch, that is
+after the check passed: a corrupted shard stops the run with a ``ShardError`` naming the shard and
+the failed check, and none of its samples reaches the student. Checking once per rank rather than
+once per worker that opens the shard matters: with window-local batches handed round-robin to
+workers, every worker opens nearly every shard, and hashing whole shards would grow with the
+worker count.
+"""
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from tec_cache.codecs import DecodedTargets, get_codec
+from tec_cache.manifest import Manifest, load_manifest
+from tec_cache.records import FieldSpec, ViewRecord
+from tec_cache.shards import ShardError, ShardInfo, ShardReader, open_reader
+from tec_cache.verify import check_shard_files
+from tec_cache.views import decode_view
+
+__all__ = ["Batch", "CacheLoader", "CompatibilityError", "check_compatibility", "decode_targets", "epoch_order"]
+
+VIEW_ORDERS = ("cycle", "permute")
+MP_CONTEXTS = ("fork", "spawn", "forkserver")
+# Independent random streams derived from the user's seed: one per purpose, so changing how one
+# is used never shifts the other.
+_ORDER_STREAM = 0
+_VIEW_STREAM = 1
+_MAX_LISTED_PROBLEMS = 5
+
+
+class CompatibilityError(ValueError):
+    """The cache cannot train this student (or is incomplete); the message names both values."""
+
+
+def check_compatibility(manifest: Manifest, *, img_size: int, patch_size: int) -> None:
+    """Pre-flight before step 1: the student must see the cache's pixels on the cache's patch grid.
+
+    Checks that the codec is known, the student's image size is the cache's view size, its patch
+    size is the base model's, its patch grid is ``targets.grid``, and that every listed shard is on
+    disk with its listed size (no reads). Raises ``CompatibilityError`` listing every mismatch.
+    """
+    problems = []
+    try:
+        get_codec(manifest.codec)
+    except ValueError as e:
+        problems.append(f"codec.name: {e}")
+    if patch_size < 1 or img_size % patch_size:
+        problems.append(f"student image size {img_size} is not a multiple of its patch size {patch_size}")
+    view_size = manifest.raw["views"]["recipe"]["size"]
+    if img_size != view_size:
+        problems.append(f"student image size {img_size} does not match the cache's {view_size} (views.recipe.size)")
+    cache_patch = manifest.targets.get("patch_size")
+    if cache_patch is not None and patch_size != cache_patch:
+        problems.append(f"student patch size {patch_size} does not match the cache's {cache_patch} (targets.patch_size)")
+    grid = [int(g) for g in manifest.targets["grid"]]
+    side = img_size // patch_size if patch_size >= 1 else 0
+    if grid != [side, side]:
+        cache_grid = "x".join(str(g) for g in grid)
+        problems.append(
+            f"student patch grid {side}x{side} (img {img_size}, patch {patch_size}) does not match the cache's "
+            f"{cache_grid} (targets.grid)"
+        )
+    if problems:
+        raise CompatibilityError(f"cache {manifest.root} cannot train this student: " + "; ".join(problems))
+    bad = check_shard_files(manifest)
+    if bad:
+        listed = "; ".join(str(p) for p in bad[:_MAX_LISTED_PROBLEMS])
+        more = f" (and {len(bad) - _MAX_LISTED_PROBLEMS} more)" if len(bad) > _MAX_LISTED_PROBLEMS else ""
+        raise CompatibilityError(
+            f"cache {manifest.root}: {len(bad)} shard(s) missing or of the wrong size: {listed}{more}; "
+            "run `tec-cache verify` and rebuild the cache"
+        )
+
+
+@dataclass
+class Batch:
+    """One step's data for one rank.
+
+    ``images`` are the decoded views exactly as the base model saw them (uint8 [B,3,S,S], not yet
+    normalised); ``fields`` are the codec's encoded target arrays, still quantised, so that moving
+    a batch to the GPU moves the small form and ``decode_targets`` expands it there.
+    """
+
+    images: torch.Tensor
+    fields: dict[str, torch.Tensor]
+    image_index: torch.Tensor
+    view_epoch: int
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
+        """The batch on ``device`` (non-blocking copies are only asynchronous from pinned memory)."""
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return replace(
+            self,
+            images=move(self.images),
+            fields={name: move(t) for name, t in self.fields.items()},
+            image_index=move(self.image_index),
+        )
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copy; torch's DataLoader calls this from its pinning thread."""
+        return replace(
+            self,
+            images=self.images.pin_memory(),
+            fields={name: t.pin_memory() for name, t in self.fields.items()},
+            image_index=self.image_index.pin_memory(),
+        )
+
+
+def decode_targets(batch: Batch, codec_name: str) -> DecodedTargets:
+    """(feat [B,L,D] float32, att [B,k+1,H,L] float32, idx [B,k] int64) on the batch's device."""
+    return get_codec(codec_name).decode(batch.fields)
+
+
+def epoch_order(sizes: Sequence[int], *, seed: int, epoch: int, shuffle_window: int) -> np.ndarray:
+    """Global sample order of one epoch over shards of ``sizes`` samples (manifest order).
+
+    A sample is numbered by its shard's offset in the concatenation plus its record index. The
+    shards are permuted, then the samples of each run of ``shuffle_window`` consecutive (permuted)
+    shards are shuffled among themselves. Pure function of its arguments.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _ORDER_STREAM, epoch]))
+    perm = rng.permutation(len(sizes))
+    order = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in perm]) if len(sizes) else np.empty(0, np.int64)
+    bounds = np.concatenate([[0], np.cumsum(sizes[perm])])[::shuffle_window]
+    for lo, hi in zip(bounds, [*bounds[1:], len(order)]):
+        rng.shuffle(order[lo:hi])
+    return order
+
+
+# ---------------------------------------------------------------------------------------------
+# worker side
+
+
+@dataclass
+class _Records:
+    """What a worker read for one batch, in batch order; ``_collate`` turns it into a ``Batch``."""
+
+    records: list[ViewRecord]
+    view_epoch: int
+    image_size: int
+
+
+class _ViewEpochShards(Dataset):
+    """Map-style dataset over one view-epoch; an index is a whole batch (an array of sample ids).
+
+    Holds only picklable plain data, so it can go to spawned workers; the shard readers are opened
+    in each worker on first use and kept in a per-worker LRU keyed by path.
+    """
+
+    def __init__(self, man: Manifest, view_epoch: int, *, cache_size: int) -> None:
+        entries = man.shards(view_epoch)
+        self.view_epoch = view_epoch
+        self.format, self.compressor = man.format, man.compressor
+        self.fields: dict[str, FieldSpec] = man.fields
+        self.image_size = int(man.raw["views"]["recipe"]["size"])
+        self.paths = [man.shard_path(e) for e in entries]
+        self.infos = [ShardInfo(e.num_samples, e.nbytes, e.sha256) for e in entries]
+        self.offsets = np.concatenate([[0], np.cumsum([e.num_samples for e in entries], dtype=np.int64)])
+        self.cache_size = cache_size
+        self._readers: OrderedDict[Path, ShardReader] = OrderedDict()
+        self._verified: set[Path] = set()
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, item: tuple[np.ndarray, frozenset[int]]) -> _Records:
+        """Read one batch: its sample ids, and the shards this batch must verify before reading."""
+        ids, verify = item
+        shard_of = np.searchsorted(self.offsets, ids, side="right") - 1
+        records: list[ViewRecord | None] = [None] * len(ids)
+        # One read per shard, in order of first appearance, so the LRU sees window order.
+        for s in dict.fromkeys(shard_of.tolist()):
+            where = np.flatnonzero(shard_of == s)
+            recs = self._reader(s, verify=s in verify).read_many((ids[where] - self.offsets[s]).tolist())
+            for j, rec in zip(where.tolist(), recs):
+                if rec.view_epoch != self.view_epoch:
+                    raise ShardError(
+                        f"{self.paths[s]}: view epoch: record {rec.key} belongs to view-epoch {rec.view_epoch}, "
+                        f"the manifest lists the shard under {self.view_epoch}"
+                    )
+                records[j] = rec
+        return _Records(records, self.view_epoch, self.image_size)  # type: ignore[arg-type]
+
+    def _reader(self, s: int, *, verify: bool) -> ShardReader:
+        path = self.paths[s]
+        reader = self._readers.get(path)
+        if reader is not None and (path in self._verified or not verify):
+            self._readers.move_to_end(path)
+            return reader
+        expect = self.infos[s] if verify else None
+        reader = open_reader(self.format, path, self.fields, self.compressor, expect=expect)
+        if verify:
+            self._verified.add(path)
+        elif len(reader) != self.infos[s].num_samples:
+            raise ShardError(f"{path}: sample count: {len(reader)} records, manifest says {self.infos[s].num_samples}")
+        self._readers[path] = reader
+        self._readers.move_to_end(path)
+        while len(self._readers) > self.cache_size:
+            self._readers.popitem(last=False)
+        return reader
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Readers belong to the process that opened them (file handles, zarr state, verified bytes).
+        state = self.__dict__.copy()
+        state["_readers"], state["_verified"] = OrderedDict(), set()
+        return state
+
+
+def _collate(raw: _Records) -> Batch:
+    """Decode the batch's JPEGs and stack its fields (runs in the worker).
+
+    Stacking goes through torch's ``default_collate``, which inside a worker writes the stacked
+    tensors straight into shared memory; stacked privately, every byte would be copied once more
+    into shared memory on its way to the main process (about 5% of a worker's CPU time).
+    """
+    images = [decode_view(r.image) for r in raw.records]
+    expected = (3, raw.image_size, raw.image_size)
+    for r, img in zip(raw.records, images):
+        if tuple(img.shape) != expected:
+            raise ShardError(
+                f"view-epoch {raw.view_epoch} record {r.key} ({r.image_key}): view image is "
+                f"{'x'.join(map(str, img.shape))}, the manifest's view size is {'x'.join(map(str, expected))}"
+            )
+    fields = {
+        name: default_collate([torch.from_numpy(r.fields[name]) for r in raw.records]) for name in raw.records[0].fields
+    }
+    return Batch(
+        images=default_collate(images),
+        fields=fields,
+        image_index=torch.tensor([r.image_index for r in raw.records], dtype=torch.int64),
+        view_epoch=raw.view_epoch,
+    )
+
+
+class _RankBatches(Sampler):
+    """This rank's batches of one epoch from ``start_step``: (sample ids, shards to verify first)."""
+
+    def __init__(self, batches: list[np.ndarray], verify: list[frozenset[int]]) -> None:
+        self.batches, self.verify = batches, verify
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, frozenset[int]]]:
+        return iter(zip(self.batches, self.verify))
+
+
+# ---------------------------------------------------------------------------------------------
+# the loader
+
+
+class CacheLoader:
+    """Batches of one rank, epoch by epoch, from a finished cache.
+
+    ``steps_per_epoch`` is the same on every rank and in every epoch: the smallest view-epoch,
+    divided by ``world_size * batch_size``, rounded down. ``epoch(e, start_step)`` yields exactly
+    the batches an uninterrupted epoch would yield from step ``start_step`` on, without reading the
+    skipped ones, so (epoch, step) is the whole loader state a checkpoint needs.
+
+    ``verify`` checks each shard's size and sha256 once per rank and run, before its first sample
+    is used (module docstring). ``mp_context`` defaults to "spawn" for zarr caches and "fork" for
+    tar caches. ``pin_memory`` pins each batch in torch's pinning thread, so ``Batch.to(cuda)`` can
+    copy asynchronously. A worker keeps its last ``shuffle_window`` shard readers open; a verified
+    tar reader holds its shard's bytes in memory, so that is up to ``shuffle_window`` shards of RAM
+    per worker.
+    """
+
+    def __init__(
+        self,
+        cache: Path | Manifest,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 2,
+        seed: int = 0,
+        view_order: str = "cycle",
+        pin_memory: bool = False,
+        verify: bool = True,
+        shuffle_window: int = 4,
+        mp_context: str | None = None,
+    ) -> None:
+        self.manifest = cache if isinstance(cache, Manifest) else load_manifest(Path(cache))
+        for name, value, least in (("batch_size", batch_size, 1), ("world_size", world_size, 1),
+                                   ("num_workers", num_workers, 0), ("seed", seed, 0),
+                                   ("shuffle_window", shuffle_window, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in 0..{world_size - 1} (world_size {world_size}), got {rank!r}")
+        if view_order not in VIEW_ORDERS:
+            raise ValueError(f"view_order must be one of {VIEW_ORDERS}, got {view_order!r}")
+        if mp_context is not None and mp_context not in MP_CONTEXTS:
+            raise ValueError(f"mp_context must be None or one of {MP_CONTEXTS}, got {mp_context!r}")
+        get_codec(self.manifest.codec)  # an unknown codec fails here, not in a worker
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.num_workers, self.seed, self.view_order = num_workers, seed, view_order
+        self.pin_memory, self.verify, self.shuffle_window = pin_memory, verify, shuffle_window
+        # zarr keeps event-loop threads that a forked child inherits dead, so zarr workers spawn;
+        # tar reading is plain file I/O and forks safely (and starts faster).
+        self.mp_context = mp_context or ("spawn" if self.manifest.format == "zarr" else "fork")
+
+        self.num_view_epochs = self.manifest.num_view_epochs
+        if self.num_view_epochs == 0:
+            raise ValueError(f"cache {self.manifest.root} lists no view-epochs")
+        sizes = [sum(e.num_samples for e in self.manifest.shards(v)) for v in range(self.num_view_epochs)]
+        per_step = world_size * batch_size
+        self.steps_per_epoch = min(sizes) // per_step
+        if self.steps_per_epoch == 0:
+            v = int(np.argmin(sizes))
+            raise ValueError(
+                f"cache {self.manifest.root}: view-epoch {v} holds {sizes[v]} views, fewer than one step of "
+                f"world_size * batch_size = {world_size} * {batch_size} = {per_step}"
+            )
+        self._live: weakref.WeakSet[Generator[Batch, None, None]] = weakref.WeakSet()
+        self._verified: dict[int, set[int]] = {}  # view-epoch -> shards this rank has verified
+
+    def view_epoch_for(self, epoch: int) -> int:
+        """Which view-epoch training epoch ``epoch`` reads: ``epoch % K`` ("cycle"), or position
+        ``epoch % K`` of a seeded permutation of range(K) drawn anew for every K epochs ("permute")."""
+        _check_nonneg("epoch", epoch)
+        k = self.num_view_epochs
+        if self.view_order == "cycle":
+            return epoch % k
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, _VIEW_STREAM, epoch // k]))
+        return int(rng.permutation(k)[epoch % k])
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """This rank's batches of ``epoch``, from step ``start_step`` (``steps_per_epoch - start_step``
+        batches). A fresh DataLoader (and workers) per call."""
+        _check_nonneg("epoch", epoch)
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step must be in 0..{self.steps_per_epoch} (steps_per_epoch), got {start_step!r}")
+        view_epoch = self.view_epoch_for(epoch)
+        dataset = _ViewEpochShards(self.manifest, view_epoch, cache_size=self.shuffle_window)
+        sizes = [e.num_samples for e in self.manifest.shards(view_epoch)]
+        order = epoch_order(sizes, seed=self.seed, epoch=epoch, shuffle_window=self.shuffle_window)
+        shard_of = np.searchsorted(dataset.offsets, order, side="right") - 1
+        B, world = self.batch_size, self.world_size
+        firsts = [(step * world + self.rank) * B for step in range(start_step, self.steps_per_epoch)]  # drop_last
+        batches = [order[lo : lo + B] for lo in firsts]
+        # Each shard is verified by the first batch of this rank that reads it, once per run.
+        verified = self._verified.setdefault(view_epoch, set())
+        pending: set[int] = set()
+        verify = []
+        for lo in firsts:
+            new = set(shard_of[lo : lo + B].tolist()) - verified - pending if self.verify else set()
+            pending |= new
+            verify.append(frozenset(new))
+        workers = self.num_workers if batches else 0  # nothing to read: start no processes
+        loader = DataLoader(
+            dataset,
+            sampler=_RankBatches(batches, verify),
+            batch_size=None,  # the sampler yields whole batches: one dataset call per batch
+            collate_fn=_collate,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            multiprocessing_context=self.mp_context if workers else None,
+            in_order=True,  # the verification scheme relies on batches arriving in step order
+        )
+        gen = _iterate(loader, verify, verified)
+        self._live.add(gen)
+        return gen
+
+    def close(self) -> None:
+        """Stop any epoch still being iterated (its workers exit)."""
+        for gen in list(self._live):
+            gen.close()
+        self._live.clear()
+
+    def __enter__(self) -> CacheLoader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _iterate(loader: DataLoader, verify: list[frozenset[int]], verified: set[int]) -> Generator[Batch, None, None]:
+    """Yield the loader's batches; once a batch is out, the shards it verified count as verified."""
+    # Holding the DataLoader iterator here ties its workers' lifetime to this generator: closing
+    # it (CacheLoader.close, or breaking out and dropping it) shuts them down.
+    it = iter(loader)
+    try:
+        for batch, checked in zip(it, verify):
+            verified |= checked
+            yield batch
+    finally:
+        del it
+
+
+def _check_nonneg(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")

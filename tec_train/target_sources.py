@@ -1,0 +1,155 @@
+"""Target sources: where a training step gets its images and base-model targets from.
+
+Data flow: **target source** --(host batch)--> ``prepare`` on the training device --> StepInputs
+(normalised images + float targets) --> student + losses --> step.
+
+Three sources share one interface, so the trainer never knows which it has:
+- ``CacheTargetSource``: batches from the stage-1 cache (``data.CacheLoader``); the targets
+  cross to the device still quantised and are decoded there.
+- ``online.OnlineTargetSource``: freshly augmented images and the frozen base model running
+  inside the step, as the reference does (the speed baseline).
+- ``InMemoryTargetSource``: prepared batches held on the device; no loader at all, the ceiling a
+  loader is measured against, and a cheap source for tests.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from tec_cache.manifest import Manifest
+from tec_cache.targets import normalise_images
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What a source's targets look like: sizes the student's heads and the images it accepts."""
+
+    dim: int  # D, the base model's width: the student's pred_dim
+    heads: int  # H, the base model's heads: the student's attention-prediction heads
+    topk: int
+    tau: float  # attention-target temperature of the recipe
+    img_size: int
+    patch_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    origin: dict[str, Any] = field(default_factory=dict)  # JSON facts recorded in checkpoints
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dim": self.dim, "heads": self.heads, "topk": self.topk, "tau": self.tau, "img_size": self.img_size,
+            "patch_size": self.patch_size, "mean": list(self.mean), "std": list(self.std), "origin": self.origin,
+        }
+
+    @staticmethod
+    def from_manifest(manifest: Manifest) -> TargetSpec:
+        t, recipe = manifest.targets, manifest.raw["views"]["recipe"]
+        img = int(recipe["size"])
+        return TargetSpec(
+            dim=int(t["dim"]), heads=int(t["heads"]), topk=int(t["topk"]), tau=float(t["tau"]), img_size=img,
+            patch_size=img // int(t["grid"][0]), mean=tuple(recipe["mean"]), std=tuple(recipe["std"]),
+            origin={
+                "kind": "cache", "path": str(manifest.root), "codec": manifest.codec, "format": manifest.format,
+                "base_model": manifest.raw["base_model"].get("name"), "base_sha256": manifest.raw["base_model"]["sha256"],
+                "view_epochs": manifest.num_view_epochs,
+            },
+        )
+
+
+@dataclass
+class StepInputs:
+    """One micro-batch on the training device, ready for the student."""
+
+    images: torch.Tensor  # [B, 3, S, S] float32, normalised
+    feat: torch.Tensor  # [B, L, D] float32
+    att: torch.Tensor  # [B, k+1, H, L] float32
+    idx: torch.Tensor  # [B, k] int64
+
+
+class TargetSource(Protocol):
+    """The trainer's view of any source. ``epoch`` yields host-side items; ``prepare`` makes them StepInputs."""
+
+    spec: TargetSpec
+    steps_per_epoch: int  # micro-batches per epoch, equal on every rank
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Any]: ...
+
+    def prepare(self, item: Any, device: torch.device) -> StepInputs: ...
+
+    def view_epoch_for(self, epoch: int) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class CacheTargetSource:
+    """Batches of cached views; targets decoded on the device from their quantised form."""
+
+    def __init__(self, manifest: Manifest, *, batch_size: int, rank: int, world_size: int, num_workers: int,
+                 seed: int, view_order: str, pin_memory: bool) -> None:
+        from .data import CacheLoader
+
+        self.spec = TargetSpec.from_manifest(manifest)
+        self.codec = manifest.codec
+        self.loader = CacheLoader(
+            manifest, batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
+            seed=seed, view_order=view_order, pin_memory=pin_memory,
+        )
+        self.steps_per_epoch = self.loader.steps_per_epoch
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Any]:
+        return self.loader.epoch(epoch, start_step=start_step)
+
+    def prepare(self, item: Any, device: torch.device) -> StepInputs:
+        from .data import decode_targets
+
+        batch = item.to(device, non_blocking=True)
+        feat, att, idx = decode_targets(batch, self.codec)  # [B,L,D], [B,k+1,H,L], [B,k]
+        return StepInputs(normalise_images(batch.images, self.spec.mean, self.spec.std), feat, att, idx)
+
+    def view_epoch_for(self, epoch: int) -> int:
+        return self.loader.view_epoch_for(epoch)
+
+    def close(self) -> None:
+        self.loader.close()
+
+
+class InMemoryTargetSource:
+    """Prepared micro-batches held on the device; every epoch replays them in order."""
+
+    def __init__(self, spec: TargetSpec, batches: list[StepInputs]) -> None:
+        if not batches:
+            raise ValueError("an in-memory source needs at least one batch")
+        self.spec = spec
+        self.batches = batches
+        self.steps_per_epoch = len(batches)
+
+    @staticmethod
+    def from_source(source: TargetSource, num_batches: int, device: torch.device) -> InMemoryTargetSource:
+        """Prepare the first ``num_batches`` of ``source``'s epoch 0 once and keep them (closes ``source``)."""
+        batches: list[StepInputs] = []
+        try:
+            for item in source.epoch(0):
+                batches.append(source.prepare(item, device))
+                if len(batches) == num_batches:
+                    break
+        finally:
+            source.close()
+        return InMemoryTargetSource(source.spec, batches)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[StepInputs]:
+        return iter(self.batches[start_step:])
+
+    def prepare(self, item: StepInputs, device: torch.device) -> StepInputs:
+        return item
+
+    def view_epoch_for(self, epoch: int) -> int:
+        return 0
+
+    def close(self) -> None:
+        """Nothing to release: the batches belong to whoever made the source."""

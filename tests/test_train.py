@@ -1,0 +1,341 @@
+"""Stage-2 training loop end to end on tiny CPU models: metrics, checkpoints, exact resume after a kill
+(one process and two gloo ranks), non-finite losses, student sizes, online and in-memory sources,
+--init-from, export, and option errors raised before any work."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import safetensors.torch
+import torch
+from typer.testing import CliRunner
+
+import tec_train.student as student_mod
+from tec_cache.build import BuildConfig, build_cache
+from tec_cache.manifest import load_manifest
+from tec_train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from tec_train.cli import app
+from tec_train.export import create_timm_model
+from tec_train.online import OnlineLoader
+from tec_train.student import build_student
+from tec_train.target_sources import CacheTargetSource, InMemoryTargetSource
+from tec_train.train import NonFiniteLossError, TrainConfig, train, truncate_metrics
+from tec_cache.sources import open_source
+from tec_cache.views import ViewRecipe
+from tests.conftest import TINY_ARCH, TINY_IMG, TINY_PATCH, TINY_TOPK, make_image_folder, tiny_spec, tiny_state_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDENT = dict(model="vit_tiny_patch8", depth=3)
+RECORD_FIELDS = {"step", "epoch", "epoch_f", "loss", "loss_fea", "loss_att", "lr", "images_per_s", "data_wait_fraction", "time"}
+EXACT_FIELDS = ("step", "epoch", "epoch_f", "loss", "loss_fea", "loss_att", "lr")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> SimpleNamespace:
+    """20 images, the tiny base model (D=192, H=3, 4x4 grid) and a 2-view-epoch int8 cache of them."""
+    root = tmp_path_factory.mktemp("train")
+    data = make_image_folder(root / "data", n_per_class=8, bad=False)
+    ckpt = root / "mae_tiny.pth"
+    torch.save({"model": tiny_state_dict()}, ckpt)
+    cache = root / "cache"
+    build_cache(BuildConfig(data=data, out=cache, checkpoint=ckpt, spec=tiny_spec(), views=2, shard_size=5,
+                            batch_size=8, num_workers=0, device="cpu"))
+    return SimpleNamespace(data=data, ckpt=ckpt, cache=cache)
+
+
+def _cfg(run_dir: Path, cache: Path | None, **kw) -> TrainConfig:
+    args = dict(run_dir=str(run_dir), cache=str(cache) if cache else None, **STUDENT, batch_size=4, epochs=2,
+                warmup_epochs=1, blr=1e-3, num_workers=0, log_every=1, ckpt_every=100, device="cpu")
+    args.update(kw)
+    return TrainConfig(**args)
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _exact(run_dir: Path) -> list[tuple]:
+    return [tuple(r[k] for k in EXACT_FIELDS) for r in _records(run_dir)]
+
+
+def _final_model(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(latest_checkpoint(run_dir))["model"]
+
+
+def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_run_writes_metrics_config_and_checkpoints(tiny, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = train(_cfg(run, tiny.cache, max_steps=7, ckpt_every=3, keep_last=2))
+    assert result.global_step == 7 and result.steps_run == 7 and result.epoch == 1
+    records = _records(run)
+    assert [r["step"] for r in records] == list(range(1, 8))
+    for r in records:
+        assert set(r) == RECORD_FIELDS
+        assert r["loss"] == pytest.approx(r["loss_fea"] + r["loss_att"], rel=1e-6)
+        assert 0.0 <= r["data_wait_fraction"] <= 1.0 and r["images_per_s"] > 0
+    # 20 views / batch 4 = 5 steps per epoch; warm-up over epoch 0, lr set at each window's start.
+    peak = 1e-3 * 4 / 256
+    assert [r["lr"] for r in records[:5]] == pytest.approx([peak * k / 5 for k in range(5)], rel=1e-12)
+    assert records[5]["lr"] == pytest.approx(peak) and records[5]["epoch"] == 1 and records[6]["lr"] < peak
+    # Saves at steps 3, 5 (epoch end), 6 and 7 (the stop); the last two are kept.
+    assert [s for s, _ in list_checkpoints(run)] == [6, 7]
+    ck = torch.load(latest_checkpoint(run), weights_only=True)
+    assert {"model", "optimizer", "scaler", "epoch", "step_in_epoch", "global_step", "loader", "rng", "config",
+            "world_size", "log_accum"} <= set(ck)
+    assert (ck["epoch"], ck["step_in_epoch"], ck["global_step"]) == (1, 2, 7)
+    assert ck["config"]["resolved"]["student"]["pred_dim"] == 192 and ck["config"]["resolved"]["eff_batch"] == 4
+    assert json.loads((run / "config.json").read_text())["options"]["model"] == "vit_tiny_patch8"
+
+
+def _cli_train(run_dir: Path, args: list[str], env: dict | None = None, ranks: int = 1) -> subprocess.CompletedProcess:
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else [sys.executable]
+    cmd = [*prefix, "-m", "tec_train", "run", "--run-dir", str(run_dir), *args]
+    e = {k: v for k, v in os.environ.items() if k != "TEC_FAULT"}
+    e.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=ROOT, timeout=180)
+
+
+def _kill_args(cache: Path) -> list[str]:
+    # 20 views / batch 2 = 10 micro-batches per epoch; accum 3 uses 9 of them: 3 steps per epoch, 9 in all.
+    return ["--cache", str(cache), "--model", "vit_tiny_patch8", "--depth", "3", "--batch-size", "2", "--accum-iter", "3",
+            "--epochs", "3", "--warmup-epochs", "1", "--blr", "1e-3", "--num-workers", "1", "--log-every", "1",
+            "--ckpt-every", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("straight") / "run"
+    r = _cli_train(run, _kill_args(tiny.cache))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "fault, resumes_from",
+    [
+        ("train_step:6", 4),  # killed after step 6, before its record and checkpoint; step 5's record is dropped
+        ("mid_checkpoint:3", 3),  # killed while writing step 4's checkpoint, after step 4's record
+    ],
+)
+def test_killed_run_resumes_bit_identically(tiny, straight_run: Path, tmp_path: Path, fault: str, resumes_from: int) -> None:
+    run = tmp_path / "run"
+    r = _cli_train(run, _kill_args(tiny.cache), env={"TEC_FAULT": fault})
+    assert r.returncode == -9, r.stderr[-3000:]
+    assert max(s for s, _ in list_checkpoints(run)) == resumes_from
+    assert max(rec["step"] for rec in _records(run)) > resumes_from  # records the resume must drop
+    # Re-running with only --run-dir resumes with the stored options.
+    r = _cli_train(run, [])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming checkpoint-{resumes_from:08d}.pt" in r.stderr
+    assert _exact(run) == _exact(straight_run)
+    assert len(_exact(run)) == 9
+    _assert_same_weights(_final_model(run), _final_model(straight_run))
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # the killed writer's temp file is gone
+
+
+@pytest.mark.slow
+def test_killed_ddp_run_resumes_bit_identically(tiny, tmp_path: Path) -> None:
+    # 2 ranks x batch 2: 5 micro-batches per rank and epoch, accum 2 -> 2 steps per epoch, 6 in all.
+    args = ["--cache", str(tiny.cache), "--model", "vit_tiny_patch8", "--depth", "3", "--batch-size", "2",
+            "--accum-iter", "2", "--epochs", "3", "--warmup-epochs", "1", "--blr", "1e-3", "--num-workers", "1",
+            "--log-every", "1", "--ckpt-every", "3", "--device", "cpu"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    with ThreadPoolExecutor(2) as pool:  # the two launches are independent: overlap their start-up
+        runs = [pool.submit(_cli_train, straight, args, ranks=2),
+                pool.submit(_cli_train, killed, args, env={"TEC_FAULT": "train_step:4"}, ranks=2)]
+        r, k = (f.result() for f in runs)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert k.returncode != 0
+    assert max(s for s, _ in list_checkpoints(killed)) == 3  # mid-epoch: epoch 1, micro-batch 2
+    r = _cli_train(killed, args, ranks=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _exact(killed) == _exact(straight) and len(_exact(straight)) == 6
+    _assert_same_weights(_final_model(killed), _final_model(straight))
+    ck = load_checkpoint(latest_checkpoint(killed))
+    assert ck["world_size"] == 2 and len(ck["rng"]) == 2
+    assert not torch.equal(ck["rng"][0]["mask"], ck["rng"][1]["mask"])  # each rank draws its own masks
+
+
+@pytest.mark.parametrize("term, target", [("loss_att", "attention_loss"), ("loss_fea", "feature_loss")])
+def test_non_finite_loss_stops_naming_step_and_term(tiny, tmp_path: Path, monkeypatch, term: str, target: str) -> None:
+    real = getattr(student_mod, target)
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        return out * float("nan") if calls["n"] == 3 else out
+
+    monkeypatch.setattr(student_mod, target, poisoned)
+    with pytest.raises(NonFiniteLossError, match=rf"at step 3 \(epoch 0, micro-batch 2\): {term} = nan"):
+        train(_cfg(tmp_path / "run", tiny.cache, max_steps=5))
+    assert [r["step"] for r in _records(tmp_path / "run")] == [1, 2]
+
+
+def test_one_cache_trains_two_student_sizes(tiny, tmp_path: Path) -> None:
+    sizes = {}
+    for model in ("vit_tiny_patch8", "vit_small_patch8"):
+        result = train(_cfg(tmp_path / model, tiny.cache, model=model, max_steps=2, clip_grad=1.0))
+        s = result.config["resolved"]["student"]
+        sizes[model] = (s["embed_dim"], s["pred_dim"], s["att_heads"])
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _records(tmp_path / model))
+    # The student's width is free; the prediction heads are the base model's D=192 and H=3.
+    assert sizes == {"vit_tiny_patch8": (192, 192, 3), "vit_small_patch8": (384, 192, 3)}
+
+
+def test_online_mode_runs(tiny, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path / "run", None, arch=TINY_ARCH, checkpoint=str(tiny.ckpt), data=str(tiny.data),
+               img_size=TINY_IMG, patch_size=TINY_PATCH, topk=TINY_TOPK, max_steps=3)
+    result = train(cfg)
+    assert result.global_step == 3 and len(_records(tmp_path / "run")) == 3
+    targets = load_checkpoint(latest_checkpoint(tmp_path / "run"))["config"]["resolved"]["targets"]
+    man = load_manifest(tiny.cache)
+    # Same base model as the cache: same target sizes and checkpoint hash.
+    assert targets["origin"]["kind"] == "online"
+    assert targets["origin"]["base_sha256"] == man.raw["base_model"]["sha256"]
+    assert (targets["dim"], targets["heads"], targets["topk"]) == (man.targets["dim"], man.targets["heads"], man.targets["topk"])
+
+
+def test_online_loader_partitions_equally_and_reproducibly(tiny) -> None:
+    source = open_source(tiny.data)
+    loaders = [OnlineLoader(source, batch_size=3, recipe=ViewRecipe(size=TINY_IMG), rank=r, world_size=2, num_workers=0)
+               for r in range(2)]
+    assert [ld.steps_per_epoch for ld in loaders] == [3, 3]  # 20 images: 10 per rank, 3 batches of 3
+    orders = [[b.tolist() for b in ld.order(0)] for ld in loaders]
+    flat = [i for o in orders for b in o for i in b]
+    assert len(flat) == len(set(flat)) == 18
+    assert orders[0] == [b.tolist() for b in loaders[0].order(0)] and orders[0] != [b.tolist() for b in loaders[0].order(1)]
+    first, resumed = list(loaders[0].epoch(1)), list(loaders[0].epoch(1, start_step=1))
+    assert len(resumed) == 2 and all(torch.equal(a.images, b.images) for a, b in zip(first[1:], resumed))
+    assert first[0].images.shape == (3, 3, TINY_IMG, TINY_IMG) and first[0].images.dtype == torch.uint8
+    assert not torch.equal(first[0].images, list(loaders[0].epoch(0))[0].images)
+
+
+def test_in_memory_source(tiny, tmp_path: Path) -> None:
+    man = load_manifest(tiny.cache)
+    cache_source = CacheTargetSource(man, batch_size=4, rank=0, world_size=1, num_workers=0, seed=0,
+                                     view_order="cycle", pin_memory=False)
+    memory = InMemoryTargetSource.from_source(cache_source, 3, torch.device("cpu"))
+    result = train(_cfg(tmp_path / "run", None, max_steps=4, lr=2e-3, warmup_epochs=0), source=memory)
+    assert result.global_step == 4 and result.epoch == 1  # 3 batches per epoch
+    assert _records(tmp_path / "run")[0]["lr"] == 2e-3  # --lr is absolute: no batch scaling
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["config"]["resolved"]["targets"]["origin"]["kind"] == "cache"
+    with pytest.raises(ValueError, match="--cache and the online options must not be set"):
+        train(_cfg(tmp_path / "run2", tiny.cache), source=memory)
+
+
+def _tiny_student_state(seed: int, depth: int = 3) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    s = build_student("vit_tiny_patch8", pred_dim=192, att_heads=3, img_size=TINY_IMG, depth=depth)
+    with torch.no_grad():
+        for p in s.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)
+    return s.state_dict()
+
+
+def test_init_from_reference_checkpoint_loads_strictly(tiny, tmp_path: Path) -> None:
+    sd = _tiny_student_state(7)
+    ref = tmp_path / "checkpoint-299.pth"
+    torch.save({"model": sd, "epoch": 299, "args": argparse.Namespace(model="mae_vit_tiny_patch8")}, ref)
+    # Step 1 runs at lr 0 (start of warm-up), so AdamW leaves the loaded weights exactly as they were.
+    train(_cfg(tmp_path / "run", tiny.cache, init_from=str(ref), max_steps=1))
+    _assert_same_weights(_final_model(tmp_path / "run"), sd)
+
+    bad = tmp_path / "deeper.pth"
+    torch.save({"model": _tiny_student_state(7, depth=6)}, bad)
+    with pytest.raises(ValueError, match=r"--init-from .*deeper.pth: does not fit .*unexpected keys: blocks\.3\.norm1\.weight"):
+        train(_cfg(tmp_path / "run2", tiny.cache, init_from=str(bad), max_steps=1))
+
+    # A reference checkpoint exports too, given its student size.
+    runner = CliRunner()
+    r = runner.invoke(app, ["export", str(ref), "--out", str(tmp_path / "ref_export")])
+    assert r.exit_code == 2 and "--model" in r.output
+    r = runner.invoke(app, ["export", str(ref), "--out", str(tmp_path / "ref_export"), "--model", "vit_tiny_patch8"])
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "ref_export" / "config.json").read_text())
+    assert (config["img_size"], config["patch_size"], config["depth"], config["num_heads"]) == (TINY_IMG, 8, 3, 3)
+    create_timm_model(config).load_state_dict(safetensors.torch.load_file(str(tmp_path / "ref_export" / "model.safetensors")), strict=True)
+
+
+def test_export_from_run_dir_loads_into_timm(tiny, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(_cfg(run, tiny.cache, max_steps=2))
+    r = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "export")])
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["model_name"] == "vit_tiny_patch16_224" and config["global_step"] == 2
+    vit = create_timm_model(config).eval()
+    vit.load_state_dict(safetensors.torch.load_file(str(tmp_path / "export" / "model.safetensors")), strict=True)
+    vit_pth = create_timm_model(config)
+    vit_pth.load_state_dict(torch.load(tmp_path / "export" / "model.pth", weights_only=True), strict=True)
+    student = build_student("vit_tiny_patch8", pred_dim=192, att_heads=3, img_size=TINY_IMG, depth=3).eval()
+    student.load_state_dict(_final_model(run), strict=True)
+    imgs = torch.randn(2, 3, TINY_IMG, TINY_IMG)
+    with torch.no_grad():
+        torch.testing.assert_close(vit.forward_features(imgs), student.forward_features(imgs), atol=1e-6, rtol=0)
+
+
+def _run_cli(tmp_path: Path, *args: str) -> tuple[int, str, Path]:
+    run = tmp_path / "run"
+    r = CliRunner().invoke(app, ["run", "--run-dir", str(run), *args])
+    return r.exit_code, " ".join(r.output.split()), run
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--cache", "{missing}"], "--cache: no such cache folder"),
+        (["--cache", "{cache}", "--model", "vit_tiny_patch4", "--depth", "3"], "student patch grid 8x8 (img 32, patch 4) does not match the cache's 4x4"),
+        (["--cache", "{cache}", "--epochs", "-1"], "--epochs: must be a positive integer, got -1"),
+        (["--cache", "{cache}", "--model", "vit_gigantic_patch8"], "--model: unknown student model 'vit_gigantic_patch8'"),
+        (["--cache", "{cache}", "--mask-ratio", "1.0"], "--mask-ratio: must be in [0, 1)"),
+        (["--cache", "{cache}", "--amp", "bf16", "--device", "cpu"], "--amp bf16: mixed precision runs on CUDA only"),
+        (["--cache", "{cache}", "--device", "tpu:0"], "--device"),
+        (["--cache", "{cache}", "--model", "vit_tiny_patch8", "--accum-iter", "9", "--batch-size", "4"], "--accum-iter 9 exceeds the 5 micro-batches"),
+        (["--cache", "{cache}", "--topk", "3"], "--topk: only for online mode"),
+        (["--cache", "{cache}", "--arch", TINY_ARCH], "--cache and --online-basemodel/--arch exclude each other"),
+        (["--model", "vit_tiny_patch8"], "one of --cache CACHE or --online-basemodel NAME"),
+        (["--online-basemodel", "mae1kbase", "--data", "{cache}"], "--checkpoint: online mode needs the base model's weights"),
+        (["--online-basemodel", "nope"], "--online-basemodel: unknown base model 'nope'"),
+    ],
+)
+def test_bad_options_fail_before_any_work(tiny, tmp_path: Path, args: list[str], expected: str) -> None:
+    args = [a.format(cache=tiny.cache, missing=tmp_path / "nocache") for a in args]
+    code, out, run = _run_cli(tmp_path, *args)
+    assert code == 2, out
+    assert expected in out
+    assert not run.exists()
+
+
+def test_resume_refuses_changed_settings_and_finished_run_is_a_no_op(tiny, tmp_path: Path) -> None:
+    base = ["--cache", str(tiny.cache), "--model", "vit_tiny_patch8", "--depth", "3", "--batch-size", "4",
+            "--epochs", "1", "--num-workers", "0", "--device", "cpu"]
+    code, out, run = _run_cli(tmp_path, *base)
+    assert code == 0, out
+    before = latest_checkpoint(run).stat().st_mtime_ns
+    code, out, _ = _run_cli(tmp_path, *base[:-6], "--batch-size", "5")
+    assert code == 2 and "--batch-size: the run in" in out and "was started with 4, now 5" in out
+    code, out, _ = _run_cli(tmp_path, "--log-every", "2")  # a mutable option, on a finished run
+    assert code == 0 and re.search(r"steps this run\W+0\W", out) and "resuming checkpoint-00000005.pt" in out
+    assert latest_checkpoint(run).stat().st_mtime_ns == before
+
+
+def test_truncate_metrics_drops_later_and_torn_lines(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
+    truncate_metrics(path, 3)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
