@@ -14,10 +14,12 @@ single record is returned.
 Formats (``FORMATS``):
 
 * ``"webdataset"`` -- one ``.tar`` per shard. Per record, members ``{key}.jpg`` (the view's JPEG,
-  stored as is), ``{key}.json`` (utf-8 JSON with image_index, view_epoch, label, image_key) and one
-  ``{key}.{field}.zst`` per target field (``.bin`` with compressor ``"none"``) holding the field's
-  raw little-endian C-order bytes. Members carry mtime 0 and fixed owner, so equal records give a
-  byte-identical tar.
+  stored as is), ``{key}.json`` (utf-8 JSON with image_index, view_epoch, label, image_key) and
+  ``{key}.targets.zst`` (``.bin`` with compressor ``"none"``): the raw little-endian C-order bytes
+  of every target field, concatenated in sorted field-name order and compressed as one zstd frame
+  (one member and one zstd call per view instead of one per field: ~4 KB less tar padding per view
+  and a third of the per-call overhead). Members carry mtime 0 and fixed owner, so equal records
+  give a byte-identical tar.
 * ``"zarr"`` -- one zarr v3 group (a directory) per shard. Each field is an array
   ``(n, *spec.shape)`` with one chunk per record, all chunks in one zarr shard file (so reading a
   record is a partial read); ``image_index``/``view_epoch``/``label`` are 1-D arrays; images are the
@@ -261,10 +263,11 @@ class _TarWriter(ShardWriter):
         )
 
     def _add(self, rec: ViewRecord) -> None:
-        sample: dict[str, Any] = {"__key__": rec.key, "jpg": bytes(rec.image), "json": _encode_meta(rec)}
-        for name in self.fields:
-            raw = _le_bytes(rec.fields[name])
-            sample[name + self._ext] = raw if self._codec is None else self._codec.encode(raw)
+        raw = b"".join(_le_bytes(rec.fields[name]) for name in sorted(self.fields))
+        sample: dict[str, Any] = {
+            "__key__": rec.key, "jpg": bytes(rec.image), "json": _encode_meta(rec),
+            "targets" + self._ext: raw if self._codec is None else self._codec.encode(raw),
+        }
         self._tar.write(sample)
 
     def _finish(self) -> tuple[int, str]:
@@ -402,6 +405,7 @@ class _TarReader(ShardReader):
         super().__init__("webdataset", path, fields)
         self._codec = None if level is None else numcodecs.Zstd(level=level)
         self._ext = ".bin" if level is None else ".zst"
+        self._targets_nbytes = sum(spec.nbytes() for spec in fields.values())
         # With expect the whole file is read once, verified, and every record is parsed from those
         # verified bytes (reading the file again could see different bytes).
         self._data: bytes | None = None
@@ -443,7 +447,7 @@ class _TarReader(ShardReader):
 
     def _build_index(self, f: BinaryIO) -> list[tuple[str, dict[str, tuple[int, int]]]]:
         """Validate every member header; return [(key, {suffix: (data offset, size)})] in order."""
-        known = {"jpg", "json", *(name + self._ext for name in self.fields)}
+        known = {"jpg", "json", "targets" + self._ext}
         scanned = _scan_ustar(f)
         if scanned is not None:  # the common case: our writer's plain ustar headers, read directly
             members, end = scanned
@@ -484,9 +488,8 @@ class _TarReader(ShardReader):
             entry = records[-1][1]
             if suffix in entry:
                 raise ShardError(f"{self.path}: duplicate member {name!r}")
-            field = suffix.removesuffix(".bin")
-            if field in self.fields and size != self.fields[field].nbytes():  # uncompressed field
-                raise ShardError(f"{self.path}: field {field} size: {size} bytes, expected {self.fields[field].nbytes()}")
+            if suffix == "targets.bin" and size != self._targets_nbytes:  # uncompressed targets
+                raise ShardError(f"{self.path}: targets size: {size} bytes, expected {self._targets_nbytes}")
             entry[suffix] = (offset, size)
         if records:
             self._check_complete(*records[-1], known)
@@ -514,10 +517,13 @@ class _TarReader(ShardReader):
         where = f"{self.path} record {key}"
         blob = lambda suffix: self._read(f, *members[suffix], where)  # noqa: E731
         meta = _decode_meta(blob("json"), where)
-        fields = {
-            name: _decode_field(blob(name + self._ext), name, spec, self._codec, where)
-            for name, spec in self.fields.items()
-        }
+        buf = _decode_targets(blob("targets" + self._ext), self._targets_nbytes, self._codec, where)
+        fields, start = {}, 0
+        for name in sorted(self.fields):
+            spec = self.fields[name]
+            end = start + spec.nbytes()
+            fields[name] = buf[start:end].view(np.dtype(spec.dtype).newbyteorder("<")).reshape(spec.shape).astype(spec.dtype, copy=False)
+            start = end
         return ViewRecord(key=key, image=blob("jpg"), fields=fields, **meta)
 
     def _read(self, f: BinaryIO | None, offset: int, size: int, where: str) -> bytes:
@@ -899,25 +905,25 @@ def _le_bytes(arr: np.ndarray) -> bytes:
     return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
 
 
-def _decode_field(payload: bytes, name: str, spec: FieldSpec, codec: Any, where: str) -> np.ndarray:
-    expected = spec.nbytes()
+def _decode_targets(payload: bytes, expected: int, codec: Any, where: str) -> np.ndarray:
+    """The concatenated target bytes of one record as a writable uint8 array of ``expected`` bytes."""
     if codec is None:
         if len(payload) != expected:
-            raise ShardError(f"{where}: field {name} size: {len(payload)} bytes, expected {expected}")
-        buf = np.frombuffer(bytearray(payload), np.uint8)  # bytearray: the array must be writable
+            raise ShardError(f"{where}: targets size: {len(payload)} bytes, expected {expected}")
+        buf = np.frombuffer(bytearray(payload), np.uint8)  # bytearray: the arrays must be writable
     else:
         # Decompress only into a buffer of exactly the spec's size, and only a frame that declares
         # that size: numcodecs fills `out` without reporting a shorter result, and the size cap is
-        # what keeps a zstd bomb from allocating more than one field.
+        # what keeps a zstd bomb from allocating more than one record's targets.
         declared = _zstd_content_size(payload)
         if declared != expected:
-            raise ShardError(f"{where}: field {name} size: zstd frame declares {declared} bytes, expected {expected}")
+            raise ShardError(f"{where}: targets size: zstd frame declares {declared} bytes, expected {expected}")
         buf = np.empty(expected, np.uint8)
         try:
             codec.decode(payload, out=buf)
         except (RuntimeError, ValueError) as e:
-            raise ShardError(f"{where}: field {name} data: zstd decode failed: {e}") from e
-    return buf.view(np.dtype(spec.dtype).newbyteorder("<")).reshape(spec.shape).astype(spec.dtype, copy=False)
+            raise ShardError(f"{where}: targets data: zstd decode failed: {e}") from e
+    return buf
 
 
 def _zstd_content_size(frame: bytes) -> int | None:

@@ -219,7 +219,7 @@ def test_compatibility_errors_name_both_values(caches, tmp_path):
 
 
 def _corrupt_copy(src: Path, dst: Path, fmt: str) -> str:
-    """Copy the cache and flip one byte inside one shard's feature data (its structure stays
+    """Copy the cache and flip one byte inside one shard's target data (its structure stays
     readable, so only the checksum can tell); returns that shard's manifest path."""
     shutil.copytree(src, dst)
     man = load_manifest(dst)
@@ -227,7 +227,7 @@ def _corrupt_copy(src: Path, dst: Path, fmt: str) -> str:
     path = man.shard_path(entry)
     if fmt == "webdataset":
         with tarfile.open(path) as tar:
-            member = next(m for m in tar if m.name.endswith(".feat_q.zst"))
+            member = next(m for m in tar if m.name.endswith(".targets.zst"))
         target, offset = path, member.offset_data + member.size // 2
     else:
         target = next(p for p in sorted((path / "feat_q").rglob("*")) if p.is_file())

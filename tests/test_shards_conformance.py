@@ -402,19 +402,19 @@ def replace_member(suffix: str, payload: bytes) -> Callable[[list[tuple[str, byt
 
 ZSTD = numcodecs.Zstd(level=3)
 BOMB = ZSTD.encode(np.zeros(32 << 20, np.uint8))  # ~1 KiB that inflates to 32 MiB
-GOOD_IDX = ZSTD.encode(np.zeros(K, np.int16))
+GOOD_TARGETS = ZSTD.encode(np.zeros(sum(spec.nbytes() for spec in SPECS.values()), np.uint8))
 MALFORMED: dict[str, tuple[Callable[[list[tuple[str, bytes]]], list], str]] = {
-    "zstd-bomb": (replace_member(".feat_q.zst", BOMB), "field feat_q size"),
-    "zstd-no-size": (replace_member(".idx.zst", zstd_without_content_size(GOOD_IDX)), "field idx size"),
-    "zstd-truncated": (replace_member(".idx.zst", GOOD_IDX[:-2]), "field idx data"),
-    "zstd-two-frames": (replace_member(".idx.zst", GOOD_IDX + GOOD_IDX), "field idx"),
+    "zstd-bomb": (replace_member(".targets.zst", BOMB), "targets size"),
+    "zstd-no-size": (replace_member(".targets.zst", zstd_without_content_size(GOOD_TARGETS)), "targets size"),
+    "zstd-truncated": (replace_member(".targets.zst", GOOD_TARGETS[:-2]), "targets data"),
+    "zstd-two-frames": (replace_member(".targets.zst", GOOD_TARGETS + GOOD_TARGETS), "targets"),
     "json-missing-key": (replace_member(".json", b'{"image_index":1,"view_epoch":0,"label":0}'), "json meta"),
     "json-wrong-type": (
         replace_member(".json", b'{"image_index":1,"view_epoch":0,"label":"0","image_key":"a"}'),
         "json meta",
     ),
     "json-not-utf8": (replace_member(".json", b"\xff\xfe"), "json meta"),
-    "missing-member": (lambda ms: [m for m in ms if not m[0].endswith(".feat_lo.zst")], "missing member"),
+    "missing-member": (lambda ms: [m for m in ms if not m[0].endswith(".targets.zst")], "missing member"),
     "duplicate-member": (lambda ms: ms[:1] + ms, "duplicate member"),
     "split-record": (lambda ms: ms + ms[:1], "member order"),
 }
@@ -435,8 +435,8 @@ def test_tar_uncompressed_wrong_size_and_compressor_mismatch(tmp_path: Path) -> 
     write_shard("webdataset", path, make_records(3), compressor="none")
     with pytest.raises(ShardError, match="unknown suffix"):
         open_reader("webdataset", path, SPECS, compressor="zstd:3")
-    pack(tmp_path / "bad.tar", replace_member(".idx.bin", b"\0" * (2 * K + 1))(tar_members(path)))
-    with pytest.raises(ShardError, match="field idx size"):
+    pack(tmp_path / "bad.tar", replace_member(".targets.bin", b"\0" * 7)(tar_members(path)))
+    with pytest.raises(ShardError, match="targets size"):
         open_reader("webdataset", tmp_path / "bad.tar", SPECS, compressor="none")
 
 
@@ -457,7 +457,7 @@ def test_tar_layout(tmp_path: Path) -> None:
     with tarfile.open(path) as tar:
         members = tar.getmembers()
         assert {m.name for m in members} == {
-            f"{r.key}.{suffix}" for r in recs for suffix in ["jpg", "json", *(f"{name}.zst" for name in SPECS)]
+            f"{r.key}.{suffix}" for r in recs for suffix in ["jpg", "json", "targets.zst"]
         }
         for m in members:
             assert (m.mtime, m.uid, m.gid, m.mode, m.isreg()) == (0, 0, 0, 0o444, True)
