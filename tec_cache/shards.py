@@ -15,11 +15,12 @@ Formats (``FORMATS``):
 
 * ``"webdataset"`` -- one ``.tar`` per shard. Per record, members ``{key}.jpg`` (the view's JPEG,
   stored as is), ``{key}.json`` (utf-8 JSON with image_index, view_epoch, label, image_key) and
-  ``{key}.targets.zst`` (``.bin`` with compressor ``"none"``): the raw little-endian C-order bytes
-  of every target field, concatenated in sorted field-name order and compressed as one zstd frame
-  (one member and one zstd call per view instead of one per field: ~4 KB less tar padding per view
-  and a third of the per-call overhead). Members carry mtime 0 and fixed owner, so equal records
-  give a byte-identical tar.
+  ``{key}.targets.zst``: every target field's raw little-endian C-order bytes as its own zstd
+  frame (separate frames compress 5% better than one: each field has its own statistics), the
+  frames in sorted field-name order behind a header of their lengths (uint32 LE each). With
+  compressor ``"none"`` the member is ``{key}.targets.bin``, the raw bytes concatenated in the same
+  order. One member per view instead of one per field saves ~4 KB of tar headers and padding per
+  view. Members carry mtime 0 and fixed owner, so equal records give a byte-identical tar.
 * ``"zarr"`` -- one zarr v3 group (a directory) per shard. Each field is an array
   ``(n, *spec.shape)`` with one chunk per record, all chunks in one zarr shard file (so reading a
   record is a partial read); ``image_index``/``view_epoch``/``label`` are 1-D arrays; images are the
@@ -263,11 +264,14 @@ class _TarWriter(ShardWriter):
         )
 
     def _add(self, rec: ViewRecord) -> None:
-        raw = b"".join(_le_bytes(rec.fields[name]) for name in sorted(self.fields))
-        sample: dict[str, Any] = {
-            "__key__": rec.key, "jpg": bytes(rec.image), "json": _encode_meta(rec),
-            "targets" + self._ext: raw if self._codec is None else self._codec.encode(raw),
-        }
+        raws = [_le_bytes(rec.fields[name]) for name in sorted(self.fields)]
+        if self._codec is None:
+            payload = b"".join(raws)
+        else:
+            frames = [self._codec.encode(raw) for raw in raws]
+            payload = np.array([len(fr) for fr in frames], dtype="<u4").tobytes() + b"".join(frames)
+        sample: dict[str, Any] = {"__key__": rec.key, "jpg": bytes(rec.image), "json": _encode_meta(rec),
+                                  "targets" + self._ext: payload}
         self._tar.write(sample)
 
     def _finish(self) -> tuple[int, str]:
@@ -517,13 +521,8 @@ class _TarReader(ShardReader):
         where = f"{self.path} record {key}"
         blob = lambda suffix: self._read(f, *members[suffix], where)  # noqa: E731
         meta = _decode_meta(blob("json"), where)
-        buf = _decode_targets(blob("targets" + self._ext), self._targets_nbytes, self._codec, where)
-        fields, start = {}, 0
-        for name in sorted(self.fields):
-            spec = self.fields[name]
-            end = start + spec.nbytes()
-            fields[name] = buf[start:end].view(np.dtype(spec.dtype).newbyteorder("<")).reshape(spec.shape).astype(spec.dtype, copy=False)
-            start = end
+        payloads = _split_targets(blob("targets" + self._ext), self.fields, self._codec is not None, where)
+        fields = {name: _decode_field(payloads[name], name, self.fields[name], self._codec, where) for name in payloads}
         return ViewRecord(key=key, image=blob("jpg"), fields=fields, **meta)
 
     def _read(self, f: BinaryIO | None, offset: int, size: int, where: str) -> bytes:
@@ -905,25 +904,47 @@ def _le_bytes(arr: np.ndarray) -> bytes:
     return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
 
 
-def _decode_targets(payload: bytes, expected: int, codec: Any, where: str) -> np.ndarray:
-    """The concatenated target bytes of one record as a writable uint8 array of ``expected`` bytes."""
+def _split_targets(payload: bytes, specs: dict[str, FieldSpec], compressed: bool, where: str) -> dict[str, bytes]:
+    """One record's targets member cut into per-field payloads (sorted field-name order)."""
+    names = sorted(specs)
+    if compressed:
+        head = 4 * len(names)
+        if len(payload) < head:
+            raise ShardError(f"{where}: targets size: {len(payload)} bytes, shorter than its {head}-byte header")
+        lengths = np.frombuffer(payload[:head], dtype="<u4").tolist()
+        if head + sum(lengths) != len(payload):
+            raise ShardError(f"{where}: targets size: header lists {sum(lengths)} bytes of frames, member holds {len(payload) - head}")
+    else:
+        lengths = [specs[n].nbytes() for n in names]
+        if sum(lengths) != len(payload):
+            raise ShardError(f"{where}: targets size: {len(payload)} bytes, expected {sum(lengths)}")
+        head = 0
+    out, start = {}, head
+    for name, n in zip(names, lengths):
+        out[name] = payload[start:start + n]
+        start += n
+    return out
+
+
+def _decode_field(payload: bytes, name: str, spec: FieldSpec, codec: Any, where: str) -> np.ndarray:
+    expected = spec.nbytes()
     if codec is None:
         if len(payload) != expected:
-            raise ShardError(f"{where}: targets size: {len(payload)} bytes, expected {expected}")
-        buf = np.frombuffer(bytearray(payload), np.uint8)  # bytearray: the arrays must be writable
+            raise ShardError(f"{where}: field {name} size: {len(payload)} bytes, expected {expected}")
+        buf = np.frombuffer(bytearray(payload), np.uint8)  # bytearray: the array must be writable
     else:
         # Decompress only into a buffer of exactly the spec's size, and only a frame that declares
         # that size: numcodecs fills `out` without reporting a shorter result, and the size cap is
-        # what keeps a zstd bomb from allocating more than one record's targets.
+        # what keeps a zstd bomb from allocating more than one field.
         declared = _zstd_content_size(payload)
         if declared != expected:
-            raise ShardError(f"{where}: targets size: zstd frame declares {declared} bytes, expected {expected}")
+            raise ShardError(f"{where}: field {name} size: zstd frame declares {declared} bytes, expected {expected}")
         buf = np.empty(expected, np.uint8)
         try:
             codec.decode(payload, out=buf)
         except (RuntimeError, ValueError) as e:
-            raise ShardError(f"{where}: targets data: zstd decode failed: {e}") from e
-    return buf
+            raise ShardError(f"{where}: field {name} data: zstd decode failed: {e}") from e
+    return buf.view(np.dtype(spec.dtype).newbyteorder("<")).reshape(spec.shape).astype(spec.dtype, copy=False)
 
 
 def _zstd_content_size(frame: bytes) -> int | None:

@@ -402,12 +402,23 @@ def replace_member(suffix: str, payload: bytes) -> Callable[[list[tuple[str, byt
 
 ZSTD = numcodecs.Zstd(level=3)
 BOMB = ZSTD.encode(np.zeros(32 << 20, np.uint8))  # ~1 KiB that inflates to 32 MiB
-GOOD_TARGETS = ZSTD.encode(np.zeros(sum(spec.nbytes() for spec in SPECS.values()), np.uint8))
+FRAMES = {name: ZSTD.encode(np.zeros(SPECS[name].nbytes(), np.uint8)) for name in sorted(SPECS)}
+
+
+def targets_member(**override: bytes) -> bytes:
+    """A well-formed targets member (zeros), with some fields' frames replaced."""
+    frames = [override.get(name, FRAMES[name]) for name in sorted(SPECS)]
+    return np.array([len(f) for f in frames], dtype="<u4").tobytes() + b"".join(frames)
+
+
+
 MALFORMED: dict[str, tuple[Callable[[list[tuple[str, bytes]]], list], str]] = {
-    "zstd-bomb": (replace_member(".targets.zst", BOMB), "targets size"),
-    "zstd-no-size": (replace_member(".targets.zst", zstd_without_content_size(GOOD_TARGETS)), "targets size"),
-    "zstd-truncated": (replace_member(".targets.zst", GOOD_TARGETS[:-2]), "targets data"),
-    "zstd-two-frames": (replace_member(".targets.zst", GOOD_TARGETS + GOOD_TARGETS), "targets"),
+    "zstd-bomb": (replace_member(".targets.zst", targets_member(feat_q=BOMB)), "field feat_q size"),
+    "zstd-no-size": (replace_member(".targets.zst", targets_member(idx=zstd_without_content_size(FRAMES["idx"]))), "field idx size"),
+    "zstd-truncated": (replace_member(".targets.zst", targets_member(idx=FRAMES["idx"][:-2])), "field idx data"),
+    "zstd-two-frames": (replace_member(".targets.zst", targets_member(idx=FRAMES["idx"] * 2)), "field idx"),
+    "targets-header-lies": (replace_member(".targets.zst", targets_member()[:-3]), "targets size"),
+    "targets-short": (replace_member(".targets.zst", b"\x01\x00"), "targets size"),
     "json-missing-key": (replace_member(".json", b'{"image_index":1,"view_epoch":0,"label":0}'), "json meta"),
     "json-wrong-type": (
         replace_member(".json", b'{"image_index":1,"view_epoch":0,"label":"0","image_key":"a"}'),
