@@ -1,4 +1,5 @@
-"""The newcomer's main job: a small real pipeline on CPU, from Fashion-MNIST to a verified cache.
+"""The newcomer's main job: a small real pipeline on CPU, Fashion-MNIST -> verified cache -> trained
+TEC student -> exported timm ViT.
 
     python scripts/demo.py [--out demo-out] [--images 2000] [--fashion-mnist DIR]
 """
@@ -28,6 +29,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "demo-out")
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--views", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--fashion-mnist", type=Path, default=DEFAULT_DIR)
     args = ap.parse_args()
     try:
@@ -50,6 +52,12 @@ def main() -> None:
         "--num-workers", "2", "--device", "cpu")
     run(*tc, "inspect", str(cache))
     run(*tc, "verify", str(cache))
+    tt = [sys.executable, "-m", "tec_train"]
+    run_dir = args.out / "run-tiny"
+    run(*tt, "run", "--cache", str(cache), "--run-dir", str(run_dir), "--model", "vit_tiny_patch4", "--depth", "6",
+        "--epochs", str(args.epochs), "--warmup-epochs", "1", "--batch-size", "64", "--blr", "1.5e-3",
+        "--num-workers", "1", "--log-every", "10", "--device", "cpu")
+    run(*tt, "export", str(run_dir), "--out", str(args.out / "export"))
 
 
 if __name__ == "__main__":
