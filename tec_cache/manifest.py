@@ -23,6 +23,15 @@ class ManifestError(ValueError):
     """The manifest is missing, malformed or does not fit what is asked of it."""
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (the directory entry, not only the file's bytes)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to a temporary sibling, fsync, then rename: readers see old or new, never half."""
     path = Path(path)
@@ -34,6 +43,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
     fault_point("mid_json_write")
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def is_temporary(name: str) -> bool:

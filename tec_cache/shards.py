@@ -52,6 +52,7 @@ import zarr
 import zarr.codecs
 from zarr.storage import LocalStore
 
+from tec_cache.manifest import fsync_dir
 from tec_cache.records import FieldSpec, ViewRecord, check_fields
 
 __all__ = [
@@ -1072,15 +1073,7 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(Path(dirpath))
 
 
 def _sibling(path: Path, suffix: str) -> Path:
@@ -1106,4 +1099,4 @@ def _publish(tmp: Path, path: Path) -> None:
         _remove(old)
     else:
         os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from tec_cache.faults import fault_point
+from tec_cache.manifest import fsync_dir
 
 CHECKPOINT_FORMAT = "tec-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -63,14 +64,6 @@ def remove_stale_temp_files(run_dir: Path) -> list[Path]:
     return stale
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(run_dir: Path, state: dict[str, Any], global_step: int, keep_last: int) -> Path:
     """Write ``state`` atomically as checkpoint-<global_step>.pt, then keep only the newest ``keep_last``."""
     if keep_last < 1:
@@ -91,7 +84,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], global_step: int, keep
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
     for _, old in list_checkpoints(run_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
     return final
