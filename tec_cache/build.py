@@ -32,7 +32,7 @@ from tec_cache.dist import DistInfo, all_reduce_sum, barrier, destroy_process_gr
 from tec_cache.faults import fault_point
 from tec_cache.manifest import MANIFEST_NAME, SCHEMA_VERSION, ManifestError, is_temporary, load_manifest, write_json_atomic
 from tec_cache.records import ViewRecord, record_key
-from tec_cache.sources import BadImage, ImageSource, open_source
+from tec_cache.sources import BadImage, ImageSource, decode_image, open_source
 from tec_cache.targets import extract_targets, normalise_images
 from tec_cache.views import ViewRecipe, make_views
 
@@ -126,8 +126,6 @@ class _ViewJobs(Dataset):
         return len(self.jobs)
 
     def __getitem__(self, j: int) -> dict[str, Any]:
-        from tec_cache.sources import decode_image
-
         index, views = self.jobs[j]
         item = self.source.items[index]
         try:

@@ -6,6 +6,7 @@ manifest --> inspect table / verify report. Only rank 0 prints under torchrun.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -81,8 +82,6 @@ def build(
     progress = Progress(TextColumn("[bold]building"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not info.is_main or dry_run)
     task = progress.add_task("views", total=None, rate="")
-    import time
-
     t0 = time.time()
     done = [0]
 

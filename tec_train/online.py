@@ -12,16 +12,18 @@ views through is not part of online mode.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from tec_cache.basemodels import BaseModelSpec, load_base_model
-from tec_cache.sources import ImageSource, decode_image
+from tec_cache.sources import BadImage, ImageSource, decode_image
 from tec_cache.targets import extract_targets, normalise_images
 from tec_cache.views import ViewRecipe, cut_view, view_params, view_rng
 
@@ -41,13 +43,29 @@ class _EpochBatches(Dataset):
         return len(self.batches)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        views = []
+        views, used = [], []
         for index in self.batches[i].tolist():
+            index, img = self._decodable(index)
             item = self.source.items[index]
-            img = decode_image(self.source.read_bytes(index), item.key)
             params = view_params(img.width, img.height, view_rng(self.seed, item.key, self.epoch), self.recipe)
             views.append(cut_view(img, params, self.recipe))  # [3, S, S] uint8
-        return torch.stack(views), torch.from_numpy(self.batches[i].astype(np.int64))  # [B,3,S,S], [B]
+            used.append(index)
+        return torch.stack(views), torch.tensor(used, dtype=torch.int64)  # [B,3,S,S], [B]
+
+    def _decodable(self, index: int) -> tuple[int, Image.Image]:
+        """The image at ``index``, or, when that file is unreadable, the next readable one: a bad
+        file must not end a training run (stage 1 skips it the same way), and the stand-in is a
+        pure function of the index, so the run stays reproducible."""
+        n = len(self.source)
+        for k in range(n):
+            j = (index + k) % n
+            try:
+                img = decode_image(self.source.read_bytes(j), self.source.items[j].key)
+            except (BadImage, OSError) as e:
+                warnings.warn(f"online mode: skipping unreadable image: {e}", stacklevel=1)
+                continue
+            return j, img
+        raise BadImage(f"--data {self.source.root}: no readable image at all")
 
 
 class OnlineLoader:

@@ -339,3 +339,17 @@ def test_truncate_metrics_drops_later_and_torn_lines(tmp_path: Path) -> None:
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
     truncate_metrics(path, 3)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_online_loader_steps_over_unreadable_images(tmp_path: Path) -> None:
+    """A broken file in the source must not end a run: its slot takes the next readable image."""
+    source = open_source(make_image_folder(tmp_path / "data", n_per_class=3, bad=True))
+    bad = {i for i, it in enumerate(source.items) if it.key in {"class0/zero.jpg", "class0/notimage.jpg", "class0/truncated.jpg"}}
+    loader = OnlineLoader(source, batch_size=4, recipe=ViewRecipe(size=TINY_IMG), num_workers=0)
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        batches = list(loader.epoch(0))
+    used = [i for b in batches for i in b.image_index.tolist()]
+    assert len(batches) == loader.steps_per_epoch and len(used) == 4 * loader.steps_per_epoch
+    assert not bad & set(used)
+    again = [i for b in loader.epoch(0) for i in b.image_index.tolist()]
+    assert again == used
