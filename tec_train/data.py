@@ -393,6 +393,9 @@ class CacheLoader:
             pin_memory=self.pin_memory,
             multiprocessing_context=self.mp_context if workers else None,
             in_order=True,  # the verification scheme relies on batches arriving in step order
+            # Worker seeds from a private generator: iterating must not advance the global torch RNG,
+            # whose state checkpoints record (a resumed run would otherwise record another state).
+            generator=torch.Generator(),
         )
         gen = _iterate(loader, verify, verified)
         self._live.add(gen)

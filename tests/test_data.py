@@ -356,3 +356,12 @@ def test_tar_index_fast_path_matches_tarfile(caches, tmp_path):
         tar.addfile(info, io.BytesIO(b""))
     with open(odd, "rb") as f:
         assert shard_io._scan_ustar(f) is None
+
+
+def test_iterating_leaves_the_global_rng_alone(caches):
+    """Checkpoints record the global torch RNG; reading batches must not move it, or a resumed
+    run would record a different state than a straight one."""
+    before = torch.get_rng_state()
+    with CacheLoader(load_manifest(caches["webdataset"]), batch_size=2, num_workers=0) as loader:
+        list(loader.epoch(0))
+    assert torch.equal(before, torch.get_rng_state())
