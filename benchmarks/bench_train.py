@@ -65,6 +65,12 @@ def timed_rate(fn, n_items: int, repeat: int) -> float:
     return n_items * repeat / (time.perf_counter() - t0)
 
 
+def forward_rate(model: torch.nn.Module, spec, batch: int, device: torch.device) -> float:
+    """Views/s of the base model's target extraction alone."""
+    x = torch.randn(batch, 3, spec.img_size, spec.img_size, device=device)
+    return timed_rate(lambda: extract_targets(model, x, topk=spec.topk, last_layers=spec.last_layers), batch, 3)
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -115,11 +121,8 @@ def main() -> None:
     data = make_images(work / "images", n_img)
 
     # 1. base-model forward alone
-    base = base.to(device).eval()
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-    res["base_forward_views_per_s"] = timed_rate(
-        lambda: extract_targets(base, x, topk=spec.topk, last_layers=spec.last_layers), args.batch_size, 3)
-    del base
+    res["base_forward_views_per_s"] = forward_rate(base.to(device).eval(), spec, args.batch_size, device)
+    del base  # free the device memory before the training runs
 
     # 2. stage-1 build
     cache = work / "cache"

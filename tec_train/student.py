@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Block
 from timm.optim import param_groups_weight_decay
