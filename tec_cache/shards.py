@@ -138,7 +138,7 @@ def open_writer(fmt: str, path: Path, fields: dict[str, FieldSpec], compressor: 
     """
     _check_format(fmt)
     specs = _check_specs(fields)
-    level = _parse_compressor(compressor)
+    level = parse_compressor(compressor)
     if fmt == "webdataset":
         return _TarWriter(Path(path), specs, level)
     return _ZarrWriter(Path(path), specs, level)
@@ -159,7 +159,7 @@ def open_reader(
     """
     _check_format(fmt)
     specs = _check_specs(fields)
-    level = _parse_compressor(compressor)
+    level = parse_compressor(compressor)
     if fmt == "webdataset":
         return _TarReader(Path(path), specs, level, expect)
     return _ZarrReader(Path(path), specs, expect)
@@ -832,7 +832,7 @@ def _check_format(fmt: str) -> None:
         raise ValueError(f"unknown shard format {fmt!r}, expected one of {FORMATS}")
 
 
-def _parse_compressor(compressor: str) -> int | None:
+def parse_compressor(compressor: str) -> int | None:
     """zstd level for "zstd:LEVEL", None for "none"."""
     if compressor == "none":
         return None
