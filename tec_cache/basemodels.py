@@ -165,7 +165,9 @@ def extract_state_dict(ckpt: dict[str, Any], path: Path) -> tuple[dict[str, torc
     )
 
 
-_IGNORABLE_UNEXPECTED = re.compile(r"^(head\.|head$|masked_embed$|fc_norm\.)")
+# A full MAE checkpoint (``tec-train run --objective mae``, MAE's visualisation release) carries its
+# pixel decoder; the base model is the encoder only.
+_IGNORABLE_UNEXPECTED = re.compile(r"^(head\.|head$|masked_embed$|fc_norm\.|mask_token$|decoder_)")
 _IGNORABLE_MISSING = re.compile(r"^(head\.|norm\.)")
 
 

@@ -44,6 +44,27 @@ class StudentOutput:
     latent: torch.Tensor  # [B, 1+len_keep, C], encoder-adaptor output fed to both decoders
 
 
+def random_masking(
+    x: torch.Tensor, noise: torch.Tensor, mask_ratio: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MAE masking, shared by the TEC student and the plain MAE objective (spec 3.3).
+
+    x: [B, L, C]; noise: [B, L]. Keeps the int(L * (1 - mask_ratio)) patches with the smallest
+    noise; returns kept tokens [B, len_keep, C], mask [B, L] (1 = removed, in original patch
+    order) and ids_restore [B, L].
+    """
+    b, n, c = x.shape
+    len_keep = int(n * (1 - mask_ratio))
+    ids_shuffle = torch.argsort(noise, dim=1)  # [B, L], ascending: smallest noise is kept
+    ids_restore = torch.argsort(ids_shuffle, dim=1)  # [B, L]
+    ids_keep = ids_shuffle[:, :len_keep]  # [B, len_keep]
+    kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, c))  # [B, len_keep, C]
+    mask = torch.ones(b, n, device=x.device)  # [B, L], float32 even under autocast
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)  # [B, L]
+    return kept, mask, ids_restore
+
+
 class FeatureAdaptor(nn.Module):
     """Encoder adaptor: fuses the stacked outputs of all encoder layers into one C-wide feature.
 
@@ -266,16 +287,7 @@ class TECStudent(nn.Module):
         x: [B, L, C]; noise: [B, L]. Returns kept tokens [B, len_keep, C], mask [B, L]
         (1 = removed, in original patch order) and ids_restore [B, L].
         """
-        b, n, c = x.shape
-        len_keep = int(n * (1 - self.mask_ratio))
-        ids_shuffle = torch.argsort(noise, dim=1)  # [B, L], ascending: smallest noise is kept
-        ids_restore = torch.argsort(ids_shuffle, dim=1)  # [B, L]
-        ids_keep = ids_shuffle[:, :len_keep]  # [B, len_keep]
-        kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, c))  # [B, len_keep, C]
-        mask = torch.ones(b, n, device=x.device)  # [B, L], float32 even under autocast
-        mask[:, :len_keep] = 0
-        mask = torch.gather(mask, 1, ids_restore)  # [B, L]
-        return kept, mask, ids_restore
+        return random_masking(x, noise, self.mask_ratio)
 
     def forward_encoder(
         self, imgs: torch.Tensor, noise: torch.Tensor

@@ -67,9 +67,9 @@ class StepInputs:
     """One micro-batch on the training device, ready for the student."""
 
     images: torch.Tensor  # [B, 3, S, S] float32, normalised
-    feat: torch.Tensor  # [B, L, D] float32
-    att: torch.Tensor  # [B, k+1, H, L] float32
-    idx: torch.Tensor  # [B, k] int64
+    feat: torch.Tensor | None  # [B, L, D] float32; None for the MAE objective (pixels are the target)
+    att: torch.Tensor | None  # [B, k+1, H, L] float32
+    idx: torch.Tensor | None  # [B, k] int64
 
 
 class TargetSource(Protocol):

@@ -37,11 +37,14 @@ from tec_cache.sources import open_source
 from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, remove_stale_temp_files, restore_rng, save_checkpoint
 from .export import load_tec_checkpoint
 from .schedule import WarmupCosine, absolute_lr
-from .student import TECStudent, build_student, param_groups, parse_model_name
+from .student import build_student, param_groups, parse_model_name
 from .target_sources import CacheTargetSource, StepInputs, TargetSource
 
 METRICS_NAME = "metrics.jsonl"
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+OBJECTIVES = ("tec", "mae")
+# The loss terms each objective logs (metrics.jsonl, progress, checkpointed running sums).
+LOSS_TERMS = {"tec": ("loss", "loss_fea", "loss_att"), "mae": ("loss",)}
 VIEW_ORDERS = ("cycle", "permute")
 _MASK_TAG = 0x6D61736B  # separates the mask generator's seed stream from the other per-rank seeds
 
@@ -59,6 +62,8 @@ class TrainConfig:
     """Every option of ``tec-train run``; field ``foo_bar`` is the option ``--foo-bar``."""
 
     run_dir: str
+    # tec: predict a base model's targets (from --cache or online); mae: plain MAE on --data pixels.
+    objective: str = "tec"
     cache: str | None = None
     # Online mode (the base model runs inside the step), options as in tec-cache build.
     online_basemodel: str | None = None
@@ -129,6 +134,8 @@ class TrainConfig:
             raise ValueError(f"--mask-ratio: must be in [0, 1), got {self.mask_ratio!r}")
         if self.num_workers < 0:
             raise ValueError(f"--num-workers: must be >= 0, got {self.num_workers!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"--objective: expected one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"--amp: expected one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         if self.view_order not in VIEW_ORDERS:
@@ -145,6 +152,14 @@ class TrainConfig:
 
     def _validate_mode(self, external_source: bool) -> None:
         online_only = [n for n in ("checkpoint", "data", "topk", "tau", "last_layers", "base_depth") if getattr(self, n) is not None]
+        if self.objective == "mae" and not external_source:
+            targets = [n for n in ("cache", "online_basemodel", "arch", "checkpoint", "topk", "tau", "last_layers", "base_depth")
+                       if getattr(self, n) is not None]
+            if targets:
+                raise ValueError(f"{_opt(targets[0])}: --objective mae learns from pixels; it takes --data only, no base model or cache")
+            if self.data is None or not Path(self.data).exists():
+                raise ValueError(f"--data: --objective mae needs an image folder or .tar shards, got {self.data!r}")
+            return
         if external_source:
             if self.cache is not None or self.online or online_only:
                 raise ValueError("a target source was passed in: --cache and the online options must not be set")
@@ -261,7 +276,15 @@ def check_geometry(student: tuple[int, int], targets: tuple[int, int], what: str
 
 
 def build_target_source(cfg: TrainConfig, info: DistInfo, device: torch.device, amp: str) -> TargetSource:
-    """The cache or online source ``cfg`` asks for, checked against the student's geometry before any loading."""
+    """The cache, online or pixel source ``cfg`` asks for, checked against the student's geometry before any loading."""
+    if cfg.objective == "mae":
+        from .mae import PixelSource
+
+        img, patch = student_geometry(cfg, 224)
+        check_geometry((img, patch), (img, patch), "image size")  # only the divisibility check applies
+        return PixelSource(open_source(Path(cfg.data)), img_size=img, patch_size=patch, batch_size=cfg.batch_size,
+                           rank=info.rank, world_size=info.world_size, num_workers=cfg.num_workers, seed=cfg.seed,
+                           pin_memory=device.type == "cuda")
     if cfg.cache is not None:
         from .data import check_compatibility
 
@@ -294,7 +317,7 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     return amp
 
 
-def _load_strict(student: TECStudent, state: dict[str, torch.Tensor], where: str, model: str) -> None:
+def _load_strict(student: torch.nn.Module, state: dict[str, torch.Tensor], where: str, model: str) -> None:
     """load_state_dict(strict=True), failing with one short line per kind of mismatch."""
     own = student.state_dict()
     missing = [k for k in own if k not in state]
@@ -388,14 +411,20 @@ class Trainer:
     def _build(self) -> None:
         cfg, spec = self.cfg, self.source.spec
         img, patch = student_geometry(cfg, spec.img_size)
-        overrides: dict[str, Any] = {"mask_ratio": cfg.mask_ratio, "att_tau": spec.tau}
+        overrides: dict[str, Any] = {"mask_ratio": cfg.mask_ratio}
         if cfg.depth is not None:
             overrides["depth"] = cfg.depth
+        self.terms = LOSS_TERMS[cfg.objective]
         # The same seed on every rank gives every rank the same initial weights (DDP would also
         # broadcast rank 0's); afterwards each rank draws from its own stream, as the reference.
         torch.manual_seed(cfg.seed)
-        self.student: TECStudent = build_student(cfg.model, pred_dim=spec.dim, att_heads=spec.heads, img_size=img,
-                                                 patch_size=patch, **overrides)
+        if cfg.objective == "mae":
+            from .mae import build_mae
+
+            self.student: Any = build_mae(cfg.model, img_size=img, patch_size=patch, **overrides)
+        else:
+            self.student = build_student(cfg.model, pred_dim=spec.dim, att_heads=spec.heads, img_size=img,
+                                         patch_size=patch, att_tau=spec.tau, **overrides)
         torch.manual_seed(cfg.seed + self.info.rank)
         np.random.seed((cfg.seed + self.info.rank) % 2**32)
         random.seed(cfg.seed + self.info.rank)
@@ -417,19 +446,21 @@ class Trainer:
             "steps_per_epoch": self.spe,
             "optimizer_steps_per_epoch": self.usable // cfg.accum_iter,
             "amp": self.amp,
+            "objective": cfg.objective,
             "targets": spec.to_json(),
             "student": {
-                "model": cfg.model, **self.student.encoder_config(), "pred_dim": spec.dim, "att_heads": spec.heads,
-                "att_tau": spec.tau, "mask_ratio": cfg.mask_ratio,
-                "num_adap": self.student.encoder_adaptor.num_adap,
+                "model": cfg.model, **self.student.encoder_config(), "mask_ratio": cfg.mask_ratio,
                 "trainable_params": sum(p.numel() for p in self.student.parameters() if p.requires_grad),
             },
         }
+        if cfg.objective == "tec":
+            self.resolved["student"].update(pred_dim=spec.dim, att_heads=spec.heads, att_tau=spec.tau,
+                                            num_adap=self.student.encoder_adaptor.num_adap)
 
     def _restore(self) -> tuple[int, int, int]:
         """Load the resumed checkpoint into the built objects; returns (epoch, micro-batch, global step)."""
         if self.resume is None:
-            self.log_accum = {"loss": 0.0, "loss_fea": 0.0, "loss_att": 0.0, "n": 0}
+            self.log_accum = self._empty_accum()
             return 0, 0, 0
         ck = self.resume
         self.student.load_state_dict(ck["model"], strict=True)
@@ -466,6 +497,9 @@ class Trainer:
         }
         return save_checkpoint(self.run_dir, state, global_step, self.cfg.keep_last)
 
+    def _empty_accum(self) -> dict[str, Any]:
+        return {**{t: 0.0 for t in self.terms}, "n": 0}
+
     def _log(self, global_step: int, epoch: int, epoch_f: float, lr: float, timing: dict[str, float]) -> dict[str, Any]:
         n = self.log_accum["n"]
         images = timing["micro"] * self.cfg.batch_size * self.info.world_size
@@ -473,15 +507,13 @@ class Trainer:
             "step": global_step,
             "epoch": epoch,
             "epoch_f": epoch_f,
-            "loss": self.log_accum["loss"] / n,
-            "loss_fea": self.log_accum["loss_fea"] / n,
-            "loss_att": self.log_accum["loss_att"] / n,
+            **{t: self.log_accum[t] / n for t in self.terms},
             "lr": lr,
             "images_per_s": images / max(timing["step_s"], 1e-12),
             "data_wait_fraction": timing["wait_s"] / max(timing["step_s"], 1e-12),
             "time": time.time(),
         }
-        self.log_accum = {"loss": 0.0, "loss_fea": 0.0, "loss_att": 0.0, "n": 0}
+        self.log_accum = self._empty_accum()
         if self.info.is_main:
             with open(self.run_dir / METRICS_NAME, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
@@ -490,8 +522,8 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------
     def _losses(self, out: Any) -> list[float]:
-        """[loss, loss_fea, loss_att] averaged over ranks; one sync per micro-batch, as the reference's .item()."""
-        vals = torch.stack([out.loss.detach(), out.loss_fea.detach(), out.loss_att.detach()]).float()  # [3]
+        """The objective's loss terms averaged over ranks; one sync per micro-batch, as the reference's .item()."""
+        vals = torch.stack([getattr(out, t).detach() for t in self.terms]).float()  # [terms]
         if self.distributed:
             tdist.all_reduce(vals)
             vals /= self.info.world_size
@@ -543,13 +575,17 @@ class Trainer:
         no_sync = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
         with no_sync:
             with self.autocast:
-                out = self.model(inputs.images, inputs.feat, inputs.att, inputs.idx, noise=noise)
+                if self.cfg.objective == "mae":
+                    out = self.model(inputs.images, noise=noise)
+                else:
+                    out = self.model(inputs.images, inputs.feat, inputs.att, inputs.idx, noise=noise)
             losses = self._losses(out)
-            bad = [f"{n} = {v}" for n, v in zip(("loss_fea", "loss_att"), losses[1:]) if not math.isfinite(v)]
+            named = list(zip(self.terms, losses))
+            bad = [f"{n} = {v}" for n, v in (named[1:] or named) if not math.isfinite(v)]
             if bad:
                 raise NonFiniteLossError(f"non-finite loss at {where}: {', '.join(bad)}")
             self.scaler.scale(out.loss / self.cfg.accum_iter).backward()
-        for name, v in zip(("loss", "loss_fea", "loss_att"), losses):
+        for name, v in named:
             self.log_accum[name] += v
         self.log_accum["n"] += 1
         return losses
