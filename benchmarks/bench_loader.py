@@ -36,7 +36,7 @@ from benchmarks.vitb_targets import photos  # noqa: E402
 from tec_cache import shards as shard_io  # noqa: E402
 from tec_cache.build import shard_relpath  # noqa: E402
 from tec_cache.codecs import TargetShape, get_codec, split_fields  # noqa: E402
-from tec_cache.manifest import MANIFEST_NAME, SCHEMA_VERSION, write_json_atomic  # noqa: E402
+from tec_cache.manifest import MANIFEST_NAME, SCHEMA_VERSION, seal_manifest, write_json_atomic  # noqa: E402
 from tec_cache.records import ViewRecord, record_key  # noqa: E402
 from tec_cache.views import ViewRecipe, make_views  # noqa: E402
 from tec_train.data import CacheLoader  # noqa: E402
@@ -90,17 +90,17 @@ def build_bench_cache(root: Path, *, fmt: str, codec_name: str, num_images: int,
         "schema_version": SCHEMA_VERSION,
         "tool": "bench_loader",
         "base_model": {"name": "synthetic", "arch": "vit_base_patch16_224", "sha256": hashlib.sha256(b"synthetic").hexdigest(),
-                       "embed_dim": VIT_B.dim, "num_heads": VIT_B.heads},
+                       "embed_dim": VIT_B.dim, "num_heads": VIT_B.heads, "depth": 12},
         "targets": {"num_patches": VIT_B.num_patches, "grid": [grid, grid], "patch_size": PATCH, "dim": VIT_B.dim,
                     "heads": VIT_B.heads, "topk": VIT_B.topk, "last_layers": 2, "tau": 1.8},
         "views": {"count": 1, "seed": seed, "recipe": ViewRecipe(size=IMG).to_json(), "image_format": "jpeg"},
         "codec": {"name": codec.name, "fields": {k: v.to_json() for k, v in specs.items()}},
         "format": {"name": fmt, "compressor": compressor, "shard_size": shard_size},
-        "source": {"num_images": num_images, "skipped": []},
+        "source": {"path": "synthetic", "kind": "synthetic", "num_images": num_images, "skipped": []},
         "view_epochs": [{"index": 0, "num_samples": num_images, "shards": entries}],
         "stats": {"total_bytes": sum(e["nbytes"] for e in entries), "total_views": num_images},
     }
-    write_json_atomic(root / MANIFEST_NAME, manifest)
+    write_json_atomic(root / MANIFEST_NAME, seal_manifest(manifest))
     return root
 
 

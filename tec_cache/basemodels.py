@@ -9,6 +9,7 @@ can never give a silently random teacher.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,11 +84,11 @@ def resolve_spec(
         depth=depth,
     )
     for opt, value in (("--topk", spec.topk), ("--last-layers", spec.last_layers), ("--img-size", spec.img_size),
-                       ("--patch-size", spec.patch_size), ("--depth", spec.depth or 1)):
+                       ("--patch-size", spec.patch_size), ("--depth", 1 if spec.depth is None else spec.depth)):
         if value < 1:
             raise ValueError(f"{opt}: must be a positive integer, got {value}")
-    if spec.tau <= 0:
-        raise ValueError(f"--tau: must be positive, got {spec.tau}")
+    if not (math.isfinite(spec.tau) and spec.tau > 0):
+        raise ValueError(f"--tau: must be a positive number, got {spec.tau}")
     if spec.img_size % spec.patch_size:
         raise ValueError(f"--img-size {spec.img_size} is not a multiple of --patch-size {spec.patch_size}")
     grid = (spec.img_size // spec.patch_size) ** 2
@@ -104,9 +105,12 @@ def _arch_patch_size(arch: str | None, default: int) -> int:
 def build_model(spec: BaseModelSpec) -> timm.models.VisionTransformer:
     """Random-weight timm ViT of the spec's shape, ready for ``load_checkpoint``."""
     extra = {} if spec.depth is None else {"depth": spec.depth}
-    model = timm.create_model(
-        spec.arch, pretrained=False, num_classes=0, img_size=spec.img_size, patch_size=spec.patch_size, **extra
-    )
+    try:
+        model = timm.create_model(
+            spec.arch, pretrained=False, num_classes=0, img_size=spec.img_size, patch_size=spec.patch_size, **extra
+        )
+    except TypeError as e:  # a non-ViT timm model has no img_size/patch_size/depth arguments
+        raise ValueError(f"--arch: {spec.arch!r} is not a plain timm VisionTransformer ({e})") from None
     if not isinstance(model, timm.models.VisionTransformer):
         raise ValueError(f"--arch: {spec.arch!r} is not a plain timm VisionTransformer")
     if not model.has_class_token or getattr(model, "no_embed_class", False) or model.num_prefix_tokens != 1:

@@ -9,14 +9,16 @@ uninterrupted run. Rank 0 writes the manifest last, from the sidecars.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +28,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tec_cache import shards as shard_io
-from tec_cache.basemodels import BaseModelSpec, load_base_model
+from tec_cache.basemodels import BaseModelSpec, build_model, load_base_model
 from tec_cache.codecs import TargetShape, get_codec, split_fields
-from tec_cache.dist import DistInfo, all_reduce_sum, barrier, destroy_process_group, dist_info, init_process_group, resolve_device
+from tec_cache.dist import (DistInfo, all_reduce_sum, barrier, destroy_process_group, dist_info, init_process_group,
+                            lost_rank_guard, resolve_device)
 from tec_cache.faults import fault_point
-from tec_cache.manifest import MANIFEST_NAME, SCHEMA_VERSION, ManifestError, is_temporary, load_manifest, write_json_atomic
+from tec_cache.manifest import (MANIFEST_NAME, SCHEMA_VERSION, ManifestError, is_temporary, load_manifest, seal_manifest,
+                                write_json_atomic)
 from tec_cache.records import ViewRecord, record_key
 from tec_cache.sources import BadImage, ImageSource, decode_image, open_source
 from tec_cache.targets import extract_targets, normalise_images
@@ -39,6 +43,7 @@ from tec_cache.views import ViewRecipe, make_views
 TOOL_VERSION = "tec-cache 0.1.0"
 # Disk estimate safety factor: shard sizes vary with image content.
 DISK_MARGIN = 1.10
+_RESUME = "complete shards are kept: re-run the same command to resume"
 
 
 @dataclass
@@ -61,22 +66,51 @@ class BuildConfig:
     jpeg_quality: int = 95
 
     def validate(self) -> None:
+        """Option checks before any work; ValueError names the option and what it expects."""
         for opt, value in (("--views", self.views), ("--shard-size", self.shard_size), ("--batch-size", self.batch_size)):
             if value < 1:
                 raise ValueError(f"{opt}: must be a positive integer, got {value}")
+        if self.seed < 0:
+            raise ValueError(f"--seed: must be an integer >= 0, got {self.seed}")
+        if not Path(self.data).exists():
+            raise ValueError(f"--data: no such file or folder {self.data} (expected an image folder or .tar shards)")
+        if not Path(self.checkpoint).is_file():
+            raise ValueError(f"--checkpoint: no such file {self.checkpoint} (expected the base model's weights file)")
+        resolve_device(self.device, dist_info())  # --device: a name this machine has
         if self.num_workers < 0:
             raise ValueError(f"--num-workers: must be >= 0, got {self.num_workers}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"--jpeg-quality: must be in 1..100, got {self.jpeg_quality}")
         if self.format not in shard_io.FORMATS:
             raise ValueError(f"--format: unknown format {self.format!r}; expected one of {list(shard_io.FORMATS)}")
-        get_codec(self.codec)
+        try:
+            get_codec(self.codec)
+        except ValueError as e:
+            raise ValueError(f"--codec: {e}") from None
         try:
             shard_io.parse_compressor(self.compressor)
         except ValueError as e:
             raise ValueError(f"--compressor: {e}") from None
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"--out: {self.out} exists and is not a folder")
+        # --arch/--depth/--last-layers against the architecture, on the meta device: no memory, no weights.
+        with torch.device("meta"):
+            build_model(self.spec)
+
+
+class BuildOptionError(ValueError):
+    """An option does not fit the inputs (checkpoint, data, an existing cache), found before any work."""
+
+
+class DiskFullError(OSError):
+    """A write hit ENOSPC; the message names the file, the space still needed and how to resume."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass
@@ -216,6 +250,10 @@ class Builder:
             log(f"the cache already holds {old_views} view-epochs; keeping all of them")
         self.num_chunks = math.ceil(len(self.source) / cfg.shard_size)
         self.writer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tec-write")
+        # For the disk-full message: views missing (all ranks) when this run started, and those this
+        # rank has put in finished shards since; their difference is an upper bound on what is left.
+        self._views_missing = self._views_done = 0
+        self._bpv: float | None = None
 
     # ---- planning -------------------------------------------------------------------------
     def shard_path(self, v: int, c: int) -> Path:
@@ -250,11 +288,41 @@ class Builder:
                 info = w.close()
         return info.nbytes / max(len(records), 1)
 
-    def check_disk(self, bpv: float, missing_views: int) -> dict[str, Any]:
-        need = int(bpv * missing_views * DISK_MARGIN)
+    def _probe(self) -> Path:
+        """The output folder, or its nearest existing parent (before the build creates it)."""
         probe = self.cfg.out
         while not probe.exists():
             probe = probe.parent
+        return probe
+
+    @contextlib.contextmanager
+    def _disk_full(self, path: Path) -> Iterator[None]:
+        """Turn ENOSPC (which names no file) into a DiskFullError naming ``path``, the space still
+        needed and how to resume; the caller's cleanup still runs, the error still propagates."""
+        try:
+            yield
+        except OSError as e:
+            if e.errno != errno.ENOSPC or isinstance(e, DiskFullError):
+                raise
+            probe = self._probe()
+            free = shutil.disk_usage(probe).free
+            left = max(self._views_missing - self._views_done, 0)
+            if left == 0:
+                need = "every shard is complete, only this file remains to be written"
+            elif self._bpv is not None:
+                need = (f"about {_gb(self._bpv * left * DISK_MARGIN)} more is needed for the {left} views still to build "
+                        f"({self._bpv / 1e3:.1f} KB/view, +{int((DISK_MARGIN - 1) * 100)}% margin)")
+            else:
+                need = f"{left} views are still to build"
+            raise DiskFullError(
+                f"disk full (ENOSPC) while writing {path}: {need}; {_gb(free)} is free on {probe}. "
+                "Complete shards are kept and the half-written file was removed: free space and re-run the same "
+                "command to resume."
+            ) from e
+
+    def check_disk(self, bpv: float, missing_views: int) -> dict[str, Any]:
+        need = int(bpv * missing_views * DISK_MARGIN)
+        probe = self._probe()
         free = shutil.disk_usage(probe).free
         est = {"bytes_per_view": round(bpv, 1), "views": missing_views, "bytes_needed": need, "bytes_free": free}
         if not self.cfg.dry_run and need > free:
@@ -271,6 +339,7 @@ class Builder:
         mine, total_missing, already_done = self.plan()
         jobs = [(i, missing) for c, missing in mine for i in self.chunk_images(c)]
         my_views = sum(len(m) * len(self.chunk_images(c)) for c, m in mine)
+        self._views_missing = total_missing
         if set_total is not None:
             set_total(my_views)
         loader = DataLoader(
@@ -297,10 +366,16 @@ class Builder:
                 nonlocal estimate, built
                 batch, pending[v] = pending[v][:n], pending[v][n:]
                 recs = self._targets(batch, stats[v])
+                fault_point("after_forward")
                 if not estimate:
-                    estimate = self.check_disk(self.bytes_per_view(recs), total_missing)
+                    with self._disk_full(Path(tempfile.gettempdir())):  # the scratch shard
+                        self._bpv = self.bytes_per_view(recs)
+                    estimate = self.check_disk(self._bpv, total_missing)
                     if self.cfg.dry_run:
                         return True
+                for f in futures:  # a failed write (disk full) stops the build now, not at the chunk's end
+                    if f.done():
+                        f.result()
                 futures.append(self.writer_pool.submit(self._write, c, writers, recs))
                 built += len(recs)
                 if progress is not None:
@@ -330,21 +405,26 @@ class Builder:
                 if self.cfg.dry_run:
                     continue
                 for v in missing:
-                    w = writers.get(v) or self._open(v, c, writers)
-                    fault_point("before_shard_close")
-                    info = w.close()
+                    with self._disk_full(self.shard_path(v, c)):
+                        w = writers.get(v) or self._open(v, c, writers)
+                        fault_point("before_shard_close")
+                        info = w.close()
                     fault_point("after_shard_rename")
-                    write_json_atomic(
-                        _sidecar(self.shard_path(v, c)),
-                        {"num_samples": info.num_samples, "nbytes": info.nbytes, "sha256": info.sha256,
-                         "skipped": skipped, "stats": stats[v].to_json()},
-                    )
+                    with self._disk_full(_sidecar(self.shard_path(v, c))):
+                        write_json_atomic(
+                            _sidecar(self.shard_path(v, c)),
+                            {"num_samples": info.num_samples, "nbytes": info.nbytes, "sha256": info.sha256,
+                             "skipped": skipped, "stats": stats[v].to_json()},
+                        )
+                    self._views_done += info.num_samples
                     bpv_seen.append(info.nbytes / max(info.num_samples, 1))
                     shards_built += 1
                     fault_point("after_shard")
             except BaseException:
                 for f in futures:
                     f.cancel()
+                # A write still running would race the aborts below (and could open a new temporary).
+                wait(futures)
                 for w in writers.values():
                     w.abort()
                 raise
@@ -354,12 +434,16 @@ class Builder:
             return self._dry(estimate or {"views": total_missing, "bytes_per_view": None}, t0)
         seconds = time.time() - t0
         fault_point("before_barrier")
-        built_all = int(all_reduce_sum(built, self.device))  # also the barrier before the manifest
+        with lost_rank_guard("waiting for the other ranks to finish their shards", _RESUME):
+            built_all = int(all_reduce_sum(built, self.device))  # also the barrier before the manifest
+        fault_point("after_barrier")
         manifest_path = None
         if self.info.is_main:
             manifest_path = self.write_manifest(seconds, built_all)
             skipped_all = load_manifest(self.cfg.out).raw["source"]["skipped"]
-        barrier()
+        fault_point("after_manifest")
+        with lost_rank_guard("waiting for rank 0 to write the manifest", _RESUME):
+            barrier()
         return BuildResult(manifest_path, built, shards_built, already_done, skipped_all, seconds,
                            float(np.mean(bpv_seen)) if bpv_seen else 0.0, estimate)
 
@@ -385,14 +469,16 @@ class Builder:
         path = self.shard_path(v, c)
         path.parent.mkdir(parents=True, exist_ok=True)
         writers[v] = shard_io.open_writer(self.cfg.format, path, self.field_specs, self.cfg.compressor)
+        fault_point("shard_opened")
         return writers[v]
 
     def _write(self, c: int, writers: dict[int, Any], recs: list[ViewRecord]) -> None:
         # Runs in the writer thread, overlapping the next batch's forward pass.
         for r in recs:
-            w = writers.get(r.view_epoch) or self._open(r.view_epoch, c, writers)
-            w.write(r)
-            fault_point("mid_shard_write")
+            with self._disk_full(self.shard_path(r.view_epoch, c)):
+                w = writers.get(r.view_epoch) or self._open(r.view_epoch, c, writers)
+                w.write(r)
+                fault_point("mid_shard_write")
 
     # ---- manifest -------------------------------------------------------------------------
     def write_manifest(self, seconds: float, views_this_run: int) -> Path:
@@ -439,7 +525,8 @@ class Builder:
         self.remove_leftovers()
         fault_point("before_manifest")
         path = self.cfg.out / MANIFEST_NAME
-        write_json_atomic(path, manifest)
+        with self._disk_full(path):
+            write_json_atomic(path, seal_manifest(manifest), fault="manifest")
         return path
 
     def remove_leftovers(self) -> None:
@@ -465,7 +552,12 @@ def build_cache(cfg: BuildConfig, log: Callable[[str], None] = lambda s: None,
     try:
         device = resolve_device(cfg.device, info)
         joined = init_process_group(info, device)
-        builder = Builder(cfg, info, log)
+        try:
+            builder = Builder(cfg, info, log)
+        except (ValueError, FileNotFoundError) as e:
+            # Nothing is computed or written before here: a bad --checkpoint, --data or an --out
+            # holding another build is a usage error, not a failed build.
+            raise BuildOptionError(str(e)) from e
         try:
             return builder.run(progress, set_total)
         finally:

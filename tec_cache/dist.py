@@ -5,8 +5,10 @@ which samples (stage 2) this process owns, and which device it runs on.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -47,17 +49,86 @@ def resolve_device(name: str, info: DistInfo) -> torch.device:
         raise ValueError(f"--device: {name!r} is not a device (expected auto, cpu, cuda or cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA device is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ValueError(f"--device {name}: this machine has {n} CUDA device(s), expected cuda:0..cuda:{n - 1}")
     return dev
 
 
-def init_process_group(info: DistInfo, device: torch.device, timeout_s: float = 1800.0) -> bool:
+# Seconds a rank waits for the others (joining, and in any collective) before it gives up. Under
+# torchrun a dead local rank makes the agent stop the job at once; this bounds the cases the agent
+# cannot see: a rank that never joins, or a peer lost on another node.
+TIMEOUT_ENV = "TEC_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+class LostRankError(RuntimeError):
+    """A collective failed because another rank of the job is gone; the message says what to do."""
+
+
+def dist_timeout_s() -> float:
+    """``TEC_DIST_TIMEOUT`` (seconds) or the default; ValueError names the variable."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None or raw == "":
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+    return value
+
+
+def init_process_group(info: DistInfo, device: torch.device, timeout_s: float | None = None) -> bool:
     """Join torchrun's group (nccl on CUDA, gloo on CPU); False when running alone."""
     if info.world_size <= 1 or (tdist.is_available() and tdist.is_initialized()):
         return tdist.is_available() and tdist.is_initialized()
+    timeout_s = dist_timeout_s() if timeout_s is None else timeout_s
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
-    tdist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    with lost_rank_guard(f"joining the process group (waits up to {timeout_s:g} s, {TIMEOUT_ENV})",
+                         "re-run the same command once every rank can start"):
+        tdist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return True
+
+
+def is_peer_loss(e: BaseException) -> bool:
+    """Whether ``e`` is a collective or rendezvous failing because another rank is gone or silent
+    (gloo: connection reset/closed or its timeout; NCCL: aborted communicator; store: timeout)."""
+    if isinstance(e, LostRankError):
+        return False  # already explained
+    if isinstance(e, tdist.DistError):
+        return True
+    # Older backends raise plain RuntimeErrors; theirs name the backend or the dropped connection.
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(w in text for w in ("gloo", "nccl", "connection reset", "connection closed"))
+
+
+def explain_peer_loss(e: BaseException, what: str, resume: str) -> LostRankError | None:
+    """One LostRankError line for a peer loss (naming this rank, what it was doing and how to
+    resume), or None when ``e`` is something else or this process runs alone."""
+    info = dist_info()
+    if info.world_size <= 1 or not is_peer_loss(e):
+        return None
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return LostRankError(
+        f"rank {info.rank} of {info.world_size}: lost another rank while {what} ({type(e).__name__}: {first}). "
+        f"That rank failed, was killed or never started: see its own error. {resume[0].upper()}{resume[1:]}."
+    )
+
+
+@contextlib.contextmanager
+def lost_rank_guard(what: str, resume: str) -> Iterator[None]:
+    """Re-raise a peer loss inside the block as ``explain_peer_loss``'s LostRankError, instead of a
+    backend traceback."""
+    try:
+        yield
+    except (RuntimeError, OSError) as e:
+        lost = explain_peer_loss(e, what, resume)
+        if lost is None:
+            raise
+        raise lost from e
 
 
 def barrier() -> None:

@@ -52,6 +52,7 @@ import zarr
 import zarr.codecs
 from zarr.storage import LocalStore
 
+from tec_cache.faults import fault_point
 from tec_cache.manifest import fsync_dir
 from tec_cache.records import FieldSpec, ViewRecord, check_fields
 
@@ -203,6 +204,7 @@ class ShardWriter:
             raise ValueError(f"{self.path}: close() on an aborted writer")
         try:
             nbytes, digest = self._finish()
+            fault_point("after_shard_fsync")  # complete, durable, but still under its temporary name
             _publish(self._tmp, self.path)
         except BaseException:
             self.abort()
@@ -316,6 +318,7 @@ class _ZarrWriter(ShardWriter):
         )
         rows = (max(n, 1),)  # zarr rejects zero-sized chunks; an empty shard still gets valid arrays
         self._write_array(grp, "image_index", np.array(image_index, np.int64), rows)
+        fault_point("mid_zarr_write")  # a directory with some arrays, not all
         self._write_array(grp, "view_epoch", np.array(view_epoch, np.int32), rows)
         self._write_array(grp, "label", np.array(label, np.int64), rows)
         for name, spec in self.fields.items():

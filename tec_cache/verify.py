@@ -1,4 +1,5 @@
-"""Cache verification: every listed shard against its size, checksum, sample count and schema.
+"""Cache verification: the manifest against its own checksum, then every listed shard against its
+size, checksum, sample count and schema.
 
 Data flow: manifest --> each shard entry --> reader with the expected ShardInfo --> a list of
 problems (empty when the cache is sound). ``tec-cache verify`` and stage 2's pre-flight use it.
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tec_cache import shards as shard_io
-from tec_cache.manifest import Manifest, ShardEntry, load_manifest
+from tec_cache.manifest import MANIFEST_NAME, Manifest, ShardEntry, digest_problem, load_manifest
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ def verify_cache(root: Path, on_shard: Callable[[ShardEntry, Problem | None], No
     """All problems of the cache at ``root``; raises ManifestError when there is no valid manifest."""
     man = load_manifest(root)
     problems = []
+    edited = digest_problem(man)
+    if edited is not None:
+        problems.append(Problem(MANIFEST_NAME, "checksum", edited))
     for e in man.shards():
         p = verify_shard(man, e)
         if on_shard is not None:

@@ -75,7 +75,9 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], global_step: int, keep
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
     try:
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            # Under fault injection only, the writes pass through a wrapper that can stop the
+            # process with half a zip on disk; otherwise torch.save writes straight to the file.
+            torch.save(payload, _TornWriter(f) if os.environ.get("TEC_FAULT") or os.environ.get("TEC_FAULT_LOG") else f)
             f.flush()
             # A kill here leaves a complete but unnamed temp file: the previous checkpoint stays latest.
             fault_point("mid_checkpoint")
@@ -84,10 +86,30 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], global_step: int, keep
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fault_point("after_checkpoint_rename")  # the new checkpoint is complete; older ones not yet pruned
     fsync_dir(run_dir)
     for _, old in list_checkpoints(run_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
     return final
+
+
+class _TornWriter:
+    """File wrapper for torch.save that reaches fault point ``checkpoint_torn`` once the first write
+    is flushed: a kill there leaves a truncated zip under the temporary name."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.writes = f, 0
+
+    def write(self, data: Any) -> int:
+        n = self.f.write(data)
+        self.writes += 1
+        if self.writes == 1:
+            self.f.flush()
+            fault_point("checkpoint_torn")
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

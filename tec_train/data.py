@@ -45,7 +45,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from tec_cache.codecs import DecodedTargets, get_codec
-from tec_cache.manifest import Manifest, load_manifest
+from tec_cache.manifest import MANIFEST_NAME, Manifest, digest_problem, load_manifest
 from tec_cache.records import FieldSpec, ViewRecord
 from tec_cache.shards import ShardError, ShardInfo, ShardReader, open_reader
 from tec_cache.verify import check_shard_files
@@ -69,15 +69,20 @@ class CompatibilityError(ValueError):
 def check_compatibility(manifest: Manifest, *, img_size: int, patch_size: int) -> None:
     """Pre-flight before step 1: the student must see the cache's pixels on the cache's patch grid.
 
-    Checks that the codec is known, the student's image size is the cache's view size, its patch
-    size is the base model's, its patch grid is ``targets.grid``, and that every listed shard is on
-    disk with its listed size (no reads). Raises ``CompatibilityError`` listing every mismatch.
+    Checks that the manifest is as the build wrote it (its own checksum), the codec is known, the
+    student's image size is the cache's view size, its patch size is the base model's, its patch
+    grid is ``targets.grid``, and that every listed shard is on disk with its listed size (no
+    reads). Raises ``CompatibilityError`` listing every mismatch.
     """
     problems = []
+    edited = digest_problem(manifest)
+    if edited is not None:
+        problems.append(f"{MANIFEST_NAME}: checksum: {edited}")
     try:
         get_codec(manifest.codec)
     except ValueError as e:
         problems.append(f"codec.name: {e}")
+    cache_problems = len(problems)  # the rest concern the student's options
     if patch_size < 1 or img_size % patch_size:
         problems.append(f"student image size {img_size} is not a multiple of its patch size {patch_size}")
     view_size = manifest.raw["views"]["recipe"]["size"]
@@ -95,7 +100,8 @@ def check_compatibility(manifest: Manifest, *, img_size: int, patch_size: int) -
             f"{cache_grid} (targets.grid)"
         )
     if problems:
-        raise CompatibilityError(f"cache {manifest.root} cannot train this student: " + "; ".join(problems))
+        options = " (--model, --img-size, --patch-size)" if len(problems) > cache_problems else ""
+        raise CompatibilityError(f"cache {manifest.root} cannot train this student{options}: " + "; ".join(problems))
     bad = check_shard_files(manifest)
     if bad:
         listed = "; ".join(str(p) for p in bad[:_MAX_LISTED_PROBLEMS])
@@ -346,7 +352,7 @@ class CacheLoader:
             v = int(np.argmin(sizes))
             raise ValueError(
                 f"cache {self.manifest.root}: view-epoch {v} holds {sizes[v]} views, fewer than one step of "
-                f"world_size * batch_size = {world_size} * {batch_size} = {per_step}"
+                f"world_size * batch_size = {world_size} * {batch_size} = {per_step} (lower --batch-size)"
             )
         self._live: weakref.WeakSet[Generator[Batch, None, None]] = weakref.WeakSet()
         self._verified: dict[int, set[int]] = {}  # view-epoch -> shards this rank has verified

@@ -1,12 +1,11 @@
-"""End-to-end stage-1 builds: content, resume after a kill, extension, ranks, bad inputs, CLI."""
+"""End-to-end stage-1 builds: content, extension, bad inputs, CLI. Kills, full disks, lost ranks and
+damaged caches: tests/test_faults_*.py."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -54,15 +53,8 @@ def _manifest_sans_stats(root: Path) -> dict:
     m = json.loads((root / "manifest.json").read_text())
     m["stats"].pop("build")
     m["base_model"].pop("checkpoint")
+    m.pop("manifest_sha256")  # covers the timings above
     return m
-
-
-def _cli(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    r = subprocess.run([sys.executable, "-m", "tec_cache", *args], capture_output=True, text=True, env=e, cwd=ROOT, timeout=300)
-    if check and r.returncode != 0:
-        raise AssertionError(f"exit {r.returncode}\n{r.stdout}\n{r.stderr}")
-    return r
 
 
 def _build_args(data, out, ckpt, *extra: str) -> list[str]:
@@ -142,33 +134,6 @@ def test_changed_settings_refused_on_resume(data_dir, tiny_ckpt, tmp_path, refer
         build_cache(_cfg(data_dir, out, tiny_ckpt, seed=1))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("point", ["after_shard:3", "mid_shard_write:7", "after_shard_rename:2", "mid_json_write:2",
-                                   "before_manifest:1"])
-def test_killed_build_resumes_to_identical_cache(point, data_dir, tiny_ckpt, tmp_path, reference_cache):
-    out = tmp_path / "cache"
-    r = _cli(*_build_args(data_dir, out, tiny_ckpt), env={"TEC_FAULT": point}, check=False)
-    assert r.returncode == -9, r.stderr
-    assert not (out / "manifest.json").exists()
-    _cli(*_build_args(data_dir, out, tiny_ckpt))
-    assert _tree(out) == _tree(reference_cache)
-    assert _manifest_sans_stats(out) == _manifest_sans_stats(reference_cache)
-
-
-@pytest.mark.slow
-def test_two_ranks_match_one(data_dir, tiny_ckpt, tmp_path, reference_cache):
-    out = tmp_path / "cache"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tec_cache",
-           *_build_args(data_dir, out, tiny_ckpt)]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert _tree(out) == _tree(reference_cache)
-    m = json.loads((out / "manifest.json").read_text())
-    assert m["stats"]["build"]["world_size"] == 2
-    assert _manifest_sans_stats(out) == _manifest_sans_stats(reference_cache)
-
-
 def test_strict_fails_naming_the_file(data_dir, tiny_ckpt, tmp_path):
     runner = CliRunner()
     r = runner.invoke(app, _build_args(data_dir, tmp_path / "c", tiny_ckpt, "--strict"))
@@ -224,15 +189,4 @@ def test_inspect_and_verify(reference_cache, tmp_path):
     assert "bytes per view" in r.output and "feat" in r.output and "custom:vit_tiny_patch16_224" in r.output
     r = runner.invoke(app, ["verify", str(reference_cache)])
     assert r.exit_code == 0 and "ok" in r.output
-    bad = tmp_path / "bad"
-    shutil.copytree(reference_cache, bad)
-    shard = bad / "ve001" / "shard-000002.tar"
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    r = runner.invoke(app, ["verify", str(bad)])
-    assert r.exit_code == 1
-    assert "ve001/shard-000002.tar" in r.output and "checksum" in r.output
-    (bad / "manifest.json").unlink()
-    r = runner.invoke(app, ["verify", str(bad)])
-    assert r.exit_code == 1 and "not a cache" in r.output
+    # Damaged caches: tests/test_faults_inputs.py.

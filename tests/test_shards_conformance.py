@@ -6,8 +6,11 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
+import pickle
 import shutil
 import tarfile
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -352,8 +355,18 @@ def pack(path: Path, members: list[tuple[str, bytes] | tarfile.TarInfo]) -> None
 def special_member(name: str, kind: bytes) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = kind
-    info.linkname = "/etc/passwd" if kind == tarfile.SYMTYPE else ""
+    info.linkname = "/etc/passwd" if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
     return info
+
+
+# Unpickling this payload would create MARKER: the reader must refuse the member by its name,
+# never look inside it.
+MARKER = Path(tempfile.gettempdir()) / f"tec-hostile-member-{os.getpid()}"
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (open, (str(MARKER), "w"))
 
 
 HOSTILE = {
@@ -363,10 +376,13 @@ HOSTILE = {
     "backslash": ("..\\000000000.jpg", b"x"),
     "pickle": ("000000000.pickle", b"cos\nsystem\n."),
     "pyd": ("000000000.pyd", b"MZ"),
+    "pth-reduce": ("000000000.pth", pickle.dumps(_RunsCode())),
+    "targets-pickle": ("000000000.targets.pickle", pickle.dumps(_RunsCode())),
     "bare-pyd": (".pyd", b"MZ"),
     "npy": ("000000000.feat_q.npy", b"\x93NUMPY"),
     "short-key": ("12.jpg", b"x"),
     "symlink": special_member("000000777.jpg", tarfile.SYMTYPE),
+    "hardlink": special_member("000000777.jpg", tarfile.LNKTYPE),
     "directory": special_member("000000777.jpg", tarfile.DIRTYPE),
 }
 
@@ -385,6 +401,7 @@ def test_tar_hostile_member(case: str, tmp_path: Path) -> None:
         list(open_reader("webdataset", shard, SPECS))
     assert str(shard) in str(err.value)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing extracted
+    assert not MARKER.exists()  # nothing unpickled
 
 
 def zstd_without_content_size(frame: bytes) -> bytes:

@@ -1,15 +1,11 @@
-"""Stage-2 training loop end to end on tiny CPU models: metrics, checkpoints, exact resume after a kill
-(one process and two gloo ranks), non-finite losses, student sizes, online and in-memory sources,
---init-from, export, and option errors raised before any work."""
+"""Stage-2 training loop end to end on tiny CPU models: metrics, checkpoints, non-finite losses, student
+sizes, online and in-memory sources, --init-from, export. Kills, lost ranks, damaged caches and bad
+options: tests/test_faults_*.py."""
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -97,76 +93,6 @@ def test_run_writes_metrics_config_and_checkpoints(tiny, tmp_path: Path) -> None
     assert (ck["epoch"], ck["step_in_epoch"], ck["global_step"]) == (1, 2, 7)
     assert ck["config"]["resolved"]["student"]["pred_dim"] == 192 and ck["config"]["resolved"]["eff_batch"] == 4
     assert json.loads((run / "config.json").read_text())["options"]["model"] == "vit_tiny_patch8"
-
-
-def _cli_train(run_dir: Path, args: list[str], env: dict | None = None, ranks: int = 1) -> subprocess.CompletedProcess:
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else [sys.executable]
-    cmd = [*prefix, "-m", "tec_train", "run", "--run-dir", str(run_dir), *args]
-    e = {k: v for k, v in os.environ.items() if k != "TEC_FAULT"}
-    e.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})})
-    return subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=ROOT, timeout=180)
-
-
-def _kill_args(cache: Path) -> list[str]:
-    # 20 views / batch 2 = 10 micro-batches per epoch; accum 3 uses 9 of them: 3 steps per epoch, 9 in all.
-    return ["--cache", str(cache), "--model", "vit_tiny_patch8", "--depth", "3", "--batch-size", "2", "--accum-iter", "3",
-            "--epochs", "3", "--warmup-epochs", "1", "--blr", "1e-3", "--num-workers", "1", "--log-every", "1",
-            "--ckpt-every", "2", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def straight_run(tiny, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("straight") / "run"
-    r = _cli_train(run, _kill_args(tiny.cache))
-    assert r.returncode == 0, r.stderr[-3000:]
-    return run
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "fault, resumes_from",
-    [
-        ("train_step:6", 4),  # killed after step 6, before its record and checkpoint; step 5's record is dropped
-        ("mid_checkpoint:3", 3),  # killed while writing step 4's checkpoint, after step 4's record
-    ],
-)
-def test_killed_run_resumes_bit_identically(tiny, straight_run: Path, tmp_path: Path, fault: str, resumes_from: int) -> None:
-    run = tmp_path / "run"
-    r = _cli_train(run, _kill_args(tiny.cache), env={"TEC_FAULT": fault})
-    assert r.returncode == -9, r.stderr[-3000:]
-    assert max(s for s, _ in list_checkpoints(run)) == resumes_from
-    assert max(rec["step"] for rec in _records(run)) > resumes_from  # records the resume must drop
-    # Re-running with only --run-dir resumes with the stored options.
-    r = _cli_train(run, [])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resuming checkpoint-{resumes_from:08d}.pt" in r.stderr
-    assert _exact(run) == _exact(straight_run)
-    assert len(_exact(run)) == 9
-    _assert_same_weights(_final_model(run), _final_model(straight_run))
-    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # the killed writer's temp file is gone
-
-
-@pytest.mark.slow
-def test_killed_ddp_run_resumes_bit_identically(tiny, tmp_path: Path) -> None:
-    # 2 ranks x batch 2: 5 micro-batches per rank and epoch, accum 2 -> 2 steps per epoch, 6 in all.
-    args = ["--cache", str(tiny.cache), "--model", "vit_tiny_patch8", "--depth", "3", "--batch-size", "2",
-            "--accum-iter", "2", "--epochs", "3", "--warmup-epochs", "1", "--blr", "1e-3", "--num-workers", "1",
-            "--log-every", "1", "--ckpt-every", "3", "--device", "cpu"]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    with ThreadPoolExecutor(2) as pool:  # the two launches are independent: overlap their start-up
-        runs = [pool.submit(_cli_train, straight, args, ranks=2),
-                pool.submit(_cli_train, killed, args, env={"TEC_FAULT": "train_step:4"}, ranks=2)]
-        r, k = (f.result() for f in runs)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert k.returncode != 0
-    assert max(s for s, _ in list_checkpoints(killed)) == 3  # mid-epoch: epoch 1, micro-batch 2
-    r = _cli_train(killed, args, ranks=2)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert _exact(killed) == _exact(straight) and len(_exact(straight)) == 6
-    _assert_same_weights(_final_model(killed), _final_model(straight))
-    ck = load_checkpoint(latest_checkpoint(killed))
-    assert ck["world_size"] == 2 and len(ck["rng"]) == 2
-    assert not torch.equal(ck["rng"][0]["mask"], ck["rng"][1]["mask"])  # each rank draws its own masks
 
 
 @pytest.mark.parametrize("term, target", [("loss_att", "attention_loss"), ("loss_fea", "feature_loss")])
@@ -293,32 +219,6 @@ def _run_cli(tmp_path: Path, *args: str) -> tuple[int, str, Path]:
     run = tmp_path / "run"
     r = CliRunner().invoke(app, ["run", "--run-dir", str(run), *args])
     return r.exit_code, " ".join(r.output.split()), run
-
-
-@pytest.mark.parametrize(
-    "args, expected",
-    [
-        (["--cache", "{missing}"], "--cache: no such cache folder"),
-        (["--cache", "{cache}", "--model", "vit_tiny_patch4", "--depth", "3"], "student patch grid 8x8 (img 32, patch 4) does not match the cache's 4x4"),
-        (["--cache", "{cache}", "--epochs", "-1"], "--epochs: must be a positive integer, got -1"),
-        (["--cache", "{cache}", "--model", "vit_gigantic_patch8"], "--model: unknown student model 'vit_gigantic_patch8'"),
-        (["--cache", "{cache}", "--mask-ratio", "1.0"], "--mask-ratio: must be in [0, 1)"),
-        (["--cache", "{cache}", "--amp", "bf16", "--device", "cpu"], "--amp bf16: mixed precision runs on CUDA only"),
-        (["--cache", "{cache}", "--device", "tpu:0"], "--device"),
-        (["--cache", "{cache}", "--model", "vit_tiny_patch8", "--accum-iter", "9", "--batch-size", "4"], "--accum-iter 9 exceeds the 5 micro-batches"),
-        (["--cache", "{cache}", "--topk", "3"], "--topk: only for online mode"),
-        (["--cache", "{cache}", "--arch", TINY_ARCH], "--cache and --online-basemodel/--arch exclude each other"),
-        (["--model", "vit_tiny_patch8"], "one of --cache CACHE or --online-basemodel NAME"),
-        (["--online-basemodel", "mae1kbase", "--data", "{cache}"], "--checkpoint: online mode needs the base model's weights"),
-        (["--online-basemodel", "nope"], "--online-basemodel: unknown base model 'nope'"),
-    ],
-)
-def test_bad_options_fail_before_any_work(tiny, tmp_path: Path, args: list[str], expected: str) -> None:
-    args = [a.format(cache=tiny.cache, missing=tmp_path / "nocache") for a in args]
-    code, out, run = _run_cli(tmp_path, *args)
-    assert code == 2, out
-    assert expected in out
-    assert not run.exists()
 
 
 def test_resume_refuses_changed_settings_and_finished_run_is_a_no_op(tiny, tmp_path: Path) -> None:
