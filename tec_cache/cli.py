@@ -1,4 +1,4 @@
-"""`tec-cache`: the stage-1 command line (build, inspect, verify).
+"""`tec-cache`: the stage-1 command line (build, inspect, verify, show).
 
 Data flow: options --> BuildConfig --> build.build_cache (progress bar, summary table) or
 manifest --> inspect table / verify report. Only rank 0 prints under torchrun.
@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -22,7 +23,8 @@ console = Console(stderr=True, soft_wrap=True)  # errors stay on one greppable l
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {msg}")
+    # Messages quote paths, keys and TOML tables like [cache]: never read them as rich markup.
+    console.print(f"[bold red]error:[/] {escape(msg)}", markup=True, highlight=False)
     raise typer.Exit(code)
 
 
@@ -34,9 +36,46 @@ def _human(n: float) -> str:
     return str(n)
 
 
+# Defaults of the build options that a preset may set (the flags themselves default to None, so
+# that a flag given on the command line can be told apart from one left to the preset).
+BUILD_DEFAULTS = {"views": 1, "codec": "int8", "fmt": "webdataset", "compressor": "zstd:3", "shard_size": 256, "seed": 0,
+                  "batch_size": 64, "num_workers": 4, "device": "auto", "jpeg_quality": 95}
+_PRESET_KEYS = {"basemodel", "checkpoint", "arch", "img_size", "patch_size", "depth", "topk", "last_layers", "tau",
+                "views", "codec", "format", "compressor", "shard_size", "seed", "batch_size", "num_workers", "device",
+                "jpeg_quality", "cache_name", "data"}
+
+
+def _build_options(options: dict) -> dict:
+    """The build's options: defaults, then the --pipeline preset's [cache] table, then the flags given."""
+    from tec_cache.presets import load_pipeline, merge_options
+
+    given = {k: v for k, v in options.items() if k != "pipeline"}
+    merged = {**BUILD_DEFAULTS}
+    if options["pipeline"] is not None:
+        pipe = load_pipeline(options["pipeline"])
+        preset = merge_options(pipe.section("cache"), {}, _PRESET_KEYS, f"{pipe.path} [cache]")
+        if "format" in preset:
+            preset["fmt"] = preset.pop("format")
+        cache_name = preset.pop("cache_name", None)
+        for key in ("checkpoint", "data"):
+            if key in preset:
+                preset[key] = Path(preset[key])
+        merged.update(preset)
+        if given["out"] is None and cache_name:
+            merged["out"] = Path("caches") / cache_name
+    merged.update({k: v for k, v in given.items() if v is not None})
+    merged.setdefault("out", None)
+    for k in given:
+        merged.setdefault(k, None)
+    if merged["out"] is None:
+        raise ValueError("--out is required: the cache folder to create (or a --pipeline whose preset names a cache_name)")
+    return merged
+
+
 @app.command()
 def build(
-    out: Path = typer.Option(..., "--out", help="Cache folder (created; re-running resumes or extends it)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Cache folder (created; re-running resumes or extends it). With --pipeline, defaults to caches/<the preset's cache_name>."),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Preset name (see `tec-train pipelines`) or .toml file: its [cache] table gives the defaults; flags override them."),
     data: Optional[Path] = typer.Option(None, "--data", help="ImageNet-style folder or folder of WebDataset .tar shards."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Local base-model weights (MAE, iBOT, DINO, state dict, .safetensors)."),
     basemodel: Optional[str] = typer.Option(None, "--basemodel", help="mae1kbase | mae1k300ep | ibot1kbase | mae1klarge"),
@@ -47,35 +86,42 @@ def build(
     topk: Optional[int] = typer.Option(None, "--topk", help="Top-k patch rows of the attention target."),
     last_layers: Optional[int] = typer.Option(None, "--last-layers", help="Blocks averaged into the feature target."),
     tau: Optional[float] = typer.Option(None, "--tau", help="Attention-target temperature recorded for stage 2."),
-    views: int = typer.Option(1, "--views", help="View-epochs K to hold (a larger K later adds only the missing ones)."),
-    codec: str = typer.Option("int8", "--codec", help="fp16 (reference precision) | int8 (half the bytes)."),
-    fmt: str = typer.Option("webdataset", "--format", help="webdataset | zarr"),
-    compressor: str = typer.Option("zstd:3", "--compressor", help="zstd:LEVEL | none"),
-    shard_size: int = typer.Option(256, "--shard-size", help="Views per shard."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the view augmentations."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Views per base-model forward."),
-    num_workers: int = typer.Option(4, "--num-workers", help="Decode/crop worker processes."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
-    jpeg_quality: int = typer.Option(95, "--jpeg-quality", help="Quality of the stored view JPEGs."),
+    views: Optional[int] = typer.Option(None, "--views", help="View-epochs K to hold (a larger K later adds only the missing ones) (default: 1)."),
+    codec: Optional[str] = typer.Option(None, "--codec", help="fp16 (reference precision) | int8 (half the bytes) (default: int8)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="webdataset | zarr (default: webdataset)."),
+    compressor: Optional[str] = typer.Option(None, "--compressor", help="zstd:LEVEL | none (default: zstd:3)."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Views per shard (default: 256)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the view augmentations (default: 0)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Views per base-model forward (default: 64)."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Decode/crop worker processes (default: 4)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default: auto)."),
+    jpeg_quality: Optional[int] = typer.Option(None, "--jpeg-quality", help="Quality of the stored view JPEGs (default: 95)."),
     strict: bool = typer.Option(False, "--strict", help="Fail on the first unreadable image instead of skipping it."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the size estimate and write nothing."),
 ) -> None:
     """Run the base model over K augmented views of every image and write its targets to shards."""
+    options = dict(locals())  # first statement: exactly the options
     from tec_cache.basemodels import resolve_spec
-    from tec_cache.build import BuildConfig, build_cache
+    from tec_cache.build import BuildConfig, BuildOptionError, build_cache
 
     info = dist_info()
     say = console.print if info.is_main else (lambda *a, **k: None)
+    try:
+        o = _build_options(options)
+    except ValueError as e:
+        _fail(str(e))
+    out, data, checkpoint = o["out"], o["data"], o["checkpoint"]
     if data is None:
         _fail("--data is required: an image folder or a folder of .tar shards")
     if checkpoint is None:
         _fail("--checkpoint is required: the base model's weights are never downloaded")
     try:
-        spec = resolve_spec(basemodel, arch=arch, img_size=img_size, patch_size=patch_size, topk=topk, tau=tau,
-                            last_layers=last_layers, depth=depth)
-        cfg = BuildConfig(data=data, out=out, checkpoint=checkpoint, spec=spec, views=views, codec=codec, format=fmt,
-                          compressor=compressor, shard_size=shard_size, seed=seed, batch_size=batch_size,
-                          num_workers=num_workers, device=device, strict=strict, dry_run=dry_run, jpeg_quality=jpeg_quality)
+        spec = resolve_spec(o["basemodel"], arch=o["arch"], img_size=o["img_size"], patch_size=o["patch_size"], topk=o["topk"],
+                            tau=o["tau"], last_layers=o["last_layers"], depth=o["depth"])
+        cfg = BuildConfig(data=data, out=out, checkpoint=checkpoint, spec=spec, views=o["views"], codec=o["codec"],
+                          format=o["fmt"], compressor=o["compressor"], shard_size=o["shard_size"], seed=o["seed"],
+                          batch_size=o["batch_size"], num_workers=o["num_workers"], device=o["device"], strict=strict,
+                          dry_run=dry_run, jpeg_quality=o["jpeg_quality"])
         cfg.validate()
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
@@ -92,6 +138,8 @@ def build(
     try:
         with progress:
             result = build_cache(cfg, log=say, progress=advance, set_total=lambda n: progress.update(task, total=n))
+    except BuildOptionError as e:  # found before any work: a usage error
+        _fail(str(e))
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
         _fail(str(e), 1)
     est = result.estimate
@@ -130,12 +178,14 @@ def inspect(cache: Path = typer.Argument(..., help="Cache folder.")) -> None:
     """Print what a cache holds: base model, targets, views, codec, counts, bytes and field statistics."""
     from tec_cache.manifest import ManifestError, load_manifest
 
+    if not cache.is_dir():
+        _fail(f"CACHE: no such cache folder {cache} (expected the --out folder of tec-cache build)")
     try:
         man = load_manifest(cache)
     except ManifestError as e:
         _fail(str(e))
     raw = man.raw
-    out = Console()
+    out = Console(markup=False)  # manifest strings are data: a "[/]" in one must print, not parse
     t = Table(title=f"cache {cache}")
     t.add_column("section")
     t.add_column("value")
@@ -175,16 +225,41 @@ def verify(cache: Path = typer.Argument(..., help="Cache folder.")) -> None:
     from tec_cache.manifest import ManifestError
     from tec_cache.verify import verify_cache
 
+    if not cache.is_dir():  # a usage error (2); a folder that is not a sound cache is a failed check (1)
+        _fail(f"CACHE: no such cache folder {cache} (expected the --out folder of tec-cache build)")
     try:
         problems = verify_cache(cache)
     except ManifestError as e:
         _fail(str(e), 1)
     if problems:
         for p in problems:
-            console.print(f"[bold red]BAD[/] {p}")
-        console.print(f"[bold red]{len(problems)} bad shard(s)[/] in {cache}")
+            console.print(f"[bold red]BAD[/] {escape(str(p))}")
+        console.print(f"[bold red]{len(problems)} bad shard(s)[/] in {escape(str(cache))}")
         raise typer.Exit(1)
-    Console().print(f"[green]ok[/]: every shard of {cache} matches its checksum and schema")
+    Console().print(f"[green]ok[/]: every shard of {escape(str(cache))} matches its checksum and schema")
+
+
+@app.command()
+def show(
+    cache: Path = typer.Argument(..., help="Cache folder."),
+    out: Path = typer.Option(Path("views.png"), "--out", help="PNG file to write (its folder is created)."),
+    n: int = typer.Option(8, "--n", help="Views to draw, one row each."),
+    view_epoch: int = typer.Option(0, "--view-epoch", help="Which cached view-epoch to draw from."),
+    head: str = typer.Option("mean", "--head", help="mean (average the heads' target distributions) | a head number."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Draw a seeded random sample of views instead of the first n."),
+    feat_norm: bool = typer.Option(True, "--feat-norm/--no-feat-norm", help="Add a column with the feature target's norm per patch."),
+) -> None:
+    """Draw cached views with their targets: top-k patches, cls-row and top-k-row attention targets, feature norms."""
+    from tec_cache.shards import ShardError
+    from tec_cache.show import render_views
+
+    try:
+        path = render_views(cache, out, n, view_epoch=view_epoch, head=head, seed=seed, feat_norm=feat_norm)
+    except ShardError as e:  # a damaged shard is a data problem, not a usage one (as in verify)
+        _fail(f"{e}; run `tec-cache verify {cache}`", 1)
+    except ValueError as e:  # messages start with the option they concern
+        _fail(str(e))
+    Console().print(f"wrote {path}", highlight=False)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""`tec-train`: the stage-2 command line (run, export).
+"""`tec-train`: the stage-2 command line (run, export, plot).
 
 Data flow: options (+ the run dir's stored config when resuming) --> TrainConfig --> train.Trainer
 (rich progress and a summary table on rank 0) --> checkpoints --> export --> a plain timm ViT.
@@ -7,14 +7,13 @@ code 2 and a message naming the option, a failure during training with code 1.
 """
 from __future__ import annotations
 
-import math
-import re
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -26,7 +25,8 @@ console = Console(stderr=True, soft_wrap=True)  # errors stay on one greppable l
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {msg}", markup=True, highlight=False)
+    # Messages quote paths, keys and TOML tables like [cache]: never read them as rich markup.
+    console.print(f"[bold red]error:[/] {escape(msg)}", markup=True, highlight=False)
     raise typer.Exit(code)
 
 
@@ -56,8 +56,10 @@ class RichReporter:
         self.progress.update(self.task, completed=global_step)
 
     def metrics(self, record: dict[str, Any]) -> None:
-        stats = (f"loss {record['loss']:.4f} (fea {record['loss_fea']:.4f}, att {record['loss_att']:.4f}) "
-                 f"lr {record['lr']:.2e} {record['images_per_s']:.1f} img/s wait {record['data_wait_fraction']:.0%}")
+        stats = f"loss {record['loss']:.4f} "
+        if "loss_fea" in record:
+            stats += f"(fea {record['loss_fea']:.4f}, att {record['loss_att']:.4f}) "
+        stats += f"lr {record['lr']:.2e} {record['images_per_s']:.1f} img/s wait {record['data_wait_fraction']:.0%}"
         self.progress.update(self.task, stats=stats)
 
     def message(self, text: str) -> None:
@@ -67,13 +69,69 @@ class RichReporter:
         self.progress.stop()
 
 
+def _preset_options(pipe: Any, table: str, given: dict[str, Any], config_cls: Any, world_size: int) -> dict[str, Any]:
+    """A preset table under the flags given, checked against ``config_cls``'s fields; its
+    ``world_size`` (the reference's process count) is only compared with this run's."""
+    from dataclasses import fields
+
+    from tec_cache.presets import merge_options
+
+    allowed = {f.name for f in fields(config_cls)} - {"run_dir"} | {"world_size"}
+    merged = merge_options(pipe.section(table), given, allowed, f"{pipe.path} [{table}]")
+    ref_world = merged.pop("world_size", None)
+    if ref_world is not None and ref_world != world_size:
+        console.print(f"note: preset {pipe.name} was made for {ref_world} processes, this run has {world_size}; "
+                      "the lr follows the effective batch (--blr x batch x accum x processes / 256)", highlight=False)
+    return merged
+
+
+def _with_preset(name: str, given: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """The run's options: the preset's [pretrain] ([base] for --objective mae) under the flags given."""
+    from tec_cache.presets import load_pipeline
+
+    from .train import TrainConfig
+
+    pipe = load_pipeline(name)
+    table = "base" if given.get("objective") == "mae" else "pretrain"
+    merged = _preset_options(pipe, table, given, TrainConfig, world_size)
+    online = any(k in merged for k in ("online_basemodel", "arch"))
+    if table == "pretrain" and "cache" not in merged and not online:
+        cache_name = pipe.raw.get("cache", {}).get("cache_name")
+        if cache_name:
+            merged["cache"] = str(Path("caches") / cache_name)
+    return merged
+
+
+@app.command()
+def pipelines() -> None:
+    """List the presets --pipeline takes: one per row of the paper's table, plus CPU-sized ones."""
+    from tec_cache.presets import PipelineError, list_pipelines, search_dirs
+
+    try:
+        found = list_pipelines()
+    except PipelineError as e:
+        _fail(str(e))
+    if not found:
+        _fail(f"no presets found in {[str(d) for d in search_dirs()] or 'any pipelines/ folder'}")
+    rows = [p.summary() for p in found]
+    t = Table(title="pipelines (tec-cache build / tec-train run / tec-train finetune --pipeline NAME)",
+              caption="from " + ", ".join(sorted({str(p.path.parent) for p in found})))
+    for col in rows[0]:
+        t.add_column(col, no_wrap=col == "name")
+    for r in rows:
+        t.add_row(*r.values())
+    Console(width=max(Console().width, 120)).print(t)
+
+
 @app.command()
 def run(
     run_dir: Path = typer.Option(..., "--run-dir", help="Run folder: checkpoints, metrics.jsonl, config.json. Re-running resumes it."),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Preset name (see `tec-train pipelines`) or .toml file: its [pretrain] table ([base] with --objective mae) gives the defaults; flags override them. --cache defaults to caches/<the preset's cache_name>."),
+    objective: Optional[str] = typer.Option(None, "--objective", help="tec: learn a base model's targets (--cache or online) | mae: plain MAE on --data pixels, to make a base model from scratch (default: tec)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Stage-1 cache folder to train from."),
     online_basemodel: Optional[str] = typer.Option(None, "--online-basemodel", help="Online mode: run this base model inside the step (mae1kbase | mae1k300ep | ibot1kbase | mae1klarge)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Online mode: the base model's local weights."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Online mode: ImageNet-style folder or folder of WebDataset .tar shards."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Online mode and --objective mae: ImageNet-style folder or folder of WebDataset .tar shards."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Online mode: any timm ViT as the base model (overrides the registry's)."),
     topk: Optional[int] = typer.Option(None, "--topk", help="Online mode: top-k patch rows of the attention target."),
     tau: Optional[float] = typer.Option(None, "--tau", help="Online mode: attention-target temperature."),
@@ -107,11 +165,14 @@ def run(
 ) -> None:
     """Train a TEC student from a cache (or online), or resume the run in --run-dir."""
     options = dict(locals())  # first statement: exactly the options
-    from .train import NonFiniteLossError, ResumeError, Trainer, config_for_run_dir
+    from .train import NonFiniteLossError, Trainer, config_for_run_dir
 
     info = dist_info()
-    given = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items() if v is not None and k != "run_dir"}
+    given = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()
+             if v is not None and k not in ("run_dir", "pipeline")}
     try:
+        if pipeline is not None:
+            given = _with_preset(pipeline, given, info.world_size)
         cfg = config_for_run_dir(str(run_dir), given)
         trainer = Trainer(cfg, None, RichReporter(console))
     except (ValueError, FileNotFoundError) as e:  # CompatibilityError and ResumeError are ValueErrors
@@ -120,7 +181,7 @@ def run(
         result = trainer.run()
     except NonFiniteLossError as e:
         _fail(str(e), 1)
-    except (ResumeError, RuntimeError, OSError) as e:
+    except (ValueError, RuntimeError, OSError) as e:  # ValueError: ResumeError, and ShardError (a shard failing its checksum)
         _fail(f"{type(e).__name__}: {e}", 1)
     if not info.is_main:
         return
@@ -131,7 +192,8 @@ def run(
     rows = [
         ("steps this run", str(result.steps_run)),
         ("global step / epoch", f"{result.global_step} / {result.epoch}"),
-        ("loss (fea + att)", f"{rec['loss']:.5f} ({rec['loss_fea']:.5f} + {rec['loss_att']:.5f})" if rec else "-"),
+        ("loss (fea + att)" if "loss_fea" in rec else "loss", "-" if not rec else
+         f"{rec['loss']:.5f} ({rec['loss_fea']:.5f} + {rec['loss_att']:.5f})" if "loss_fea" in rec else f"{rec['loss']:.5f}"),
         ("images/s", f"{result.images_per_s:.1f}"),
         ("data wait", f"{result.data_wait_fraction:.1%}"),
         ("seconds in steps", f"{result.seconds:.1f}"),
@@ -143,21 +205,6 @@ def run(
     console.print(t)
 
 
-def _reference_meta(state: dict[str, Any], model: str) -> dict[str, Any]:
-    """Encoder architecture of a bare TEC state dict, with the head count from the --model size."""
-    from .student import MODEL_SIZES, parse_model_name
-
-    size, _ = parse_model_name(model)
-    embed_dim = int(state["cls_token"].shape[-1])
-    if embed_dim != MODEL_SIZES[size].embed_dim:
-        raise ValueError(f"--model {model}: width {MODEL_SIZES[size].embed_dim}, but the checkpoint's is {embed_dim}")
-    patch = int(state["patch_embed.proj.weight"].shape[-1])
-    grid = math.isqrt(int(state["pos_embed"].shape[1]) - 1)
-    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"^blocks\.(\d+)\.", k)))
-    return {"img_size": grid * patch, "patch_size": patch, "embed_dim": embed_dim, "depth": depth,
-            "num_heads": MODEL_SIZES[size].num_heads, "student_model": model}
-
-
 @app.command()
 def export(
     source: Path = typer.Argument(..., metavar="RUN_OR_CKPT", help="A run dir (its latest checkpoint), a tec-train checkpoint, or a reference TEC checkpoint {'model': ...}."),
@@ -166,6 +213,7 @@ def export(
 ) -> None:
     """Write a plain timm ViT (cls MLP folded into cls_token) that timm.create_model loads strictly."""
     from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+    from .encoders import reference_meta
     from .export import CONFIG_KEYS, export_state_dict, load_tec_checkpoint, save_export, timm_model_name
     from .student import parse_model_name
 
@@ -173,13 +221,18 @@ def export(
     if source.is_dir():
         found = latest_checkpoint(source)
         if found is None:
-            _fail(f"{source}: a run dir without any complete checkpoint-*.pt")
+            _fail(f"RUN_OR_CKPT: {source} is a folder without any complete checkpoint-*.pt (expected a run dir or a checkpoint file)")
         path = found
     elif not source.is_file():
-        _fail(f"{source}: no such run dir or checkpoint file")
+        _fail(f"RUN_OR_CKPT: no such run dir or checkpoint file {source}")
+    if out.exists() and not out.is_dir():
+        _fail(f"--out: {out} exists and is not a folder (expected a folder for the exported model)")
     try:
         if model is not None:
-            parse_model_name(model)
+            try:
+                parse_model_name(model)
+            except ValueError as e:
+                raise ValueError(f"--model: {e}") from None
         try:
             ck = load_checkpoint(path)
         except CheckpointError:
@@ -195,7 +248,7 @@ def export(
             state = load_tec_checkpoint(path)
             if model is None:
                 raise ValueError(f"--model: {path} is not a tec-train checkpoint, so its student size must be given (e.g. vit_base_patch16)")
-            meta = _reference_meta(state, model)
+            meta = reference_meta(state, model)
         mlp_token = any(k.startswith("cls_token_mlp.") for k in state)
         paths = save_export(export_state_dict(state, mlp_token=mlp_token), out, timm_model_name(model),
                             {**meta, "source_checkpoint": str(path), "mlp_token_folded": mlp_token})
@@ -203,6 +256,313 @@ def export(
         _fail(str(e))
     for kind, p in paths.items():
         console.print(f"{kind}: {p}", highlight=False)
+
+
+@app.command()
+def plot(
+    runs: list[Path] = typer.Argument(..., metavar="RUN...", help="Run dirs (each with a metrics.jsonl); one line per run."),
+    out: Path = typer.Option(Path("curves.png"), "--out", help="PNG file to write (its folder is created)."),
+    smooth: int = typer.Option(1, "--smooth", help="Trailing moving average over N records (1: raw values)."),
+) -> None:
+    """Plot loss, loss_fea, loss_att, lr and images/s over the step for one or more runs, to compare them."""
+    from .plot import plot_runs
+
+    try:
+        path = plot_runs(runs, out, smooth)
+    except (ValueError, FileNotFoundError) as e:  # messages name the option or the run dir
+        _fail(str(e))
+    console.print(f"wrote {path}", highlight=False)
+
+
+# ---- downstream: finetune, knn, linear ---------------------------------------------------------
+_SOURCE_HELP = ("An export folder (tec-train export), a run dir or checkpoint-*.pt of tec-train run (TEC or "
+                "--objective mae), a reference TEC checkpoint {'model': ...} (with --model), or a base model's "
+                "weights file (with --basemodel NAME or --arch TIMM_NAME).")
+
+
+def _dataset_dir(data: Optional[Path], fashion_mnist: bool, fashion_mnist_dir: Optional[Path]) -> tuple[Optional[str], Optional[str]]:
+    """(--data, Fashion-MNIST folder) as strings; --fashion-mnist-dir implies --fashion-mnist."""
+    from tec_cache.fashion_mnist import DEFAULT_DIR
+
+    fm = str(fashion_mnist_dir) if fashion_mnist_dir is not None else (str(DEFAULT_DIR) if fashion_mnist else None)
+    return (str(data) if data is not None else None), fm
+
+
+class RichFinetuneReporter:
+    """Epoch progress bar with the last epoch's accuracy; rank 0 only (the finetuner sees to that)."""
+
+    def __init__(self, out: Console) -> None:
+        self.out = out
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=out,
+        )
+        self.task = self.progress.add_task("fine-tuning", total=None, stats="")
+        self.spe = 1
+
+    def start(self, *, epochs: int, start_epoch: int, steps_per_epoch: int, summary: dict[str, Any]) -> None:
+        enc, data = summary["encoder"], summary["data"]
+        self.out.print(
+            f"encoder {enc['kind']} {enc['model_name']} (depth {enc['depth']}, width {enc['embed_dim']}, img {summary['img_size']}) "
+            f"on {data['kind']} ({data['train_images']} train / {data['val_images']} val images, {data['num_classes']} classes); "
+            f"effective batch {summary['eff_batch']}, lr {summary['lr']:.3g}, {summary['optimizer_steps_per_epoch']} steps/epoch, "
+            f"amp {summary['amp']}", highlight=False,
+        )
+        self.spe = max(steps_per_epoch, 1)
+        self.progress.update(self.task, total=epochs * self.spe, completed=start_epoch * self.spe)
+        self.progress.start()
+
+    def step(self, epoch: int, micro_batch: int) -> None:
+        self.progress.update(self.task, completed=epoch * self.spe + micro_batch)
+
+    def epoch_end(self, record: dict[str, Any]) -> None:
+        stats = (f"epoch {record['epoch']} loss {record['train_loss']:.4f} top-1 {record['test_top1']:.2%} "
+                 f"(best {record['best_top1']:.2%}) lr {record['lr']:.2e}")
+        self.progress.update(self.task, stats=stats)
+
+    def message(self, text: str) -> None:
+        self.progress.console.print(text, highlight=False)
+
+    def finish(self) -> None:
+        self.progress.stop()
+
+
+def _write_json(path: Optional[Path], obj: dict[str, Any]) -> None:
+    if path is None:
+        return
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    console.print(f"wrote {path}", highlight=False)
+
+
+def _result_table(title: str, rows: list[tuple[str, str]]) -> None:
+    t = Table(title=title)
+    t.add_column("item")
+    t.add_column("value", justify="right")
+    for r in rows:
+        t.add_row(*r)
+    console.print(t)
+
+
+@app.command()
+def finetune(
+    source: Optional[Path] = typer.Argument(None, metavar="SOURCE", help=_SOURCE_HELP),
+    run_dir: Path = typer.Option(..., "--run-dir", help="Run folder: finetune-<epoch>.pt, metrics.jsonl, config.json, result.json. Re-running resumes it."),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Preset name (see `tec-train pipelines`) or .toml file: its [finetune] table gives the defaults; flags override them."),
+    data: Optional[Path] = typer.Option(None, "--data", help="ImageNet-style folder with train/ and val/ class folders."),
+    fashion_mnist: bool = typer.Option(False, "--fashion-mnist", help="Use Fashion-MNIST (local idx files, /usr/share/datasets/fashion-mnist)."),
+    fashion_mnist_dir: Optional[Path] = typer.Option(None, "--fashion-mnist-dir", help="Fashion-MNIST from this folder instead (implies --fashion-mnist)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Encoder size of a reference checkpoint, e.g. vit_base_patch16 (ours record it)."),
+    basemodel: Optional[str] = typer.Option(None, "--basemodel", help="SOURCE (or --checkpoint) is this registry base model's weights (mae1kbase | mae1k300ep | ibot1kbase | mae1klarge)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="SOURCE (or --checkpoint) is the weights of this timm ViT."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Base-model weights file (instead of SOURCE), with --basemodel/--arch."),
+    mlp_token: Optional[bool] = typer.Option(None, "--mlp-token/--fold-mlp-token", help="Keep and train a TEC source's cls MLP as the README runs, or fold it into cls_token (default: keep)."),
+    global_pool: Optional[bool] = typer.Option(None, "--global-pool/--cls-token", help="Head on the mean patch token + fc_norm, or on the normed cls token (default: global pool)."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="Fine-tuning resolution; pos_embed is re-sampled (default: the encoder's)."),
+    drop_path: Optional[float] = typer.Option(None, "--drop-path", help="Stochastic depth rate (default: 0.1)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs; may be raised when resuming (default: 100)."),
+    warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", help="Linear warm-up epochs (default: 5)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Micro-batch per process (default: 128)."),
+    accum_iter: Optional[int] = typer.Option(None, "--accum-iter", help="Micro-batches per optimizer step (default: 1)."),
+    blr: Optional[float] = typer.Option(None, "--blr", help="Base lr: lr = blr x effective batch / 256 (default: 5e-4)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Absolute peak lr (overrides --blr)."),
+    min_lr: Optional[float] = typer.Option(None, "--min-lr", help="Final lr of the cosine (default: 1e-6)."),
+    layer_decay: Optional[float] = typer.Option(None, "--layer-decay", help="Layer-wise lr decay (default: 0.65)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (default: 0.05)."),
+    clip_grad: Optional[float] = typer.Option(None, "--clip-grad", help="Clip the gradient norm (default: off, as the reference)."),
+    aa: Optional[str] = typer.Option(None, "--aa", help="timm auto-augment string, or none (default: rand-m9-mstd0.5-inc1)."),
+    reprob: Optional[float] = typer.Option(None, "--reprob", help="Random-erasing probability (default: 0.25)."),
+    mixup: Optional[float] = typer.Option(None, "--mixup", help="Mixup alpha; 0 with --cutmix 0 turns mixing off (default: 0.8)."),
+    cutmix: Optional[float] = typer.Option(None, "--cutmix", help="CutMix alpha (default: 1.0)."),
+    mixup_prob: Optional[float] = typer.Option(None, "--mixup-prob", help="Probability of mixing a batch (default: 1.0)."),
+    mixup_switch_prob: Optional[float] = typer.Option(None, "--mixup-switch-prob", help="Probability of CutMix instead of Mixup (default: 0.5)."),
+    mixup_mode: Optional[str] = typer.Option(None, "--mixup-mode", help="batch | pair | elem (default: batch)."),
+    smoothing: Optional[float] = typer.Option(None, "--smoothing", help="Label smoothing (default: 0.1)."),
+    crop_pct: Optional[float] = typer.Option(None, "--crop-pct", help="Eval centre-crop fraction (default: 0.875 for --data, 1.0 for Fashion-MNIST)."),
+    train_subset: Optional[int] = typer.Option(None, "--train-subset", help="Train on a seeded class-balanced subset of N images."),
+    val_subset: Optional[int] = typer.Option(None, "--val-subset", help="Evaluate on a seeded class-balanced subset of N images."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the head, shuffling, augmentation and subsets (default: 0)."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Loader worker processes per rank (default: 4)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default: auto)."),
+    amp: Optional[str] = typer.Option(None, "--amp", help="auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off (default: auto)."),
+    keep_last: Optional[int] = typer.Option(None, "--keep-last", help="Fine-tuning checkpoints kept (default: 1)."),
+) -> None:
+    """Fine-tune an encoder end to end with the reference recipe (spec 6), or resume the run in --run-dir."""
+    options = dict(locals())  # first statement: exactly the options
+    from .finetune import Finetuner, NonFiniteLossError, ResumeError, finetune_config_for_run_dir
+
+    info = dist_info()
+    given = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()
+             if v is not None and k not in ("run_dir", "fashion_mnist", "fashion_mnist_dir", "pipeline")}
+    _, fm = _dataset_dir(data, fashion_mnist, fashion_mnist_dir)
+    if fm is not None:
+        given["fashion_mnist"] = fm
+    try:
+        if pipeline is not None:
+            from tec_cache.presets import load_pipeline
+
+            from .finetune import FinetuneConfig
+
+            given = _preset_options(load_pipeline(pipeline), "finetune", given, FinetuneConfig, info.world_size)
+        cfg = finetune_config_for_run_dir(str(run_dir), given)
+        runner = Finetuner(cfg, RichFinetuneReporter(console))
+    except (ValueError, FileNotFoundError) as e:  # ResumeError is a ValueError
+        _fail(str(e), 2)
+    try:
+        result = runner.run()
+    except NonFiniteLossError as e:
+        _fail(str(e), 1)
+    except (ResumeError, RuntimeError, OSError) as e:
+        _fail(f"{type(e).__name__}: {e}", 1)
+    if not info.is_main:
+        return
+    top5 = f"{result.last_top5:.2%}" if result.last_top5 is not None else "-"
+    _result_table(f"tec-train finetune: {run_dir}", [
+        ("epochs this run / in all", f"{result.epochs_run} / {result.epoch}"),
+        ("best top-1 (epoch)", f"{result.best_top1:.2%} ({result.best_epoch})"),
+        ("last top-1 / top-5", f"{result.last_top1:.2%} / {top5}"),
+        ("encoder", f"{result.config['resolved']['encoder']['kind']} {result.config['resolved']['encoder']['model_name']}"),
+        ("resumed from", str(result.resumed_from) if result.resumed_from else "-"),
+        ("result", str(run_dir / "result.json")),
+    ])
+
+
+def _frozen_features(source: Path, data: Optional[Path], fashion_mnist: bool, fashion_mnist_dir: Optional[Path],
+                     model: Optional[str], basemodel: Optional[str], arch: Optional[str], img_size: Optional[int],
+                     patch_size: Optional[int], depth: Optional[int], pool: str, batch_size: int, num_workers: int,
+                     device: str, crop_pct: Optional[float], train_subset: Optional[int], val_subset: Optional[int],
+                     seed: int) -> tuple[Any, dict[str, Any]]:
+    """Load the encoder and data, and extract (train, val) features; exits 2 on a bad option."""
+    from tec_cache.dist import resolve_device
+
+    from .datasets import open_labelled
+    from .encoders import load_encoder
+    from .evaluate import POOLS, extract_features
+
+    data_dir, fm = _dataset_dir(data, fashion_mnist, fashion_mnist_dir)
+    try:
+        if pool not in POOLS:
+            raise ValueError(f"--pool: expected one of {', '.join(POOLS)}, got {pool!r}")
+        if batch_size < 1:
+            raise ValueError(f"--batch-size: must be a positive integer, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"--num-workers: must be >= 0, got {num_workers}")
+        dev = resolve_device(device, dist_info())
+        splits = open_labelled(data=Path(data_dir) if data_dir else None, fashion_mnist_dir=Path(fm) if fm else None,
+                               train_subset=train_subset, val_subset=val_subset, subset_seed=seed)
+        crop = crop_pct if crop_pct is not None else splits.default_crop_pct
+        if not 0 < crop <= 1:
+            raise ValueError(f"--crop-pct: must be in (0, 1], got {crop}")
+        encoder, facts = load_encoder(source, model=model, basemodel=basemodel, arch=arch, img_size=img_size,
+                                      patch_size=patch_size, depth=depth)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        _fail(str(e))
+    with console.status("extracting features"):
+        kw = dict(batch_size=batch_size, num_workers=num_workers, device=dev, pool=pool, crop_pct=crop)
+        train = extract_features(encoder, splits.train, **kw)
+        val = extract_features(encoder, splits.val, **kw)
+    meta = {"encoder": facts, "data": splits.facts, "pool": pool, "crop_pct": crop, "num_classes": splits.num_classes}
+    return (train, val), meta
+
+
+@app.command()
+def knn(
+    source: Path = typer.Argument(..., metavar="SOURCE", help=_SOURCE_HELP),
+    data: Optional[Path] = typer.Option(None, "--data", help="ImageNet-style folder with train/ and val/ class folders."),
+    fashion_mnist: bool = typer.Option(False, "--fashion-mnist", help="Use Fashion-MNIST (local idx files, /usr/share/datasets/fashion-mnist)."),
+    fashion_mnist_dir: Optional[Path] = typer.Option(None, "--fashion-mnist-dir", help="Fashion-MNIST from this folder instead (implies --fashion-mnist)."),
+    k: int = typer.Option(20, "--k", help="Neighbours that vote."),
+    temperature: float = typer.Option(0.07, "--temperature", help="Vote weight exp(cosine / T)."),
+    pool: str = typer.Option("avg", "--pool", help="avg (mean patch token after the final norm) | cls."),
+    model: Optional[str] = typer.Option(None, "--model", help="Encoder size of a reference checkpoint, e.g. vit_base_patch16."),
+    basemodel: Optional[str] = typer.Option(None, "--basemodel", help="SOURCE is this registry base model's weights."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="SOURCE is the weights of this timm ViT."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="Evaluation resolution; pos_embed is re-sampled (default: the encoder's)."),
+    patch_size: Optional[int] = typer.Option(None, "--patch-size", help="Base models: patch size (default: the arch's)."),
+    depth: Optional[int] = typer.Option(None, "--depth", help="Base models: block count of a ViT shallower than its --arch."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Images per feature-extraction batch."),
+    num_workers: int = typer.Option(4, "--num-workers", help="Loader worker processes."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    crop_pct: Optional[float] = typer.Option(None, "--crop-pct", help="Centre-crop fraction (default: 0.875 for --data, 1.0 for Fashion-MNIST)."),
+    train_subset: Optional[int] = typer.Option(None, "--train-subset", help="Use a seeded class-balanced subset of N train images."),
+    val_subset: Optional[int] = typer.Option(None, "--val-subset", help="Use a seeded class-balanced subset of N val images."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the subsets."),
+    out_json: Optional[Path] = typer.Option(None, "--out-json", help="Write the result (and what produced it) here."),
+) -> None:
+    """Weighted kNN accuracy of frozen features (DINO protocol: cosine, top-k, exp(sim / T) votes)."""
+    from .evaluate import knn_classify
+
+    if k < 1:
+        _fail(f"--k: must be a positive integer, got {k}")
+    if not temperature > 0:
+        _fail(f"--temperature: must be a positive number, got {temperature}")
+    ((tr, va), meta) = _frozen_features(source, data, fashion_mnist, fashion_mnist_dir, model, basemodel, arch, img_size,
+                                        patch_size, depth, pool, batch_size, num_workers, device, crop_pct,
+                                        train_subset, val_subset, seed)
+    res = knn_classify(tr[0], tr[1], va[0], va[1], k=k, temperature=temperature, num_classes=meta["num_classes"])
+    _result_table(f"tec-train knn: {source}", [
+        ("top-1", f"{res['top1']:.2%}"), ("top-5", f"{res['top5']:.2%}" if "top5" in res else "-"),
+        ("k / T", f"{res['k']} / {temperature}"), ("train / val images", f"{res['num_train']} / {res['num_test']}"),
+        ("encoder", f"{meta['encoder']['kind']} {meta['encoder']['model_name']}"), ("pool", pool),
+    ])
+    _write_json(out_json, {"knn": res, **meta})
+
+
+@app.command()
+def linear(
+    source: Path = typer.Argument(..., metavar="SOURCE", help=_SOURCE_HELP),
+    data: Optional[Path] = typer.Option(None, "--data", help="ImageNet-style folder with train/ and val/ class folders."),
+    fashion_mnist: bool = typer.Option(False, "--fashion-mnist", help="Use Fashion-MNIST (local idx files, /usr/share/datasets/fashion-mnist)."),
+    fashion_mnist_dir: Optional[Path] = typer.Option(None, "--fashion-mnist-dir", help="Fashion-MNIST from this folder instead (implies --fashion-mnist)."),
+    epochs: int = typer.Option(90, "--epochs", help="Probe epochs over the precomputed features."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak lr (default: 0.1 x batch / 256, MAE's blr)."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Probe batch (also the feature-extraction batch)."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="Weight decay of the probe."),
+    warmup_epochs: float = typer.Option(10.0, "--warmup-epochs", help="Linear warm-up epochs."),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (momentum 0.9) | lars (MAE's; needs MAE's 16384 batch to train well)."),
+    pool: str = typer.Option("avg", "--pool", help="avg (mean patch token after the final norm) | cls."),
+    model: Optional[str] = typer.Option(None, "--model", help="Encoder size of a reference checkpoint, e.g. vit_base_patch16."),
+    basemodel: Optional[str] = typer.Option(None, "--basemodel", help="SOURCE is this registry base model's weights."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="SOURCE is the weights of this timm ViT."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="Evaluation resolution; pos_embed is re-sampled (default: the encoder's)."),
+    patch_size: Optional[int] = typer.Option(None, "--patch-size", help="Base models: patch size (default: the arch's)."),
+    depth: Optional[int] = typer.Option(None, "--depth", help="Base models: block count of a ViT shallower than its --arch."),
+    num_workers: int = typer.Option(4, "--num-workers", help="Loader worker processes."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    crop_pct: Optional[float] = typer.Option(None, "--crop-pct", help="Centre-crop fraction (default: 0.875 for --data, 1.0 for Fashion-MNIST)."),
+    train_subset: Optional[int] = typer.Option(None, "--train-subset", help="Use a seeded class-balanced subset of N train images."),
+    val_subset: Optional[int] = typer.Option(None, "--val-subset", help="Use a seeded class-balanced subset of N val images."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the probe's init and shuffling, and of the subsets."),
+    out_json: Optional[Path] = typer.Option(None, "--out-json", help="Write the result (per-epoch curve included) here."),
+) -> None:
+    """Linear probe (BatchNorm without affine + Linear, MAE's) trained on frozen, precomputed features."""
+    from .evaluate import PROBE_OPTIMIZERS, linear_probe
+
+    if epochs < 1:
+        _fail(f"--epochs: must be a positive integer, got {epochs}")
+    if lr is not None and not lr > 0:
+        _fail(f"--lr: must be a positive number, got {lr}")
+    if not weight_decay >= 0 or not warmup_epochs >= 0:
+        _fail(f"--weight-decay / --warmup-epochs: must be >= 0, got {weight_decay} / {warmup_epochs}")
+    if optimizer not in PROBE_OPTIMIZERS:
+        _fail(f"--optimizer: expected one of {', '.join(PROBE_OPTIMIZERS)}, got {optimizer!r}")
+    ((tr, va), meta) = _frozen_features(source, data, fashion_mnist, fashion_mnist_dir, model, basemodel, arch, img_size,
+                                        patch_size, depth, pool, batch_size, num_workers, device, crop_pct,
+                                        train_subset, val_subset, seed)
+    with console.status("training the probe"):
+        res = linear_probe(tr[0], tr[1], va[0], va[1], epochs=epochs, lr=lr, batch_size=batch_size,
+                           weight_decay=weight_decay, seed=seed, warmup_epochs=warmup_epochs, optimizer=optimizer,
+                           num_classes=meta["num_classes"])
+    _result_table(f"tec-train linear: {source}", [
+        ("best top-1", f"{res['best_top1']:.2%}"), ("last top-1", f"{res['last_top1']:.2%}"),
+        ("last top-5", f"{res['last_top5']:.2%}" if res["last_top5"] is not None else "-"),
+        ("epochs / lr / batch", f"{epochs} / {res['lr']:.3g} / {res['batch_size']}"),
+        ("train / val images", f"{res['num_train']} / {res['num_test']}"),
+        ("encoder", f"{meta['encoder']['kind']} {meta['encoder']['model_name']}"), ("pool", pool),
+    ])
+    _write_json(out_json, {"linear": res, **meta})
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel
 
 from tec_cache.basemodels import REGISTRY, resolve_spec
-from tec_cache.dist import DistInfo, destroy_process_group, dist_info, init_process_group, resolve_device
+from tec_cache.dist import DistInfo, destroy_process_group, dist_info, explain_peer_loss, init_process_group, resolve_device
 from tec_cache.faults import fault_point
 from tec_cache.manifest import ManifestError, load_manifest, write_json_atomic
 from tec_cache.sources import open_source
@@ -134,6 +134,8 @@ class TrainConfig:
             raise ValueError(f"--mask-ratio: must be in [0, 1), got {self.mask_ratio!r}")
         if self.num_workers < 0:
             raise ValueError(f"--num-workers: must be >= 0, got {self.num_workers!r}")
+        if self.seed < 0:
+            raise ValueError(f"--seed: must be an integer >= 0, got {self.seed!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"--objective: expected one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.amp not in AMP_MODES:
@@ -656,6 +658,12 @@ class Trainer:
                     # The micro-batches of an incomplete last window are not run: the reference runs
                     # them and then discards their gradient at the next epoch's zero_grad (spec 8.13).
                     epoch, it = epoch + 1, 0
+        except (RuntimeError, OSError) as e:
+            # A peer rank that died mid-collective: one clear line, not a gloo/NCCL traceback.
+            lost = explain_peer_loss(e, "training", "re-run the same command to resume from the last checkpoint")
+            if lost is None:
+                raise
+            raise lost from e
         finally:
             self.reporter.finish()
             if self.owns_source:

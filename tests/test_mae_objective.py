@@ -63,7 +63,7 @@ def test_mae_state_dict_uses_mae_names() -> None:
 
 def test_mae_run_learns_resumes_exports_and_feeds_stage_one(data: Path, tmp_path: Path) -> None:
     straight = tmp_path / "straight"
-    result = train(_cfg(straight, data, epochs=6))
+    train(_cfg(straight, data, epochs=6))
     recs = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert set(recs[0]) >= {"step", "loss", "lr", "images_per_s"} and "loss_fea" not in recs[0]
     first, last = sum(r["loss"] for r in recs[:3]) / 3, sum(r["loss"] for r in recs[-3:]) / 3

@@ -1,6 +1,7 @@
 """The presets in pipelines/ name only real options with valid values, and keep the paper's recipe."""
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 from tec_cache.basemodels import resolve_spec
 from tec_cache.build import BuildConfig
 from tec_train.student import parse_model_name
+from tec_train.finetune import FinetuneConfig
 from tec_train.train import TrainConfig
 
 PIPELINES = sorted((Path(__file__).resolve().parents[1] / "pipelines").glob("*.toml"))
@@ -33,11 +35,19 @@ def test_preset_options_are_valid(path: Path, tmp_path: Path):
     cache.pop("cache_name")
     cache.pop("checkpoint", None)
     spec = resolve_spec(cache.pop("basemodel", None), **{k: cache.pop(k) for k in list(cache) if k in SPEC_KEYS})
+    (tmp_path / "w.pth").write_bytes(b"")  # validate() checks that the weights file exists, not its contents
     BuildConfig(data=tmp_path, out=tmp_path / "c", checkpoint=tmp_path / "w.pth", spec=spec, **cache).validate()
     pre = dict(p["pretrain"])
-    world = pre.pop("world_size")
+    world = pre.pop("world_size", 1)
+    if "base" in p:  # the CPU presets make their base model with --objective mae
+        TrainConfig(run_dir=str(tmp_path / "base"), objective="mae", data=str(tmp_path), **p["base"]).validate()
     (tmp_path / "c").mkdir()
     TrainConfig(run_dir=str(tmp_path / "run"), cache=str(tmp_path / "c"), **pre).validate()
+    if "finetune" in p:
+        ft = dict(p["finetune"])
+        ft.pop("world_size")
+        (tmp_path / "export").mkdir()
+        FinetuneConfig(run_dir=str(tmp_path / "ft"), source=str(tmp_path / "export"), data=str(tmp_path), **ft).validate()
     _, patch = parse_model_name(pre["model"])
     assert spec.img_size % patch == 0 and spec.img_size // patch == spec.img_size // spec.patch_size
     if "expected_top1" in p:  # the paper's rows: spec 4.1 and 9.8
@@ -55,3 +65,126 @@ def test_presets_sharing_a_base_model_share_one_cache():
     for name, tables in by_cache.items():
         assert all(t == tables[0] for t in tables), name
     assert len(by_cache["mae1kbase"]) == 2 and len(by_cache["ibot1kbase"]) == 2
+
+
+# ---- --pipeline on the command lines ---------------------------------------------------------------
+
+PRESET = """
+name = "tiny-test"
+[cache]
+arch = "vit_tiny_patch16_224"
+img_size = 32
+patch_size = 8
+topk = 3
+tau = 1.4
+cache_name = "tiny-test"
+views = 2
+codec = "fp16"
+shard_size = 4
+batch_size = 8
+num_workers = 0
+device = "cpu"
+[pretrain]
+model = "vit_tiny_patch8"
+depth = 2
+epochs = 3
+warmup_epochs = 1
+batch_size = 4
+world_size = 8
+blr = 1e-3
+num_workers = 0
+device = "cpu"
+[base]
+model = "vit_tiny_patch8"
+depth = 2
+epochs = 1
+batch_size = 4
+num_workers = 0
+device = "cpu"
+"""
+
+
+FINETUNE = """
+[finetune]
+epochs = 3
+batch_size = 4
+layer_decay = 0.5
+mixup = 0.0
+cutmix = 0.0
+aa = "none"
+num_workers = 0
+device = "cpu"
+world_size = 8
+"""
+
+
+def _cli(app, args: list[str]):
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(app, args)
+    return r.exit_code, " ".join(r.output.split())
+
+
+def test_pipeline_presets_give_defaults_and_flags_override(tmp_path: Path, tiny_ckpt: Path, monkeypatch):
+    from tec_cache.cli import app as cache_app
+    from tec_cache.manifest import load_manifest
+    from tec_train.checkpoint import latest_checkpoint, load_checkpoint
+    from tec_train.cli import app as train_app
+    from tests.conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", n_per_class=4, bad=False)
+    for split in ("train", "val"):  # a labelled ImageNet-style folder for the fine-tuning step
+        make_image_folder(tmp_path / "imagenet" / split, n_per_class=4, bad=False)
+    preset = tmp_path / "tiny-test.toml"
+    preset.write_text(PRESET)
+    monkeypatch.chdir(tmp_path)
+    # --out defaults to caches/<cache_name>; --views given on the command line beats the preset's 2.
+    code, out = _cli(cache_app, ["build", "--pipeline", str(preset), "--data", str(data), "--checkpoint", str(tiny_ckpt),
+                                 "--views", "1"])
+    assert code == 0, out
+    man = load_manifest(tmp_path / "caches" / "tiny-test")
+    assert (man.num_view_epochs, man.codec, man.targets["topk"], man.targets["tau"]) == (1, "fp16", 3, 1.4)
+    # tec-train run finds the preset's cache by name; --epochs overrides; the reference world size is noted.
+    code, out = _cli(train_app, ["run", "--pipeline", str(preset), "--run-dir", str(tmp_path / "run"), "--epochs", "1"])
+    assert code == 0, out
+    assert "was made for 8 processes, this run has 1" in out
+    options = load_checkpoint(latest_checkpoint(tmp_path / "run"))["config"]["options"]
+    assert (options["epochs"], options["depth"], options["blr"], options["cache"]) == (1, 2, 1e-3, str(Path("caches") / "tiny-test"))
+    # --objective mae reads the [base] table.
+    code, out = _cli(train_app, ["run", "--pipeline", str(preset), "--objective", "mae", "--data", str(data),
+                                 "--run-dir", str(tmp_path / "base"), "--img-size", "32"])
+    assert code == 0, out
+    options = load_checkpoint(latest_checkpoint(tmp_path / "base"))["config"]["options"]
+    assert (options["objective"], options["epochs"], options["cache"]) == ("mae", 1, None)
+    # tec-train finetune reads [finetune]; the flag --epochs beats the preset's.
+    preset.write_text(PRESET + FINETUNE)
+    code, out = _cli(train_app, ["finetune", str(tmp_path / "base"), "--pipeline", str(preset), "--data", str(tmp_path / "imagenet"),
+                                 "--run-dir", str(tmp_path / "ft"), "--epochs", "1"])
+    assert code == 0, out
+    stored = json.loads((tmp_path / "ft" / "config.json").read_text())["options"]
+    assert (stored["epochs"], stored["layer_decay"], stored["mixup"], stored["batch_size"]) == (1, 0.5, 0.0, 4)
+
+
+def test_pipeline_errors_name_the_preset_and_key(tmp_path: Path, monkeypatch):
+    from tec_cache.cli import app as cache_app
+    from tec_train.cli import app as train_app
+
+    monkeypatch.chdir(tmp_path)
+    code, out = _cli(train_app, ["run", "--pipeline", "no-such-row", "--run-dir", str(tmp_path / "r")])
+    assert code == 2 and "--pipeline: unknown pipeline 'no-such-row'" in out and "mae-vitb-300ep" in out
+    bad = tmp_path / "bad.toml"
+    bad.write_text(PRESET.replace("views = 2", "viewz = 2"))
+    code, out = _cli(cache_app, ["build", "--pipeline", str(bad), "--data", str(tmp_path), "--checkpoint", str(bad)])
+    assert code == 2 and "sets ['viewz']" in out and "[cache]" in out
+    code, out = _cli(train_app, ["run", "--pipeline", str(tmp_path / "missing.toml"), "--run-dir", str(tmp_path / "r")])
+    assert code == 2 and "no such preset file" in out
+    assert not (tmp_path / "r").exists() and not (tmp_path / "caches").exists()
+
+
+def test_pipelines_command_lists_every_preset():
+    from tec_train.cli import app as train_app
+
+    code, out = _cli(train_app, ["pipelines"])
+    assert code == 0, out
+    for p in PIPELINES:
+        assert p.stem in out
