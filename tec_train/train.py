@@ -392,6 +392,9 @@ class Trainer:
                                  f"rank (batch {cfg.batch_size} x {self.info.world_size} processes)")
             if self.resume is not None:
                 self._check_resumable(self.resume)
+            # Built here, not in run(): an --init-from checkpoint that does not fit the student is a
+            # bad option (exit 2 before any work), not a failure of the run.
+            self._build()
         except ValueError:
             if self.owns_source:
                 self.source.close()
@@ -532,9 +535,8 @@ class Trainer:
         return vals.tolist()
 
     def _setup(self) -> tuple[int, int, int]:
-        """Build, restore, join the process group, wrap; returns the position (epoch, micro-batch, step)."""
+        """Restore, join the process group, wrap; returns the position (epoch, micro-batch, step)."""
         cfg = self.cfg
-        self._build()
         epoch, it, global_step = self._restore()
         if self.device.type == "cuda":
             # NCCL's object collectives (the RNG gather of _save) address the current device.

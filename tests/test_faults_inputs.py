@@ -543,6 +543,7 @@ RUN_BAD = [
     ("cache", "--patch-size", "0", "--patch-size: must be a positive integer, got 0"),
     ("cache", "--mask-ratio", "1.0", "--mask-ratio: must be in [0, 1), got 1.0"),
     ("cache", "--init-from", "{missing}", "--init-from: no such file"),
+    ("cache", "--init-from", "{file}", "--init-from {file}: does not fit student vit_tiny_patch8"),
     ("cache", "--epochs", "-1", "--epochs: must be a positive integer, got -1"),
     ("cache", "--warmup-epochs", "-1", "--warmup-epochs: must be a number >= 0, got -1.0"),
     ("cache", "--batch-size", "0", "--batch-size: must be a positive integer, got 0"),
