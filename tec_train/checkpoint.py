@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,31 @@ from tec_cache.manifest import fsync_dir
 
 CHECKPOINT_FORMAT = "tec-train-checkpoint"
 CHECKPOINT_VERSION = 1
-_NAME_RE = re.compile(r"^checkpoint-(\d{8,})\.pt$")
-_TEMP_PREFIX = ".checkpoint-"
+
+
+@dataclass(frozen=True)
+class CheckpointKind:
+    """A family of checkpoints in a run dir: ``{prefix}-{n:0{digits}d}.pt`` with a format tag and version."""
+
+    prefix: str
+    digits: int
+    format: str
+    version: int
+    label: str  # for messages: "a tec-train checkpoint"
+
+    @property
+    def name_re(self) -> re.Pattern[str]:
+        return re.compile(rf"^{re.escape(self.prefix)}-(\d{{{self.digits},}})\.pt$")
+
+    @property
+    def temp_prefix(self) -> str:
+        return f".{self.prefix}-"
+
+    def path(self, run_dir: Path, n: int) -> Path:
+        return Path(run_dir) / f"{self.prefix}-{n:0{self.digits}d}.pt"
+
+
+PRETRAIN = CheckpointKind("checkpoint", 8, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "tec-train")  # numbered by global step
 
 
 class CheckpointError(ValueError):
@@ -34,45 +58,46 @@ class CheckpointError(ValueError):
 
 
 def checkpoint_path(run_dir: Path, global_step: int) -> Path:
-    return Path(run_dir) / f"checkpoint-{global_step:08d}.pt"
+    return PRETRAIN.path(run_dir, global_step)
 
 
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run dir as (global step, path), oldest first; temp files are ignored."""
+def list_checkpoints(run_dir: Path, kind: CheckpointKind = PRETRAIN) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run dir as (number, path), oldest first; temp files are ignored."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
+    name_re = kind.name_re
     found = []
     for p in run_dir.iterdir():
-        m = _NAME_RE.match(p.name)
+        m = name_re.match(p.name)
         if m and p.is_file():
             found.append((int(m.group(1)), p))
     return sorted(found)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = list_checkpoints(run_dir)
+def latest_checkpoint(run_dir: Path, kind: CheckpointKind = PRETRAIN) -> Path | None:
+    ckpts = list_checkpoints(run_dir, kind)
     return ckpts[-1][1] if ckpts else None
 
 
-def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+def remove_stale_temp_files(run_dir: Path, kind: CheckpointKind = PRETRAIN) -> list[Path]:
     """Delete temporaries left by writers that were killed; call only while no writer runs."""
     run_dir = Path(run_dir)
-    stale = [p for p in run_dir.glob(f"{_TEMP_PREFIX}*") if p.is_file()] if run_dir.is_dir() else []
+    stale = [p for p in run_dir.glob(f"{kind.temp_prefix}*") if p.is_file()] if run_dir.is_dir() else []
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
 
 
-def save_checkpoint(run_dir: Path, state: dict[str, Any], global_step: int, keep_last: int) -> Path:
-    """Write ``state`` atomically as checkpoint-<global_step>.pt, then keep only the newest ``keep_last``."""
+def save_checkpoint(run_dir: Path, state: dict[str, Any], n: int, keep_last: int, kind: CheckpointKind = PRETRAIN) -> Path:
+    """Write ``state`` atomically as ``kind``'s checkpoint number ``n``, then keep only the newest ``keep_last``."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_path(run_dir, global_step)
-    tmp = run_dir / f"{_TEMP_PREFIX}{global_step:08d}.pt.tmp-{os.getpid()}"
-    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
+    final = kind.path(run_dir, n)
+    tmp = run_dir / f"{kind.temp_prefix}{n:0{kind.digits}d}.pt.tmp-{os.getpid()}"
+    payload = {"format": kind.format, "version": kind.version, **state}
     try:
         with open(tmp, "wb") as f:
             # Under fault injection only, the writes pass through a wrapper that can stop the
@@ -88,7 +113,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], global_step: int, keep
         raise
     fault_point("after_checkpoint_rename")  # the new checkpoint is complete; older ones not yet pruned
     fsync_dir(run_dir)
-    for _, old in list_checkpoints(run_dir)[:-keep_last]:
+    for _, old in list_checkpoints(run_dir, kind)[:-keep_last]:
         old.unlink(missing_ok=True)
     return final
 
@@ -112,18 +137,18 @@ class _TornWriter:
         self.f.flush()
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, kind: CheckpointKind = PRETRAIN) -> dict[str, Any]:
     """Read a checkpoint written by ``save_checkpoint`` (weights_only, on the CPU)."""
     path = Path(path)
     try:
         # mmap: reading the config or the RNG states does not page in the weights.
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - re-raised naming the file
-        raise CheckpointError(f"{path}: not a readable tec-train checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a tec-train checkpoint (no format {CHECKPOINT_FORMAT!r})")
-    if obj.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {obj.get('version')} is not supported (this tool reads {CHECKPOINT_VERSION})")
+        raise CheckpointError(f"{path}: not a readable {kind.label} checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(obj, dict) or obj.get("format") != kind.format:
+        raise CheckpointError(f"{path}: not a {kind.label} checkpoint (no format {kind.format!r})")
+    if obj.get("version") != kind.version:
+        raise CheckpointError(f"{path}: checkpoint version {obj.get('version')} is not supported (this tool reads {kind.version})")
     return obj
 
 

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -36,9 +35,10 @@ from tec_cache import fashion_mnist
 from tec_cache.basemodels import REGISTRY
 from tec_cache.dist import DistInfo, destroy_process_group, dist_info, init_process_group, resolve_device
 from tec_cache.faults import fault_point
-from tec_cache.manifest import fsync_dir, write_json_atomic
+from tec_cache.manifest import write_json_atomic
 
-from .checkpoint import capture_rng, restore_rng
+from .checkpoint import (CheckpointError, CheckpointKind, capture_rng, latest_checkpoint, list_checkpoints, load_checkpoint,
+                         restore_rng, save_checkpoint)
 from .datasets import DEFAULT_CROP_PCT, LabelledSplits, open_labelled
 from .encoders import EncoderWeights, build_vit, load_state_strict, read_encoder_weights
 from .evaluate import IMAGENET_MEAN, IMAGENET_STD, eval_transform
@@ -52,7 +52,7 @@ RESULT_NAME = "result.json"
 FINETUNE_FORMAT = "tec-train-finetune"
 FINETUNE_VERSION = 1
 MIXUP_MODES = ("batch", "pair", "elem")
-_CKPT_RE = re.compile(r"^finetune-(\d{4,})\.pt$")
+FINETUNE = CheckpointKind("finetune", 4, FINETUNE_FORMAT, FINETUNE_VERSION, "fine-tuning")  # numbered by epochs done
 
 
 @dataclass
@@ -316,52 +316,27 @@ def param_groups_layer_decay(model: nn.Module, weight_decay: float, layer_decay:
 
 # ---- checkpoints --------------------------------------------------------------------------------
 def finetune_checkpoint_path(run_dir: Path, epoch: int) -> Path:
-    return Path(run_dir) / f"finetune-{epoch:04d}.pt"
+    return FINETUNE.path(run_dir, epoch)
 
 
 def list_finetune_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _CKPT_RE.match(p.name)) and p.is_file()]
-    return sorted(found)
+    return list_checkpoints(run_dir, FINETUNE)
 
 
 def latest_finetune_checkpoint(run_dir: Path) -> Path | None:
-    found = list_finetune_checkpoints(run_dir)
-    return found[-1][1] if found else None
+    return latest_checkpoint(run_dir, FINETUNE)
 
 
 def save_finetune_checkpoint(run_dir: Path, state: dict[str, Any], epoch: int, keep_last: int) -> Path:
-    """Atomic write (temp sibling, fsync, rename, fsync dir) as checkpoint.py; keeps the newest ``keep_last``."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    final = finetune_checkpoint_path(run_dir, epoch)
-    tmp = run_dir / f".finetune-{epoch:04d}.pt.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FINETUNE_FORMAT, "version": FINETUNE_VERSION, **state}, f)
-            f.flush()
-            fault_point("mid_checkpoint")
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(run_dir)
-    for _, old in list_finetune_checkpoints(run_dir)[:-keep_last]:
-        old.unlink(missing_ok=True)
-    return final
+    """Atomic write (temp sibling, fsync, rename, fsync dir) numbered by epoch; keeps the newest ``keep_last``."""
+    return save_checkpoint(run_dir, state, epoch, keep_last, FINETUNE)
 
 
 def load_finetune_checkpoint(path: Path) -> dict[str, Any]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised naming the file
-        raise ResumeError(f"{path}: not a readable fine-tuning checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(obj, dict) or obj.get("format") != FINETUNE_FORMAT or obj.get("version") != FINETUNE_VERSION:
-        raise ResumeError(f"{path}: not a {FINETUNE_FORMAT} checkpoint of version {FINETUNE_VERSION}")
-    return obj
+        return load_checkpoint(path, FINETUNE)
+    except CheckpointError as e:
+        raise ResumeError(str(e)) from e
 
 
 def _truncate_metrics(path: Path, next_epoch: int) -> None:
