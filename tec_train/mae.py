@@ -27,7 +27,7 @@ from tec_cache.views import ViewRecipe
 
 from .online import OnlineLoader
 from .pos_embed import sincos_pos_embed
-from .student import MODEL_SIZES, BlockNorm, parse_model_name, random_masking
+from .student import MODEL_SIZES, BlockNorm, init_linear_and_norm, parse_model_name, random_masking
 from .target_sources import StepInputs, TargetSpec
 
 NORM_PIX_EPS = 1e-6
@@ -122,14 +122,7 @@ class MAEModel(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear over the flattened patch
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_and_norm(self)
 
     def encoder_config(self) -> dict[str, Any]:
         """The encoder's architecture, as export writes it to config.json."""

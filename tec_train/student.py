@@ -65,6 +65,19 @@ def random_masking(
     return kept, mask, ids_restore
 
 
+def init_linear_and_norm(module: nn.Module) -> None:
+    """MAE's final initialisation pass (spec 3.9): xavier-uniform Linear weights, zero biases,
+    LayerNorm weight 1 and bias 0, over every submodule."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class FeatureAdaptor(nn.Module):
     """Encoder adaptor: fuses the stacked outputs of all encoder layers into one C-wide feature.
 
@@ -255,14 +268,7 @@ class TECStudent(nn.Module):
         nn.init.normal_(self.forward_fea_decoder.mask_token, std=0.02)
         if self.forward_att_decoder is not None:
             nn.init.normal_(self.forward_att_decoder.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_and_norm(self)
 
     def encoder_config(self) -> dict[str, Any]:
         """The encoder's architecture, as export writes it to config.json."""
