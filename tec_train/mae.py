@@ -26,8 +26,7 @@ from tec_cache.targets import normalise_images
 from tec_cache.views import ViewRecipe
 
 from .online import OnlineLoader
-from .pos_embed import sincos_pos_embed
-from .student import MODEL_SIZES, BlockNorm, init_linear_and_norm, parse_model_name, random_masking
+from .student import MODEL_SIZES, BlockNorm, MaskedEncoderMixin, init_linear_and_norm, parse_model_name, random_masking
 from .target_sources import StepInputs, TargetSpec
 
 NORM_PIX_EPS = 1e-6
@@ -72,7 +71,7 @@ def pixel_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch
     return (per_patch * mask).sum() / mask.sum()
 
 
-class MAEModel(nn.Module):
+class MAEModel(MaskedEncoderMixin, nn.Module):
     """Masked autoencoder with a ViT encoder built from timm blocks and a light ViT decoder."""
 
     def __init__(
@@ -115,27 +114,9 @@ class MAEModel(nn.Module):
         self._init_weights(grid_h, grid_w, decoder_embed_dim)
 
     def _init_weights(self, grid_h: int, grid_w: int, decoder_embed_dim: int) -> None:
-        with torch.no_grad():
-            self.pos_embed.copy_(sincos_pos_embed(self.embed_dim, grid_h, grid_w).unsqueeze(0))
-            self.decoder_pos_embed.copy_(sincos_pos_embed(decoder_embed_dim, grid_h, grid_w).unsqueeze(0))
-        w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear over the flattened patch
-        nn.init.normal_(self.cls_token, std=0.02)
+        self._init_tables_and_embeddings(grid_h, grid_w, decoder_embed_dim)
         nn.init.normal_(self.mask_token, std=0.02)
         init_linear_and_norm(self)
-
-    def encoder_config(self) -> dict[str, Any]:
-        """The encoder's architecture, as export writes it to config.json."""
-        return {"img_size": self.img_size, "patch_size": self.patch_size, "embed_dim": self.embed_dim,
-                "depth": self.depth, "num_heads": self.num_heads}
-
-    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
-        """Unmasked encoder with the final norm (as timm's ViT on the exported weights); [B, 1+L, C]."""
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]  # [B, L, C]
-        x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x], dim=1)  # [B, 1+L, C]
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
 
     def forward(self, imgs: torch.Tensor, noise: torch.Tensor | None = None) -> MAEOutput:
         """imgs [B, 3, S, S] normalised; noise [B, L] replays a mask (drawn fresh when None)."""
@@ -144,7 +125,7 @@ class MAEModel(nn.Module):
             noise = torch.rand(b, self.num_patches, device=imgs.device)  # [B, L]
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:]  # [B, L, C]
         x, mask, ids_restore = random_masking(x, noise, self.mask_ratio)  # [B, keep, C]
-        x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(b, -1, -1), x], dim=1)  # [B, 1+keep, C]
+        x = torch.cat([self.cls_embed().expand(b, -1, -1), x], dim=1)  # [B, 1+keep, C]
         for blk in self.blocks:
             x = blk(x)
         x = self.decoder_embed(self.norm(x))  # [B, 1+keep, Cd]

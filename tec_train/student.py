@@ -78,6 +78,53 @@ def init_linear_and_norm(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+class MaskedEncoderMixin:
+    """What the TEC student and the plain MAE share: an encoder under MAE's names (patch_embed,
+    cls_token, pos_embed, blocks, norm) with fixed sin-cos tables, and its unmasked forward as a
+    downstream ViT sees it. The host module defines those attributes and ``decoder_pos_embed``."""
+
+    patch_embed: PatchEmbed
+    cls_token: nn.Parameter
+    pos_embed: nn.Parameter
+    decoder_pos_embed: nn.Parameter
+    blocks: nn.ModuleList
+    norm: nn.LayerNorm
+
+    def _init_tables_and_embeddings(self, grid_h: int, grid_w: int, decoder_embed_dim: int) -> None:
+        """Sin-cos pos embeds, xavier patch embedding, N(0, 0.02) cls token (spec 3.9), in this order."""
+        with torch.no_grad():
+            self.pos_embed.copy_(sincos_pos_embed(self.embed_dim, grid_h, grid_w).unsqueeze(0))
+            self.decoder_pos_embed.copy_(sincos_pos_embed(decoder_embed_dim, grid_h, grid_w).unsqueeze(0))
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear over the flattened patch
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def encoder_config(self) -> dict[str, Any]:
+        """The encoder's architecture, as export writes it to config.json."""
+        return {
+            "img_size": self.img_size,
+            "patch_size": self.patch_size,
+            "embed_dim": self.embed_dim,
+            "depth": self.depth,
+            "num_heads": self.num_heads,
+        }
+
+    def cls_embed(self) -> torch.Tensor:
+        """The cls token as it enters the encoder: cls + pos_embed[0]; [1, 1, C]."""
+        return self.cls_token + self.pos_embed[:, :1]
+
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Unmasked encoder with the final norm, as a downstream ViT sees it; [B, 1+L, C].
+
+        Equals timm's ``VisionTransformer.forward_features`` on the exported weights.
+        """
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]  # [B, L, C]
+        x = torch.cat([self.cls_embed().expand(x.shape[0], -1, -1), x], dim=1)  # [B, 1+L, C]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+
 class FeatureAdaptor(nn.Module):
     """Encoder adaptor: fuses the stacked outputs of all encoder layers into one C-wide feature.
 
@@ -193,7 +240,7 @@ class AttentionDecoder(_DecoderStem):
         return logits.transpose(1, 2)[..., 1:]  # [B, k+1, H, L], cls key column dropped
 
 
-class TECStudent(nn.Module):
+class TECStudent(MaskedEncoderMixin, nn.Module):
     """Masked ViT student with input adaptor (cls MLP), encoder adaptor and feature/attention decoders."""
 
     def __init__(
@@ -259,26 +306,11 @@ class TECStudent(nn.Module):
 
     def _init_weights(self, grid_h: int, grid_w: int, decoder_embed_dim: int) -> None:
         """Spec 3.9 initialisation (distributions only; seed-level parity is not a goal)."""
-        with torch.no_grad():
-            self.pos_embed.copy_(sincos_pos_embed(self.embed_dim, grid_h, grid_w).unsqueeze(0))
-            self.decoder_pos_embed.copy_(sincos_pos_embed(decoder_embed_dim, grid_h, grid_w).unsqueeze(0))
-        w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear over the flattened patch
-        nn.init.normal_(self.cls_token, std=0.02)
+        self._init_tables_and_embeddings(grid_h, grid_w, decoder_embed_dim)
         nn.init.normal_(self.forward_fea_decoder.mask_token, std=0.02)
         if self.forward_att_decoder is not None:
             nn.init.normal_(self.forward_att_decoder.mask_token, std=0.02)
         init_linear_and_norm(self)
-
-    def encoder_config(self) -> dict[str, Any]:
-        """The encoder's architecture, as export writes it to config.json."""
-        return {
-            "img_size": self.img_size,
-            "patch_size": self.patch_size,
-            "embed_dim": self.embed_dim,
-            "depth": self.depth,
-            "num_heads": self.num_heads,
-        }
 
     def cls_embed(self) -> torch.Tensor:
         """The cls token as it enters the encoder: MLP(cls) + pos_embed[0]; [1, 1, C]."""
@@ -311,17 +343,6 @@ class TECStudent(nn.Module):
             x = blk(x)
             layers.append(self.norm(x) if i == self.depth - 1 else x)
         return torch.cat(layers, dim=-1), mask, ids_restore  # [B, 1+keep, depth*C]
-
-    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
-        """Unmasked encoder with the final norm, as a downstream ViT sees it; [B, 1+L, C].
-
-        Equals timm's ``VisionTransformer.forward_features`` on the exported weights.
-        """
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]  # [B, L, C]
-        x = torch.cat([self.cls_embed().expand(x.shape[0], -1, -1), x], dim=1)  # [B, 1+L, C]
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
 
     def _check_targets(
         self, imgs: torch.Tensor, feat_target: torch.Tensor, att_target: torch.Tensor | None, idx: torch.Tensor | None
