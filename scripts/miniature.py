@@ -36,7 +36,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from torch.utils.data import Subset  # noqa: E402
 
-from tec_cache.fashion_mnist import DEFAULT_DIR, HOW_TO_GET, export_image_folder, read_split, subset_indices  # noqa: E402
+from tec_cache.fashion_mnist import DEFAULT_DIR, HOW_TO_GET, export_image_folder, subset_indices  # noqa: E402
 from tec_cache.presets import load_pipeline  # noqa: E402
 from tec_train.checkpoint import latest_checkpoint  # noqa: E402
 from tec_train.datasets import FashionMNIST  # noqa: E402
@@ -163,9 +163,8 @@ def summarise(results: dict[str, Any], seeds: list[int], out: Path, pipe_name: s
              f"of any model over the seeds), top-1 % on the "
              f"{results['test_images']} Fashion-MNIST test images; features: {results['pool']} pool, frozen.", "",
              "| model | kNN top-1 | linear-probe top-1 | stage wall time (s, mean) |", "|---|---|---|---|"]
-    stage_of = {"base": "base", "tec_cache": "tec_cache", "tec_online": "tec_online", "mae_more": "mae_more"}
-    for m in MODELS:
-        lines.append(f"| {LABELS[m]} | {_fmt(per[m]['knn_top1'])} | {_fmt(per[m]['linear_top1'])} | {times[stage_of[m]]:.0f} |")
+    for m in MODELS:  # each model's training stage has the model's name
+        lines.append(f"| {LABELS[m]} | {_fmt(per[m]['knn_top1'])} | {_fmt(per[m]['linear_top1'])} | {times[m]:.0f} |")
     for ref in ("random_init", "raw_pixels"):
         if ref in results:
             lines.append(f"| reference: {ref.replace('_', ' ')} | {100 * results[ref]['knn_top1']:.2f} | "
@@ -221,11 +220,10 @@ def main() -> None:
         data = export_image_folder(out / "fmnist-train", "train", n=n_train, root=args.fashion_mnist)
     except FileNotFoundError:
         sys.exit(f"error: {HOW_TO_GET}")
-    _, train_labels = read_split("train", args.fashion_mnist)
-    _, test_labels = read_split("test", args.fashion_mnist)
+    train_ds, test_ds = FashionMNIST("train", args.fashion_mnist), FashionMNIST("test", args.fashion_mnist)
     # The kNN bank / probe training set is exactly the pretraining subset, with its labels.
-    splits = (Subset(FashionMNIST("train", args.fashion_mnist), subset_indices(train_labels, n_train).tolist()),
-              Subset(FashionMNIST("test", args.fashion_mnist), subset_indices(test_labels, n_test).tolist()))
+    splits = (Subset(train_ds, subset_indices(np.asarray(train_ds.targets), n_train).tolist()),
+              Subset(test_ds, subset_indices(np.asarray(test_ds.targets), n_test).tolist()))
     ev = preset["eval"]
     res_path = out / "results.json"
     results: dict[str, Any] = json.loads(res_path.read_text()) if res_path.is_file() else {}

@@ -63,10 +63,8 @@ def _build_options(options: dict) -> dict:
         merged.update(preset)
         if given["out"] is None and cache_name:
             merged["out"] = Path("caches") / cache_name
-    merged.update({k: v for k, v in given.items() if v is not None})
-    merged.setdefault("out", None)
-    for k in given:
-        merged.setdefault(k, None)
+    # Every option ends up as a key: the flag given, else the preset's or default value, else None.
+    merged = {**given, **{k: v for k, v in merged.items() if given.get(k) is None}}
     if merged["out"] is None:
         raise ValueError("--out is required: the cache folder to create (or a --pipeline whose preset names a cache_name)")
     return merged
