@@ -36,6 +36,7 @@ from tec_cache.faults import fault_point
 from tec_cache.manifest import (MANIFEST_NAME, SCHEMA_VERSION, ManifestError, is_temporary, load_manifest, seal_manifest,
                                 write_json_atomic)
 from tec_cache.records import ViewRecord, record_key
+from tec_cache.run_log import naming_sample
 from tec_cache.sources import BadImage, ImageSource, decode_image, open_source
 from tec_cache.targets import extract_targets, normalise_images
 from tec_cache.views import ViewRecipe, make_views
@@ -160,7 +161,9 @@ class _ViewJobs(Dataset):
             img = decode_image(self.source.read_bytes(index), item.path if item.offset < 0 else f"{item.path}:{item.key}")
         except (BadImage, OSError) as e:
             return {"index": index, "error": str(e)}
-        return {"index": index, "views": make_views(img, item.key, views, self.seed, self.recipe)}
+        with naming_sample(f"image {item.key} of {self.source.root}, view-epochs {views}"):
+            fault_point("cut_views")
+            return {"index": index, "views": make_views(img, item.key, views, self.seed, self.recipe)}
 
 
 class _Stats:

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tec_cache.dist import dist_info
+from tec_cache.run_log import BUILD_LOG, SampleError, failure_line, from_worker
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Stage 1 of TEC: cache a frozen base model's targets.")
 console = Console(stderr=True, soft_wrap=True)  # errors stay on one greppable line
@@ -138,8 +139,14 @@ def build(
             result = build_cache(cfg, log=say, progress=advance, set_total=lambda n: progress.update(task, total=n))
     except BuildOptionError as e:  # found before any work: a usage error
         _fail(str(e))
-    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
-        _fail(str(e), 1)
+    except Exception as e:  # noqa: BLE001
+        if isinstance(e, (ValueError, FileNotFoundError, OSError, RuntimeError)) and not isinstance(e, SampleError) \
+                and not from_worker(e):
+            _fail(str(e), 1)  # the project's own errors name the file and what to do
+        # A view that could not be cut, a worker's exception, or an unexpected one: one line here,
+        # the traceback in the cache folder's log.
+        _fail(failure_line(e, out / BUILD_LOG, rank=info.rank,
+                           resume="re-running the same command keeps the finished shards and builds the rest"), 1)
     est = result.estimate
     if dry_run:
         if not est.get("views"):

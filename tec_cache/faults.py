@@ -4,7 +4,8 @@
 at ``fault_point("POINT")`` fail:
 
 * ``/kill`` (the default) SIGKILLs the process, as a crash, an OOM kill or a lost node would;
-* ``/enospc`` raises ``OSError(ENOSPC)`` there, as a write to a full disk would.
+* ``/enospc`` raises ``OSError(ENOSPC)`` there, as a write to a full disk would;
+* ``/raise`` raises ``InjectedFault`` there, as a bug or a bad sample inside a data-loader worker would.
 
 ``@RANK`` limits the fault to the process whose torchrun ``RANK`` is RANK, so a test can lose one
 rank of a job. ``TEC_FAULT_LOG=PATH`` appends the name of every arrival to PATH, one per line, so a
@@ -22,10 +23,14 @@ import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
-ACTIONS = ("kill", "enospc")
+ACTIONS = ("kill", "enospc", "raise")
 
 _counts: dict[str, int] = {}
 _lock = threading.Lock()  # the build's writer thread reaches points too
+
+
+class InjectedFault(RuntimeError):
+    """The exception of a ``/raise`` fault."""
 
 
 @dataclass(frozen=True)
@@ -73,4 +78,6 @@ def fault_point(name: str) -> None:
     if fault.action == "enospc":
         # No filename, as a real write(2) failure reports it: naming the path is the caller's job.
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if fault.action == "raise":
+        raise InjectedFault(f"injected fault at {name} (arrival {fault.nth})")
     os.kill(os.getpid(), signal.SIGKILL)

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tec_cache.dist import dist_info
+from tec_cache.run_log import RUN_LOG, SampleError, failure_line, from_worker
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Stage 2 of TEC: train a student from cached (or online) base-model targets, and export it.")
@@ -28,6 +29,16 @@ def _fail(msg: str, code: int = 2) -> None:
     # Messages quote paths, keys and TOML tables like [cache]: never read them as rich markup.
     console.print(f"[bold red]error:[/] {escape(msg)}", markup=True, highlight=False)
     raise typer.Exit(code)
+
+
+def _run_failure(e: Exception, run_dir: Path, rank: int, known: tuple[type[Exception], ...]) -> str:
+    """The terminal line of a run that failed after it started. The project's own errors name what
+    is wrong in their message; a sample that could not be made, a data-loader worker's exception or
+    an unexpected one gets a one-line summary, its traceback goes to the run's log file."""
+    if isinstance(e, known) and not isinstance(e, SampleError) and not from_worker(e):
+        return f"{type(e).__name__}: {e}"
+    return failure_line(e, run_dir / RUN_LOG, rank=rank,
+                        resume="re-running the same command resumes from the last checkpoint")
 
 
 class RichReporter:
@@ -181,8 +192,8 @@ def run(
         result = trainer.run()
     except NonFiniteLossError as e:
         _fail(str(e), 1)
-    except (ValueError, RuntimeError, OSError) as e:  # ValueError: ResumeError, and ShardError (a shard failing its checksum)
-        _fail(f"{type(e).__name__}: {e}", 1)
+    except Exception as e:  # noqa: BLE001 - ValueError: ResumeError, ShardError (a shard failing its checksum)
+        _fail(_run_failure(e, run_dir, info.rank, (ValueError, RuntimeError, OSError)), 1)
     if not info.is_main:
         return
     t = Table(title=f"tec-train run: {run_dir}")
@@ -414,8 +425,8 @@ def finetune(
         result = runner.run()
     except NonFiniteLossError as e:
         _fail(str(e), 1)
-    except (ResumeError, RuntimeError, OSError) as e:
-        _fail(f"{type(e).__name__}: {e}", 1)
+    except Exception as e:  # noqa: BLE001
+        _fail(_run_failure(e, run_dir, info.rank, (ResumeError, RuntimeError, OSError)), 1)
     if not info.is_main:
         return
     top5 = f"{result.last_top5:.2%}" if result.last_top5 is not None else "-"

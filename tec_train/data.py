@@ -45,8 +45,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from tec_cache.codecs import DecodedTargets, get_codec
+from tec_cache.faults import fault_point
 from tec_cache.manifest import MANIFEST_NAME, Manifest, digest_problem, load_manifest
 from tec_cache.records import FieldSpec, ViewRecord
+from tec_cache.run_log import naming_sample
 from tec_cache.shards import ShardError, ShardInfo, ShardReader, open_reader
 from tec_cache.verify import check_shard_files
 from tec_cache.views import decode_view
@@ -208,6 +210,11 @@ class _ViewEpochShards(Dataset):
     def __getitem__(self, item: tuple[np.ndarray, frozenset[int]]) -> _Records:
         """Read one batch: its sample ids, and the shards this batch must verify before reading."""
         ids, verify = item
+        with naming_sample(f"view-epoch {self.view_epoch}, samples {_id_range(ids)}", keep=(ShardError,)):
+            fault_point("read_batch")
+            return self._read(ids, verify)
+
+    def _read(self, ids: np.ndarray, verify: frozenset[int]) -> _Records:
         shard_of = np.searchsorted(self.offsets, ids, side="right") - 1
         records: list[ViewRecord | None] = [None] * len(ids)
         # One read per shard, in order of first appearance, so the LRU sees window order.
@@ -431,6 +438,12 @@ def _iterate(loader: DataLoader, verify: list[frozenset[int]], verified: set[int
             yield batch
     finally:
         del it
+
+
+def _id_range(ids: np.ndarray) -> str:
+    """A batch's sample ids for an error line: all of them when few, else the first and the count."""
+    listed = ids.tolist()
+    return str(listed) if len(listed) <= 4 else f"{listed[:4]} ... ({len(listed)} in all)"
 
 
 def _check_nonneg(name: str, value: int) -> None:

@@ -16,6 +16,8 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from tec_cache import fashion_mnist
+from tec_cache.faults import fault_point
+from tec_cache.run_log import naming_sample
 
 SUBSET_MODES = ("balanced", "random")
 # The eval crop of each dataset kind: ImageNet's 224/256, none for tiny images (a 28 px image has
@@ -30,6 +32,7 @@ class FashionMNIST(Dataset):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"--fashion-mnist: no folder {root}. {fashion_mnist.HOW_TO_GET}")
+        self.split = split
         self.images, labels = fashion_mnist.read_split(split, root)  # uint8 [N, 28, 28], int64 [N]
         self.targets: list[int] = labels.tolist()
         self.classes = list(fashion_mnist.CLASSES)
@@ -54,8 +57,23 @@ class Transformed(Dataset):
         return len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        img, label = self.base[index]
-        return (self.transform(img) if self.transform is not None else img), label
+        # A failing image or transform names its sample, also from inside a loader worker.
+        with naming_sample(sample_name(self.base, index)):
+            fault_point("labelled_sample")
+            img, label = self.base[index]
+            return (self.transform(img) if self.transform is not None else img), label
+
+
+def sample_name(ds: Dataset, index: int) -> str:
+    """Where sample ``index`` of ``ds`` comes from: a file path, or a split and index."""
+    while isinstance(ds, Subset):
+        index, ds = int(ds.indices[index]), ds.dataset
+    if isinstance(ds, FashionMNIST):
+        return f"Fashion-MNIST {ds.split} image {index}"
+    samples = getattr(ds, "samples", None)  # torchvision ImageFolder: [(path, class), ...]
+    if samples is not None:
+        return f"image {samples[index][0]}"
+    return f"sample {index} of {type(ds).__name__}"
 
 
 @dataclass

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 import torch.nn as nn
-from timm.data import Mixup, create_transform
+from timm.data import Mixup
 from timm.layers import Mlp
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
@@ -41,7 +41,8 @@ from .checkpoint import (CheckpointError, CheckpointKind, capture_rng, latest_ch
                          restore_rng, save_checkpoint)
 from .datasets import DEFAULT_CROP_PCT, LabelledSplits, open_labelled
 from .encoders import EncoderWeights, build_vit, load_state_strict, read_encoder_weights
-from .evaluate import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from .augment import NO_AUGMENT, finetune_train_transform
+from .evaluate import eval_transform
 from .export import CONFIG_KEYS
 from .schedule import WarmupCosine, absolute_lr
 from .student import parse_model_name
@@ -152,9 +153,9 @@ class FinetuneConfig:
             raise ValueError(f"--num-workers: must be >= 0, got {self.num_workers!r}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"--amp: expected one of {', '.join(AMP_MODES)}, got {self.amp!r}")
-        if self.aa.lower() not in ("", "none"):
+        if self.aa.lower() not in NO_AUGMENT:
             try:
-                create_transform(32, is_training=True, auto_augment=self.aa)
+                finetune_train_transform(32, aa=self.aa, reprob=0.0)
             except Exception as e:  # noqa: BLE001 - timm's parser raises several kinds
                 raise ValueError(f"--aa: {self.aa!r} is not a timm auto-augment string "
                                  f"(e.g. rand-m9-mstd0.5-inc1, or none): {e}") from None
@@ -438,12 +439,7 @@ class Finetuner:
 
     def _open_data(self) -> LabelledSplits:
         cfg = self.cfg
-        aa = None if cfg.aa.lower() in ("", "none") else cfg.aa
-        # MAE's build_transform: RandomResizedCrop + flip, RandAugment (no colour jitter with AA),
-        # bicubic, random erasing (pixel mode, one box), ImageNet mean/std.
-        train_tf = create_transform(input_size=self.img_size, is_training=True, color_jitter=None, auto_augment=aa,
-                                    interpolation="bicubic", re_prob=cfg.reprob, re_mode="pixel", re_count=1,
-                                    mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        train_tf = finetune_train_transform(self.img_size, aa=cfg.aa, reprob=cfg.reprob)
         return open_labelled(data=Path(cfg.data) if cfg.data else None,
                              fashion_mnist_dir=Path(cfg.fashion_mnist) if cfg.fashion_mnist else None,
                              train_transform=train_tf, val_transform=eval_transform(self.img_size, self.crop_pct),

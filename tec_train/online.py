@@ -23,7 +23,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from tec_cache.basemodels import BaseModelSpec, load_base_model
+from tec_cache.faults import fault_point
 from tec_cache.sources import BadImage, ImageSource, decode_image
+from tec_cache.run_log import naming_sample
 from tec_cache.targets import extract_targets, normalise_images
 from tec_cache.views import ViewRecipe, cut_view, view_params, view_rng
 
@@ -47,8 +49,10 @@ class _EpochBatches(Dataset):
         for index in self.batches[i].tolist():
             index, img = self._decodable(index)
             item = self.source.items[index]
-            params = view_params(img.width, img.height, view_rng(self.seed, item.key, self.epoch), self.recipe)
-            views.append(cut_view(img, params, self.recipe))  # [3, S, S] uint8
+            with naming_sample(f"image {item.key} of {self.source.root}, view {self.epoch}"):
+                fault_point("cut_view")
+                params = view_params(img.width, img.height, view_rng(self.seed, item.key, self.epoch), self.recipe)
+                views.append(cut_view(img, params, self.recipe))  # [3, S, S] uint8
             used.append(index)
         return torch.stack(views), torch.tensor(used, dtype=torch.int64)  # [B,3,S,S], [B]
 
