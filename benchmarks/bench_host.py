@@ -26,7 +26,7 @@ from benchmarks.vitb_targets import photos, vitb_views_and_targets  # noqa: E402
 from tec_cache import shards as shard_io  # noqa: E402
 from tec_cache.codecs import TargetShape, get_codec, split_fields  # noqa: E402
 from tec_cache.records import ViewRecord, record_key  # noqa: E402
-from tec_cache.sources import decode_image  # noqa: E402
+from tec_cache.images import decode_image  # noqa: E402
 from tec_cache.views import ViewRecipe, cut_view, decode_view, encode_view, view_params, view_rng  # noqa: E402
 
 

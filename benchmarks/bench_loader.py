@@ -39,7 +39,7 @@ from tec_cache.codecs import TargetShape, get_codec, split_fields  # noqa: E402
 from tec_cache.manifest import MANIFEST_NAME, SCHEMA_VERSION, seal_manifest, write_json_atomic  # noqa: E402
 from tec_cache.records import ViewRecord, record_key  # noqa: E402
 from tec_cache.views import ViewRecipe, make_views  # noqa: E402
-from tec_train.data import CacheLoader  # noqa: E402
+from tec_train.cache_loader import CacheLoader  # noqa: E402
 
 VIT_B = TargetShape(num_patches=196, dim=768, heads=12, topk=15)
 IMG, PATCH = 224, 16
@@ -111,7 +111,7 @@ def _children_cpu() -> float:
 
 
 def _import_loader(worker_id: int) -> None:
-    import tec_train.data  # noqa: F401  (what a real worker imports before its first batch)
+    import tec_train.cache_loader  # noqa: F401  (what a real worker imports before its first batch)
 
 
 def startup_cpu(num_workers: int, mp_context: str, repeats: int = 3) -> float:

@@ -35,8 +35,8 @@ from tec_cache.build import BuildConfig, build_cache  # noqa: E402
 from tec_cache.dist import DistInfo, resolve_device  # noqa: E402
 from tec_cache.manifest import load_manifest  # noqa: E402
 from tec_cache.targets import extract_targets  # noqa: E402
-from tec_train.data import CacheLoader  # noqa: E402
-from tec_train.target_sources import CacheTargetSource, InMemoryTargetSource  # noqa: E402
+from tec_train.cache_loader import CacheLoader  # noqa: E402
+from tec_train.target_feeds import CacheTargetFeed, InMemoryTargetFeed  # noqa: E402
 from tec_train.train import TrainConfig, train  # noqa: E402
 
 
@@ -154,9 +154,9 @@ def main() -> None:
     from_cache = TrainConfig(run_dir=str(work / "run-cache"), cache=str(cache), **common)
     train(from_cache)
     res["cache_images_per_s"] = step_rate(work / "run-cache", args.warmup)
-    src = CacheTargetSource(man, batch_size=args.batch_size, rank=0, world_size=1, num_workers=args.num_workers, seed=0,
+    src = CacheTargetFeed(man, batch_size=args.batch_size, rank=0, world_size=1, num_workers=args.num_workers, seed=0,
                             view_order="cycle", pin_memory=device.type == "cuda")
-    mem = InMemoryTargetSource.from_source(src, args.warmup + args.steps, device)
+    mem = InMemoryTargetFeed.from_source(src, args.warmup + args.steps, device)
     in_memory = TrainConfig(run_dir=str(work / "run-memory"), **common)
     train(in_memory, source=mem)
     res["in_memory_images_per_s"] = step_rate(work / "run-memory", args.warmup)

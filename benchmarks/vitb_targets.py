@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from tec_cache.targets import extract_targets, normalise_images
-from tec_cache.views import IMAGENET_MEAN, IMAGENET_STD, ViewRecipe, make_views
+from tec_cache.views import ViewRecipe, make_views
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry", "hubble_deep_field", "coins")
 
@@ -44,7 +44,7 @@ def vitb_views_and_targets(n_views: int = 32, cache: Path | None = None, seed: i
     jpegs, pixels = jpegs[:n_views], pixels[:n_views]
     torch.manual_seed(seed)
     model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0).eval()
-    x = normalise_images(torch.stack(pixels), IMAGENET_MEAN, IMAGENET_STD)
+    x = normalise_images(torch.stack(pixels), ViewRecipe().mean, ViewRecipe().std)
     feats, atts, idxs = [], [], []
     for i in range(0, len(x), 8):
         f, a, k = extract_targets(model, x[i:i + 8], topk=15, last_layers=2)

@@ -39,8 +39,8 @@ from torch.utils.data import Subset  # noqa: E402
 from tec_cache.fashion_mnist import DEFAULT_DIR, HOW_TO_GET, export_image_folder, subset_indices  # noqa: E402
 from tec_cache.presets import load_pipeline  # noqa: E402
 from tec_train.checkpoint import latest_checkpoint  # noqa: E402
-from tec_train.datasets import FashionMNIST  # noqa: E402
-from tec_train.encoders import load_encoder  # noqa: E402
+from tec_train.labelled import FashionMNIST  # noqa: E402
+from tec_train.encoder_weights import load_encoder  # noqa: E402
 from tec_train.evaluate import extract_features, knn_classify, linear_probe  # noqa: E402
 from tec_train.mae import build_mae  # noqa: E402
 

@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +38,21 @@ from tec_cache.faults import fault_point
 from tec_cache.manifest import (MANIFEST_NAME, SCHEMA_VERSION, ManifestError, is_temporary, load_manifest, seal_manifest,
                                 write_json_atomic)
 from tec_cache.records import ViewRecord, record_key
+from tec_cache.images import BadImage, ImageSource, decode_image, open_source
 from tec_cache.run_log import naming_sample
-from tec_cache.sources import BadImage, ImageSource, decode_image, open_source
 from tec_cache.targets import extract_targets, normalise_images
 from tec_cache.views import ViewRecipe, make_views
 
-TOOL_VERSION = "tec-cache 0.1.0"
+
+def _tool_version() -> str:
+    """``tec-cache <version>`` of the installed distribution, recorded in every manifest."""
+    try:
+        return f"tec-cache {package_version('tec-pretrain')}"
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "tec-cache 0+unknown"
+
+
+TOOL_VERSION = _tool_version()
 # Disk estimate safety factor: shard sizes vary with image content.
 DISK_MARGIN = 1.10
 _RESUME = "complete shards are kept: re-run the same command to resume"
@@ -141,7 +152,7 @@ def source_fingerprint(source: ImageSource) -> str:
     return h.hexdigest()
 
 
-def _identity(batch: list[Any]) -> Any:
+def _single_item(batch: list[Any]) -> Any:
     return batch[0]
 
 
@@ -196,7 +207,7 @@ def merge_stats(items: list[dict[str, list[float]]]) -> dict[str, dict[str, floa
     return out
 
 
-def _identity_fields(cfg: BuildConfig, source: ImageSource, facts: dict[str, Any], shape: TargetShape) -> dict[str, Any]:
+def _cache_identity(cfg: BuildConfig, source: ImageSource, facts: dict[str, Any], shape: TargetShape) -> dict[str, Any]:
     """What must not change between a build and its resume/extension."""
     return {
         "base_model.sha256": facts["sha256"],
@@ -246,7 +257,7 @@ class Builder:
         grid = cfg.spec.img_size // cfg.spec.patch_size
         self.shape = TargetShape(grid * grid, self.model.embed_dim, self.model.blocks[-1].attn.num_heads, cfg.spec.topk)
         self.field_specs = self.codec.field_specs(self.shape)
-        self.identity = _identity_fields(cfg, self.source, self.facts, self.shape)
+        self.identity = _cache_identity(cfg, self.source, self.facts, self.shape)
         old_views = _check_resume(cfg.out, self.identity)
         self.num_views = max(cfg.views, old_views)
         if old_views > cfg.views:
@@ -347,7 +358,7 @@ class Builder:
             set_total(my_views)
         loader = DataLoader(
             _ViewJobs(self.source, jobs, self.cfg.seed, self.recipe),
-            batch_size=1, collate_fn=_identity, num_workers=self.cfg.num_workers,
+            batch_size=1, collate_fn=_single_item, num_workers=self.cfg.num_workers,
             prefetch_factor=4 if self.cfg.num_workers > 0 else None,
         )
         it = iter(loader)

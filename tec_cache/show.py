@@ -10,30 +10,28 @@ global backend switch), so it runs on headless machines and inside other program
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from tec_cache import shards as shard_io
 from tec_cache.codecs import get_codec, stack_fields
+from tec_cache.figures import DPI, prepare_png_path, save_png
 from tec_cache.manifest import Manifest, ManifestError, load_manifest
 from tec_cache.records import ViewRecord
 from tec_cache.views import decode_view
 
-__all__ = ["attention_map", "feature_norm_map", "parse_head", "prepare_png_path", "render_views", "save_png", "select_records"]
+__all__ = ["attention_map", "feature_norm_map", "parse_head", "render_views", "select_records"]
 
 # Inches per grid cell and for the title band; with DPI these fix the PNG's pixel size, so a
 # caller (or a test) knows it in advance: width = columns * CELL_IN * DPI.
 CELL_IN = 2.6
 TITLE_IN = 0.6
-DPI = 100
 HEAT_ALPHA = 0.55  # enough to read the map, little enough to still see the view under it
 HEAT_CMAP = "inferno"
 TOPK_COLOR = "#00e5ff"  # cyan: stands out on natural images and on the inferno map
@@ -82,34 +80,6 @@ def feature_norm_map(feat: np.ndarray | torch.Tensor, grid: tuple[int, int]) -> 
     if f.ndim != 2 or f.shape[0] != gh * gw:
         raise ValueError(f"feature target must be [{gh * gw}, D] for a {gh}x{gw} grid, got {list(f.shape)}")
     return np.linalg.norm(f, axis=1).reshape(gh, gw)  # [gh,gw]
-
-
-def prepare_png_path(out: Path, option: str = "--out") -> Path:
-    """Check that ``out`` can be written as a file (creating its folder); ValueError names ``option``."""
-    out = Path(out)
-    if out.is_dir():
-        raise ValueError(f"{option}: {out} is a folder; give a file name such as {out / 'picture.png'}")
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"{option}: cannot create the folder {parent} ({e.strerror or e})") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{option}: the folder {parent} is not writable")
-    return out
-
-
-def save_png(fig: Figure, out: Path, option: str) -> Path:
-    """Write through a temporary sibling so a failed write never leaves a half PNG under ``out``."""
-    FigureCanvasAgg(fig)  # attach the Agg canvas: savefig then renders without any GUI backend
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise ValueError(f"{option}: cannot write {out} ({e.strerror or e})") from None
-    return out
 
 
 def _open_cache(cache: Path) -> Manifest:

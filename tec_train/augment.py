@@ -17,10 +17,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from PIL import Image, ImageOps
-from timm.data import create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.auto_augment import AugmentOp, AugMixAugment, AutoAugment, RandAugment
 
-from .evaluate import IMAGENET_MEAN, IMAGENET_STD
 
 NO_AUGMENT = ("", "none")
 
@@ -66,5 +65,5 @@ def finetune_train_transform(img_size: int, *, aa: str | None, reprob: float) ->
     auto_augment = None if aa is None or aa.lower() in NO_AUGMENT else aa
     tf = create_transform(input_size=img_size, is_training=True, color_jitter=None, auto_augment=auto_augment,
                           interpolation="bicubic", re_prob=reprob, re_mode="pixel", re_count=1,
-                          mean=IMAGENET_MEAN, std=IMAGENET_STD)
+                          mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
     return reference_posterize(tf)

@@ -224,7 +224,7 @@ def export(
 ) -> None:
     """Write a plain timm ViT (cls MLP folded into cls_token) that timm.create_model loads strictly."""
     from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-    from .encoders import reference_meta
+    from .encoder_weights import reference_meta
     from .export import CONFIG_KEYS, export_state_dict, load_tec_checkpoint, save_export, timm_model_name
     from .student import parse_model_name
 
@@ -448,8 +448,8 @@ def _frozen_features(source: Path, data: Optional[Path], fashion_mnist: bool, fa
     """Load the encoder and data, and extract (train, val) features; exits 2 on a bad option."""
     from tec_cache.dist import resolve_device
 
-    from .datasets import open_labelled
-    from .encoders import load_encoder
+    from .labelled import open_labelled
+    from .encoder_weights import load_encoder
     from .evaluate import POOLS, extract_features
 
     data_dir, fm = _dataset_dir(data, fashion_mnist, fashion_mnist_dir)

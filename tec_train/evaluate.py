@@ -1,6 +1,6 @@
 """Frozen-feature evaluation: feature extraction, weighted kNN (DINO) and a linear probe (MAE).
 
-Data flow: encoders.load_encoder --> timm ViT (frozen) + datasets.open_labelled --> **eval
+Data flow: encoder_weights.load_encoder --> timm ViT (frozen) + labelled.open_labelled --> **eval
 transform --> features [N, C]** --> knn_classify | linear_probe --> top-1 / top-5 (fractions in
 [0, 1]). The probe trains on precomputed features, so it costs seconds, not encoder forwards.
 """
@@ -15,12 +15,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
 
-from .datasets import Transformed
+from .labelled import Transformed
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 POOLS = ("avg", "cls")
 PROBE_OPTIMIZERS = ("lars", "sgd")
 
@@ -34,7 +33,7 @@ def eval_transform(img_size: int, crop_pct: float = 0.875) -> Callable:
         T.Resize(int(img_size / crop_pct), interpolation=T.InterpolationMode.BICUBIC),
         T.CenterCrop(img_size),
         T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
     ])
 
 

@@ -1,7 +1,7 @@
 """End-to-end fine-tuning with the reference recipe (spec 6, MAE's main_finetune), on timm parts.
 
-Data flow: encoder source (encoders.read_encoder_weights) --> timm ViT with a new head
-(global-pool + fc_norm, or cls token + norm) --> labelled data (datasets.open_labelled) with
+Data flow: encoder source (encoder_weights.read_encoder_weights) --> timm ViT with a new head
+(global-pool + fc_norm, or cls token + norm) --> labelled data (labelled.open_labelled) with
 timm's RandAugment / random erasing and Mixup/CutMix --> AdamW with layer-wise lr decay,
 per-iteration warm-up + cosine --> every epoch: evaluation, **metrics.jsonl**, an atomic
 finetune-<epoch>.pt in the run dir (resumable), and result.json at the end.
@@ -39,8 +39,8 @@ from tec_cache.manifest import write_json_atomic
 
 from .checkpoint import (CheckpointError, CheckpointKind, capture_rng, latest_checkpoint, list_checkpoints, load_checkpoint,
                          restore_rng, save_checkpoint)
-from .datasets import DEFAULT_CROP_PCT, LabelledSplits, open_labelled
-from .encoders import EncoderWeights, build_vit, load_state_strict, read_encoder_weights
+from .labelled import DEFAULT_CROP_PCT, LabelledSplits, open_labelled
+from .encoder_weights import EncoderWeights, build_vit, load_state_strict, read_encoder_weights
 from .augment import NO_AUGMENT, finetune_train_transform
 from .evaluate import eval_transform
 from .export import CONFIG_KEYS
@@ -68,7 +68,7 @@ class FinetuneConfig:
     # Data: exactly one.
     data: str | None = None
     fashion_mnist: str | None = None
-    # Encoder source details (see encoders.read_encoder_weights).
+    # Encoder source details (see encoder_weights.read_encoder_weights).
     model: str | None = None
     basemodel: str | None = None
     arch: str | None = None

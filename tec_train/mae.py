@@ -1,7 +1,7 @@
 """A plain MAE (masked pixel reconstruction) trained by the same loop as the TEC student.
 
 Data flow: image folder --OnlineLoader (RandomResizedCrop + flip, as stage 1's views)--> images
---> ``PixelSource.prepare`` (normalise) --> **MAEModel** (mask 75 %, encode visible patches,
+--> ``PixelFeed.prepare`` (normalise) --> **MAEModel** (mask 75 %, encode visible patches,
 decode all, per-patch normalised pixel loss on masked patches) --> step --> checkpoint. Its
 state dict uses MAE's own names (encoder: cls_token, pos_embed, patch_embed, blocks, norm;
 decoder: mask_token, decoder_embed, decoder_pos_embed, decoder_blocks, decoder_norm,
@@ -21,13 +21,13 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from tec_cache.sources import ImageSource
+from tec_cache.images import ImageSource
 from tec_cache.targets import normalise_images
 from tec_cache.views import ViewRecipe
 
 from .online import OnlineLoader
 from .student import MODEL_SIZES, BlockNorm, MaskedEncoderMixin, init_linear_and_norm, parse_model_name, random_masking
-from .target_sources import StepInputs, TargetSpec
+from .target_feeds import StepInputs, TargetSpec
 
 NORM_PIX_EPS = 1e-6
 # MAE's decoder (512 wide, 8 deep, 16 heads) for the sizes MAE released; the small sizes keep
@@ -152,7 +152,7 @@ def build_mae(name: str, *, img_size: int, patch_size: int | None = None, **over
     return MAEModel(img_size=img_size, patch_size=patch_size if patch_size is not None else name_patch, **kwargs)
 
 
-class PixelSource:
+class PixelFeed:
     """Augmented source images for the MAE objective: the pixels are the target, nothing else."""
 
     def __init__(self, images: ImageSource, *, img_size: int, patch_size: int, batch_size: int, rank: int,

@@ -24,13 +24,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from tec_cache.basemodels import BaseModelSpec, load_base_model
 from tec_cache.faults import fault_point
-from tec_cache.sources import BadImage, ImageSource, decode_image
+from tec_cache.images import BadImage, ImageSource, decode_image
 from tec_cache.run_log import naming_sample
 from tec_cache.targets import extract_targets, normalise_images
 from tec_cache.views import ViewRecipe, cut_view, view_params, view_rng
 
-from .data import Batch
-from .target_sources import StepInputs, TargetSpec
+from .cache_loader import Batch
+from .target_feeds import StepInputs, TargetSpec
 
 _SHUFFLE_TAG = 0x6F6E6C6E  # separates the shuffle's seed stream from the views' (seed, view, key) one
 
@@ -113,7 +113,7 @@ class OnlineLoader:
         """Workers live only as long as an epoch's iterator; nothing stays open."""
 
 
-class OnlineTargetSource:
+class OnlineTargetFeed:
     """OnlineLoader batches plus the frozen base model that turns them into targets on the device."""
 
     def __init__(self, spec: BaseModelSpec, checkpoint: Path, source: ImageSource, *, device: torch.device,

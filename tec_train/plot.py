@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from tec_cache.show import DPI, prepare_png_path, save_png
+from tec_cache.figures import DPI, prepare_png_path, save_png
 from tec_train.train import METRICS_NAME
 
 __all__ = ["METRICS_NAME", "PANELS", "panel_keys", "plot_runs", "read_metrics", "smooth_values"]

@@ -1,6 +1,6 @@
-"""The stage-2 training loop: a TEC student trained from a target source, resumable bit for bit.
+"""The stage-2 training loop: a TEC student trained from a target feed, resumable bit for bit.
 
-Data flow: target source (cache | online base model | in memory) --prepare--> StepInputs on the
+Data flow: target feed (cache | online base model | in memory) --prepare--> StepInputs on the
 device --> student + adapter (mask noise from a checkpointed per-rank generator) --> losses -->
 AdamW step (warm-up + cosine lr per accumulation window) --> metrics.jsonl / progress /
 checkpoint-<step>.pt in the run dir.
@@ -32,13 +32,13 @@ from tec_cache.basemodels import REGISTRY, resolve_spec
 from tec_cache.dist import DistInfo, destroy_process_group, dist_info, explain_peer_loss, init_process_group, resolve_device
 from tec_cache.faults import fault_point
 from tec_cache.manifest import ManifestError, load_manifest, write_json_atomic
-from tec_cache.sources import open_source
+from tec_cache.images import open_source
 
 from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, remove_stale_temp_files, restore_rng, save_checkpoint
 from .export import load_tec_checkpoint
 from .schedule import WarmupCosine, absolute_lr
 from .student import build_student, param_groups, parse_model_name
-from .target_sources import CacheTargetSource, StepInputs, TargetSource
+from .target_feeds import CacheTargetFeed, StepInputs, TargetFeed
 
 METRICS_NAME = "metrics.jsonl"
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -164,7 +164,7 @@ class TrainConfig:
             return
         if external_source:
             if self.cache is not None or self.online or online_only:
-                raise ValueError("a target source was passed in: --cache and the online options must not be set")
+                raise ValueError("a target feed was passed in: --cache and the online options must not be set")
             return
         if self.cache is not None and self.online:
             raise ValueError("--cache and --online-basemodel/--arch exclude each other: train from a cache or online")
@@ -265,7 +265,7 @@ def student_geometry(cfg: TrainConfig, default_img: int) -> tuple[int, int]:
 
 def check_geometry(student: tuple[int, int], targets: tuple[int, int], what: str) -> None:
     """The student's (img_size, patch_size) must be the targets'; CompatibilityError names both."""
-    from .data import CompatibilityError
+    from .cache_loader import CompatibilityError
 
     (img, patch), (t_img, t_patch) = student, targets
     if img % patch:
@@ -277,18 +277,18 @@ def check_geometry(student: tuple[int, int], targets: tuple[int, int], what: str
         )
 
 
-def build_target_source(cfg: TrainConfig, info: DistInfo, device: torch.device, amp: str) -> TargetSource:
+def build_target_source(cfg: TrainConfig, info: DistInfo, device: torch.device, amp: str) -> TargetFeed:
     """The cache, online or pixel source ``cfg`` asks for, checked against the student's geometry before any loading."""
     if cfg.objective == "mae":
-        from .mae import PixelSource
+        from .mae import PixelFeed
 
         img, patch = student_geometry(cfg, 224)
         check_geometry((img, patch), (img, patch), "image size")  # only the divisibility check applies
-        return PixelSource(open_source(Path(cfg.data)), img_size=img, patch_size=patch, batch_size=cfg.batch_size,
+        return PixelFeed(open_source(Path(cfg.data)), img_size=img, patch_size=patch, batch_size=cfg.batch_size,
                            rank=info.rank, world_size=info.world_size, num_workers=cfg.num_workers, seed=cfg.seed,
                            pin_memory=device.type == "cuda")
     if cfg.cache is not None:
-        from .data import check_compatibility
+        from .cache_loader import check_compatibility
 
         try:
             manifest = load_manifest(Path(cfg.cache))
@@ -296,16 +296,16 @@ def build_target_source(cfg: TrainConfig, info: DistInfo, device: torch.device, 
             raise ValueError(f"--cache: {e}") from None
         img, patch = student_geometry(cfg, int(manifest.raw["views"]["recipe"]["size"]))
         check_compatibility(manifest, img_size=img, patch_size=patch)
-        return CacheTargetSource(manifest, batch_size=cfg.batch_size, rank=info.rank, world_size=info.world_size,
+        return CacheTargetFeed(manifest, batch_size=cfg.batch_size, rank=info.rank, world_size=info.world_size,
                                  num_workers=cfg.num_workers, seed=cfg.seed, view_order=cfg.view_order,
                                  pin_memory=device.type == "cuda")
-    from .online import OnlineTargetSource
+    from .online import OnlineTargetFeed
 
     spec = resolve_spec(cfg.online_basemodel, arch=cfg.arch, img_size=cfg.img_size, patch_size=cfg.patch_size,
                         topk=cfg.topk, tau=cfg.tau, last_layers=cfg.last_layers, depth=cfg.base_depth)
     check_geometry(student_geometry(cfg, spec.img_size), (spec.img_size, spec.patch_size), "base model")
     images = open_source(Path(cfg.data))
-    return OnlineTargetSource(spec, Path(cfg.checkpoint), images, device=device, batch_size=cfg.batch_size,
+    return OnlineTargetFeed(spec, Path(cfg.checkpoint), images, device=device, batch_size=cfg.batch_size,
                               rank=info.rank, world_size=info.world_size, num_workers=cfg.num_workers,
                               seed=cfg.seed, autocast=amp != "off")
 
@@ -360,7 +360,7 @@ def truncate_metrics(path: Path, global_step: int) -> None:
 class Trainer:
     """One ``tec-train run``: set up (resume or fresh), loop, checkpoint. Use ``train()``."""
 
-    def __init__(self, cfg: TrainConfig, source: TargetSource | None, reporter: Reporter | None) -> None:
+    def __init__(self, cfg: TrainConfig, source: TargetFeed | None, reporter: Reporter | None) -> None:
         cfg.validate(external_source=source is not None)
         self.cfg = cfg
         self.info = dist_info()
@@ -380,7 +380,7 @@ class Trainer:
         self.owns_source = source is None
         if source is not None:
             check_geometry(student_geometry(cfg, source.spec.img_size), (source.spec.img_size, source.spec.patch_size),
-                           "target source")
+                           "target feed")
             self.source = source
         else:
             self.source = build_target_source(cfg, self.info, self.device, self.amp)
@@ -632,7 +632,7 @@ class Trainer:
                         item = next(batches, None)
                         wait += time.perf_counter() - tw
                         if item is None:
-                            raise RuntimeError(f"the target source ended epoch {epoch} after {it} of {self.spe} micro-batches")
+                            raise RuntimeError(f"the target feed ended epoch {epoch} after {it} of {self.spe} micro-batches")
                         self._micro_step(item, sync=j == cfg.accum_iter - 1,
                                          where=f"step {global_step + 1} (epoch {epoch}, micro-batch {it})")
                         it += 1
@@ -682,6 +682,6 @@ class Trainer:
         )
 
 
-def train(cfg: TrainConfig, *, source: TargetSource | None = None, reporter: Reporter | None = None) -> TrainResult:
+def train(cfg: TrainConfig, *, source: TargetFeed | None = None, reporter: Reporter | None = None) -> TrainResult:
     """Train (or resume) the run ``cfg`` describes; ``source`` replaces the cache/online source (e.g. in memory)."""
     return Trainer(cfg, source, reporter).run()

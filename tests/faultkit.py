@@ -109,7 +109,7 @@ def assert_no_partial_shard_accepted(out: Path, reference: Path) -> dict[str, in
 
     Returns counts of what was found, for the caller's assertions.
     """
-    from tec_train.data import CacheLoader
+    from tec_train.cache_loader import CacheLoader
 
     ref = load_manifest(reference)
     ref_entries = {e.path: e for e in ref.shards()}

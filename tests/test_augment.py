@@ -43,7 +43,7 @@ def _real_images() -> dict[str, Image.Image]:
         img.thumbnail((80, 80))
         imgs[name] = img
     if (FMNIST / "train-images-idx3-ubyte.gz").is_file():
-        from tec_train.datasets import FashionMNIST
+        from tec_train.labelled import FashionMNIST
 
         imgs["fashion-mnist"] = FashionMNIST("test", FMNIST)[0][0]
     return imgs

@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 from tec_cache import fashion_mnist
 from tec_train.checkpoint import save_checkpoint
 from tec_train.cli import app
-from tec_train.datasets import FashionMNIST, open_labelled, subset_indices
-from tec_train.encoders import load_encoder, read_encoder_weights
+from tec_train.labelled import FashionMNIST, open_labelled, subset_indices
+from tec_train.encoder_weights import load_encoder, read_encoder_weights
 from tec_train.evaluate import extract_features, knn_classify, linear_probe
 from tec_train.export import export_state_dict, save_export, timm_model_name
 from tec_train.finetune import (

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from tec_cache.fashion_mnist import CLASSES, DEFAULT_DIR, export_image_folder, read_split, subset_indices
-from tec_cache.sources import open_source
+from tec_cache.images import open_source
 
 
 def test_real_files_read():

@@ -34,7 +34,7 @@ from tec_cache.cli import app as cache_app
 from tec_cache.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from tec_cache.verify import verify_cache
 from tec_train.cli import app as train_app
-from tec_train.data import CacheLoader, CompatibilityError, check_compatibility
+from tec_train.cache_loader import CacheLoader, CompatibilityError, check_compatibility
 from tests.conftest import TINY_ARCH, TINY_IMG, TINY_PATCH, TINY_TOPK, make_image_folder, tiny_spec, tiny_state_dict
 from tests.faultkit import ROOT, build_args
 

@@ -22,9 +22,9 @@ from tec_train.cli import app
 from tec_train.export import create_timm_model
 from tec_train.online import OnlineLoader
 from tec_train.student import build_student
-from tec_train.target_sources import CacheTargetSource, InMemoryTargetSource
+from tec_train.target_feeds import CacheTargetFeed, InMemoryTargetFeed
 from tec_train.train import NonFiniteLossError, TrainConfig, train, truncate_metrics
-from tec_cache.sources import open_source
+from tec_cache.images import open_source
 from tec_cache.views import ViewRecipe
 from tests.conftest import TINY_ARCH, TINY_IMG, TINY_PATCH, TINY_TOPK, make_image_folder, tiny_spec, tiny_state_dict
 
@@ -152,9 +152,9 @@ def test_online_loader_partitions_equally_and_reproducibly(tiny) -> None:
 
 def test_in_memory_source(tiny, tmp_path: Path) -> None:
     man = load_manifest(tiny.cache)
-    cache_source = CacheTargetSource(man, batch_size=4, rank=0, world_size=1, num_workers=0, seed=0,
+    cache_source = CacheTargetFeed(man, batch_size=4, rank=0, world_size=1, num_workers=0, seed=0,
                                      view_order="cycle", pin_memory=False)
-    memory = InMemoryTargetSource.from_source(cache_source, 3, torch.device("cpu"))
+    memory = InMemoryTargetFeed.from_source(cache_source, 3, torch.device("cpu"))
     result = train(_cfg(tmp_path / "run", None, max_steps=4, lr=2e-3, warmup_epochs=0), source=memory)
     assert result.global_step == 4 and result.epoch == 1  # 3 batches per epoch
     assert _records(tmp_path / "run")[0]["lr"] == 2e-3  # --lr is absolute: no batch scaling

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from tec_cache.sources import BadImage, decode_image, open_source
+from tec_cache.images import BadImage, decode_image, open_source
 from tec_cache.views import ViewRecipe, cut_view, decode_view, make_views, view_params, view_rng
 from tests.conftest import add_skimage_photos, make_image_folder
 

@@ -1,14 +1,14 @@
 """Target sources: where a training step gets its images and base-model targets from.
 
-Data flow: **target source** --(host batch)--> ``prepare`` on the training device --> StepInputs
+Data flow: **target feed** --(host batch)--> ``prepare`` on the training device --> StepInputs
 (normalised images + float targets) --> student + losses --> step.
 
 Three sources share one interface, so the trainer never knows which it has:
-- ``CacheTargetSource``: batches from the stage-1 cache (``data.CacheLoader``); the targets
+- ``CacheTargetFeed``: batches from the stage-1 cache (``cache_loader.CacheLoader``); the targets
   cross to the device still quantised and are decoded there.
-- ``online.OnlineTargetSource``: freshly augmented images and the frozen base model running
+- ``online.OnlineTargetFeed``: freshly augmented images and the frozen base model running
   inside the step, as the reference does (the speed baseline).
-- ``InMemoryTargetSource``: prepared batches held on the device; no loader at all, the ceiling a
+- ``InMemoryTargetFeed``: prepared batches held on the device; no loader at all, the ceiling a
   loader is measured against, and a cheap source for tests.
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ class StepInputs:
     idx: torch.Tensor | None  # [B, k] int64
 
 
-class TargetSource(Protocol):
+class TargetFeed(Protocol):
     """The trainer's view of any source. ``epoch`` yields host-side items; ``prepare`` makes them StepInputs."""
 
     spec: TargetSpec
@@ -87,12 +87,12 @@ class TargetSource(Protocol):
     def close(self) -> None: ...
 
 
-class CacheTargetSource:
+class CacheTargetFeed:
     """Batches of cached views; targets decoded on the device from their quantised form."""
 
     def __init__(self, manifest: Manifest, *, batch_size: int, rank: int, world_size: int, num_workers: int,
                  seed: int, view_order: str, pin_memory: bool) -> None:
-        from .data import CacheLoader
+        from .cache_loader import CacheLoader
 
         self.spec = TargetSpec.from_manifest(manifest)
         self.codec = manifest.codec
@@ -106,7 +106,7 @@ class CacheTargetSource:
         return self.loader.epoch(epoch, start_step=start_step)
 
     def prepare(self, item: Any, device: torch.device) -> StepInputs:
-        from .data import decode_targets
+        from .cache_loader import decode_targets
 
         batch = item.to(device, non_blocking=True)
         feat, att, idx = decode_targets(batch, self.codec)  # [B,L,D], [B,k+1,H,L], [B,k]
@@ -119,7 +119,7 @@ class CacheTargetSource:
         self.loader.close()
 
 
-class InMemoryTargetSource:
+class InMemoryTargetFeed:
     """Prepared micro-batches held on the device; every epoch replays them in order."""
 
     def __init__(self, spec: TargetSpec, batches: list[StepInputs]) -> None:
@@ -130,7 +130,7 @@ class InMemoryTargetSource:
         self.steps_per_epoch = len(batches)
 
     @staticmethod
-    def from_source(source: TargetSource, num_batches: int, device: torch.device) -> InMemoryTargetSource:
+    def from_source(source: TargetFeed, num_batches: int, device: torch.device) -> InMemoryTargetFeed:
         """Prepare the first ``num_batches`` of ``source``'s epoch 0 once and keep them (closes ``source``)."""
         batches: list[StepInputs] = []
         try:
@@ -140,7 +140,7 @@ class InMemoryTargetSource:
                     break
         finally:
             source.close()
-        return InMemoryTargetSource(source.spec, batches)
+        return InMemoryTargetFeed(source.spec, batches)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[StepInputs]:
         return iter(self.batches[start_step:])

@@ -1,4 +1,4 @@
-"""Stage-2 loader (tec_train.data): partition across ranks, seeded order, resume, content against the
+"""Stage-2 loader (tec_train.cache_loader): partition across ranks, seeded order, resume, content against the
 shard reader, worker processes, compatibility pre-flight and corrupted shards, for both formats."""
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from tec_cache.codecs import get_codec
 from tec_cache.manifest import load_manifest
 from tec_cache.records import ViewRecord
 from tec_cache.views import decode_view
-from tec_train import data as data_mod
-from tec_train.data import Batch, CacheLoader, CompatibilityError, check_compatibility, decode_targets, epoch_order
+from tec_train import cache_loader as data_mod
+from tec_train.cache_loader import Batch, CacheLoader, CompatibilityError, check_compatibility, decode_targets, epoch_order
 from tests.conftest import TINY_IMG, TINY_PATCH, TINY_TOPK, make_image_folder, tiny_spec
 
 FORMATS = ["webdataset", "zarr"]
