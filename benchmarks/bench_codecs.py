@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.vitb_targets import vitb_views_and_targets  # noqa: E402
-from tec_cache import shards as shard_io  # noqa: E402
+from tec_cache import format as cache_format  # noqa: E402
 from tec_cache.codecs import TargetShape, fidelity, get_codec, split_fields  # noqa: E402
-from tec_cache.records import ViewRecord, record_key  # noqa: E402
+from tec_cache.format.schema import ViewRecord, record_key  # noqa: E402
 
 
 def main() -> None:
@@ -47,9 +47,9 @@ def main() -> None:
         row = {"codec": name, "raw_target_bytes": raw, "stored_target_bytes": round(stored, 1),
                "jpeg_bytes": round(float(np.mean([len(j) for j in jpegs])), 1)}
         with tempfile.TemporaryDirectory() as tmp:
-            for fmt in shard_io.FORMATS:
-                path = Path(tmp) / f"s{shard_io.shard_suffix(fmt)}"
-                with shard_io.open_writer(fmt, path, specs, args.compressor) as w:
+            for fmt in cache_format.FORMATS:
+                path = Path(tmp) / f"s{cache_format.get_format(fmt).suffix}"
+                with cache_format.open_writer(fmt, path, specs, args.compressor) as w:
                     for i, fields in enumerate(per_view):
                         w.write(ViewRecord(record_key(i), i, 0, -1, f"img{i}", jpegs[i], fields))
                     info = w.close()

@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.vitb_targets import photos, vitb_views_and_targets  # noqa: E402
-from tec_cache import shards as shard_io  # noqa: E402
+from tec_cache import format as cache_format  # noqa: E402
 from tec_cache.codecs import TargetShape, get_codec, split_fields  # noqa: E402
-from tec_cache.records import ViewRecord, record_key  # noqa: E402
+from tec_cache.format.schema import ViewRecord, record_key  # noqa: E402
 from tec_cache.images import decode_image  # noqa: E402
 from tec_cache.views import ViewRecipe, cut_view, decode_view, encode_view, view_params, view_rng  # noqa: E402
 
@@ -78,7 +78,7 @@ def main() -> None:
             t0 = time.perf_counter()
             for (i, v, data), f in zip(pending, fields):
                 if writer is None:
-                    writer = shard_io.open_writer("webdataset", Path(tmp) / f"shard-{shard_no:06d}.tar", specs, "zstd:3")
+                    writer = cache_format.open_writer("webdataset", Path(tmp) / f"shard-{shard_no:06d}.tar", specs, "zstd:3")
                 writer.write(ViewRecord(record_key(i * args.views + v), i, v, -1, f"img{i}", data, f))
                 in_shard += 1
                 if in_shard == args.shard_size:

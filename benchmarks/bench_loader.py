@@ -33,11 +33,12 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.vitb_targets import photos  # noqa: E402
-from tec_cache import shards as shard_io  # noqa: E402
+from tec_cache import format as cache_format  # noqa: E402
 from tec_cache.build import shard_relpath  # noqa: E402
 from tec_cache.codecs import TargetShape, get_codec, split_fields  # noqa: E402
-from tec_cache.manifest import MANIFEST_NAME, SCHEMA_VERSION, seal_manifest, write_json_atomic  # noqa: E402
-from tec_cache.records import ViewRecord, record_key  # noqa: E402
+from tec_cache.format.fs import write_json_atomic  # noqa: E402
+from tec_cache.format.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest  # noqa: E402
+from tec_cache.format.schema import ViewRecord, record_key  # noqa: E402
 from tec_cache.views import ViewRecipe, make_views  # noqa: E402
 from tec_train.cache_loader import CacheLoader  # noqa: E402
 
@@ -79,7 +80,7 @@ def build_bench_cache(root: Path, *, fmt: str, codec_name: str, num_images: int,
         rel = shard_relpath(fmt, 0, c)
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        with shard_io.open_writer(fmt, path, specs, compressor) as w:
+        with cache_format.open_writer(fmt, path, specs, compressor) as w:
             for i in range(lo, min(lo + shard_size, num_images)):
                 w.write(ViewRecord(record_key(i), i, 0, i % 1000, f"bench/{i:07d}.jpg", jpegs[i % POOL], fields[i % POOL]))
             info = w.close()
@@ -100,7 +101,7 @@ def build_bench_cache(root: Path, *, fmt: str, codec_name: str, num_images: int,
         "view_epochs": [{"index": 0, "num_samples": num_images, "shards": entries}],
         "stats": {"total_bytes": sum(e["nbytes"] for e in entries), "total_views": num_images},
     }
-    write_json_atomic(root / MANIFEST_NAME, seal_manifest(manifest))
+    write_json_atomic(root / MANIFEST_NAME, Manifest.from_json(manifest, root, "bench_loader").sealed().to_json())
     return root
 
 
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
                     help="0 = in the main process (gives the per-CPU-second figure)")
     ap.add_argument("--codecs", nargs="+", default=["int8", "fp16"])
-    ap.add_argument("--formats", nargs="+", default=list(shard_io.FORMATS))
+    ap.add_argument("--formats", nargs="+", default=list(cache_format.FORMATS))
     ap.add_argument("--verify", nargs="+", choices=["first-pass", "off"], default=["first-pass", "off"],
                     help="first-pass: every timed epoch checks every shard's sha256 (a run's first pass over a "
                          "view-epoch); off: no checks (also every later pass of a verifying run)")

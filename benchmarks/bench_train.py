@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tec_cache.basemodels import build_model, resolve_spec  # noqa: E402
 from tec_cache.build import BuildConfig, build_cache  # noqa: E402
 from tec_cache.dist import DistInfo, resolve_device  # noqa: E402
-from tec_cache.manifest import load_manifest  # noqa: E402
+from tec_cache.format.manifest import load_manifest  # noqa: E402
 from tec_cache.targets import extract_targets  # noqa: E402
 from tec_train.cache_loader import CacheLoader  # noqa: E402
 from tec_train.target_feeds import CacheTargetFeed, InMemoryTargetFeed  # noqa: E402
@@ -132,7 +132,7 @@ def main() -> None:
                             num_workers=args.num_workers, device=str(device)))
     res["build_views_per_s"] = n_img / (time.perf_counter() - t0)
     man = load_manifest(cache)
-    res["bytes_per_view"] = man.raw["stats"]["bytes_per_view"]
+    res["bytes_per_view"] = man.stats.bytes_per_view
 
     # 3. the loader alone
     loader = CacheLoader(man, batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=device.type == "cuda")

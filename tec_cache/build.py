@@ -29,15 +29,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tec_cache import shards as shard_io
 from tec_cache.basemodels import BaseModelSpec, build_model, load_base_model
 from tec_cache.codecs import TargetShape, get_codec, split_fields
 from tec_cache.dist import (DistInfo, all_reduce_sum, barrier, destroy_process_group, dist_info, init_process_group,
                             lost_rank_guard, resolve_device)
 from tec_cache.faults import fault_point
-from tec_cache.manifest import (MANIFEST_NAME, SCHEMA_VERSION, ManifestError, is_temporary, load_manifest, seal_manifest,
-                                write_json_atomic)
-from tec_cache.records import ViewRecord, record_key
+from tec_cache.format import FORMATS, get_format, open_writer, parse_compressor
+from tec_cache.format import manifest as mf
+from tec_cache.format.fs import is_temporary, write_json_atomic
+from tec_cache.format.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, ManifestError, load_manifest
+from tec_cache.format.schema import ShardInfo, ViewRecord, record_key
 from tec_cache.images import BadImage, ImageSource, decode_image, open_source
 from tec_cache.run_log import naming_sample
 from tec_cache.targets import extract_targets, normalise_images
@@ -93,14 +94,14 @@ class BuildConfig:
             raise ValueError(f"--num-workers: must be >= 0, got {self.num_workers}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"--jpeg-quality: must be in 1..100, got {self.jpeg_quality}")
-        if self.format not in shard_io.FORMATS:
-            raise ValueError(f"--format: unknown format {self.format!r}; expected one of {list(shard_io.FORMATS)}")
+        if self.format not in FORMATS:
+            raise ValueError(f"--format: unknown format {self.format!r}; expected one of {list(FORMATS)}")
         try:
             get_codec(self.codec)
         except ValueError as e:
             raise ValueError(f"--codec: {e}") from None
         try:
-            shard_io.parse_compressor(self.compressor)
+            parse_compressor(self.compressor)
         except ValueError as e:
             raise ValueError(f"--compressor: {e}") from None
         if self.out.exists() and not self.out.is_dir():
@@ -138,7 +139,7 @@ class BuildResult:
 
 
 def shard_relpath(fmt: str, view_epoch: int, chunk: int) -> str:
-    return f"ve{view_epoch:03d}/shard-{chunk:06d}{shard_io.shard_suffix(fmt)}"
+    return f"ve{view_epoch:03d}/shard-{chunk:06d}{get_format(fmt).suffix}"
 
 
 def _sidecar(path: Path) -> Path:
@@ -232,7 +233,7 @@ def _check_resume(root: Path, expected: dict[str, Any]) -> int:
         return 0
     man = load_manifest(root)
     for dotted, want in expected.items():
-        obj: Any = man.raw
+        obj: Any = man.to_json()
         for part in dotted.split("."):
             obj = obj.get(part) if isinstance(obj, dict) else None
         if obj != want:
@@ -295,8 +296,8 @@ class Builder:
     def bytes_per_view(self, records: list[ViewRecord]) -> float:
         """Measured, not modelled: the first batch written as a real shard in a scratch folder."""
         with tempfile.TemporaryDirectory(prefix="tec-estimate-") as tmp:
-            path = Path(tmp) / f"estimate{shard_io.shard_suffix(self.cfg.format)}"
-            with shard_io.open_writer(self.cfg.format, path, self.field_specs, self.cfg.compressor) as w:
+            path = Path(tmp) / f"estimate{get_format(self.cfg.format).suffix}"
+            with open_writer(self.cfg.format, path, self.field_specs, self.cfg.compressor) as w:
                 for r in records:
                     w.write(r)
                 info = w.close()
@@ -427,8 +428,7 @@ class Builder:
                     with self._disk_full(_sidecar(self.shard_path(v, c))):
                         write_json_atomic(
                             _sidecar(self.shard_path(v, c)),
-                            {"num_samples": info.num_samples, "nbytes": info.nbytes, "sha256": info.sha256,
-                             "skipped": skipped, "stats": stats[v].to_json()},
+                            {**info.to_json(), "skipped": skipped, "stats": stats[v].to_json()},
                         )
                     self._views_done += info.num_samples
                     bpv_seen.append(info.nbytes / max(info.num_samples, 1))
@@ -454,7 +454,7 @@ class Builder:
         manifest_path = None
         if self.info.is_main:
             manifest_path = self.write_manifest(seconds, built_all)
-            skipped_all = load_manifest(self.cfg.out).raw["source"]["skipped"]
+            skipped_all = list(load_manifest(self.cfg.out).source.skipped or ())
         fault_point("after_manifest")
         with lost_rank_guard("waiting for rank 0 to write the manifest", _RESUME):
             barrier()
@@ -482,7 +482,7 @@ class Builder:
     def _open(self, v: int, c: int, writers: dict[int, Any]) -> Any:
         path = self.shard_path(v, c)
         path.parent.mkdir(parents=True, exist_ok=True)
-        writers[v] = shard_io.open_writer(self.cfg.format, path, self.field_specs, self.cfg.compressor)
+        writers[v] = open_writer(self.cfg.format, path, self.field_specs, self.cfg.compressor)
         fault_point("shard_opened")
         return writers[v]
 
@@ -505,42 +505,48 @@ class Builder:
                 if not self.is_complete(v, c):
                     raise RuntimeError(f"shard {path} is missing after all ranks finished; re-run the build to complete it")
                 side = json.loads(_sidecar(path).read_text())
-                entries.append({"index": c, "path": shard_relpath(self.cfg.format, v, c), "num_samples": side["num_samples"],
-                                "nbytes": side["nbytes"], "sha256": side["sha256"]})
+                info = ShardInfo(side["num_samples"], side["nbytes"], side["sha256"])
+                entries.append(mf.ShardEntry(v, c, shard_relpath(self.cfg.format, v, c), info))
                 stats.append(side["stats"])
                 for s in side["skipped"]:
                     skipped[s["key"]] = s["error"]
-                total_bytes += side["nbytes"]
-                total_samples += side["num_samples"]
-            view_epochs.append({"index": v, "num_samples": sum(e["num_samples"] for e in entries), "shards": entries})
+                total_bytes += info.nbytes
+                total_samples += info.num_samples
+            view_epochs.append(mf.ViewEpoch(v, sum(e.num_samples for e in entries), tuple(entries)))
         spec = self.cfg.spec
         grid = spec.img_size // spec.patch_size
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "tool": TOOL_VERSION,
-            "base_model": {**spec.to_json(), "sha256": self.facts["sha256"], "checkpoint": self.facts["path"],
-                           "layout": self.facts["layout"], "embed_dim": self.shape.dim, "num_heads": self.shape.heads,
-                           "depth": len(self.model.blocks)},
-            "targets": {"num_patches": self.shape.num_patches, "grid": [grid, grid], "patch_size": spec.patch_size,
-                        "dim": self.shape.dim, "heads": self.shape.heads, "topk": spec.topk,
-                        "last_layers": spec.last_layers, "tau": spec.tau},
-            "views": {"count": self.num_views, "seed": self.cfg.seed, "recipe": self.recipe.to_json(), "image_format": "jpeg"},
-            "codec": {"name": self.codec.name, "fields": {k: v.to_json() for k, v in self.field_specs.items()}},
-            "format": {"name": self.cfg.format, "compressor": self.cfg.compressor, "shard_size": self.cfg.shard_size},
-            "source": {**self.source.describe(), "fingerprint": self.identity["source.fingerprint"],
-                       "skipped": [{"key": k, "error": e} for k, e in sorted(skipped.items())]},
-            "view_epochs": view_epochs,
-            "stats": {"fields": merge_stats(stats), "total_bytes": total_bytes, "total_views": total_samples,
-                      "bytes_per_view": total_bytes / max(total_samples, 1),
-                      "build": {"seconds": round(seconds, 3), "views_this_run": views_this_run,
-                                "views_per_s": round(views_this_run / max(seconds, 1e-9), 2),
-                                "world_size": self.info.world_size, "device": str(self.device)}},
-        }
+        # The spec's options (top-k, tau, ...) and where the weights came from ride along verbatim.
+        options = {k: x for k, x in spec.to_json().items() if k not in ("name", "arch", "depth")}
+        source = self.source.describe()
+        manifest = Manifest(
+            root=self.cfg.out,
+            schema_version=SCHEMA_VERSION,
+            base_model=mf.BaseModel(name=spec.name, arch=spec.arch, sha256=self.facts["sha256"], embed_dim=self.shape.dim,
+                                    num_heads=self.shape.heads, depth=len(self.model.blocks),
+                                    extra={**options, "checkpoint": self.facts["path"], "layout": self.facts["layout"]}),
+            targets=mf.Targets(num_patches=self.shape.num_patches, grid=(grid, grid), patch_size=spec.patch_size,
+                               dim=self.shape.dim, heads=self.shape.heads, topk=spec.topk, last_layers=spec.last_layers,
+                               tau=spec.tau),
+            views=mf.Views(count=self.num_views, seed=self.cfg.seed, recipe=mf.Recipe.of(self.recipe.to_json()),
+                           extra={"image_format": "jpeg"}),
+            codec=mf.Codec(name=self.codec.name, fields=dict(self.field_specs)),
+            format=mf.Format(name=self.cfg.format, compressor=self.cfg.compressor, shard_size=self.cfg.shard_size),
+            source=mf.Source.of({**source, "fingerprint": self.identity["source.fingerprint"],
+                                 "skipped": [{"key": k, "error": e} for k, e in sorted(skipped.items())]}),
+            view_epochs=tuple(view_epochs),
+            stats=mf.Stats(fields={k: mf.FieldStats.of(x) for k, x in merge_stats(stats).items()},
+                           total_bytes=total_bytes, total_views=total_samples,
+                           bytes_per_view=total_bytes / max(total_samples, 1),
+                           build={"seconds": round(seconds, 3), "views_this_run": views_this_run,
+                                  "views_per_s": round(views_this_run / max(seconds, 1e-9), 2),
+                                  "world_size": self.info.world_size, "device": str(self.device)}),
+            extra={"tool": TOOL_VERSION},
+        )
         self.remove_leftovers()
         fault_point("before_manifest")
         path = self.cfg.out / MANIFEST_NAME
         with self._disk_full(path):
-            write_json_atomic(path, seal_manifest(manifest), fault="manifest")
+            write_json_atomic(path, manifest.sealed().to_json(), fault="manifest")
         return path
 
     def remove_leftovers(self) -> None:

@@ -181,7 +181,7 @@ def build(
 @app.command()
 def inspect(cache: Path = typer.Argument(..., help="Cache folder.")) -> None:
     """Print what a cache holds: base model, targets, views, codec, counts, bytes and field statistics."""
-    from tec_cache.manifest import ManifestError, load_manifest
+    from tec_cache.format.manifest import ManifestError, Stats, load_manifest
 
     if not cache.is_dir():
         _fail(f"CACHE: no such cache folder {cache} (expected the --out folder of tec-cache build)")
@@ -189,45 +189,45 @@ def inspect(cache: Path = typer.Argument(..., help="Cache folder.")) -> None:
         man = load_manifest(cache)
     except ManifestError as e:
         _fail(str(e))
-    raw = man.raw
     out = Console(markup=False)  # manifest strings are data: a "[/]" in one must print, not parse
     t = Table(title=f"cache {cache}")
     t.add_column("section")
     t.add_column("value")
-    bm, tg = raw["base_model"], raw["targets"]
-    t.add_row("base model", f"{bm['name']} ({bm['arch']}, D={bm['embed_dim']}, H={bm['num_heads']}, depth {bm['depth']})")
-    t.add_row("checkpoint", f"{bm.get('checkpoint')} sha256 {bm['sha256'][:16]}...")
-    t.add_row("targets", f"L={tg['num_patches']} grid {tg['grid']}, top-k {tg['topk']}, last_layers {tg['last_layers']}, tau {tg['tau']}")
-    rc = raw["views"]["recipe"]
-    t.add_row("views", f"K={raw['views']['count']} view-epochs, seed {raw['views']['seed']}, {rc['size']} px, scale {rc['scale']}, jpeg q{rc['jpeg_quality']}")
-    t.add_row("codec", f"{raw['codec']['name']}: " + ", ".join(f"{k} {v['dtype']}{v['shape']}" for k, v in raw["codec"]["fields"].items()))
-    t.add_row("format", f"{raw['format']['name']}, {raw['format']['compressor']}, {raw['format']['shard_size']} views/shard")
-    src = raw["source"]
-    t.add_row("source", f"{src['path']} ({src['kind']}): {src['num_images']} images, {len(src.get('classes', []))} classes, {len(src.get('skipped', []))} skipped")
-    st = raw.get("stats", {})
-    t.add_row("shards", f"{len(man.shards())} shards, {st.get('total_views', '?')} views, {_human(st.get('total_bytes', 0))}")
-    t.add_row("bytes per view", _human(st.get("bytes_per_view", 0)))
-    b = st.get("build", {})
+    bm, tg = man.base_model, man.targets
+    t.add_row("base model", f"{bm.name} ({bm.arch}, D={bm.embed_dim}, H={bm.num_heads}, depth {bm.depth})")
+    t.add_row("checkpoint", f"{bm.extra.get('checkpoint')} sha256 {bm.sha256[:16]}...")
+    t.add_row("targets", f"L={tg.num_patches} grid {list(tg.grid)}, top-k {tg.topk}, last_layers {tg.last_layers}, tau {tg.tau}")
+    rc = man.views.recipe
+    t.add_row("views", f"K={man.views.count} view-epochs, seed {man.views.seed}, {rc.size} px, scale {list(rc.scale)}, jpeg q{rc.jpeg_quality}")
+    t.add_row("codec", f"{man.codec.name}: " + ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in man.codec.fields.items()))
+    t.add_row("format", f"{man.format.name}, {man.format.compressor}, {man.format.shard_size} views/shard")
+    src = man.source
+    t.add_row("source", f"{src.path} ({src.kind}): {src.num_images} images, {len(src.classes or ())} classes, {len(src.skipped or ())} skipped")
+    st = man.stats or Stats()
+    total_views = "?" if st.total_views is None else st.total_views
+    t.add_row("shards", f"{len(man.shards())} shards, {total_views} views, {_human(st.total_bytes or 0)}")
+    t.add_row("bytes per view", _human(st.bytes_per_view or 0))
+    b = st.build or {}
     t.add_row("last build", f"{b.get('seconds')} s, {b.get('views_per_s')} views/s, world size {b.get('world_size')}, {b.get('device')}")
     out.print(t)
     fs = Table(title="target statistics (float, before the codec)")
     for col in ("field", "count", "mean", "std", "min", "max"):
         fs.add_column(col, justify="right")
-    for name, s in st.get("fields", {}).items():
-        fs.add_row(name, str(s["count"]), f"{s['mean']:.4g}", f"{s['std']:.4g}", f"{s['min']:.4g}", f"{s['max']:.4g}")
+    for name, s in (st.fields or {}).items():
+        fs.add_row(name, str(s.count), f"{s.mean:.4g}", f"{s.std:.4g}", f"{s.min:.4g}", f"{s.max:.4g}")
     out.print(fs)
     ve = Table(title="view-epochs")
     for col in ("view-epoch", "shards", "views"):
         ve.add_column(col, justify="right")
-    for v in raw["view_epochs"]:
-        ve.add_row(str(v["index"]), str(len(v["shards"])), str(v["num_samples"]))
+    for v in man.view_epochs:
+        ve.add_row(str(v.index), str(len(v.shards)), str(v.num_samples))
     out.print(ve)
 
 
 @app.command()
 def verify(cache: Path = typer.Argument(..., help="Cache folder.")) -> None:
     """Check every shard against its checksum, size, count and schema; exit 1 naming each bad shard."""
-    from tec_cache.manifest import ManifestError
+    from tec_cache.format.manifest import ManifestError
     from tec_cache.verify import verify_cache
 
     if not cache.is_dir():  # a usage error (2); a folder that is not a sound cache is a failed check (1)
@@ -255,7 +255,7 @@ def show(
     feat_norm: bool = typer.Option(True, "--feat-norm/--no-feat-norm", help="Add a column with the feature target's norm per patch."),
 ) -> None:
     """Draw cached views with their targets: top-k patches, cls-row and top-k-row attention targets, feature norms."""
-    from tec_cache.shards import ShardError
+    from tec_cache.format import ShardError
     from tec_cache.show import render_views
 
     try:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tec_cache.records import FieldSpec
+from tec_cache.format.schema import FieldSpec
 
 
 @dataclass(frozen=True)

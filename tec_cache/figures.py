@@ -11,6 +11,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from tec_cache.format.fs import write_atomic
+
 DPI = 100  # with a figure's size in inches, fixes the PNG's pixel size in advance
 
 
@@ -32,11 +34,8 @@ def prepare_png_path(out: Path, option: str = "--out") -> Path:
 def save_png(fig: Figure, out: Path, option: str) -> Path:
     """Write through a temporary sibling so a failed write never leaves a half PNG under ``out``."""
     FigureCanvasAgg(fig)  # attach the Agg canvas: savefig then renders without any GUI backend
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, out)
+        write_atomic(out, lambda f: fig.savefig(f, format="png", dpi=DPI))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise ValueError(f"{option}: cannot write {out} ({e.strerror or e})") from None
     return out

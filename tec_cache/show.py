@@ -19,11 +19,10 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from tec_cache import shards as shard_io
 from tec_cache.codecs import get_codec, stack_fields
 from tec_cache.figures import DPI, prepare_png_path, save_png
-from tec_cache.manifest import Manifest, ManifestError, load_manifest
-from tec_cache.records import ViewRecord
+from tec_cache.format.manifest import Manifest, ManifestError, load_manifest
+from tec_cache.format.schema import ViewRecord
 from tec_cache.views import decode_view
 
 __all__ = ["attention_map", "feature_norm_map", "parse_head", "render_views", "select_records"]
@@ -114,7 +113,7 @@ def select_records(man: Manifest, view_epoch: int, n: int, seed: int | None = No
     shard_of = np.searchsorted(offsets, picks, side="right") - 1
     records: list[ViewRecord] = []
     for s in dict.fromkeys(shard_of.tolist()):  # shards in order of first use
-        reader = shard_io.open_reader(man.format, man.shard_path(entries[s]), man.fields, man.compressor)
+        reader = man.open_shard(entries[s])
         records.extend(reader.read_many((picks[shard_of == s] - offsets[s]).tolist()))
     return records
 
@@ -159,20 +158,20 @@ def render_views(
     softmax(att[0]/tau); the mean of the k top-k rows' targets; with ``feat_norm``, the feature
     target's norm per patch. ``head`` is "mean" (average over heads) or a head number. Bad input
     raises ValueError whose message starts with the option it concerns (CACHE, --n, --out, ...);
-    an unreadable shard raises ``shards.ShardError``.
+    an unreadable shard raises ``tec_cache.format.ShardError``.
     """
     if n < 1:
         raise ValueError(f"--n: must be at least 1, got {n}")
     man = _open_cache(cache)
     tg = man.targets
-    gh, gw = (int(g) for g in tg["grid"])
-    tau, k, heads = float(tg["tau"]), int(tg["topk"]), int(tg["heads"])
+    gh, gw = tg.grid
+    tau, k, heads = float(tg.tau), tg.topk, tg.heads
     head_idx = parse_head(head, heads)
     out = prepare_png_path(out)
     records = select_records(man, view_epoch, n, seed)
 
     # Decode all chosen views at once, exactly as the training loader does (codec.decode on stacked fields).
-    feat, att, idx = get_codec(man.codec).decode(stack_fields([r.fields for r in records]))  # [N,L,D], [N,k+1,H,L], [N,k]
+    feat, att, idx = get_codec(man.codec.name).decode(stack_fields([r.fields for r in records]))  # [N,L,D], [N,k+1,H,L], [N,k]
     images = [decode_view(r.image).permute(1, 2, 0).numpy() for r in records]  # each [S,S,3] uint8
     size = images[0].shape[0]
     ph, pw = size / gh, size / gw  # patch size in pixels
@@ -184,7 +183,7 @@ def render_views(
     rows = len(records)
     fig = Figure(figsize=(cols * CELL_IN, rows * CELL_IN + TITLE_IN), dpi=DPI, layout="constrained")
     fig.suptitle(
-        f"{man.root.name}: view-epoch {view_epoch}, tau {tau:g}, k {k}, {head_name}, codec {man.codec}, {man.format}",
+        f"{man.root.name}: view-epoch {view_epoch}, tau {tau:g}, k {k}, {head_name}, codec {man.codec.name}, {man.format.name}",
         fontsize=10,
     )
     axes = fig.subplots(rows, cols, squeeze=False)

@@ -2,40 +2,16 @@
 size, checksum, sample count and schema.
 
 Data flow: manifest --> each shard entry --> reader with the expected ShardInfo --> a list of
-problems (empty when the cache is sound). ``tec-cache verify`` and stage 2's pre-flight use it.
+problems (empty when the cache is sound). ``tec-cache verify`` uses it; stage 2's cheaper pre-flight
+(``check_shard_files``) lives in the format core.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from tec_cache import shards as shard_io
-from tec_cache.manifest import MANIFEST_NAME, Manifest, ShardEntry, digest_problem, load_manifest
-
-
-@dataclass(frozen=True)
-class Problem:
-    shard: str
-    check: str
-    detail: str
-
-    def __str__(self) -> str:
-        return f"{self.shard}: {self.check}: {self.detail}"
-
-
-def check_shard_files(man: Manifest) -> list[Problem]:
-    """Cheap pre-flight: every listed shard exists with the listed size (no reads)."""
-    problems = []
-    for e in man.shards():
-        path = man.shard_path(e)
-        if not path.exists():
-            problems.append(Problem(e.path, "missing", "listed in the manifest but not on disk"))
-            continue
-        size = shard_io.shard_nbytes(man.format, path)
-        if size != e.nbytes:
-            problems.append(Problem(e.path, "size", f"{size} bytes on disk, manifest lists {e.nbytes}"))
-    return problems
+from tec_cache.format import Problem, ShardError
+from tec_cache.format.manifest import MANIFEST_NAME, Manifest, ShardEntry, digest_problem, load_manifest
 
 
 def verify_shard(man: Manifest, e: ShardEntry) -> Problem | None:
@@ -43,9 +19,8 @@ def verify_shard(man: Manifest, e: ShardEntry) -> Problem | None:
     path = man.shard_path(e)
     if not path.exists():
         return Problem(e.path, "missing", "listed in the manifest but not on disk")
-    expect = shard_io.ShardInfo(e.num_samples, e.nbytes, e.sha256)
     try:
-        reader = shard_io.open_reader(man.format, path, man.fields, man.compressor, expect=expect)
+        reader = man.open_shard(e, verify=True)
         n = 0
         for rec in reader:
             if rec.view_epoch != e.view_epoch:
@@ -53,7 +28,7 @@ def verify_shard(man: Manifest, e: ShardEntry) -> Problem | None:
             n += 1
         if n != e.num_samples:
             return Problem(e.path, "sample count", f"{n} records, manifest lists {e.num_samples}")
-    except shard_io.ShardError as err:
+    except ShardError as err:
         return Problem(e.path, "shard", str(err))
     except (OSError, ValueError) as err:
         return Problem(e.path, "read", f"{type(err).__name__}: {err}")

@@ -46,11 +46,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from tec_cache.codecs import DecodedTargets, get_codec
 from tec_cache.faults import fault_point
-from tec_cache.manifest import MANIFEST_NAME, Manifest, digest_problem, load_manifest
-from tec_cache.records import FieldSpec, ViewRecord
+from tec_cache.format import check_shard_files, open_reader
+from tec_cache.format.base import ShardReader
+from tec_cache.format.manifest import MANIFEST_NAME, Manifest, digest_problem, load_manifest
+from tec_cache.format.schema import FieldSpec, ShardError, ShardInfo, ViewRecord
 from tec_cache.run_log import naming_sample
-from tec_cache.shards import ShardError, ShardInfo, ShardReader, open_reader
-from tec_cache.verify import check_shard_files
 from tec_cache.views import decode_view
 
 __all__ = ["Batch", "CacheLoader", "CompatibilityError", "check_compatibility", "decode_targets", "epoch_order"]
@@ -81,19 +81,20 @@ def check_compatibility(manifest: Manifest, *, img_size: int, patch_size: int) -
     if edited is not None:
         problems.append(f"{MANIFEST_NAME}: checksum: {edited}")
     try:
-        get_codec(manifest.codec)
+        get_codec(manifest.codec.name)
     except ValueError as e:
         problems.append(f"codec.name: {e}")
     cache_problems = len(problems)  # the rest concern the student's options
     if patch_size < 1 or img_size % patch_size:
         problems.append(f"student image size {img_size} is not a multiple of its patch size {patch_size}")
-    view_size = manifest.raw["views"]["recipe"]["size"]
+    geometry = manifest.geometry
+    view_size = geometry.img_size
     if img_size != view_size:
         problems.append(f"student image size {img_size} does not match the cache's {view_size} (views.recipe.size)")
-    cache_patch = manifest.targets.get("patch_size")
-    if cache_patch is not None and patch_size != cache_patch:
+    cache_patch = geometry.patch_size
+    if patch_size != cache_patch:
         problems.append(f"student patch size {patch_size} does not match the cache's {cache_patch} (targets.patch_size)")
-    grid = [int(g) for g in manifest.targets["grid"]]
+    grid = list(geometry.grid)
     side = img_size // patch_size if patch_size >= 1 else 0
     if grid != [side, side]:
         cache_grid = "x".join(str(g) for g in grid)
@@ -194,11 +195,11 @@ class _ViewEpochShards(Dataset):
     def __init__(self, man: Manifest, view_epoch: int, *, cache_size: int) -> None:
         entries = man.shards(view_epoch)
         self.view_epoch = view_epoch
-        self.format, self.compressor = man.format, man.compressor
+        self.format, self.compressor = man.format.name, man.format.compressor
         self.fields: dict[str, FieldSpec] = man.fields
-        self.image_size = int(man.raw["views"]["recipe"]["size"])
+        self.image_size = man.geometry.img_size
         self.paths = [man.shard_path(e) for e in entries]
-        self.infos = [ShardInfo(e.num_samples, e.nbytes, e.sha256) for e in entries]
+        self.infos: list[ShardInfo] = [e.info for e in entries]
         self.offsets = np.concatenate([[0], np.cumsum([e.num_samples for e in entries], dtype=np.int64)])
         self.cache_size = cache_size
         self._readers: OrderedDict[Path, ShardReader] = OrderedDict()
@@ -341,13 +342,13 @@ class CacheLoader:
             raise ValueError(f"view_order must be one of {VIEW_ORDERS}, got {view_order!r}")
         if mp_context is not None and mp_context not in MP_CONTEXTS:
             raise ValueError(f"mp_context must be None or one of {MP_CONTEXTS}, got {mp_context!r}")
-        get_codec(self.manifest.codec)  # an unknown codec fails here, not in a worker
+        get_codec(self.manifest.codec.name)  # an unknown codec fails here, not in a worker
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.seed, self.view_order = num_workers, seed, view_order
         self.pin_memory, self.verify, self.shuffle_window = pin_memory, verify, shuffle_window
         # zarr keeps event-loop threads that a forked child inherits dead, so zarr workers spawn;
         # tar reading is plain file I/O and forks safely (and starts faster).
-        self.mp_context = mp_context or ("spawn" if self.manifest.format == "zarr" else "fork")
+        self.mp_context = mp_context or ("spawn" if self.manifest.format.name == "zarr" else "fork")
 
         self.num_view_epochs = self.manifest.num_view_epochs
         if self.num_view_epochs == 0:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from tec_cache.faults import fault_point
-from tec_cache.manifest import fsync_dir
+from tec_cache.format.fs import write_atomic
 
 CHECKPOINT_FORMAT = "tec-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -98,21 +98,13 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], n: int, keep_last: int
     final = kind.path(run_dir, n)
     tmp = run_dir / f"{kind.temp_prefix}{n:0{kind.digits}d}.pt.tmp-{os.getpid()}"
     payload = {"format": kind.format, "version": kind.version, **state}
-    try:
-        with open(tmp, "wb") as f:
-            # Under fault injection only, the writes pass through a wrapper that can stop the
-            # process with half a zip on disk; otherwise torch.save writes straight to the file.
-            torch.save(payload, _TornWriter(f) if os.environ.get("TEC_FAULT") or os.environ.get("TEC_FAULT_LOG") else f)
-            f.flush()
-            # A kill here leaves a complete but unnamed temp file: the previous checkpoint stays latest.
-            fault_point("mid_checkpoint")
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fault_point("after_checkpoint_rename")  # the new checkpoint is complete; older ones not yet pruned
-    fsync_dir(run_dir)
+    # Under fault injection only, the writes pass through a wrapper that can stop the process with
+    # half a zip on disk; otherwise torch.save writes straight to the file. A kill at mid_checkpoint
+    # leaves a complete but unnamed temp file: the previous checkpoint stays latest; at
+    # after_checkpoint_rename the new checkpoint is complete and older ones not yet pruned.
+    torn = bool(os.environ.get("TEC_FAULT") or os.environ.get("TEC_FAULT_LOG"))
+    write_atomic(final, lambda f: torch.save(payload, _TornWriter(f) if torn else f), tmp=tmp,
+                 before_rename="mid_checkpoint", after_rename="after_checkpoint_rename")
     for _, old in list_checkpoints(run_dir, kind)[:-keep_last]:
         old.unlink(missing_ok=True)
     return final

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -35,7 +34,7 @@ from tec_cache import fashion_mnist
 from tec_cache.basemodels import REGISTRY
 from tec_cache.dist import DistInfo, destroy_process_group, dist_info, init_process_group, resolve_device
 from tec_cache.faults import fault_point
-from tec_cache.manifest import write_json_atomic
+from tec_cache.format.fs import write_json_atomic, write_text_atomic
 
 from .checkpoint import (CheckpointError, CheckpointKind, capture_rng, latest_checkpoint, list_checkpoints, load_checkpoint,
                          restore_rng, save_checkpoint)
@@ -352,9 +351,7 @@ def _truncate_metrics(path: Path, next_epoch: int) -> None:
             continue
         if isinstance(rec, dict) and isinstance(rec.get("epoch"), int) and rec["epoch"] < next_epoch:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
 
 
 # ---- the run ------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from tec_cache.manifest import Manifest
+from tec_cache.format.manifest import Manifest
 from tec_cache.targets import normalise_images
 
 
@@ -49,14 +49,13 @@ class TargetSpec:
 
     @staticmethod
     def from_manifest(manifest: Manifest) -> TargetSpec:
-        t, recipe = manifest.targets, manifest.raw["views"]["recipe"]
-        img = int(recipe["size"])
+        t, recipe, geometry = manifest.targets, manifest.views.recipe, manifest.geometry
         return TargetSpec(
-            dim=int(t["dim"]), heads=int(t["heads"]), topk=int(t["topk"]), tau=float(t["tau"]), img_size=img,
-            patch_size=img // int(t["grid"][0]), mean=tuple(recipe["mean"]), std=tuple(recipe["std"]),
+            dim=t.dim, heads=t.heads, topk=t.topk, tau=float(t.tau), img_size=geometry.img_size,
+            patch_size=geometry.patch_size, mean=tuple(recipe.mean), std=tuple(recipe.std),
             origin={
-                "kind": "cache", "path": str(manifest.root), "codec": manifest.codec, "format": manifest.format,
-                "base_model": manifest.raw["base_model"].get("name"), "base_sha256": manifest.raw["base_model"]["sha256"],
+                "kind": "cache", "path": str(manifest.root), "codec": manifest.codec.name, "format": manifest.format.name,
+                "base_model": manifest.base_model.name, "base_sha256": manifest.base_model.sha256,
                 "view_epochs": manifest.num_view_epochs,
             },
         )
@@ -95,7 +94,7 @@ class CacheTargetFeed:
         from .cache_loader import CacheLoader
 
         self.spec = TargetSpec.from_manifest(manifest)
-        self.codec = manifest.codec
+        self.codec = manifest.codec.name
         self.loader = CacheLoader(
             manifest, batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
             seed=seed, view_order=view_order, pin_memory=pin_memory,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Iterator
@@ -31,7 +30,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tec_cache.basemodels import REGISTRY, resolve_spec
 from tec_cache.dist import DistInfo, destroy_process_group, dist_info, explain_peer_loss, init_process_group, resolve_device
 from tec_cache.faults import fault_point
-from tec_cache.manifest import ManifestError, load_manifest, write_json_atomic
+from tec_cache.format.fs import write_json_atomic, write_text_atomic
+from tec_cache.format.manifest import ManifestError, load_manifest
 from tec_cache.images import open_source
 
 from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, remove_stale_temp_files, restore_rng, save_checkpoint
@@ -294,7 +294,7 @@ def build_target_source(cfg: TrainConfig, info: DistInfo, device: torch.device, 
             manifest = load_manifest(Path(cfg.cache))
         except ManifestError as e:
             raise ValueError(f"--cache: {e}") from None
-        img, patch = student_geometry(cfg, int(manifest.raw["views"]["recipe"]["size"]))
+        img, patch = student_geometry(cfg, manifest.geometry.img_size)
         check_compatibility(manifest, img_size=img, patch_size=patch)
         return CacheTargetFeed(manifest, batch_size=cfg.batch_size, rank=info.rank, world_size=info.world_size,
                                  num_workers=cfg.num_workers, seed=cfg.seed, view_order=cfg.view_order,
@@ -352,9 +352,7 @@ def truncate_metrics(path: Path, global_step: int) -> None:
             continue  # the half line of a killed writer
         if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= global_step:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
 
 
 class Trainer:

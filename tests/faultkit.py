@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tec_cache import shards as shard_io
-from tec_cache.manifest import MANIFEST_NAME, ManifestError, is_temporary, load_manifest
+from tec_cache import format as cache_format
+from tec_cache.format.fs import is_temporary
+from tec_cache.format.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from tec_cache.verify import verify_cache
 from tests.conftest import TINY_ARCH, TINY_IMG, TINY_PATCH, TINY_TOPK
 
@@ -88,7 +89,7 @@ def assert_same_cache(out: Path, reference: Path) -> None:
 def _shard_candidates(out: Path, fmt: str) -> list[Path]:
     """Everything under a view-epoch folder that is, or may become, a shard: final names, writers'
     temporaries and set-aside old versions (zarr shards are directories)."""
-    suffix = shard_io.shard_suffix(fmt)
+    suffix = cache_format.get_format(fmt).suffix
     found = []
     for d in sorted(out.glob("ve[0-9][0-9][0-9]")):
         for p in sorted(d.iterdir()):
@@ -131,9 +132,9 @@ def assert_no_partial_shard_accepted(out: Path, reference: Path) -> dict[str, in
         info = json.loads(side.read_text())
         want = ref_entries[rel]
         assert (info["num_samples"], info["nbytes"], info["sha256"]) == (want.num_samples, want.nbytes, want.sha256), rel
-        assert shard_io.shard_sha256(ref.format, out / rel) == want.sha256, rel
+        assert ref.format.shards.digest(out / rel) == want.sha256, rel
         seen["sidecar"] += 1
-    for p in _shard_candidates(out, ref.format):
+    for p in _shard_candidates(out, ref.format.name):
         base = p.name
         for tail in (".tmp", ".old"):
             base = base[: -len(tail)] if base.endswith(tail) else base
@@ -141,11 +142,10 @@ def assert_no_partial_shard_accepted(out: Path, reference: Path) -> dict[str, in
         want = ref_entries[rel]
         seen["temporary"] += p.name != base
         try:
-            reader = shard_io.open_reader(ref.format, p, ref.fields, ref.compressor,
-                                          expect=shard_io.ShardInfo(want.num_samples, want.nbytes, want.sha256))
+            reader = ref.format.shards.open_reader(p, ref.fields, ref.format.compressor, expect=want.info)
             assert len(list(reader)) == want.num_samples
             seen["complete_unlisted"] += 1  # a finished shard (e.g. killed between its rename and its sidecar)
-        except shard_io.ShardError as err:
+        except cache_format.ShardError as err:
             assert str(p) in str(err) and any(c in str(err) for c in ("size", "checksum", "missing", "sample count")), err
             seen["refused"] += 1
     return seen

@@ -12,12 +12,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tec_cache import shards as shard_io
+from tec_cache import format as cache_format
 from tec_cache.basemodels import load_base_model
 from tec_cache.build import BuildConfig, build_cache
 from tec_cache.cli import app
 from tec_cache.codecs import get_codec
-from tec_cache.manifest import load_manifest
+from tec_cache.format.manifest import load_manifest
 from tec_cache.targets import extract_targets, normalise_images
 from tec_cache.views import decode_view
 from tests.conftest import TINY_ARCH, TINY_IMG, TINY_PATCH, TINY_TOPK, add_skimage_photos, make_image_folder, tiny_spec
@@ -75,17 +75,17 @@ def test_build_content(fmt, data_dir, tiny_ckpt, tmp_path):
     out = tmp_path / "cache"
     res = build_cache(_cfg(data_dir, out, tiny_ckpt, format=fmt, codec="fp16"))
     man = load_manifest(out)
-    n_src = man.raw["source"]["num_images"]
-    skipped = {s["key"] for s in man.raw["source"]["skipped"]}
+    n_src = man.source.num_images
+    skipped = {s["key"] for s in man.source.skipped}
     assert skipped == BAD and {s["key"] for s in res.skipped_images} == BAD
     assert man.num_view_epochs == 2
-    assert man.targets == {**man.targets, "num_patches": 16, "dim": 192, "heads": 3, "topk": 3, "last_layers": 2, "tau": 1.8}
+    assert (man.targets.num_patches, man.targets.dim, man.targets.heads, man.targets.topk, man.targets.last_layers,
+            man.targets.tau) == (16, 192, 3, 3, 2, 1.8)
     model, _ = load_base_model(tiny_spec(), tiny_ckpt)
     codec = get_codec("fp16")
     seen = {}
     for e in man.shards():
-        reader = shard_io.open_reader(fmt, man.shard_path(e), man.fields, man.compressor,
-                                      expect=shard_io.ShardInfo(e.num_samples, e.nbytes, e.sha256))
+        reader = man.open_shard(e, verify=True)
         recs = list(reader)
         assert len(recs) == e.num_samples
         pixels = torch.stack([decode_view(r.image) for r in recs])
@@ -102,7 +102,7 @@ def test_build_content(fmt, data_dir, tiny_ckpt, tmp_path):
     good = n_src - len(BAD)
     assert all(len(keys) == good for keys in seen.values())
     assert {"photos/astronaut.png", "class0/cmyk.jpg", "class0/palette.png"} <= seen[0]
-    assert man.raw["stats"]["fields"]["feat"]["count"] == 2 * good * 16 * 192
+    assert man.stats.fields["feat"].count == 2 * good * 16 * 192
 
 
 def test_formats_hold_the_same_records(data_dir, tiny_ckpt, tmp_path):
@@ -112,7 +112,7 @@ def test_formats_hold_the_same_records(data_dir, tiny_ckpt, tmp_path):
         build_cache(_cfg(data_dir, out, tiny_ckpt, format=fmt, views=1))
         man = load_manifest(out)
         caches[fmt] = [(r.key, r.image, {k: v.tobytes() for k, v in r.fields.items()})
-                       for e in man.shards() for r in shard_io.open_reader(fmt, man.shard_path(e), man.fields, man.compressor)]
+                       for e in man.shards() for r in man.open_shard(e)]
     assert caches["webdataset"] == caches["zarr"]
 
 
@@ -177,7 +177,7 @@ def test_tar_source_build(tiny_ckpt, tmp_path):
     out = tmp_path / "cache"
     build_cache(_cfg(src, out, tiny_ckpt, views=1))
     man = load_manifest(out)
-    recs = [r for e in man.shards() for r in shard_io.open_reader("webdataset", man.shard_path(e), man.fields, man.compressor)]
+    recs = [r for e in man.shards() for r in man.open_shard(e)]
     assert [r.label for r in recs] == [0, 1, 2, 0, 1, 2]
     assert recs[0].image_key == "part-000.tar/img0"
 

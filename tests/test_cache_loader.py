@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from tec_cache import shards as shard_io
+from tec_cache import format as cache_format
 from tec_cache.build import BuildConfig, build_cache
 from tec_cache.codecs import get_codec
-from tec_cache.manifest import load_manifest
-from tec_cache.records import ViewRecord
+from tec_cache.format.manifest import load_manifest
+from tec_cache.format.schema import ViewRecord
+from tec_cache.format.tar import scan_ustar
 from tec_cache.views import decode_view
 from tec_train import cache_loader as data_mod
 from tec_train.cache_loader import Batch, CacheLoader, CompatibilityError, check_compatibility, decode_targets, epoch_order
@@ -55,7 +56,7 @@ def references(caches) -> dict[str, dict[tuple[int, int], ViewRecord]]:
     for fmt, root in caches.items():
         man = load_manifest(root)
         out[fmt] = {(e.view_epoch, r.image_index): r for e in man.shards()
-                    for r in shard_io.open_reader(fmt, man.shard_path(e), man.fields, man.compressor)}
+                    for r in man.open_shard(e)}
     return out
 
 
@@ -167,13 +168,13 @@ def test_batches_hold_what_the_shard_reader_holds(fmt, caches, references):
 def test_decode_targets_shapes(caches, references):
     man = load_manifest(caches["webdataset"])
     b = next(iter(CacheLoader(man, batch_size=4, num_workers=0).epoch(0)))
-    feat, att, idx = decode_targets(b.to("cpu"), man.codec)
-    L, D, H, k = man.targets["num_patches"], man.targets["dim"], man.targets["heads"], TINY_TOPK
+    feat, att, idx = decode_targets(b.to("cpu"), man.codec.name)
+    L, D, H, k = man.targets.num_patches, man.targets.dim, man.targets.heads, TINY_TOPK
     assert feat.shape == (4, L, D) and feat.dtype == torch.float32
     assert att.shape == (4, k + 1, H, L) and att.dtype == torch.float32
     assert idx.shape == (4, k) and idx.dtype == torch.int64
     refs = [references["webdataset"][(0, i)] for i in b.image_index.tolist()]
-    want = get_codec(man.codec).decode({n: torch.from_numpy(np.stack([r.fields[n] for r in refs])) for n in man.fields})
+    want = get_codec(man.codec.name).decode({n: torch.from_numpy(np.stack([r.fields[n] for r in refs])) for n in man.fields})
     for got, exp in zip((feat, att, idx), want):
         assert torch.equal(got, exp)
 
@@ -247,7 +248,7 @@ def test_each_shard_is_verified_once_per_rank(caches, monkeypatch):
     list(loader.epoch(0))
     checked = [path for path, expect in opened if expect is not None]
     assert sorted(checked) == sorted({path for path, _ in opened})  # every shard read was checked, once
-    assert all(expect == shard_io.ShardInfo(e.num_samples, e.nbytes, e.sha256)
+    assert all(expect == e.info
                for e in man.shards(0) for path, expect in opened if path == man.shard_path(e) and expect is not None)
     read_before = {path for path, _ in opened}
     opened.clear()
@@ -264,11 +265,10 @@ def test_corrupted_shard_is_refused(fmt, workers, caches, references, tmp_path):
     bad = _corrupt_copy(caches[fmt], tmp_path / "cache", fmt)
     man = load_manifest(tmp_path / "cache")
     original = load_manifest(caches[fmt])
-    bad_images = {r.image_index for r in shard_io.open_reader(fmt, original.shard_path(original.shards(0)[1]),
-                                                               man.fields, man.compressor)}
+    bad_images = {r.image_index for r in original.open_shard(original.shards(0)[1])}
     loader = CacheLoader(man, batch_size=2, num_workers=workers, shuffle_window=1)
     yielded = []
-    with pytest.raises(shard_io.ShardError, match=f"{bad}: checksum: sha256"):
+    with pytest.raises(cache_format.ShardError, match=f"{bad}: checksum: sha256"):
         for b in loader.epoch(0):
             yielded.extend(b.image_index.tolist())
     assert not bad_images & set(yielded)
@@ -303,7 +303,7 @@ def test_close_stops_an_unfinished_epoch(caches):
 def test_read_many_matches_indexing(fmt, caches):
     man = load_manifest(caches[fmt])
     e = man.shards(2)[0]
-    reader = shard_io.open_reader(fmt, man.shard_path(e), man.fields, man.compressor)
+    reader = man.open_shard(e)
     picks = [2, 0, 2, -1, 1]
     if fmt == "zarr":
         assert reader.read_many([0]) and reader._shard_files() is not None  # the direct path, not zarr-python
@@ -337,14 +337,14 @@ def test_batch_to_and_pin_memory(caches):
         pinned = b.pin_memory()
         assert pinned.images.is_pinned() and all(t.is_pinned() for t in pinned.fields.values())
         on_gpu = pinned.to("cuda")
-        assert on_gpu.images.is_cuda and decode_targets(on_gpu, man.codec)[0].is_cuda
+        assert on_gpu.images.is_cuda and decode_targets(on_gpu, man.codec.name)[0].is_cuda
 
 
 def test_tar_index_fast_path_matches_tarfile(caches, tmp_path):
     man = load_manifest(caches["webdataset"])
     path = man.shard_path(man.shards(0)[0])
     with open(path, "rb") as f:
-        scanned = shard_io._scan_ustar(f)
+        scanned = scan_ustar(f)
     with tarfile.open(path) as tar:
         want = [(m.name, m.offset_data, m.size) for m in tar]
         end = tar.offset
@@ -355,7 +355,7 @@ def test_tar_index_fast_path_matches_tarfile(caches, tmp_path):
         info = tarfile.TarInfo("000000001.j\u00e9g")
         tar.addfile(info, io.BytesIO(b""))
     with open(odd, "rb") as f:
-        assert shard_io._scan_ustar(f) is None
+        assert scan_ustar(f) is None
 
 
 def test_iterating_leaves_the_global_rng_alone(caches):

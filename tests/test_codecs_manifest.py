@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 
 from tec_cache.codecs import TargetShape, fidelity, get_codec
-from tec_cache.manifest import ManifestError, validate_manifest
+from tec_cache.format.manifest import Manifest, ManifestError
 
 
 def _targets(B=4, L=49, D=32, H=4, k=5, seed=0):
@@ -88,10 +89,10 @@ def _valid_manifest():
 )
 def test_manifest_errors_name_the_field(edit, match):
     m = _valid_manifest()
-    validate_manifest(copy.deepcopy(m), "m")
+    Manifest.from_json(copy.deepcopy(m), Path("."), "m")
     edit(m)
     with pytest.raises(ManifestError, match=match):
-        validate_manifest(m, "m")
+        Manifest.from_json(m, Path("."), "m")
 
 
 # Any edit of a real manifest (hypothesis): tests/test_faults_inputs.py.

@@ -15,7 +15,8 @@ from tec_cache.build import BuildConfig, DiskFullError, build_cache
 from tec_cache.cli import app
 from tec_cache.dist import dist_timeout_s
 from tec_cache.faults import parse_fault, reset_faults
-from tec_cache.manifest import MANIFEST_NAME, is_temporary, load_manifest
+from tec_cache.format.fs import is_temporary
+from tec_cache.format.manifest import MANIFEST_NAME, load_manifest
 from tests.conftest import make_image_folder, tiny_spec
 from tests.faultkit import (assert_no_partial_shard_accepted, assert_same_cache, build_args, clean_env, count_arrivals,
                             launch_ranks, run_module, seeded_nth)
@@ -182,7 +183,7 @@ def test_lost_rank_under_torchrun_fails_fast_and_the_rerun_resumes(ref: SimpleNa
     r, _ = run_module("tec_cache", args, torchrun=2, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_cache(out, ref.wds)
-    assert load_manifest(out).raw["stats"]["build"]["world_size"] == 2
+    assert load_manifest(out).stats.build["world_size"] == 2
 
 
 @pytest.mark.slow

@@ -28,10 +28,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from tec_cache import shards as shard_io
+from tec_cache import format as cache_format
 from tec_cache.build import BuildConfig, build_cache
 from tec_cache.cli import app as cache_app
-from tec_cache.manifest import MANIFEST_NAME, ManifestError, load_manifest
+from tec_cache.format.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from tec_cache.verify import verify_cache
 from tec_train.cli import app as train_app
 from tec_train.cache_loader import CacheLoader, CompatibilityError, check_compatibility
@@ -71,7 +71,7 @@ def _first_batch_reading(cache: Path, shard: str) -> int:
     """Index of the first step of `tec-train run ... --batch-size 2` (epoch 0) that reads ``shard``."""
     man = load_manifest(cache)
     entry = next(e for e in man.shards() if e.path == shard)
-    images = {r.image_index for r in shard_io.open_reader(man.format, man.shard_path(entry), man.fields, man.compressor)}
+    images = {r.image_index for r in man.open_shard(entry)}
     with CacheLoader(man, batch_size=2, num_workers=0, verify=False) as loader:  # the trainer's loader, seed 0
         for i, b in enumerate(loader.epoch(0)):
             if images & set(b.image_index.tolist()):
@@ -255,7 +255,7 @@ def test_decompression_bomb_source_is_skipped_and_named(tiny: SimpleNamespace, t
     text = _say(r)
     assert r.exit_code == 0, text
     assert "skipped class0/bomb.png:" in text and "refused as a decompression bomb" in text, text
-    skipped = load_manifest(out).raw["source"]["skipped"]
+    skipped = load_manifest(out).source.skipped
     assert [s["key"] for s in skipped] == ["class0/bomb.png"] and "bomb.png" in skipped[0]["error"]
 
 
@@ -282,7 +282,7 @@ def test_hostile_source_tar_writes_nothing_outside_the_cache(tiny: SimpleNamespa
     assert after == before  # nothing new outside --out
     assert "abs-evil.jpg" not in {p.name for p in Path("/tmp").iterdir()} - tmp_before
     assert not (tmp_path.parent / "dotdot-evil.jpg").exists() and not (ROOT / "dotdot-evil.jpg").exists()
-    keys = [r.image_key for e in load_manifest(out).shards() for r in shard_io.open_reader("webdataset", out / e.path,
+    keys = [r.image_key for e in load_manifest(out).shards() for r in cache_format.open_reader("webdataset", out / e.path,
                                                                                            load_manifest(out).fields)]
     assert len(keys) == 4 and "part-000.tar/link" not in keys and "part-000.tar/hard" not in keys  # links are not images
 
@@ -346,7 +346,7 @@ def _check_refused_cleanly(bench: SimpleNamespace, text: str | bytes) -> None:
     except ManifestError:
         same = False
     else:
-        same = _canonical(man.raw) == _canonical(bench.raw)
+        same = _canonical(man.to_json()) == _canonical(bench.raw)
         problems = verify_cache(bench.root)
         assert bool(problems) != same, problems
         if same:

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from tec_cache.basemodels import build_model, load_checkpoint as load_base, resolve_spec
 from tec_cache.build import BuildConfig, build_cache
-from tec_cache.manifest import load_manifest
+from tec_cache.format.manifest import load_manifest
 from tec_train.checkpoint import latest_checkpoint, load_checkpoint
 from tec_train.cli import app
 from tec_train.export import create_timm_model
@@ -101,7 +101,7 @@ def test_mae_run_learns_resumes_exports_and_feeds_stage_one(data: Path, tmp_path
     cache = tmp_path / "cache"
     build_cache(BuildConfig(data=data, out=cache, checkpoint=latest_checkpoint(straight), spec=spec, views=1,
                             shard_size=8, batch_size=8, num_workers=0, device="cpu"))
-    assert load_manifest(cache).targets["dim"] == 192
+    assert load_manifest(cache).targets.dim == 192
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -21,7 +21,7 @@ from tec_cache.basemodels import build_model
 from tec_cache.build import BuildConfig, build_cache
 from tec_cache.cli import app as cache_app
 from tec_cache.codecs import get_codec, stack_fields
-from tec_cache.manifest import load_manifest
+from tec_cache.format.manifest import load_manifest
 from tec_train.cli import app as train_app
 from tec_train.plot import panel_keys, plot_runs, read_metrics, smooth_values
 from tests.conftest import make_image_folder, tiny_spec
@@ -122,7 +122,7 @@ def test_select_records_first_and_seeded(caches) -> None:
 def test_render_views_png_follows_the_decoded_targets(fmt, codec, caches, tmp_path, monkeypatch) -> None:
     cache = caches[fmt, codec]
     man = load_manifest(cache)
-    tau = man.targets["tau"]
+    tau = man.targets.tau
     calls: list[np.ndarray] = []
     real = show.attention_map
 

@@ -127,7 +127,7 @@ def _cli(app, args: list[str]):
 
 def test_pipeline_presets_give_defaults_and_flags_override(tmp_path: Path, tiny_ckpt: Path, monkeypatch):
     from tec_cache.cli import app as cache_app
-    from tec_cache.manifest import load_manifest
+    from tec_cache.format.manifest import load_manifest
     from tec_train.checkpoint import latest_checkpoint, load_checkpoint
     from tec_train.cli import app as train_app
     from tests.conftest import make_image_folder
@@ -143,7 +143,7 @@ def test_pipeline_presets_give_defaults_and_flags_override(tmp_path: Path, tiny_
                                  "--views", "1"])
     assert code == 0, out
     man = load_manifest(tmp_path / "caches" / "tiny-test")
-    assert (man.num_view_epochs, man.codec, man.targets["topk"], man.targets["tau"]) == (1, "fp16", 3, 1.4)
+    assert (man.num_view_epochs, man.codec.name, man.targets.topk, man.targets.tau) == (1, "fp16", 3, 1.4)
     # tec-train run finds the preset's cache by name; --epochs overrides; the reference world size is noted.
     code, out = _cli(train_app, ["run", "--pipeline", str(preset), "--run-dir", str(tmp_path / "run"), "--epochs", "1"])
     assert code == 0, out

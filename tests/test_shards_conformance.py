@@ -1,4 +1,4 @@
-"""Conformance suite for tec_cache.shards: every behaviour is checked for both on-disk formats;
+"""Conformance suite for the shard formats of tec_cache.format: every behaviour is checked for both on-disk formats;
 format-specific hostile-input checks follow at the end."""
 from __future__ import annotations
 
@@ -21,17 +21,7 @@ import torch
 import zarr
 from zarr.storage import LocalStore
 
-from tec_cache.records import FieldSpec, ViewRecord
-from tec_cache.shards import (
-    FORMATS,
-    ShardError,
-    ShardInfo,
-    open_reader,
-    open_writer,
-    shard_nbytes,
-    shard_sha256,
-    shard_suffix,
-)
+from tec_cache.format import FORMATS, FieldSpec, ShardError, ShardInfo, ViewRecord, get_format, open_reader, open_writer
 
 L, D, H, K = 16, 8, 2, 3
 SPECS = {
@@ -73,7 +63,7 @@ def make_records(n: int, seed: int = 0) -> list[ViewRecord]:
 
 
 def shard_path(tmp_path: Path, fmt: str, name: str = "shard") -> Path:
-    return tmp_path / (name + shard_suffix(fmt))
+    return tmp_path / (name + get_format(fmt).suffix)
 
 
 def write_shard(fmt: str, path: Path, recs: list[ViewRecord], compressor: str = "zstd:3") -> ShardInfo:
@@ -119,7 +109,7 @@ def test_round_trip(fmt: str, compressor: str, tmp_path: Path) -> None:
     recs = make_records(40)
     path = shard_path(tmp_path, fmt)
     info = write_shard(fmt, path, recs, compressor)
-    assert info == ShardInfo(len(recs), shard_nbytes(fmt, path), shard_sha256(fmt, path))
+    assert info == ShardInfo(len(recs), get_format(fmt).nbytes(path), get_format(fmt).digest(path))
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporaries left
     for expect in (None, info):
         reader = open_reader(fmt, path, SPECS, compressor, expect=expect)
@@ -291,7 +281,7 @@ def test_bad_specs_and_compressor(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="compressor"):
             open_writer("webdataset", tmp_path / "s.tar", SPECS, compressor)
     with pytest.raises(ValueError, match="format"):
-        shard_suffix("parquet")
+        get_format("parquet")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 import tec_train.student as student_mod
 from tec_cache.build import BuildConfig, build_cache
-from tec_cache.manifest import load_manifest
+from tec_cache.format.manifest import load_manifest
 from tec_train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from tec_train.cli import app
 from tec_train.export import create_timm_model
@@ -131,8 +131,8 @@ def test_online_mode_runs(tiny, tmp_path: Path) -> None:
     man = load_manifest(tiny.cache)
     # Same base model as the cache: same target sizes and checkpoint hash.
     assert targets["origin"]["kind"] == "online"
-    assert targets["origin"]["base_sha256"] == man.raw["base_model"]["sha256"]
-    assert (targets["dim"], targets["heads"], targets["topk"]) == (man.targets["dim"], man.targets["heads"], man.targets["topk"])
+    assert targets["origin"]["base_sha256"] == man.base_model.sha256
+    assert (targets["dim"], targets["heads"], targets["topk"]) == (man.targets.dim, man.targets.heads, man.targets.topk)
 
 
 def test_online_loader_partitions_equally_and_reproducibly(tiny) -> None:

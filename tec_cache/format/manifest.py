@@ -1,0 +1,621 @@
+"""The cache manifest: the one file that makes a folder of shards a cache, as a typed, frozen tree.
+
+Data flow: build writes shards (+ a sidecar per shard), then, last, ``manifest.json`` from a
+``Manifest`` (``to_json``, sealed with its own sha256); every reader (inspect, verify, stage 2)
+starts from ``load_manifest``, which parses and checks the JSON into ``Manifest`` (``from_json``),
+and reads only the shards it lists, each with its ``ShardInfo``. A folder without a valid
+manifest is not a cache.
+
+Every section keeps the keys it does not interpret in ``extra``, so ``to_json`` gives back exactly
+the JSON that was read (the digest covers all of it, and a manifest an older or newer tool wrote
+round-trips unchanged). Schema version 1 is the only one written and read so far.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+from tec_cache.format.base import ShardFormat, ShardReader
+from tec_cache.format.registry import FORMATS, get_format
+from tec_cache.format.schema import FieldSpec, ShardInfo, check_specs, parse_compressor
+
+__all__ = [
+    "DIGEST_FIELD", "MANIFEST_NAME", "SCHEMA_VERSION", "BaseModel", "Codec", "FieldStats", "Format", "Geometry",
+    "Manifest", "ManifestError", "Recipe", "ShardEntry", "Source", "Stats", "Targets", "ViewEpoch", "Views",
+    "digest_problem", "load_manifest", "manifest_digest",
+]
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+# The manifest's sha256 over its own canonical JSON (this field left out): a hand edit shows.
+DIGEST_FIELD = "manifest_sha256"
+
+Json = dict[str, Any]
+
+
+class ManifestError(ValueError):
+    """The manifest is missing, malformed or does not fit what is asked of it."""
+
+
+# ---- what a value must hold: the words an error message uses, and the test ---------------------
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _numbers(n: int, positive: bool = False) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, list) and len(v) == n and all(_num(x) and (x > 0 or not positive) for x in v)
+
+
+_Kind = tuple[str, Callable[[Any], bool]]
+_INT: _Kind = ("int", _int)
+_POS: _Kind = ("positive int", lambda v: _int(v) and v > 0)
+_NONNEG: _Kind = ("int >= 0", lambda v: _int(v) and v >= 0)
+_NUM: _Kind = ("finite number", _num)
+_POS_NUM: _Kind = ("positive number", lambda v: _num(v) and v > 0)
+_STR: _Kind = ("str", lambda v: isinstance(v, str))
+_SHA: _Kind = ("64 hex digits", lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v))
+_DICT: _Kind = ("object", lambda v: isinstance(v, dict))
+_LIST: _Kind = ("list", lambda v: isinstance(v, list))
+_GRID: _Kind = ("[rows, cols] of positive ints", lambda v: isinstance(v, list) and len(v) == 2 and all(_POS[1](g) for g in v))
+_PAIR: _Kind = ("a list of 2 numbers", _numbers(2))
+_TRIPLE: _Kind = ("a list of 3 numbers", _numbers(3))
+_POS_TRIPLE: _Kind = ("a list of 3 positive numbers", _numbers(3, positive=True))
+_STAT: _Kind = ("object of numbers count/mean/std/min/max", lambda v: isinstance(v, dict) and all(
+    isinstance(v.get(k), (int, float)) and not isinstance(v.get(k), bool) for k in ("count", "mean", "std", "min", "max")))
+
+
+def _describe(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+    return f"{type(value).__name__} {text[:40]}" if text is not None else type(value).__name__
+
+
+class _Section:
+    """One JSON object of the manifest being parsed: getters that check each key, errors that name it
+    (``field 'targets.grid' is str "4x4", expected [rows, cols] of positive ints``), and what is left."""
+
+    def __init__(self, raw: Json, dotted: str, where: str) -> None:
+        self.raw, self.dotted, self.where = raw, dotted, where
+        self.taken: set[str] = set()
+
+    def _name(self, key: str) -> str:
+        return f"{self.dotted}.{key}" if self.dotted else key
+
+    def fail(self, key: str, value: Any, kind: _Kind) -> ManifestError:
+        return ManifestError(f"{self.where}: field {self._name(key)!r} is {_describe(value)}, expected {kind[0]}")
+
+    def get(self, key: str, kind: _Kind) -> Any:
+        """The value at ``key``, which must be there and hold ``kind``."""
+        if key not in self.raw:
+            raise ManifestError(f"{self.where}: missing field {self._name(key)!r}")
+        return self.optional(key, kind)
+
+    def optional(self, key: str, kind: _Kind) -> Any:
+        """The value at ``key`` (``kind``), or None when the key is absent (older caches lack some)."""
+        self.taken.add(key)
+        value = self.raw.get(key)
+        if key in self.raw and not kind[1](value):
+            raise self.fail(key, value, kind)
+        return value
+
+    def section(self, key: str) -> _Section:
+        return _Section(self.get(key, _DICT), self._name(key), self.where)
+
+    def optional_section(self, key: str) -> _Section | None:
+        value = self.optional(key, _DICT)
+        return None if value is None else _Section(value, self._name(key), self.where)
+
+    def extra(self) -> Mapping[str, Any]:
+        """The keys this format does not interpret, kept as stored."""
+        return {k: v for k, v in self.raw.items() if k not in self.taken}
+
+
+class _Keyed:
+    """Sections built by a writer from a flat mapping: known keys become attributes, the rest ``extra``."""
+
+    @classmethod
+    def of(cls, values: Mapping[str, Any]) -> Any:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in values.items() if k in names}, extra={k: v for k, v in values.items() if k not in names})
+
+
+def _put(out: Json, key: str, value: Any) -> None:
+    if value is not None:
+        out[key] = value
+
+
+# ---- the sections -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BaseModel(_Keyed):
+    """The frozen ViT the targets came from (``extra``: its build options, checkpoint path, layout)."""
+
+    name: str
+    arch: str
+    sha256: str
+    embed_dim: int
+    num_heads: int
+    depth: int
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def parse(s: _Section) -> BaseModel:
+        return BaseModel(name=s.get("name", _STR), sha256=s.get("sha256", _SHA), arch=s.get("arch", _STR),
+                         embed_dim=s.get("embed_dim", _POS), num_heads=s.get("num_heads", _POS),
+                         depth=s.get("depth", _POS), extra=s.extra())
+
+    def to_json(self) -> Json:
+        return {**self.extra, "name": self.name, "arch": self.arch, "sha256": self.sha256, "embed_dim": self.embed_dim,
+                "num_heads": self.num_heads, "depth": self.depth}
+
+
+@dataclass(frozen=True)
+class Targets(_Keyed):
+    """What each view's targets are: L patches on ``grid``, D channels, H heads, top-k, tau."""
+
+    num_patches: int
+    grid: tuple[int, int]
+    patch_size: int
+    dim: int
+    heads: int
+    topk: int
+    last_layers: int
+    tau: float
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def parse(s: _Section) -> Targets:
+        return Targets(num_patches=s.get("num_patches", _POS), grid=tuple(s.get("grid", _GRID)),  # type: ignore[arg-type]
+                       patch_size=s.get("patch_size", _POS), dim=s.get("dim", _POS), heads=s.get("heads", _POS),
+                       topk=s.get("topk", _POS), last_layers=s.get("last_layers", _POS), tau=s.get("tau", _POS_NUM),
+                       extra=s.extra())
+
+    def to_json(self) -> Json:
+        return {**self.extra, "num_patches": self.num_patches, "grid": list(self.grid), "patch_size": self.patch_size,
+                "dim": self.dim, "heads": self.heads, "topk": self.topk, "last_layers": self.last_layers, "tau": self.tau}
+
+
+@dataclass(frozen=True)
+class Recipe(_Keyed):
+    """The view recipe as far as readers need it (``extra``: the rest of what decided the pixels)."""
+
+    size: int
+    scale: tuple[float, float]
+    jpeg_quality: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def parse(s: _Section) -> Recipe:
+        return Recipe(size=s.get("size", _POS), scale=tuple(s.get("scale", _PAIR)),  # type: ignore[arg-type]
+                      jpeg_quality=s.get("jpeg_quality", _INT), mean=tuple(s.get("mean", _TRIPLE)),  # type: ignore[arg-type]
+                      std=tuple(s.get("std", _POS_TRIPLE)), extra=s.extra())  # type: ignore[arg-type]
+
+    def to_json(self) -> Json:
+        return {**self.extra, "size": self.size, "scale": list(self.scale), "jpeg_quality": self.jpeg_quality,
+                "mean": list(self.mean), "std": list(self.std)}
+
+
+@dataclass(frozen=True)
+class Views(_Keyed):
+    """K view-epochs of views cut by ``recipe`` from ``seed``."""
+
+    count: int
+    seed: int
+    recipe: Recipe
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def parse(s: _Section) -> Views:
+        return Views(count=s.get("count", _NONNEG), seed=s.get("seed", _INT), recipe=Recipe.parse(s.section("recipe")),
+                     extra=s.extra())
+
+    def to_json(self) -> Json:
+        return {**self.extra, "count": self.count, "seed": self.seed, "recipe": self.recipe.to_json()}
+
+
+@dataclass(frozen=True)
+class Codec(_Keyed):
+    """The target codec's name and the encoded arrays it stores per view."""
+
+    name: str
+    fields: Mapping[str, FieldSpec]
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def parse(s: _Section) -> Codec:
+        name, raw_fields = s.get("name", _STR), s.get("fields", _DICT)
+        return Codec(name=name, fields=_field_specs(raw_fields, s.where), extra=s.extra())
+
+    def to_json(self) -> Json:
+        return {**self.extra, "name": self.name, "fields": {k: v.to_json() for k, v in self.fields.items()}}
+
+
+@dataclass(frozen=True)
+class Format(_Keyed):
+    """How the shards are stored: format name, compressor, records per shard."""
+
+    name: str
+    compressor: str
+    shard_size: int
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def parse(s: _Section) -> Format:
+        return Format(name=s.get("name", _STR), compressor=s.get("compressor", _STR),
+                      shard_size=s.get("shard_size", _POS), extra=s.extra())
+
+    @property
+    def shards(self) -> ShardFormat:
+        """The ``ShardFormat`` that reads this cache's shards."""
+        return get_format(self.name)
+
+    def to_json(self) -> Json:
+        return {**self.extra, "name": self.name, "compressor": self.compressor, "shard_size": self.shard_size}
+
+
+@dataclass(frozen=True)
+class Source(_Keyed):
+    """The images the cache was built from; ``skipped`` are those that could not be decoded."""
+
+    num_images: int
+    path: str
+    kind: str
+    classes: tuple[Any, ...] | None = None
+    skipped: tuple[Any, ...] | None = None  # {"key": ..., "error": ...} as the build writes them
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def parse(s: _Section) -> Source:
+        num_images, path, kind = s.get("num_images", _NONNEG), s.get("path", _STR), s.get("kind", _STR)
+        classes, skipped = s.optional("classes", _LIST), s.optional("skipped", _LIST)
+        return Source(num_images=num_images, path=path, kind=kind, classes=None if classes is None else tuple(classes),
+                      skipped=None if skipped is None else tuple(skipped), extra=s.extra())
+
+    def to_json(self) -> Json:
+        out: Json = {**self.extra, "num_images": self.num_images, "path": self.path, "kind": self.kind}
+        _put(out, "classes", None if self.classes is None else list(self.classes))
+        _put(out, "skipped", None if self.skipped is None else list(self.skipped))
+        return out
+
+
+@dataclass(frozen=True)
+class FieldStats(_Keyed):
+    """Summary of one float target (before the codec) over the whole build."""
+
+    count: float
+    mean: float
+    std: float
+    min: float
+    max: float
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> Json:
+        return {**self.extra, "count": self.count, "mean": self.mean, "std": self.std, "min": self.min, "max": self.max}
+
+
+@dataclass(frozen=True)
+class Stats(_Keyed):
+    """Build statistics; every part is optional (older or hand-made caches may lack them)."""
+
+    fields: Mapping[str, FieldStats] | None = None
+    build: Mapping[str, Any] | None = None  # seconds, views_per_s, world_size, device, ... as recorded
+    total_bytes: int | None = None
+    total_views: int | None = None
+    bytes_per_view: float | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def parse(s: _Section) -> Stats:
+        raw_fields = s.optional("fields", _DICT)
+        build = s.optional("build", _DICT)
+        total_bytes, total_views = s.optional("total_bytes", _NONNEG), s.optional("total_views", _NONNEG)
+        bytes_per_view = s.optional("bytes_per_view", _NUM)
+        fields = None
+        if raw_fields is not None:
+            fields = {}
+            for name, stat in raw_fields.items():
+                if not _STAT[1](stat):
+                    raise ManifestError(f"{s.where}: field 'stats.fields.{name}' is {_describe(stat)}, expected {_STAT[0]}")
+                known = ("count", "mean", "std", "min", "max")
+                fields[name] = FieldStats(*(stat[k] for k in known), extra={k: v for k, v in stat.items() if k not in known})
+        return Stats(fields=fields, build=build, total_bytes=total_bytes, total_views=total_views,
+                     bytes_per_view=bytes_per_view, extra=s.extra())
+
+    def to_json(self) -> Json:
+        out: Json = dict(self.extra)
+        _put(out, "fields", None if self.fields is None else {k: v.to_json() for k, v in self.fields.items()})
+        _put(out, "build", None if self.build is None else dict(self.build))
+        _put(out, "total_bytes", self.total_bytes)
+        _put(out, "total_views", self.total_views)
+        _put(out, "bytes_per_view", self.bytes_per_view)
+        return out
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One listed shard: where it is (relative to the cache root) and its facts."""
+
+    view_epoch: int
+    index: int
+    path: str
+    info: ShardInfo
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return self.info.num_samples
+
+    @property
+    def nbytes(self) -> int:
+        return self.info.nbytes
+
+    @property
+    def sha256(self) -> str:
+        return self.info.sha256
+
+    def to_json(self) -> Json:
+        return {**self.extra, "index": self.index, "path": self.path, **self.info.to_json()}
+
+
+@dataclass(frozen=True)
+class ViewEpoch:
+    """View-epoch ``index``: view ``index`` of every image, in ``shards``."""
+
+    index: int
+    num_samples: int
+    shards: tuple[ShardEntry, ...]
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> Json:
+        return {**self.extra, "index": self.index, "num_samples": self.num_samples,
+                "shards": [s.to_json() for s in self.shards]}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The pixels and patch grid every target refers to: ``img_size`` = ``grid`` x ``patch_size``."""
+
+    img_size: int
+    patch_size: int
+    grid: tuple[int, int]
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed, checked manifest of the cache at ``root``."""
+
+    root: Path
+    schema_version: int
+    base_model: BaseModel
+    targets: Targets
+    views: Views
+    codec: Codec
+    format: Format
+    source: Source
+    view_epochs: tuple[ViewEpoch, ...]
+    stats: Stats | None = None
+    manifest_sha256: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)  # e.g. "tool": the tec-cache version that wrote it
+
+    # ---- reading --------------------------------------------------------------------------------
+    @property
+    def geometry(self) -> Geometry:
+        """Image size, patch size and grid (checked consistent by ``from_json``)."""
+        return Geometry(self.views.recipe.size, self.targets.patch_size, self.targets.grid)
+
+    @property
+    def fields(self) -> dict[str, FieldSpec]:
+        return dict(self.codec.fields)
+
+    @property
+    def num_view_epochs(self) -> int:
+        return len(self.view_epochs)
+
+    def shards(self, view_epoch: int | None = None) -> list[ShardEntry]:
+        """Shard entries of one view-epoch, or of all in order."""
+        return [s for ve in self.view_epochs if view_epoch is None or ve.index == view_epoch for s in ve.shards]
+
+    def shard_path(self, entry: ShardEntry) -> Path:
+        return self.root / entry.path
+
+    def open_shard(self, entry: ShardEntry, *, verify: bool = False) -> ShardReader:
+        """A reader of a listed shard; with ``verify`` its size, sha256 and count are checked first."""
+        return self.format.shards.open_reader(self.shard_path(entry), self.fields, self.format.compressor,
+                                              expect=entry.info if verify else None)
+
+    # ---- JSON -----------------------------------------------------------------------------------
+    def to_json(self) -> Json:
+        """The manifest as stored: exactly the JSON ``from_json`` read (or the build writes)."""
+        out: Json = {**self.extra, "schema_version": self.schema_version, "base_model": self.base_model.to_json(),
+                     "targets": self.targets.to_json(), "views": self.views.to_json(), "codec": self.codec.to_json(),
+                     "format": self.format.to_json(), "source": self.source.to_json(),
+                     "view_epochs": [ve.to_json() for ve in self.view_epochs]}
+        _put(out, "stats", None if self.stats is None else self.stats.to_json())
+        _put(out, DIGEST_FIELD, self.manifest_sha256)
+        return out
+
+    def digest(self) -> str:
+        """sha256 of this manifest without its own digest field (see ``manifest_digest``)."""
+        return manifest_digest(self.to_json())
+
+    def sealed(self) -> Manifest:
+        """This manifest with its digest, as ``tec-cache build`` writes it."""
+        return dataclasses.replace(self, manifest_sha256=self.digest())
+
+    @staticmethod
+    def from_json(raw: Any, root: Path, where: str) -> Manifest:
+        """Parse and check a manifest's JSON; ManifestError names the field and what was expected."""
+        if not isinstance(raw, dict):
+            raise ManifestError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+        top = _Section(raw, "", where)
+        version = top.get("schema_version", _INT)
+        base_model = BaseModel.parse(top.section("base_model"))
+        targets = Targets.parse(top.section("targets"))
+        views = Views.parse(top.section("views"))
+        codec_section = top.section("codec")
+        fmt = Format.parse(top.section("format"))
+        source = Source.parse(top.section("source"))
+        raw_epochs = top.get("view_epochs", _LIST)
+        stats_section = top.optional_section("stats")
+        stats = None if stats_section is None else Stats.parse(stats_section)
+        digest = top.optional(DIGEST_FIELD, _SHA)
+        if version != SCHEMA_VERSION:
+            raise ManifestError(f"{where}: schema_version {version} is not supported (this tool reads {SCHEMA_VERSION})")
+        if fmt.name not in FORMATS:
+            raise ManifestError(f"{where}: field 'format.name' is {fmt.name!r}, expected one of {list(FORMATS)}")
+        try:
+            parse_compressor(fmt.compressor)
+        except ValueError as e:
+            raise ManifestError(f"{where}: field 'format.compressor': {e}") from None
+        codec = Codec.parse(codec_section)
+        man = Manifest(root=Path(root), schema_version=version, base_model=base_model, targets=targets, views=views,
+                       codec=codec, format=fmt, source=source, view_epochs=_view_epochs(raw_epochs, where),
+                       stats=stats, manifest_sha256=digest, extra=top.extra())
+        _check_geometry(man, where)
+        return man
+
+
+def _field_specs(raw: Json, where: str) -> dict[str, FieldSpec]:
+    """``codec.fields`` as FieldSpecs: canonical numeric dtypes, positive shapes, names the shards accept."""
+    specs = {}
+    for name, spec in raw.items():
+        if not (isinstance(spec, dict) and isinstance(spec.get("dtype"), str) and isinstance(spec.get("shape"), list)
+                and all(_int(s) for s in spec["shape"])):
+            raise ManifestError(f"{where}: codec.fields.{name} is {_describe(spec)}, expected {{'dtype': str, 'shape': [ints]}}")
+        try:
+            specs[name] = fs = FieldSpec.from_json(spec)
+        except Exception as e:  # noqa: BLE001 - numpy raises many types for a bad dtype
+            raise ManifestError(f"{where}: codec.fields.{name} is not a valid dtype/shape ({e})") from None
+        if fs.dtype != spec["dtype"] or set(spec) != {"dtype", "shape"}:
+            # An alias ("f2") or another key would not survive to_json unchanged, and the build never writes one.
+            raise ManifestError(f"{where}: codec.fields.{name} is {_describe(spec)}, expected exactly "
+                                f"{{'dtype': {fs.dtype!r}, 'shape': [ints]}}")
+        if any(s <= 0 for s in fs.shape):
+            raise ManifestError(f"{where}: codec.fields.{name} has a non-positive size {list(fs.shape)}")
+    try:
+        check_specs(specs)  # the shard readers' own rules: field names, numeric canonical dtypes
+    except (ValueError, TypeError) as e:
+        raise ManifestError(f"{where}: codec.fields: {e}") from None
+    return specs
+
+
+_SHARD_KEYS = (("index", _NONNEG), ("path", _STR), ("num_samples", _NONNEG), ("nbytes", _NONNEG), ("sha256", _SHA))
+
+
+def _view_epochs(raw: list[Any], where: str) -> tuple[ViewEpoch, ...]:
+    out = []
+    seen: set[str] = set()
+    for i, ve in enumerate(raw):
+        if not isinstance(ve, dict) or not _int(ve.get("index")) or not isinstance(ve.get("shards"), list):
+            raise ManifestError(f"{where}: view_epochs[{i}] must be an object with int 'index' and list 'shards'")
+        if ve["index"] != i:
+            raise ManifestError(f"{where}: view_epochs[{i}] has index {ve['index']}, expected {i}")
+        entries = []
+        for j, s in enumerate(ve["shards"]):
+            if not isinstance(s, dict):
+                raise ManifestError(f"{where}: view_epochs[{i}].shards[{j}] is {type(s).__name__}, expected an object")
+            for key, (expected, ok) in _SHARD_KEYS:
+                if key not in s:
+                    raise ManifestError(f"{where}: view_epochs[{i}].shards[{j}] lacks {key!r}")
+                if not ok(s[key]):
+                    raise ManifestError(f"{where}: field 'view_epochs[{i}].shards[{j}].{key}' is {_describe(s[key])}, "
+                                        f"expected {expected}")
+            p = s["path"]
+            _check_shard_path(p, f"{where}: view_epochs[{i}].shards[{j}].path {p!r}")
+            if p in seen:
+                raise ManifestError(f"{where}: shard path {p!r} is listed twice")
+            seen.add(p)
+            entries.append(ShardEntry(view_epoch=i, index=s["index"], path=p,
+                                      info=ShardInfo(s["num_samples"], s["nbytes"], s["sha256"]),
+                                      extra={k: v for k, v in s.items() if k not in dict(_SHARD_KEYS)}))
+        total = sum(e.num_samples for e in entries)
+        count = ve.get("num_samples", None)
+        if not _NONNEG[1](count):
+            raise ManifestError(f"{where}: field 'view_epochs[{i}].num_samples' is {_describe(count)}, expected {_NONNEG[0]}")
+        if count != total:
+            raise ManifestError(f"{where}: view_epochs[{i}].num_samples is {_describe(count)}, its shards hold {total}")
+        out.append(ViewEpoch(index=i, num_samples=count, shards=tuple(entries),
+                             extra={k: v for k, v in ve.items() if k not in ("index", "num_samples", "shards")}))
+    return tuple(out)
+
+
+def _check_shard_path(p: str, what: str) -> None:
+    try:  # a name the file system can take: UTF-8, no NUL, components of at most 255 bytes
+        parts = p.encode("utf-8").split(b"/")
+    except UnicodeEncodeError:
+        parts = [b"\0"]
+    if any(b"\0" in part or len(part) > 255 for part in parts):
+        raise ManifestError(f"{what} is not a valid file name")
+    if p.startswith("/") or "\\" in p or any(part in ("", "..", ".") for part in p.split("/")):
+        raise ManifestError(f"{what} must be a plain relative path inside the cache")
+
+
+def _check_geometry(man: Manifest, where: str) -> None:
+    """The one place image size, patch size, grid and patch count are checked against each other."""
+    g, t = man.geometry, man.targets
+    if g.grid[0] * g.patch_size != g.img_size or g.grid[1] * g.patch_size != g.img_size:
+        raise ManifestError(f"{where}: targets.grid {list(g.grid)} of targets.patch_size {g.patch_size} px does not "
+                            f"cover views.recipe.size {g.img_size}")
+    if t.num_patches != g.num_patches:
+        raise ManifestError(f"{where}: targets.num_patches is {t.num_patches}, targets.grid {list(g.grid)} has {g.num_patches}")
+
+
+def manifest_digest(raw: Json) -> str:
+    """sha256 of the manifest without its own digest field, over a canonical JSON text."""
+    body = {k: v for k, v in raw.items() if k != DIGEST_FIELD}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def digest_problem(man: Manifest) -> str | None:
+    """Why the manifest does not match its own digest (edited after the build), or None when it does.
+
+    Checked by ``tec-cache verify`` and stage 2's pre-flight, not by ``load_manifest``: inspecting a
+    hand-edited manifest stays possible, training from or verifying one does not.
+    """
+    stored = man.manifest_sha256
+    if stored is None:
+        return (f"no {DIGEST_FIELD}: written by an older tec-cache, or edited by hand; re-running the same "
+                "`tec-cache build` rewrites the manifest (finished shards are kept)")
+    actual = man.digest()
+    if actual != stored:
+        return (f"the manifest was changed after the build (its content hashes to {actual[:16]}..., "
+                f"{DIGEST_FIELD} says {stored[:16]}...); restore it, or re-run the same `tec-cache build` to rewrite it")
+    return None
+
+
+def load_manifest(root: Path) -> Manifest:
+    """Read and check ``root/manifest.json``; ManifestError says what is wrong."""
+    root = Path(root)
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{root} is not a cache: no {MANIFEST_NAME} (an interrupted build writes it last; re-run the build)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, an integer of more than 4300 digits
+        raise ManifestError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ManifestError(f"{path}: not a manifest (JSON nested too deeply)") from None
+    try:  # "\ud800" is valid JSON but no text: printing or hashing it as UTF-8 would fail later
+        json.dumps(raw, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ManifestError(f"{path}: holds a string that is not valid Unicode ({e.reason})") from None
+    return Manifest.from_json(raw, root, str(path))
