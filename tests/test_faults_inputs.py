@@ -598,7 +598,7 @@ def test_every_option_is_in_a_bad_value_table() -> None:
 EXPORT_BAD = [
     ("RUN_OR_CKPT", "{missing}", "RUN_OR_CKPT: no such run dir or checkpoint file"),
     ("RUN_OR_CKPT", "{folder}", "RUN_OR_CKPT: {folder} is a folder without any complete checkpoint-*.pt"),
-    ("--model", None, "--model: {ckpt} is not a tec-train checkpoint, so its student size must be given"),
+    ("--model", None, "--model: {ckpt} is not a tec-train checkpoint or export, so its encoder size must be given"),
     ("--model", "vit_gigantic_patch8", "--model: unknown student model 'vit_gigantic_patch8'"),
     ("--out", "{file}", "--out: {file} exists and is not a folder"),
 ]
