@@ -81,33 +81,42 @@ class RichReporter:
         self.progress.stop()
 
 
-def _preset_options(pipe: Any, table: str, given: dict[str, Any], config_cls: Any, world_size: int) -> dict[str, Any]:
-    """A preset table under the flags given, checked against ``config_cls``'s fields; its
+def _preset_options(pipe: Any, table: str, given: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """A pipeline table under the flags given, its keys checked against the config it feeds; its
     ``world_size`` (the reference's process count) is only compared with this run's."""
-    from dataclasses import fields
+    from .pipeline_tables import table_keys
 
-    from tec_cache.presets import merge_options
-
-    allowed = {f.name for f in fields(config_cls)} - {"run_dir"} | {"world_size"}
-    merged = merge_options(pipe.section(table), given, allowed, f"{pipe.path} [{table}]")
+    merged = {**pipe.table(table, table_keys(table)), **given}
     ref_world = merged.pop("world_size", None)
     if ref_world is not None and ref_world != world_size:
-        console.print(f"note: preset {pipe.name} was made for {ref_world} processes, this run has {world_size}; "
+        console.print(f"note: pipeline {pipe.name} was made for {ref_world} processes, this run has {world_size}; "
                       "the lr follows the effective batch (--blr x batch x accum x processes / 256)", highlight=False)
     return merged
 
 
-def _with_preset(name: str, given: dict[str, Any], world_size: int) -> dict[str, Any]:
-    """The run's options: the preset's [pretrain] ([base] for --objective mae) under the flags given."""
-    from tec_cache.presets import load_pipeline
+# The pipeline's target recipe ([cache], as tec-cache build takes it) as online-mode options of
+# tec-train run: the base model's depth is --base-depth there, --depth being the student's.
+_ONLINE_FROM_RECIPE = {"basemodel": "online_basemodel", "arch": "arch", "depth": "base_depth", "topk": "topk",
+                       "tau": "tau", "last_layers": "last_layers", "img_size": "img_size", "patch_size": "patch_size"}
 
-    from .train import TrainConfig
+
+def _with_preset(name: str, given: dict[str, Any], world_size: int, online: bool = False) -> dict[str, Any]:
+    """The run's options: the pipeline's [pretrain] ([base] for --objective mae) under the flags
+    given; with ``online``, the [cache] table's target recipe runs inside the step instead of a cache."""
+    from tec_cache.build_options import cache_table
+    from tec_cache.presets import load_pipeline
 
     pipe = load_pipeline(name)
     table = "base" if given.get("objective") == "mae" else "pretrain"
-    merged = _preset_options(pipe, table, given, TrainConfig, world_size)
-    online = any(k in merged for k in ("online_basemodel", "arch"))
-    if table == "pretrain" and "cache" not in merged and not online:
+    merged = _preset_options(pipe, table, given, world_size)
+    if online:
+        recipe = cache_table(name)
+        for key, option in _ONLINE_FROM_RECIPE.items():
+            if key in recipe and option not in given:
+                merged[option] = recipe[key]
+        return merged
+    is_online = any(k in merged for k in ("online_basemodel", "arch"))
+    if table == "pretrain" and "cache" not in merged and not is_online:
         cache_name = pipe.raw.get("cache", {}).get("cache_name")
         if cache_name:
             merged["cache"] = str(Path("caches") / cache_name)
@@ -115,19 +124,42 @@ def _with_preset(name: str, given: dict[str, Any], world_size: int) -> dict[str,
 
 
 @app.command()
-def pipelines() -> None:
-    """List the presets --pipeline takes: one per row of the paper's table, plus CPU-sized ones."""
-    from tec_cache.presets import PipelineError, list_pipelines, search_dirs
+def pipelines(
+    name: Optional[str] = typer.Argument(None, metavar="[NAME]", help="A pipeline (name or .toml file) to print fully resolved: every value of its row, defaults included."),
+) -> None:
+    """List the pipelines --pipeline takes (one per row of the paper's table, plus CPU-sized ones), or print one resolved."""
+    from tec_cache.presets import PipelineError, list_pipelines, load_pipeline, search_dirs
 
+    from .pipeline_tables import resolved_tables
+
+    if name is not None:
+        try:
+            pipe = load_pipeline(name)
+            tables = resolved_tables(pipe)
+        except ValueError as e:  # PipelineError, or a recipe the registry refuses
+            _fail(str(e))
+        out = Console(width=max(Console().width, 100), markup=False)
+        top = {k: v for k, v in pipe.raw.items() if not isinstance(v, dict)}
+        out.print(f"pipeline {pipe.name} ({pipe.path}): " + ", ".join(f"{k} = {v}" for k, v in top.items()), highlight=False)
+        for table, values in tables.items():
+            t = Table(title=f"[{table}]")
+            t.add_column("option")
+            t.add_column("value")
+            t.add_column("set by")
+            for key, value in values.items():
+                origin = pipe.origin.get((table, key))
+                t.add_row(key, "-" if value is None else str(value), str(origin.name) if origin else "default")
+            out.print(t)
+        return
     try:
         found = list_pipelines()
     except PipelineError as e:
         _fail(str(e))
     if not found:
-        _fail(f"no presets found in {[str(d) for d in search_dirs()] or 'any pipelines/ folder'}")
+        _fail(f"no pipelines found in {[str(d) for d in search_dirs()] or 'any pipelines/ folder'}")
     rows = [p.summary() for p in found]
-    t = Table(title="pipelines (tec-cache build / tec-train run / tec-train finetune --pipeline NAME)",
-              caption="from " + ", ".join(sorted({str(p.path.parent) for p in found})))
+    t = Table(title="pipelines (tec-cache build, tec-train run / finetune / knn / linear --pipeline NAME)",
+              caption="from " + ", ".join(sorted({str(p.path.parent) for p in found})) + "; `tec-train pipelines NAME` prints one resolved")
     for col in rows[0]:
         t.add_column(col, no_wrap=col == "name")
     for r in rows:
@@ -138,9 +170,10 @@ def pipelines() -> None:
 @app.command()
 def run(
     run_dir: Path = typer.Option(..., "--run-dir", help="Run folder: checkpoints, metrics.jsonl, config.json. Re-running resumes it."),
-    pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Preset name (see `tec-train pipelines`) or .toml file: its [pretrain] table ([base] with --objective mae) gives the defaults; flags override them. --cache defaults to caches/<the preset's cache_name>."),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Pipeline name (see `tec-train pipelines`) or .toml file: its pretrain table (base with --objective mae) gives the defaults; flags override them. --cache defaults to caches/<the pipeline's cache_name>."),
     objective: Optional[str] = typer.Option(None, "--objective", help="tec: learn a base model's targets (--cache or online) | mae: plain MAE on --data pixels, to make a base model from scratch (default: tec)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Stage-1 cache folder to train from."),
+    online: bool = typer.Option(False, "--online", help="Online mode with the --pipeline's target recipe (its cache table, as tec-cache build takes it): the base model runs inside the step; give --checkpoint and --data."),
     online_basemodel: Optional[str] = typer.Option(None, "--online-basemodel", help="Online mode: run this base model inside the step (mae1kbase | mae1k300ep | ibot1kbase | mae1klarge)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Online mode: the base model's local weights."),
     data: Optional[Path] = typer.Option(None, "--data", help="Online mode and --objective mae: ImageNet-style folder or folder of WebDataset .tar shards."),
@@ -181,10 +214,13 @@ def run(
 
     info = dist_info()
     given = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()
-             if v is not None and k not in ("run_dir", "pipeline")}
+             if v is not None and k not in ("run_dir", "pipeline", "online")}
     try:
+        if online and pipeline is None:
+            raise ValueError("--online: takes the target recipe of a --pipeline; without one, name the base model "
+                             "with --online-basemodel NAME or --arch TIMM_NAME")
         if pipeline is not None:
-            given = _with_preset(pipeline, given, info.world_size)
+            given = _with_preset(pipeline, given, info.world_size, online)
         cfg = config_for_run_dir(str(run_dir), given)
         trainer = Trainer(cfg, None, RichReporter(console))
     except (ValueError, FileNotFoundError) as e:  # CompatibilityError and ResumeError are ValueErrors
@@ -326,7 +362,7 @@ def _result_table(title: str, rows: list[tuple[str, str]]) -> None:
 def finetune(
     source: Optional[Path] = typer.Argument(None, metavar="SOURCE", help=_SOURCE_HELP),
     run_dir: Path = typer.Option(..., "--run-dir", help="Run folder: finetune-<epoch>.pt, metrics.jsonl, config.json, result.json. Re-running resumes it."),
-    pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Preset name (see `tec-train pipelines`) or .toml file: its [finetune] table gives the defaults; flags override them."),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Pipeline name (see `tec-train pipelines`) or .toml file: its finetune table gives the defaults; flags override them."),
     data: Optional[Path] = typer.Option(None, "--data", help="ImageNet-style folder with train/ and val/ class folders."),
     fashion_mnist: bool = typer.Option(False, "--fashion-mnist", help="Use Fashion-MNIST (local idx files, /usr/share/datasets/fashion-mnist)."),
     fashion_mnist_dir: Optional[Path] = typer.Option(None, "--fashion-mnist-dir", help="Fashion-MNIST from this folder instead (implies --fashion-mnist)."),
@@ -381,7 +417,7 @@ def finetune(
 
             from .finetune import FinetuneConfig
 
-            given = _preset_options(load_pipeline(pipeline), "finetune", given, FinetuneConfig, info.world_size)
+            given = _preset_options(load_pipeline(pipeline), "finetune", given, info.world_size)
         cfg = finetune_config_for_run_dir(str(run_dir), given)
         runner = Finetuner(cfg, RichFinetuneReporter(console))
     except (ValueError, FileNotFoundError) as e:  # ResumeError is a ValueError
