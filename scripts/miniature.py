@@ -37,11 +37,14 @@ from rich.table import Table  # noqa: E402
 from torch.utils.data import Subset  # noqa: E402
 
 from tec_cache.fashion_mnist import DEFAULT_DIR, HOW_TO_GET, export_image_folder, subset_indices  # noqa: E402
+from tec_cache.config import check_fields, override  # noqa: E402
 from tec_cache.presets import load_pipeline  # noqa: E402
 from tec_train.checkpoint import latest_checkpoint  # noqa: E402
 from tec_train.labelled import FashionMNIST  # noqa: E402
 from tec_train.encoder_weights import load_encoder  # noqa: E402
+from tec_train.eval_config import DataSubsets, EvalConfig  # noqa: E402
 from tec_train.evaluate import extract_features, knn_classify, linear_probe  # noqa: E402
+from tec_train.pipeline_tables import check_pipeline  # noqa: E402
 from tec_train.mae import build_mae  # noqa: E402
 
 console = Console()
@@ -92,7 +95,7 @@ def run_seed(seed: int, pipe_ref: str, preset: dict[str, Any], data: Path, out: 
     st = Stages(out)
     tc = [sys.executable, "-m", "tec_cache"]
     tt = [sys.executable, "-m", "tec_train"]
-    cache_t, pre = preset["cache"], preset["pretrain"]
+    pre = preset["pretrain"]
     p = ["--pipeline", pipe_ref, "--seed", str(seed)]
     log = out / "stages.log"
     times: dict[str, float] = {}
@@ -103,9 +106,8 @@ def run_seed(seed: int, pipe_ref: str, preset: dict[str, Any], data: Path, out: 
                                                   "--out", str(out / "cache")], log)
     times["cache_verify"] = st.run("cache_verify", [*tc, "verify", str(out / "cache")], log)
     times["tec_cache"] = st.run("tec_cache", [*tt, "run", *p, "--cache", str(out / "cache"), "--run-dir", str(out / "tec_cache")], log)
-    online = ["--arch", cache_t["arch"], "--base-depth", str(cache_t["depth"]), "--checkpoint", str(base_ckpt),
-              "--data", str(data), "--img-size", str(cache_t["img_size"]), "--patch-size", str(cache_t["patch_size"]),
-              "--topk", str(cache_t["topk"]), "--tau", str(cache_t["tau"]), "--last-layers", str(cache_t["last_layers"])]
+    # The same target recipe as the cache (the pipeline's [cache] table), with the base model in the step.
+    online = ["--online", "--checkpoint", str(base_ckpt), "--data", str(data)]
     times["tec_online"] = st.run("tec_online", [*tt, "run", *p, *online, "--run-dir", str(out / "tec_online")], log)
     times["mae_more"] = st.run("mae_more", [*tt, "run", *p, "--objective", "mae", "--data", str(data), "--init-from", str(base_ckpt),
                                             "--epochs", str(pre["epochs"]), "--warmup-epochs", str(pre["warmup_epochs"]),
@@ -118,7 +120,7 @@ def _pixels(ds: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor([y for _, y in ds])
 
 
-def evaluate(source: Path | torch.nn.Module | None, splits: tuple[Any, Any], ev: dict[str, Any], seed: int) -> dict[str, Any]:
+def evaluate(source: Path | torch.nn.Module | None, splits: tuple[Any, Any], ev: EvalConfig, seed: int) -> dict[str, Any]:
     """kNN and linear-probe top-1 of one model's frozen features: a run dir, a model, or None for raw pixels."""
     train_ds, test_ds = splits
     t0 = time.time()
@@ -126,12 +128,12 @@ def evaluate(source: Path | torch.nn.Module | None, splits: tuple[Any, Any], ev:
         (ftr, ytr), (fte, yte) = _pixels(train_ds), _pixels(test_ds)
     else:
         model = load_encoder(source)[0] if isinstance(source, Path) else source
-        kw = dict(batch_size=500, num_workers=0, pool=ev["pool"], crop_pct=1.0)
+        kw = dict(batch_size=500, num_workers=0, pool=ev.pool, crop_pct=1.0)
         ftr, ytr = extract_features(model, train_ds, **kw)
         fte, yte = extract_features(model, test_ds, **kw)
-    knn = knn_classify(ftr, ytr, fte, yte, k=ev["knn_k"], temperature=ev["knn_temperature"], num_classes=10)
-    lin = linear_probe(ftr, ytr, fte, yte, epochs=ev["linear_epochs"], lr=ev["linear_lr"], seed=seed,
-                       warmup_epochs=max(1, ev["linear_epochs"] // 10), num_classes=10)
+    knn = knn_classify(ftr, ytr, fte, yte, k=ev.k, temperature=ev.temperature, num_classes=10)
+    lin = linear_probe(ftr, ytr, fte, yte, epochs=ev.epochs, lr=ev.lr, seed=seed,
+                       warmup_epochs=max(1, ev.epochs // 10), num_classes=10)
     return {"knn_top1": knn["top1"], "linear_top1": lin["last_top1"], "linear_best_top1": lin["best_top1"],
             "eval_s": time.time() - t0}
 
@@ -215,7 +217,9 @@ def main() -> None:
     preset = pipe.raw
     out = args.out / pipe.name
     out.mkdir(parents=True, exist_ok=True)
-    n_train, n_test = preset["data"]["train_images"], preset["data"]["test_images"]
+    check_pipeline(pipe)  # every table, [data] and [eval] included, names only real options
+    sizes = override(DataSubsets(), {}, preset.get("data", {}), pipe.where("data"))
+    n_train, n_test = sizes.train_images, sizes.test_images
     try:
         data = export_image_folder(out / "fmnist-train", "train", n=n_train, root=args.fashion_mnist)
     except FileNotFoundError:
@@ -224,10 +228,11 @@ def main() -> None:
     # The kNN bank / probe training set is exactly the pretraining subset, with its labels.
     splits = (Subset(train_ds, subset_indices(np.asarray(train_ds.targets), n_train).tolist()),
               Subset(test_ds, subset_indices(np.asarray(test_ds.targets), n_test).tolist()))
-    ev = preset["eval"]
+    ev = override(EvalConfig(), {}, preset.get("eval", {}), pipe.where("eval"))
+    check_fields(ev)
     res_path = out / "results.json"
     results: dict[str, Any] = json.loads(res_path.read_text()) if res_path.is_file() else {}
-    results.update(pipeline=pipe.name, test_images=len(splits[1]), train_images=len(splits[0]), pool=ev["pool"])
+    results.update(pipeline=pipe.name, test_images=len(splits[1]), train_images=len(splits[0]), pool=ev.pool)
     results.setdefault("seeds", {})
     t_all = time.time()
     for seed in args.seeds:

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import timm
 
+from tec_cache.config import POSITIVE, POSITIVE_INT, option
+
 
 @dataclass(frozen=True)
 class BaseModelSpec:
@@ -95,6 +97,33 @@ def resolve_spec(
     if spec.topk > grid:
         raise ValueError(f"--topk {spec.topk} exceeds the number of patches ({grid})")
     return spec
+
+
+@dataclass(frozen=True)
+class TargetRecipe:
+    """What the base model computes: the options of ``tec-cache build`` and of online mode.
+
+    Every field left None takes the registry's value (or the --arch defaults); ``resolve`` checks
+    them and gives the BaseModelSpec both the build and the online target feed run.
+    """
+
+    basemodel: str | None = option(None, "Registry base model", choices=sorted(REGISTRY))
+    arch: str | None = option(None, "Any timm ViT name; overrides the base model's architecture.")
+    img_size: int | None = option(None, "View size in pixels", check=POSITIVE_INT, default_text="224")
+    patch_size: int | None = option(None, "Patch size", check=POSITIVE_INT, default_text="the arch's")
+    depth: int | None = option(None, "Block count, when the checkpoint's ViT is shallower than the arch's.", check=POSITIVE_INT)
+    topk: int | None = option(None, "Top-k patch rows of the attention target", check=POSITIVE_INT,
+                              default_text="the base model's")
+    tau: float | None = option(None, "Attention-target temperature", check=POSITIVE, default_text="the base model's")
+    last_layers: int | None = option(None, "Blocks averaged into the feature target", check=POSITIVE_INT,
+                                     default_text="the base model's")
+
+    def resolve(self) -> BaseModelSpec:
+        return resolve_spec(self.basemodel, arch=self.arch, img_size=self.img_size, patch_size=self.patch_size,
+                            topk=self.topk, tau=self.tau, last_layers=self.last_layers, depth=self.depth)
+
+
+RECIPE_KEYS = ("basemodel", "arch", "img_size", "patch_size", "depth", "topk", "tau", "last_layers")
 
 
 def _arch_patch_size(arch: str | None, default: int) -> int:

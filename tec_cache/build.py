@@ -27,10 +27,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich import filesize
 from torch.utils.data import DataLoader, Dataset
 
 from tec_cache.basemodels import BaseModelSpec, build_model, load_base_model
 from tec_cache.codecs import TargetShape, get_codec, split_fields
+from tec_cache.config import POSITIVE_INT, SEED, WORKERS, check_fields, in_range, option
 from tec_cache.dist import (DistInfo, all_reduce_sum, barrier, destroy_process_group, dist_info, init_process_group,
                             lost_rank_guard, resolve_device)
 from tec_cache.faults import fault_point
@@ -61,39 +63,34 @@ _RESUME = "complete shards are kept: re-run the same command to resume"
 
 @dataclass
 class BuildConfig:
-    data: Path
-    out: Path
-    checkpoint: Path
-    spec: BaseModelSpec
-    views: int = 1
-    codec: str = "int8"
-    format: str = "webdataset"
-    compressor: str = "zstd:3"
-    shard_size: int = 256
-    seed: int = 0
-    batch_size: int = 64
-    num_workers: int = 4
-    device: str = "auto"
-    strict: bool = False
-    dry_run: bool = False
-    jpeg_quality: int = 95
+    """Every option of ``tec-cache build`` but the target recipe (``spec``, from a TargetRecipe)."""
+
+    data: Path = option(help="ImageNet-style folder or folder of WebDataset .tar shards.")
+    out: Path = option(help="Cache folder (created; re-running resumes or extends it).")
+    checkpoint: Path = option(help="Local base-model weights (MAE, iBOT, DINO, state dict, .safetensors).")
+    spec: BaseModelSpec = option(help="The resolved target recipe.")
+    views: int = option(1, "View-epochs K to hold (a larger K later adds only the missing ones)", check=POSITIVE_INT)
+    codec: str = option("int8", "fp16 (reference precision) | int8 (half the bytes)")
+    format: str = option("webdataset", "webdataset | zarr")
+    compressor: str = option("zstd:3", "zstd:LEVEL | none")
+    shard_size: int = option(256, "Views per shard", check=POSITIVE_INT)
+    seed: int = option(0, "Seed of the view augmentations", check=SEED)
+    batch_size: int = option(64, "Views per base-model forward", check=POSITIVE_INT)
+    num_workers: int = option(4, "Decode/crop worker processes", check=WORKERS)
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    strict: bool = option(False, "Fail on the first unreadable image instead of skipping it.")
+    dry_run: bool = option(False, "Print the size estimate and write nothing.")
+    jpeg_quality: int = option(95, "Quality of the stored view JPEGs", check=in_range(1, 100))
 
     def validate(self) -> None:
         """Option checks before any work; ValueError names the option and what it expects."""
-        for opt, value in (("--views", self.views), ("--shard-size", self.shard_size), ("--batch-size", self.batch_size)):
-            if value < 1:
-                raise ValueError(f"{opt}: must be a positive integer, got {value}")
-        if self.seed < 0:
-            raise ValueError(f"--seed: must be an integer >= 0, got {self.seed}")
+        check_fields(self, ("views", "shard_size", "seed", "batch_size"))
         if not Path(self.data).exists():
             raise ValueError(f"--data: no such file or folder {self.data} (expected an image folder or .tar shards)")
         if not Path(self.checkpoint).is_file():
             raise ValueError(f"--checkpoint: no such file {self.checkpoint} (expected the base model's weights file)")
         resolve_device(self.device, dist_info())  # --device: a name this machine has
-        if self.num_workers < 0:
-            raise ValueError(f"--num-workers: must be >= 0, got {self.num_workers}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"--jpeg-quality: must be in 1..100, got {self.jpeg_quality}")
+        check_fields(self, ("num_workers", "jpeg_quality"))
         if self.format not in FORMATS:
             raise ValueError(f"--format: unknown format {self.format!r}; expected one of {list(FORMATS)}")
         try:
@@ -325,12 +322,12 @@ class Builder:
             if left == 0:
                 need = "every shard is complete, only this file remains to be written"
             elif self._bpv is not None:
-                need = (f"about {_gb(self._bpv * left * DISK_MARGIN)} more is needed for the {left} views still to build "
-                        f"({self._bpv / 1e3:.1f} KB/view, +{int((DISK_MARGIN - 1) * 100)}% margin)")
+                need = (f"about {filesize.decimal(int(self._bpv * left * DISK_MARGIN))} more is needed for the {left} views still to build "
+                        f"({filesize.decimal(int(self._bpv))}/view, +{int((DISK_MARGIN - 1) * 100)}% margin)")
             else:
                 need = f"{left} views are still to build"
             raise DiskFullError(
-                f"disk full (ENOSPC) while writing {path}: {need}; {_gb(free)} is free on {probe}. "
+                f"disk full (ENOSPC) while writing {path}: {need}; {filesize.decimal(int(free))} is free on {probe}. "
                 "Complete shards are kept and the half-written file was removed: free space and re-run the same "
                 "command to resume."
             ) from e
@@ -343,7 +340,7 @@ class Builder:
         if not self.cfg.dry_run and need > free:
             raise OSError(
                 f"--out {self.cfg.out}: not enough disk: the {missing_views} views still to build need about "
-                f"{_gb(need)} ({bpv / 1e3:.1f} KB/view, +{int((DISK_MARGIN - 1) * 100)}% margin), {_gb(free)} is free. "
+                f"{filesize.decimal(int(need))} ({filesize.decimal(int(bpv))}/view, +{int((DISK_MARGIN - 1) * 100)}% margin), {filesize.decimal(int(free))} is free. "
                 "Free space, use fewer --views, --codec int8, or another --out."
             )
         return est
@@ -559,9 +556,6 @@ class Builder:
     def close(self) -> None:
         self.writer_pool.shutdown(wait=True)
 
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def build_cache(cfg: BuildConfig, log: Callable[[str], None] = lambda s: None,

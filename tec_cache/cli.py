@@ -8,19 +8,26 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from dataclasses import fields
 from typing import Optional
 
 import typer
+from rich import filesize
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from tec_cache.config import help_for
 from tec_cache.dist import dist_info
 from tec_cache.run_log import BUILD_LOG, SampleError, failure_line, from_worker
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Stage 1 of TEC: cache a frozen base model's targets.")
 console = Console(stderr=True, soft_wrap=True)  # errors stay on one greppable line
+
+
+def _size(n: float) -> str:
+    return filesize.decimal(int(n))
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -29,101 +36,55 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000.0
-    return str(n)
+def _h(name: str, extra: str = "") -> str:
+    """Help of a build option, from the field that declares it (default included)."""
+    from tec_cache.basemodels import TargetRecipe
+    from tec_cache.build import BuildConfig
 
-
-# Defaults of the build options that a preset may set (the flags themselves default to None, so
-# that a flag given on the command line can be told apart from one left to the preset).
-BUILD_DEFAULTS = {"views": 1, "codec": "int8", "fmt": "webdataset", "compressor": "zstd:3", "shard_size": 256, "seed": 0,
-                  "batch_size": 64, "num_workers": 4, "device": "auto", "jpeg_quality": 95}
-_PRESET_KEYS = {"basemodel", "checkpoint", "arch", "img_size", "patch_size", "depth", "topk", "last_layers", "tau",
-                "views", "codec", "format", "compressor", "shard_size", "seed", "batch_size", "num_workers", "device",
-                "jpeg_quality", "cache_name", "data"}
-
-
-def _build_options(options: dict) -> dict:
-    """The build's options: defaults, then the --pipeline preset's [cache] table, then the flags given."""
-    from tec_cache.presets import load_pipeline, merge_options
-
-    given = {k: v for k, v in options.items() if k != "pipeline"}
-    merged = {**BUILD_DEFAULTS}
-    if options["pipeline"] is not None:
-        pipe = load_pipeline(options["pipeline"])
-        preset = merge_options(pipe.section("cache"), {}, _PRESET_KEYS, f"{pipe.path} [cache]")
-        if "format" in preset:
-            preset["fmt"] = preset.pop("format")
-        cache_name = preset.pop("cache_name", None)
-        for key in ("checkpoint", "data"):
-            if key in preset:
-                preset[key] = Path(preset[key])
-        merged.update(preset)
-        if given["out"] is None and cache_name:
-            merged["out"] = Path("caches") / cache_name
-    # Every option ends up as a key: the flag given, else the preset's or default value, else None.
-    merged = {**given, **{k: v for k, v in merged.items() if given.get(k) is None}}
-    if merged["out"] is None:
-        raise ValueError("--out is required: the cache folder to create (or a --pipeline whose preset names a cache_name)")
-    return merged
+    cls = TargetRecipe if name in {f.name for f in fields(TargetRecipe)} else BuildConfig
+    return help_for(cls, name, extra)
 
 
 @app.command()
 def build(
-    out: Optional[Path] = typer.Option(None, "--out", help="Cache folder (created; re-running resumes or extends it). With --pipeline, defaults to caches/<the preset's cache_name>."),
-    pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Preset name (see `tec-train pipelines`) or .toml file: its [cache] table gives the defaults; flags override them."),
-    data: Optional[Path] = typer.Option(None, "--data", help="ImageNet-style folder or folder of WebDataset .tar shards."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Local base-model weights (MAE, iBOT, DINO, state dict, .safetensors)."),
-    basemodel: Optional[str] = typer.Option(None, "--basemodel", help="mae1kbase | mae1k300ep | ibot1kbase | mae1klarge"),
-    arch: Optional[str] = typer.Option(None, "--arch", help="Any timm ViT name; overrides the base model's architecture."),
-    img_size: Optional[int] = typer.Option(None, "--img-size", help="View size in pixels (default 224)."),
-    patch_size: Optional[int] = typer.Option(None, "--patch-size", help="Patch size (default from the arch)."),
-    depth: Optional[int] = typer.Option(None, "--depth", help="Block count, when the checkpoint's ViT is shallower than the arch's."),
-    topk: Optional[int] = typer.Option(None, "--topk", help="Top-k patch rows of the attention target."),
-    last_layers: Optional[int] = typer.Option(None, "--last-layers", help="Blocks averaged into the feature target."),
-    tau: Optional[float] = typer.Option(None, "--tau", help="Attention-target temperature recorded for stage 2."),
-    views: Optional[int] = typer.Option(None, "--views", help="View-epochs K to hold (a larger K later adds only the missing ones) (default: 1)."),
-    codec: Optional[str] = typer.Option(None, "--codec", help="fp16 (reference precision) | int8 (half the bytes) (default: int8)."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="webdataset | zarr (default: webdataset)."),
-    compressor: Optional[str] = typer.Option(None, "--compressor", help="zstd:LEVEL | none (default: zstd:3)."),
-    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Views per shard (default: 256)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the view augmentations (default: 0)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Views per base-model forward (default: 64)."),
-    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Decode/crop worker processes (default: 4)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default: auto)."),
-    jpeg_quality: Optional[int] = typer.Option(None, "--jpeg-quality", help="Quality of the stored view JPEGs (default: 95)."),
-    strict: bool = typer.Option(False, "--strict", help="Fail on the first unreadable image instead of skipping it."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the size estimate and write nothing."),
+    out: Optional[Path] = typer.Option(None, "--out", help=_h("out", " With --pipeline, defaults to caches/<the pipeline's cache_name>.")),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Pipeline name (see `tec-train pipelines`) or .toml file: its cache table gives the defaults; flags override them."),
+    data: Optional[Path] = typer.Option(None, "--data", help=_h("data")),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help=_h("checkpoint")),
+    basemodel: Optional[str] = typer.Option(None, "--basemodel", help=_h("basemodel")),
+    arch: Optional[str] = typer.Option(None, "--arch", help=_h("arch")),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help=_h("img_size")),
+    patch_size: Optional[int] = typer.Option(None, "--patch-size", help=_h("patch_size")),
+    depth: Optional[int] = typer.Option(None, "--depth", help=_h("depth")),
+    topk: Optional[int] = typer.Option(None, "--topk", help=_h("topk")),
+    last_layers: Optional[int] = typer.Option(None, "--last-layers", help=_h("last_layers")),
+    tau: Optional[float] = typer.Option(None, "--tau", help=_h("tau", " recorded for stage 2")),
+    views: Optional[int] = typer.Option(None, "--views", help=_h("views")),
+    codec: Optional[str] = typer.Option(None, "--codec", help=_h("codec")),
+    format: Optional[str] = typer.Option(None, "--format", help=_h("format")),
+    compressor: Optional[str] = typer.Option(None, "--compressor", help=_h("compressor")),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help=_h("shard_size")),
+    seed: Optional[int] = typer.Option(None, "--seed", help=_h("seed")),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=_h("batch_size")),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help=_h("num_workers")),
+    device: Optional[str] = typer.Option(None, "--device", help=_h("device")),
+    jpeg_quality: Optional[int] = typer.Option(None, "--jpeg-quality", help=_h("jpeg_quality")),
+    strict: bool = typer.Option(False, "--strict", help=_h("strict")),
+    dry_run: bool = typer.Option(False, "--dry-run", help=_h("dry_run")),
 ) -> None:
     """Run the base model over K augmented views of every image and write its targets to shards."""
     options = dict(locals())  # first statement: exactly the options
-    from tec_cache.basemodels import resolve_spec
-    from tec_cache.build import BuildConfig, BuildOptionError, build_cache
+    from tec_cache.build import BuildOptionError, build_cache
+    from tec_cache.build_options import build_config
 
     info = dist_info()
     say = console.print if info.is_main else (lambda *a, **k: None)
+    flags = {k: v for k, v in options.items() if k != "pipeline"}
     try:
-        o = _build_options(options)
-    except ValueError as e:
-        _fail(str(e))
-    out, data, checkpoint = o["out"], o["data"], o["checkpoint"]
-    if data is None:
-        _fail("--data is required: an image folder or a folder of .tar shards")
-    if checkpoint is None:
-        _fail("--checkpoint is required: the base model's weights are never downloaded")
-    try:
-        spec = resolve_spec(o["basemodel"], arch=o["arch"], img_size=o["img_size"], patch_size=o["patch_size"], topk=o["topk"],
-                            tau=o["tau"], last_layers=o["last_layers"], depth=o["depth"])
-        cfg = BuildConfig(data=data, out=out, checkpoint=checkpoint, spec=spec, views=o["views"], codec=o["codec"],
-                          format=o["fmt"], compressor=o["compressor"], shard_size=o["shard_size"], seed=o["seed"],
-                          batch_size=o["batch_size"], num_workers=o["num_workers"], device=o["device"], strict=strict,
-                          dry_run=dry_run, jpeg_quality=o["jpeg_quality"])
-        cfg.validate()
+        cfg = build_config(flags, options["pipeline"])
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
+    out = cfg.out
     progress = Progress(TextColumn("[bold]building"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not info.is_main or dry_run)
     task = progress.add_task("views", total=None, rate="")
@@ -155,7 +116,7 @@ def build(
         t = Table(title="dry run: size estimate (nothing written)")
         for col in ("bytes/view", "views to build", "bytes needed", "bytes free"):
             t.add_column(col, justify="right")
-        t.add_row(_human(est["bytes_per_view"] or 0), str(est["views"]), _human(est.get("bytes_needed", 0)), _human(est.get("bytes_free", 0)))
+        t.add_row(_size(est["bytes_per_view"] or 0), str(est["views"]), _size(est.get("bytes_needed", 0)), _size(est.get("bytes_free", 0)))
         say(t)
         return
     t = Table(title=f"tec-cache build: {out}")
@@ -166,7 +127,7 @@ def build(
         ("shards written (this rank)", str(result.shards_built)),
         ("shards already complete", str(result.shards_skipped)),
         ("unreadable images skipped", str(len(result.skipped_images))),
-        ("bytes per view", _human(result.bytes_per_view)),
+        ("bytes per view", _size(result.bytes_per_view)),
         ("seconds", f"{result.seconds:.1f}"),
         ("views/s", f"{result.views_built / max(result.seconds, 1e-9):.1f}"),
         ("manifest", str(result.manifest_path)),
@@ -205,8 +166,8 @@ def inspect(cache: Path = typer.Argument(..., help="Cache folder.")) -> None:
     t.add_row("source", f"{src.path} ({src.kind}): {src.num_images} images, {len(src.classes or ())} classes, {len(src.skipped or ())} skipped")
     st = man.stats or Stats()
     total_views = "?" if st.total_views is None else st.total_views
-    t.add_row("shards", f"{len(man.shards())} shards, {total_views} views, {_human(st.total_bytes or 0)}")
-    t.add_row("bytes per view", _human(st.bytes_per_view or 0))
+    t.add_row("shards", f"{len(man.shards())} shards, {total_views} views, {_size(st.total_bytes or 0)}")
+    t.add_row("bytes per view", _size(st.bytes_per_view or 0))
     b = st.build or {}
     t.add_row("last build", f"{b.get('seconds')} s, {b.get('views_per_s')} views/s, world size {b.get('world_size')}, {b.get('device')}")
     out.print(t)

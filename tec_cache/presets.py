@@ -7,12 +7,17 @@ command line taking precedence over the preset's value.
 
 A preset is found by name in, in order: the folder in ``$TEC_PIPELINES``, ``./pipelines`` and the
 ``pipelines/`` folder of this source tree; ``--pipeline`` also takes a path to a .toml file.
+
+A preset states only what differs from its family: ``extends = "base/vitb.toml"`` (a path relative
+to the preset's own file) takes every table of that file, and the preset's keys replace the base's
+key by key. Family bases live in ``pipelines/base/``, so ``tec-train pipelines`` lists only presets
+a command can run.
 """
 from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +33,9 @@ class PipelineError(ValueError):
 class Pipeline:
     name: str
     path: Path
-    raw: dict[str, Any]
+    raw: dict[str, Any]  # resolved: the bases' tables with this file's keys on top
+    # (table, key) -> the file that set it, so an error names the file a reader has to edit.
+    origin: dict[tuple[str, str], Path] = field(default_factory=dict)
 
     def section(self, name: str) -> dict[str, Any]:
         """A table of the preset ([cache], [pretrain], ...); PipelineError when it has none."""
@@ -37,6 +44,20 @@ class Pipeline:
             have = sorted(k for k, v in self.raw.items() if isinstance(v, dict))
             raise PipelineError(f"--pipeline {self.name}: {self.path} has no [{name}] table (it has {have})")
         return dict(table)
+
+    def where(self, table: str, keys: list[str] | None = None) -> str:
+        """'FILE [table]' for error messages: the file(s) that set ``keys`` (default: this preset's)."""
+        files = sorted({str(self.origin.get((table, k), self.path)) for k in keys or []}) or [str(self.path)]
+        return f"{', '.join(files)} [{table}]"
+
+    def table(self, name: str, allowed: set[str]) -> dict[str, Any]:
+        """A table whose keys are all in ``allowed``; PipelineError naming the file, table and keys."""
+        section = self.section(name)
+        unknown = sorted(set(section) - allowed)
+        if unknown:
+            raise PipelineError(f"--pipeline: {self.where(name, unknown)} sets {unknown}, which this command does not take "
+                                f"(its options: {sorted(allowed)})")
+        return section
 
     def summary(self) -> dict[str, Any]:
         """One line of ``tec-train pipelines``."""
@@ -65,23 +86,54 @@ def search_dirs() -> list[Path]:
     return out
 
 
-def _read(path: Path) -> Pipeline:
+def _toml(path: Path) -> dict[str, Any]:
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise PipelineError(f"--pipeline: cannot read {path}: {e}") from None
+
+
+def _resolve(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict[tuple[str, str], Path]]:
+    """The file's tables on top of its ``extends`` chain, and which file set each (table, key)."""
+    if path.resolve() in chain:
+        raise PipelineError(f"--pipeline: {path}: 'extends' loops back to itself through {[str(p) for p in chain]}")
+    raw = _toml(path)
+    base_ref = raw.pop("extends", None)
+    merged: dict[str, Any] = {}
+    origin: dict[tuple[str, str], Path] = {}
+    if base_ref is not None:
+        if not isinstance(base_ref, str):
+            raise PipelineError(f"--pipeline: {path}: 'extends' must be a path to a .toml file, got {base_ref!r}")
+        base = path.parent / base_ref
+        if not base.is_file():
+            raise PipelineError(f"--pipeline: {path}: extends {base_ref!r}, but there is no file {base}")
+        merged, origin = _resolve(base, (*chain, path.resolve()))
+        # A family base names no row: its name and paper number never pass to the preset.
+        for key in ("name", "expected_top1"):
+            merged.pop(key, None)
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            merged[key] = {**merged.get(key, {}), **value}
+            origin.update({(key, k): path for k in value})
+        else:
+            merged[key] = value
+    return merged, origin
+
+
+def _read(path: Path) -> Pipeline:
+    raw, origin = _resolve(path)
     name = raw.get("name", path.stem)
     if not isinstance(name, str):
         raise PipelineError(f"--pipeline: {path}: 'name' must be a string")
-    return Pipeline(name=name, path=path, raw=raw)
+    return Pipeline(name=name, path=path, raw=raw, origin=origin)
 
 
 def list_pipelines() -> list[Pipeline]:
     """Every preset on the search path; a name found twice is taken from the first folder."""
     found: dict[str, Pipeline] = {}
     for d in search_dirs():
-        for p in sorted(d.glob("*.toml")):
-            if p.stem not in found:
+        for p in sorted(d.glob("*.toml")):  # not base/: a family base is no runnable preset
+            if p.stem not in found and not p.stem.startswith("_"):
                 found[p.stem] = _read(p)
     return sorted(found.values(), key=lambda p: p.name)
 

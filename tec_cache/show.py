@@ -98,6 +98,8 @@ def select_records(man: Manifest, view_epoch: int, n: int, seed: int | None = No
     seeded sample without repeats (shown in cache order). Each touched shard is read once."""
     if n < 1:
         raise ValueError(f"--n: must be at least 1, got {n}")
+    if seed is not None and seed < 0:
+        raise ValueError(f"--seed: must be an integer >= 0, got {seed}")
     if not 0 <= view_epoch < man.num_view_epochs:
         raise ValueError(f"--view-epoch: {view_epoch} out of range; the cache holds view-epochs 0..{man.num_view_epochs - 1}")
     entries = man.shards(view_epoch)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from tec_cache.config import help_for
 from tec_cache.dist import dist_info
 from tec_cache.run_log import RUN_LOG, SampleError, failure_line, from_worker
 
@@ -80,33 +81,42 @@ class RichReporter:
         self.progress.stop()
 
 
-def _preset_options(pipe: Any, table: str, given: dict[str, Any], config_cls: Any, world_size: int) -> dict[str, Any]:
-    """A preset table under the flags given, checked against ``config_cls``'s fields; its
+def _preset_options(pipe: Any, table: str, given: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """A pipeline table under the flags given, its keys checked against the config it feeds; its
     ``world_size`` (the reference's process count) is only compared with this run's."""
-    from dataclasses import fields
+    from .pipeline_tables import table_keys
 
-    from tec_cache.presets import merge_options
-
-    allowed = {f.name for f in fields(config_cls)} - {"run_dir"} | {"world_size"}
-    merged = merge_options(pipe.section(table), given, allowed, f"{pipe.path} [{table}]")
+    merged = {**pipe.table(table, table_keys(table)), **given}
     ref_world = merged.pop("world_size", None)
     if ref_world is not None and ref_world != world_size:
-        console.print(f"note: preset {pipe.name} was made for {ref_world} processes, this run has {world_size}; "
+        console.print(f"note: pipeline {pipe.name} was made for {ref_world} processes, this run has {world_size}; "
                       "the lr follows the effective batch (--blr x batch x accum x processes / 256)", highlight=False)
     return merged
 
 
-def _with_preset(name: str, given: dict[str, Any], world_size: int) -> dict[str, Any]:
-    """The run's options: the preset's [pretrain] ([base] for --objective mae) under the flags given."""
-    from tec_cache.presets import load_pipeline
+# The pipeline's target recipe ([cache], as tec-cache build takes it) as online-mode options of
+# tec-train run: the base model's depth is --base-depth there, --depth being the student's.
+_ONLINE_FROM_RECIPE = {"basemodel": "online_basemodel", "arch": "arch", "depth": "base_depth", "topk": "topk",
+                       "tau": "tau", "last_layers": "last_layers", "img_size": "img_size", "patch_size": "patch_size"}
 
-    from .train import TrainConfig
+
+def _with_preset(name: str, given: dict[str, Any], world_size: int, online: bool = False) -> dict[str, Any]:
+    """The run's options: the pipeline's [pretrain] ([base] for --objective mae) under the flags
+    given; with ``online``, the [cache] table's target recipe runs inside the step instead of a cache."""
+    from tec_cache.build_options import cache_table
+    from tec_cache.presets import load_pipeline
 
     pipe = load_pipeline(name)
     table = "base" if given.get("objective") == "mae" else "pretrain"
-    merged = _preset_options(pipe, table, given, TrainConfig, world_size)
-    online = any(k in merged for k in ("online_basemodel", "arch"))
-    if table == "pretrain" and "cache" not in merged and not online:
+    merged = _preset_options(pipe, table, given, world_size)
+    if online:
+        recipe = cache_table(name)
+        for key, option in _ONLINE_FROM_RECIPE.items():
+            if key in recipe and option not in given:
+                merged[option] = recipe[key]
+        return merged
+    is_online = any(k in merged for k in ("online_basemodel", "arch"))
+    if table == "pretrain" and "cache" not in merged and not is_online:
         cache_name = pipe.raw.get("cache", {}).get("cache_name")
         if cache_name:
             merged["cache"] = str(Path("caches") / cache_name)
@@ -114,19 +124,42 @@ def _with_preset(name: str, given: dict[str, Any], world_size: int) -> dict[str,
 
 
 @app.command()
-def pipelines() -> None:
-    """List the presets --pipeline takes: one per row of the paper's table, plus CPU-sized ones."""
-    from tec_cache.presets import PipelineError, list_pipelines, search_dirs
+def pipelines(
+    name: Optional[str] = typer.Argument(None, metavar="[NAME]", help="A pipeline (name or .toml file) to print fully resolved: every value of its row, defaults included."),
+) -> None:
+    """List the pipelines --pipeline takes (one per row of the paper's table, plus CPU-sized ones), or print one resolved."""
+    from tec_cache.presets import PipelineError, list_pipelines, load_pipeline, search_dirs
 
+    from .pipeline_tables import resolved_tables
+
+    if name is not None:
+        try:
+            pipe = load_pipeline(name)
+            tables = resolved_tables(pipe)
+        except ValueError as e:  # PipelineError, or a recipe the registry refuses
+            _fail(str(e))
+        out = Console(width=max(Console().width, 100), markup=False)
+        top = {k: v for k, v in pipe.raw.items() if not isinstance(v, dict)}
+        out.print(f"pipeline {pipe.name} ({pipe.path}): " + ", ".join(f"{k} = {v}" for k, v in top.items()), highlight=False)
+        for table, values in tables.items():
+            t = Table(title=f"[{table}]")
+            t.add_column("option")
+            t.add_column("value")
+            t.add_column("set by")
+            for key, value in values.items():
+                origin = pipe.origin.get((table, key))
+                t.add_row(key, "-" if value is None else str(value), str(origin.name) if origin else "default")
+            out.print(t)
+        return
     try:
         found = list_pipelines()
     except PipelineError as e:
         _fail(str(e))
     if not found:
-        _fail(f"no presets found in {[str(d) for d in search_dirs()] or 'any pipelines/ folder'}")
+        _fail(f"no pipelines found in {[str(d) for d in search_dirs()] or 'any pipelines/ folder'}")
     rows = [p.summary() for p in found]
-    t = Table(title="pipelines (tec-cache build / tec-train run / tec-train finetune --pipeline NAME)",
-              caption="from " + ", ".join(sorted({str(p.path.parent) for p in found})))
+    t = Table(title="pipelines (tec-cache build, tec-train run / finetune / knn / linear --pipeline NAME)",
+              caption="from " + ", ".join(sorted({str(p.path.parent) for p in found})) + "; `tec-train pipelines NAME` prints one resolved")
     for col in rows[0]:
         t.add_column(col, no_wrap=col == "name")
     for r in rows:
@@ -137,9 +170,10 @@ def pipelines() -> None:
 @app.command()
 def run(
     run_dir: Path = typer.Option(..., "--run-dir", help="Run folder: checkpoints, metrics.jsonl, config.json. Re-running resumes it."),
-    pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Preset name (see `tec-train pipelines`) or .toml file: its [pretrain] table ([base] with --objective mae) gives the defaults; flags override them. --cache defaults to caches/<the preset's cache_name>."),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Pipeline name (see `tec-train pipelines`) or .toml file: its pretrain table (base with --objective mae) gives the defaults; flags override them. --cache defaults to caches/<the pipeline's cache_name>."),
     objective: Optional[str] = typer.Option(None, "--objective", help="tec: learn a base model's targets (--cache or online) | mae: plain MAE on --data pixels, to make a base model from scratch (default: tec)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Stage-1 cache folder to train from."),
+    online: bool = typer.Option(False, "--online", help="Online mode with the --pipeline's target recipe (its cache table, as tec-cache build takes it): the base model runs inside the step; give --checkpoint and --data."),
     online_basemodel: Optional[str] = typer.Option(None, "--online-basemodel", help="Online mode: run this base model inside the step (mae1kbase | mae1k300ep | ibot1kbase | mae1klarge)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Online mode: the base model's local weights."),
     data: Optional[Path] = typer.Option(None, "--data", help="Online mode and --objective mae: ImageNet-style folder or folder of WebDataset .tar shards."),
@@ -180,10 +214,13 @@ def run(
 
     info = dist_info()
     given = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()
-             if v is not None and k not in ("run_dir", "pipeline")}
+             if v is not None and k not in ("run_dir", "pipeline", "online")}
     try:
+        if online and pipeline is None:
+            raise ValueError("--online: takes the target recipe of a --pipeline; without one, name the base model "
+                             "with --online-basemodel NAME or --arch TIMM_NAME")
         if pipeline is not None:
-            given = _with_preset(pipeline, given, info.world_size)
+            given = _with_preset(pipeline, given, info.world_size, online)
         cfg = config_for_run_dir(str(run_dir), given)
         trainer = Trainer(cfg, None, RichReporter(console))
     except (ValueError, FileNotFoundError) as e:  # CompatibilityError and ResumeError are ValueErrors
@@ -223,47 +260,11 @@ def export(
     model: Optional[str] = typer.Option(None, "--model", help="Student size of a reference checkpoint, e.g. vit_base_patch16 (ours record it)."),
 ) -> None:
     """Write a plain timm ViT (cls MLP folded into cls_token) that timm.create_model loads strictly."""
-    from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-    from .encoder_weights import reference_meta
-    from .export import CONFIG_KEYS, export_state_dict, load_tec_checkpoint, save_export, timm_model_name
-    from .student import parse_model_name
+    from .export import export_encoder
 
-    path = source
-    if source.is_dir():
-        found = latest_checkpoint(source)
-        if found is None:
-            _fail(f"RUN_OR_CKPT: {source} is a folder without any complete checkpoint-*.pt (expected a run dir or a checkpoint file)")
-        path = found
-    elif not source.is_file():
-        _fail(f"RUN_OR_CKPT: no such run dir or checkpoint file {source}")
-    if out.exists() and not out.is_dir():
-        _fail(f"--out: {out} exists and is not a folder (expected a folder for the exported model)")
     try:
-        if model is not None:
-            try:
-                parse_model_name(model)
-            except ValueError as e:
-                raise ValueError(f"--model: {e}") from None
-        try:
-            ck = load_checkpoint(path)
-        except CheckpointError:
-            ck = None
-        if ck is not None:
-            student = ck["config"]["resolved"]["student"]
-            if model is not None and model != student["model"]:
-                raise ValueError(f"--model {model}: the checkpoint's student is {student['model']}")
-            model = student["model"]
-            state = dict(ck["model"])
-            meta = {**{k: student[k] for k in CONFIG_KEYS}, "student_model": model, "global_step": ck["global_step"]}
-        else:
-            state = load_tec_checkpoint(path)
-            if model is None:
-                raise ValueError(f"--model: {path} is not a tec-train checkpoint, so its student size must be given (e.g. vit_base_patch16)")
-            meta = reference_meta(state, model)
-        mlp_token = any(k.startswith("cls_token_mlp.") for k in state)
-        paths = save_export(export_state_dict(state, mlp_token=mlp_token), out, timm_model_name(model),
-                            {**meta, "source_checkpoint": str(path), "mlp_token_folded": mlp_token})
-    except (ValueError, KeyError) as e:
+        paths = export_encoder(source, out, model)
+    except (ValueError, FileNotFoundError, KeyError) as e:
         _fail(str(e))
     for kind, p in paths.items():
         console.print(f"{kind}: {p}", highlight=False)
@@ -361,7 +362,7 @@ def _result_table(title: str, rows: list[tuple[str, str]]) -> None:
 def finetune(
     source: Optional[Path] = typer.Argument(None, metavar="SOURCE", help=_SOURCE_HELP),
     run_dir: Path = typer.Option(..., "--run-dir", help="Run folder: finetune-<epoch>.pt, metrics.jsonl, config.json, result.json. Re-running resumes it."),
-    pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Preset name (see `tec-train pipelines`) or .toml file: its [finetune] table gives the defaults; flags override them."),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Pipeline name (see `tec-train pipelines`) or .toml file: its finetune table gives the defaults; flags override them."),
     data: Optional[Path] = typer.Option(None, "--data", help="ImageNet-style folder with train/ and val/ class folders."),
     fashion_mnist: bool = typer.Option(False, "--fashion-mnist", help="Use Fashion-MNIST (local idx files, /usr/share/datasets/fashion-mnist)."),
     fashion_mnist_dir: Optional[Path] = typer.Option(None, "--fashion-mnist-dir", help="Fashion-MNIST from this folder instead (implies --fashion-mnist)."),
@@ -414,9 +415,8 @@ def finetune(
         if pipeline is not None:
             from tec_cache.presets import load_pipeline
 
-            from .finetune import FinetuneConfig
 
-            given = _preset_options(load_pipeline(pipeline), "finetune", given, FinetuneConfig, info.world_size)
+            given = _preset_options(load_pipeline(pipeline), "finetune", given, info.world_size)
         cfg = finetune_config_for_run_dir(str(run_dir), given)
         runner = Finetuner(cfg, RichFinetuneReporter(console))
     except (ValueError, FileNotFoundError) as e:  # ResumeError is a ValueError
@@ -440,140 +440,145 @@ def finetune(
     ])
 
 
-def _frozen_features(source: Path, data: Optional[Path], fashion_mnist: bool, fashion_mnist_dir: Optional[Path],
-                     model: Optional[str], basemodel: Optional[str], arch: Optional[str], img_size: Optional[int],
-                     patch_size: Optional[int], depth: Optional[int], pool: str, batch_size: int, num_workers: int,
-                     device: str, crop_pct: Optional[float], train_subset: Optional[int], val_subset: Optional[int],
-                     seed: int) -> tuple[Any, dict[str, Any]]:
-    """Load the encoder and data, and extract (train, val) features; exits 2 on a bad option."""
-    from tec_cache.dist import resolve_device
+def _eval_config(options: dict[str, Any]) -> Any:
+    """knn/linear options (None: not given) on top of the pipeline's [eval] table and the defaults."""
+    from tec_cache.config import override
 
-    from .labelled import open_labelled
-    from .encoder_weights import load_encoder
-    from .evaluate import POOLS, extract_features
+    from .eval_config import EvalConfig
 
-    data_dir, fm = _dataset_dir(data, fashion_mnist, fashion_mnist_dir)
+    flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()
+             if k not in ("fashion_mnist", "fashion_mnist_dir", "pipeline", "out_json")}
+    flags["fashion_mnist"] = _dataset_dir(None, options["fashion_mnist"], options["fashion_mnist_dir"])[1]
+    table, where = {}, ""
+    if options["pipeline"] is not None:
+        from tec_cache.presets import load_pipeline
+
+        pipe = load_pipeline(options["pipeline"])
+        table, where = pipe.section("eval"), pipe.where("eval")
+    cfg = override(EvalConfig(), flags, table, where)
+    cfg.validate()
+    return cfg
+
+
+def _evaluate(run: Any, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(config, result) of one knn/linear call; a bad option or source exits 2 before any work."""
     try:
-        if pool not in POOLS:
-            raise ValueError(f"--pool: expected one of {', '.join(POOLS)}, got {pool!r}")
-        if batch_size < 1:
-            raise ValueError(f"--batch-size: must be a positive integer, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"--num-workers: must be >= 0, got {num_workers}")
-        dev = resolve_device(device, dist_info())
-        splits = open_labelled(data=Path(data_dir) if data_dir else None, fashion_mnist_dir=Path(fm) if fm else None,
-                               train_subset=train_subset, val_subset=val_subset, subset_seed=seed)
-        crop = crop_pct if crop_pct is not None else splits.default_crop_pct
-        if not 0 < crop <= 1:
-            raise ValueError(f"--crop-pct: must be in (0, 1], got {crop}")
-        encoder, facts = load_encoder(source, model=model, basemodel=basemodel, arch=arch, img_size=img_size,
-                                      patch_size=patch_size, depth=depth)
+        cfg = _eval_config(options)
+        return cfg, run(cfg, busy=console.status)
     except (ValueError, FileNotFoundError, KeyError) as e:
         _fail(str(e))
-    with console.status("extracting features"):
-        kw = dict(batch_size=batch_size, num_workers=num_workers, device=dev, pool=pool, crop_pct=crop)
-        train = extract_features(encoder, splits.train, **kw)
-        val = extract_features(encoder, splits.val, **kw)
-    meta = {"encoder": facts, "data": splits.facts, "pool": pool, "crop_pct": crop, "num_classes": splits.num_classes}
-    return (train, val), meta
+    raise AssertionError("unreachable")
+
+
+def _eh(name: str, extra: str = "") -> str:
+    from .eval_config import EvalConfig
+
+    return help_for(EvalConfig, name, extra)
+
+
+# Options knn and linear share, declared once.
+_Source = Annotated[Path, typer.Argument(metavar="SOURCE", help=_SOURCE_HELP)]
+_Pipeline = Annotated[Optional[str], typer.Option("--pipeline", help="Pipeline name (see `tec-train pipelines`) or .toml file: its eval table gives the defaults; flags override them.")]
+_Data = Annotated[Optional[Path], typer.Option("--data", help=_eh("data"))]
+_FashionMnist = Annotated[bool, typer.Option("--fashion-mnist", help="Use Fashion-MNIST (local idx files, /usr/share/datasets/fashion-mnist).")]
+_FashionMnistDir = Annotated[Optional[Path], typer.Option("--fashion-mnist-dir", help="Fashion-MNIST from this folder instead (implies --fashion-mnist).")]
+_Pool = Annotated[Optional[str], typer.Option("--pool", help=_eh("pool"))]
+_Model = Annotated[Optional[str], typer.Option("--model", help=_eh("model"))]
+_Basemodel = Annotated[Optional[str], typer.Option("--basemodel", help=_eh("basemodel"))]
+_Arch = Annotated[Optional[str], typer.Option("--arch", help=_eh("arch"))]
+_ImgSize = Annotated[Optional[int], typer.Option("--img-size", help=_eh("img_size"))]
+_PatchSize = Annotated[Optional[int], typer.Option("--patch-size", help=_eh("patch_size"))]
+_Depth = Annotated[Optional[int], typer.Option("--depth", help=_eh("depth"))]
+_BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help=_eh("batch_size"))]
+_NumWorkers = Annotated[Optional[int], typer.Option("--num-workers", help=_eh("num_workers"))]
+_Device = Annotated[Optional[str], typer.Option("--device", help=_eh("device"))]
+_CropPct = Annotated[Optional[float], typer.Option("--crop-pct", help=_eh("crop_pct"))]
+_TrainSubset = Annotated[Optional[int], typer.Option("--train-subset", help=_eh("train_subset"))]
+_ValSubset = Annotated[Optional[int], typer.Option("--val-subset", help=_eh("val_subset"))]
+_Seed = Annotated[Optional[int], typer.Option("--seed", help=_eh("seed"))]
 
 
 @app.command()
 def knn(
-    source: Path = typer.Argument(..., metavar="SOURCE", help=_SOURCE_HELP),
-    data: Optional[Path] = typer.Option(None, "--data", help="ImageNet-style folder with train/ and val/ class folders."),
-    fashion_mnist: bool = typer.Option(False, "--fashion-mnist", help="Use Fashion-MNIST (local idx files, /usr/share/datasets/fashion-mnist)."),
-    fashion_mnist_dir: Optional[Path] = typer.Option(None, "--fashion-mnist-dir", help="Fashion-MNIST from this folder instead (implies --fashion-mnist)."),
-    k: int = typer.Option(20, "--k", help="Neighbours that vote."),
-    temperature: float = typer.Option(0.07, "--temperature", help="Vote weight exp(cosine / T)."),
-    pool: str = typer.Option("avg", "--pool", help="avg (mean patch token after the final norm) | cls."),
-    model: Optional[str] = typer.Option(None, "--model", help="Encoder size of a reference checkpoint, e.g. vit_base_patch16."),
-    basemodel: Optional[str] = typer.Option(None, "--basemodel", help="SOURCE is this registry base model's weights."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="SOURCE is the weights of this timm ViT."),
-    img_size: Optional[int] = typer.Option(None, "--img-size", help="Evaluation resolution; pos_embed is re-sampled (default: the encoder's)."),
-    patch_size: Optional[int] = typer.Option(None, "--patch-size", help="Base models: patch size (default: the arch's)."),
-    depth: Optional[int] = typer.Option(None, "--depth", help="Base models: block count of a ViT shallower than its --arch."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Images per feature-extraction batch."),
-    num_workers: int = typer.Option(4, "--num-workers", help="Loader worker processes."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    crop_pct: Optional[float] = typer.Option(None, "--crop-pct", help="Centre-crop fraction (default: 0.875 for --data, 1.0 for Fashion-MNIST)."),
-    train_subset: Optional[int] = typer.Option(None, "--train-subset", help="Use a seeded class-balanced subset of N train images."),
-    val_subset: Optional[int] = typer.Option(None, "--val-subset", help="Use a seeded class-balanced subset of N val images."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the subsets."),
-    out_json: Optional[Path] = typer.Option(None, "--out-json", help="Write the result (and what produced it) here."),
+    source: _Source,
+    pipeline: _Pipeline = None,
+    data: _Data = None,
+    fashion_mnist: _FashionMnist = False,
+    fashion_mnist_dir: _FashionMnistDir = None,
+    k: Annotated[Optional[int], typer.Option("--k", help=_eh("k"))] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help=_eh("temperature"))] = None,
+    pool: _Pool = None,
+    model: _Model = None,
+    basemodel: _Basemodel = None,
+    arch: _Arch = None,
+    img_size: _ImgSize = None,
+    patch_size: _PatchSize = None,
+    depth: _Depth = None,
+    batch_size: _BatchSize = None,
+    num_workers: _NumWorkers = None,
+    device: _Device = None,
+    crop_pct: _CropPct = None,
+    train_subset: _TrainSubset = None,
+    val_subset: _ValSubset = None,
+    seed: _Seed = None,
+    out_json: Annotated[Optional[Path], typer.Option("--out-json", help="Write the result (and what produced it) here.")] = None,
 ) -> None:
     """Weighted kNN accuracy of frozen features (DINO protocol: cosine, top-k, exp(sim / T) votes)."""
-    from .evaluate import knn_classify
+    options = dict(locals())  # first statement: exactly the options
+    from .evaluate import run_knn
 
-    if k < 1:
-        _fail(f"--k: must be a positive integer, got {k}")
-    if not temperature > 0:
-        _fail(f"--temperature: must be a positive number, got {temperature}")
-    ((tr, va), meta) = _frozen_features(source, data, fashion_mnist, fashion_mnist_dir, model, basemodel, arch, img_size,
-                                        patch_size, depth, pool, batch_size, num_workers, device, crop_pct,
-                                        train_subset, val_subset, seed)
-    res = knn_classify(tr[0], tr[1], va[0], va[1], k=k, temperature=temperature, num_classes=meta["num_classes"])
+    cfg, out = _evaluate(run_knn, options)
+    res, meta = out["knn"], out
     _result_table(f"tec-train knn: {source}", [
         ("top-1", f"{res['top1']:.2%}"), ("top-5", f"{res['top5']:.2%}" if "top5" in res else "-"),
-        ("k / T", f"{res['k']} / {temperature}"), ("train / val images", f"{res['num_train']} / {res['num_test']}"),
-        ("encoder", f"{meta['encoder']['kind']} {meta['encoder']['model_name']}"), ("pool", pool),
+        ("k / T", f"{res['k']} / {cfg.temperature}"), ("train / val images", f"{res['num_train']} / {res['num_test']}"),
+        ("encoder", f"{meta['encoder']['kind']} {meta['encoder']['model_name']}"), ("pool", cfg.pool),
     ])
-    _write_json(out_json, {"knn": res, **meta})
+    _write_json(out_json, out)
 
 
 @app.command()
 def linear(
-    source: Path = typer.Argument(..., metavar="SOURCE", help=_SOURCE_HELP),
-    data: Optional[Path] = typer.Option(None, "--data", help="ImageNet-style folder with train/ and val/ class folders."),
-    fashion_mnist: bool = typer.Option(False, "--fashion-mnist", help="Use Fashion-MNIST (local idx files, /usr/share/datasets/fashion-mnist)."),
-    fashion_mnist_dir: Optional[Path] = typer.Option(None, "--fashion-mnist-dir", help="Fashion-MNIST from this folder instead (implies --fashion-mnist)."),
-    epochs: int = typer.Option(90, "--epochs", help="Probe epochs over the precomputed features."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak lr (default: 0.1 x batch / 256, MAE's blr)."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Probe batch (also the feature-extraction batch)."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", help="Weight decay of the probe."),
-    warmup_epochs: float = typer.Option(10.0, "--warmup-epochs", help="Linear warm-up epochs."),
-    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (momentum 0.9) | lars (MAE's; needs MAE's 16384 batch to train well)."),
-    pool: str = typer.Option("avg", "--pool", help="avg (mean patch token after the final norm) | cls."),
-    model: Optional[str] = typer.Option(None, "--model", help="Encoder size of a reference checkpoint, e.g. vit_base_patch16."),
-    basemodel: Optional[str] = typer.Option(None, "--basemodel", help="SOURCE is this registry base model's weights."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="SOURCE is the weights of this timm ViT."),
-    img_size: Optional[int] = typer.Option(None, "--img-size", help="Evaluation resolution; pos_embed is re-sampled (default: the encoder's)."),
-    patch_size: Optional[int] = typer.Option(None, "--patch-size", help="Base models: patch size (default: the arch's)."),
-    depth: Optional[int] = typer.Option(None, "--depth", help="Base models: block count of a ViT shallower than its --arch."),
-    num_workers: int = typer.Option(4, "--num-workers", help="Loader worker processes."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    crop_pct: Optional[float] = typer.Option(None, "--crop-pct", help="Centre-crop fraction (default: 0.875 for --data, 1.0 for Fashion-MNIST)."),
-    train_subset: Optional[int] = typer.Option(None, "--train-subset", help="Use a seeded class-balanced subset of N train images."),
-    val_subset: Optional[int] = typer.Option(None, "--val-subset", help="Use a seeded class-balanced subset of N val images."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the probe's init and shuffling, and of the subsets."),
-    out_json: Optional[Path] = typer.Option(None, "--out-json", help="Write the result (per-epoch curve included) here."),
+    source: _Source,
+    pipeline: _Pipeline = None,
+    data: _Data = None,
+    fashion_mnist: _FashionMnist = False,
+    fashion_mnist_dir: _FashionMnistDir = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help=_eh("epochs"))] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help=_eh("lr"))] = None,
+    batch_size: _BatchSize = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help=_eh("weight_decay"))] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", help=_eh("warmup_epochs"))] = None,
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help=_eh("optimizer"))] = None,
+    pool: _Pool = None,
+    model: _Model = None,
+    basemodel: _Basemodel = None,
+    arch: _Arch = None,
+    img_size: _ImgSize = None,
+    patch_size: _PatchSize = None,
+    depth: _Depth = None,
+    num_workers: _NumWorkers = None,
+    device: _Device = None,
+    crop_pct: _CropPct = None,
+    train_subset: _TrainSubset = None,
+    val_subset: _ValSubset = None,
+    seed: _Seed = None,
+    out_json: Annotated[Optional[Path], typer.Option("--out-json", help="Write the result (per-epoch curve included) here.")] = None,
 ) -> None:
     """Linear probe (BatchNorm without affine + Linear, MAE's) trained on frozen, precomputed features."""
-    from .evaluate import PROBE_OPTIMIZERS, linear_probe
+    options = dict(locals())  # first statement: exactly the options
+    from .evaluate import run_linear
 
-    if epochs < 1:
-        _fail(f"--epochs: must be a positive integer, got {epochs}")
-    if lr is not None and not lr > 0:
-        _fail(f"--lr: must be a positive number, got {lr}")
-    if not weight_decay >= 0 or not warmup_epochs >= 0:
-        _fail(f"--weight-decay / --warmup-epochs: must be >= 0, got {weight_decay} / {warmup_epochs}")
-    if optimizer not in PROBE_OPTIMIZERS:
-        _fail(f"--optimizer: expected one of {', '.join(PROBE_OPTIMIZERS)}, got {optimizer!r}")
-    ((tr, va), meta) = _frozen_features(source, data, fashion_mnist, fashion_mnist_dir, model, basemodel, arch, img_size,
-                                        patch_size, depth, pool, batch_size, num_workers, device, crop_pct,
-                                        train_subset, val_subset, seed)
-    with console.status("training the probe"):
-        res = linear_probe(tr[0], tr[1], va[0], va[1], epochs=epochs, lr=lr, batch_size=batch_size,
-                           weight_decay=weight_decay, seed=seed, warmup_epochs=warmup_epochs, optimizer=optimizer,
-                           num_classes=meta["num_classes"])
+    cfg, out = _evaluate(run_linear, options)
+    res, meta = out["linear"], out
     _result_table(f"tec-train linear: {source}", [
         ("best top-1", f"{res['best_top1']:.2%}"), ("last top-1", f"{res['last_top1']:.2%}"),
         ("last top-5", f"{res['last_top5']:.2%}" if res["last_top5"] is not None else "-"),
-        ("epochs / lr / batch", f"{epochs} / {res['lr']:.3g} / {res['batch_size']}"),
+        ("epochs / lr / batch", f"{cfg.epochs} / {res['lr']:.3g} / {res['batch_size']}"),
         ("train / val images", f"{res['num_train']} / {res['num_test']}"),
-        ("encoder", f"{meta['encoder']['kind']} {meta['encoder']['model_name']}"), ("pool", pool),
+        ("encoder", f"{meta['encoder']['kind']} {meta['encoder']['model_name']}"), ("pool", cfg.pool),
     ])
-    _write_json(out_json, {"linear": res, **meta})
+    _write_json(out_json, out)
 
 
 def main() -> None:

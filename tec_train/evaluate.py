@@ -9,6 +9,9 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,10 +21,10 @@ from torch.utils.data import DataLoader, Dataset
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
 
+from .eval_config import POOLS, PROBE_OPTIMIZERS, EvalConfig
 from .labelled import Transformed
 
-POOLS = ("avg", "cls")
-PROBE_OPTIMIZERS = ("lars", "sgd")
+_DEFAULTS = EvalConfig()  # the library functions' defaults are the options' defaults
 
 
 def eval_transform(img_size: int, crop_pct: float = 0.875) -> Callable:
@@ -108,8 +111,8 @@ def knn_classify(
     train_labels: torch.Tensor,
     test_feats: torch.Tensor,
     test_labels: torch.Tensor,
-    k: int = 20,
-    temperature: float = 0.07,
+    k: int = _DEFAULTS.k,
+    temperature: float = _DEFAULTS.temperature,
     num_classes: int | None = None,
     chunk_size: int = 1024,
 ) -> dict[str, Any]:
@@ -200,13 +203,13 @@ def linear_probe(
     test_feats: torch.Tensor,
     test_labels: torch.Tensor,
     *,
-    epochs: int = 90,
+    epochs: int = _DEFAULTS.epochs,
     lr: float | None = None,
-    batch_size: int = 256,
-    weight_decay: float = 0.0,
+    batch_size: int = _DEFAULTS.batch_size,
+    weight_decay: float = _DEFAULTS.weight_decay,
     seed: int = 0,
-    warmup_epochs: float = 10.0,
-    optimizer: str = "sgd",
+    warmup_epochs: float = _DEFAULTS.warmup_epochs,
+    optimizer: str = _DEFAULTS.optimizer,
     num_classes: int | None = None,
 ) -> dict[str, Any]:
     """Linear classifier on frozen features, MAE's probe: BatchNorm1d(affine=False) -> Linear.
@@ -286,3 +289,60 @@ def _linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fe
             "epochs": epochs, "lr": lr, "batch_size": bs, "weight_decay": weight_decay, "optimizer": optimizer,
             "seed": seed, "num_train": n, "num_test": len(x_test), "num_classes": num_classes, "curve": curve}
 
+
+
+# ---- the knn and linear commands as library calls ------------------------------------------------
+
+
+@dataclass
+class FrozenFeatures:
+    """(features [N, C], labels [N]) of both splits, and what produced them (JSON-able)."""
+
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+    meta: dict[str, Any]
+
+
+def frozen_features(cfg: EvalConfig, busy: Callable[[str], AbstractContextManager] | None = None) -> FrozenFeatures:
+    """Load the encoder and the data ``cfg`` names and extract both splits' features.
+
+    Every option is checked (ValueError / FileNotFoundError naming it) before any image is read;
+    ``busy(text)`` is a context shown while the features are computed (a spinner in the CLI).
+    """
+    from tec_cache.dist import dist_info, resolve_device
+
+    from .encoder_weights import load_encoder
+    from .labelled import open_labelled
+
+    cfg.validate()
+    dev = resolve_device(cfg.device, dist_info())
+    splits = open_labelled(data=Path(cfg.data) if cfg.data else None,
+                           fashion_mnist_dir=Path(cfg.fashion_mnist) if cfg.fashion_mnist else None,
+                           train_subset=cfg.train_subset, val_subset=cfg.val_subset, subset_seed=cfg.seed)
+    crop = cfg.crop_pct if cfg.crop_pct is not None else splits.default_crop_pct
+    encoder, facts = load_encoder(Path(cfg.source or ""), model=cfg.model, basemodel=cfg.basemodel, arch=cfg.arch,
+                                  img_size=cfg.img_size, patch_size=cfg.patch_size, depth=cfg.depth)
+    with busy("extracting features") if busy is not None else contextlib.nullcontext():
+        kw = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=dev, pool=cfg.pool, crop_pct=crop)
+        train = extract_features(encoder, splits.train, **kw)
+        val = extract_features(encoder, splits.val, **kw)
+    meta = {"encoder": facts, "data": splits.facts, "pool": cfg.pool, "crop_pct": crop, "num_classes": splits.num_classes}
+    return FrozenFeatures(train, val, meta)
+
+
+def run_knn(cfg: EvalConfig, busy: Callable[[str], AbstractContextManager] | None = None) -> dict[str, Any]:
+    """``tec-train knn``: {"knn": result, encoder/data facts} for the encoder and data ``cfg`` names."""
+    f = frozen_features(cfg, busy)
+    res = knn_classify(f.train[0], f.train[1], f.val[0], f.val[1], k=cfg.k, temperature=cfg.temperature,
+                       num_classes=f.meta["num_classes"])
+    return {"knn": res, **f.meta}
+
+
+def run_linear(cfg: EvalConfig, busy: Callable[[str], AbstractContextManager] | None = None) -> dict[str, Any]:
+    """``tec-train linear``: {"linear": result with its curve, encoder/data facts}."""
+    f = frozen_features(cfg, busy)
+    with busy("training the probe") if busy is not None else contextlib.nullcontext():
+        res = linear_probe(f.train[0], f.train[1], f.val[0], f.val[1], epochs=cfg.epochs, lr=cfg.lr,
+                           batch_size=cfg.batch_size, weight_decay=cfg.weight_decay, seed=cfg.seed,
+                           warmup_epochs=cfg.warmup_epochs, optimizer=cfg.optimizer, num_classes=f.meta["num_classes"])
+    return {"linear": res, **f.meta}

@@ -124,3 +124,38 @@ def load_tec_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise ValueError(f"{path}: neither a {{'model': state_dict}} checkpoint nor a bare state dict")
     return dict(obj)
+
+
+def export_encoder(source: str | Path, out: str | Path, model: str | None = None) -> dict[str, Path]:
+    """``tec-train export``: the encoder of a run dir (its latest checkpoint), a tec-train checkpoint
+    or a reference TEC checkpoint, written as a plain timm ViT into ``out``; returns the file paths.
+
+    The source is found and read by encoder_weights' routing, as finetune, knn and linear read it;
+    ValueError / FileNotFoundError name the argument (RUN_OR_CKPT, --model, --out) before anything
+    is written.
+    """
+    # encoder_weights builds on this module (export_state_dict, timm_model_name): imported here.
+    from .checkpoint import latest_checkpoint
+    from .encoder_weights import read_encoder_weights
+
+    source, out = Path(source), Path(out)
+    if source.is_dir():
+        if latest_checkpoint(source) is None:
+            raise FileNotFoundError(f"RUN_OR_CKPT: {source} is a folder without any complete checkpoint-*.pt "
+                                    "(expected a run dir or a checkpoint file)")
+    elif not source.is_file():
+        raise FileNotFoundError(f"RUN_OR_CKPT: no such run dir or checkpoint file {source}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {out} exists and is not a folder (expected a folder for the exported model)")
+    if model is not None:
+        try:
+            parse_model_name(model)
+        except ValueError as e:
+            raise ValueError(f"--model: {e}") from None
+    weights = read_encoder_weights(source, model=model)
+    facts = weights.facts
+    meta = {**{k: weights.config[k] for k in CONFIG_KEYS}, "student_model": facts["student_model"],
+            "source_checkpoint": facts["path"], "mlp_token_folded": facts["mlp_token_folded"]}
+    if facts.get("global_step") is not None:
+        meta["global_step"] = facts["global_step"]
+    return save_export(weights.state, out, weights.config["model_name"], meta)

@@ -12,7 +12,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tec_cache import format as cache_format
 from tec_cache.basemodels import load_base_model
 from tec_cache.build import BuildConfig, build_cache
 from tec_cache.cli import app

@@ -598,7 +598,7 @@ def test_every_option_is_in_a_bad_value_table() -> None:
 EXPORT_BAD = [
     ("RUN_OR_CKPT", "{missing}", "RUN_OR_CKPT: no such run dir or checkpoint file"),
     ("RUN_OR_CKPT", "{folder}", "RUN_OR_CKPT: {folder} is a folder without any complete checkpoint-*.pt"),
-    ("--model", None, "--model: {ckpt} is not a tec-train checkpoint, so its student size must be given"),
+    ("--model", None, "--model: {ckpt} is not a tec-train checkpoint or export, so its encoder size must be given"),
     ("--model", "vit_gigantic_patch8", "--model: unknown student model 'vit_gigantic_patch8'"),
     ("--out", "{file}", "--out: {file} exists and is not a folder"),
 ]
@@ -620,3 +620,215 @@ def test_export_bad_option(option: str, value: str | None, says: str, tiny: Simp
     r = CliRunner().invoke(train_app, args)
     assert r.exit_code == 2 and says.format(**fill) in _say(r), _say(r)
     assert not out.exists()
+
+
+# ---- bad arguments of show, plot, finetune, knn, linear, pipelines ---------------------------------
+
+SHOW_BAD = [
+    ("CACHE", "{missing}", "CACHE:"),
+    ("CACHE", "{folder}", "CACHE:"),
+    ("--n", "0", "--n: must be at least 1, got 0"),
+    ("--n", "many", "Invalid value for '--n'"),
+    ("--view-epoch", "9", "--view-epoch"),
+    ("--head", "x", "--head"),
+    ("--seed", "-1", "--seed"),
+    ("--out", "{file}/x.png", "--out"),
+]
+
+
+@pytest.mark.parametrize("option, value, says", SHOW_BAD, ids=[f"{o}={v}" for o, v, _ in SHOW_BAD])
+def test_show_bad_option(option: str, value: str, says: str, tiny: SimpleNamespace, tmp_path: Path) -> None:
+    out = tmp_path / "pics" / "views.png"
+    fill = dict(missing=tmp_path / "nope", folder=tiny.data, file=tiny.ckpt)
+    args = ["show", str(tiny.cache), "--out", str(out), "--n", "2"]
+    if option == "CACHE":
+        args[1] = value.format(**fill)
+    else:
+        args = _with(args, option, value.format(**fill))
+    r = CliRunner().invoke(cache_app, args)
+    assert r.exit_code == 2 and says in _say(r) and option in _say(r), _say(r)
+    assert not out.exists()
+
+
+PLOT_BAD = [
+    ("RUN", "{missing}", "RUN {missing}: does not exist"),
+    ("RUN", "{folder}", "has no metrics.jsonl"),
+    ("--smooth", "0", "--smooth: must be at least 1, got 0"),
+    ("--smooth", "x", "Invalid value for '--smooth'"),
+    ("--out", "{file}/x.png", "--out"),
+]
+
+
+@pytest.mark.parametrize("option, value, says", PLOT_BAD, ids=[f"{o}={v}" for o, v, _ in PLOT_BAD])
+def test_plot_bad_option(option: str, value: str, says: str, tiny: SimpleNamespace, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0, "lr": 0.001}\n{"step": 2, "loss": 0.9, "lr": 0.001}\n')
+    out = tmp_path / "pics" / "curves.png"
+    fill = dict(missing=tmp_path / "nope", folder=tiny.data, file=tiny.ckpt)
+    args = ["plot", str(run), "--out", str(out)]
+    if option == "RUN":
+        args[1] = value.format(**fill)
+    else:
+        args = _with(args, option, value.format(**fill))
+    r = CliRunner().invoke(train_app, args)
+    assert r.exit_code == 2 and says.format(**fill) in _say(r) and option in _say(r), _say(r)
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def labelled(tiny: SimpleNamespace) -> Path:
+    """An ImageNet-style train/ + val/ folder for the downstream commands."""
+    root = tiny.root / "labelled"
+    if not root.exists():
+        for split in ("train", "val"):
+            make_image_folder(root / split, n_per_class=2, bad=False)
+    return root
+
+
+# The base model's weights as the encoder: the cheapest source every downstream command takes.
+_ENCODER = ["{ckpt}", "--arch", TINY_ARCH, "--patch-size", str(TINY_PATCH), "--data", "{labelled}", "--num-workers", "0",
+            "--device", "cpu"]
+# (option, wrong value, what the error must say), shared by knn and linear.
+EVAL_BAD = [
+    ("SOURCE", "{missing}", "SOURCE: no such file or folder"),
+    ("--pipeline", "nope", "--pipeline: unknown pipeline 'nope'"),
+    ("--data", "{missing}", "--data: {missing} needs ImageNet-style train/ and val/ class folders"),
+    ("--fashion-mnist-dir", "{missing}", "--fashion-mnist: no folder {missing}"),
+    ("--pool", "max", "--pool: expected one of avg, cls, got 'max'"),
+    ("--model", "vit_gigantic_patch8", "--model: unknown student model 'vit_gigantic_patch8'"),
+    ("--basemodel", "nope", "--basemodel: expected one of ibot1kbase, mae1k300ep, mae1kbase, mae1klarge, got 'nope'"),
+    ("--arch", "not_a_vit", "--arch: 'not_a_vit' is not a timm model name"),
+    ("--img-size", "0", "--img-size: must be a positive integer, got 0"),
+    ("--patch-size", "0", "--patch-size: must be a positive integer, got 0"),
+    ("--depth", "0", "--depth: must be a positive integer, got 0"),
+    ("--batch-size", "0", "--batch-size: must be a positive integer, got 0"),
+    ("--num-workers", "-1", "--num-workers: must be >= 0, got -1"),
+    ("--device", "tpu", "--device: 'tpu' is not a device (expected auto, cpu, cuda or cuda:N)"),
+    ("--crop-pct", "2", "--crop-pct: must be in (0, 1], got 2.0"),
+    ("--train-subset", "0", "--train-subset: must be a positive integer, got 0"),
+    ("--val-subset", "0", "--val-subset: must be a positive integer, got 0"),
+    ("--seed", "-1", "--seed: must be an integer >= 0, got -1"),
+    ("--out-json", "{file}/r.json", "--out-json: cannot write"),
+]
+KNN_BAD = EVAL_BAD + [
+    ("--k", "0", "--k: must be a positive integer, got 0"),
+    ("--temperature", "0", "--temperature: must be a positive number, got 0.0"),
+    ("--k", "x", "Invalid value for '--k'"),
+]
+LINEAR_BAD = EVAL_BAD + [
+    ("--epochs", "0", "--epochs: must be a positive integer, got 0"),
+    ("--lr", "nan", "--lr: must be a positive number, got nan"),
+    ("--weight-decay", "-1", "--weight-decay: must be a number >= 0, got -1.0"),
+    ("--warmup-epochs", "-1", "--warmup-epochs: must be a number >= 0, got -1.0"),
+    ("--optimizer", "adam", "--optimizer: expected one of lars, sgd, got 'adam'"),
+]
+
+
+def _downstream_args(command: str, option: str, value: str | None, fill: dict, extra: list[str]) -> list[str]:
+    args = [command, *(a.format(**fill) for a in _ENCODER), *extra]
+    if option == "SOURCE":
+        args[1] = value.format(**fill)
+    elif option == "--fashion-mnist-dir":
+        args = _with(args, "--data", None) + [option, value.format(**fill)]
+    else:
+        args = _with(args, option, None if value is None else value.format(**fill))
+    return args
+
+
+@pytest.mark.parametrize("command, option, value, says",
+                         [("knn", *c) for c in KNN_BAD] + [("linear", *c) for c in LINEAR_BAD],
+                         ids=[f"knn {o}={v}" for o, v, _ in KNN_BAD] + [f"linear {o}={v}" for o, v, _ in LINEAR_BAD])
+def test_knn_linear_bad_option(command: str, option: str, value: str, says: str, tiny: SimpleNamespace,
+                               labelled: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tec_train.evaluate as evaluate
+
+    def no_work(*a, **k):
+        raise AssertionError("features were extracted despite a bad option")
+
+    monkeypatch.setattr(evaluate, "extract_features", no_work)
+    fill = dict(missing=tmp_path / "nope", file=tiny.ckpt, ckpt=tiny.ckpt, labelled=labelled)
+    r = CliRunner().invoke(train_app, _downstream_args(command, option, value, fill, []))
+    text = _say(r)
+    assert r.exit_code == 2 and says.format(**fill) in text, text
+    assert option in text or option == "--fashion-mnist-dir", text
+
+
+FINETUNE_BAD = [
+    ("SOURCE", "{missing}", "SOURCE: no such file or folder"),
+    ("--run-dir", "{file}", "--run-dir: {file} exists and is not a folder"),
+    ("--pipeline", "nope", "--pipeline: unknown pipeline 'nope'"),
+    ("--data", "{missing}", "--data: no such folder"),
+    ("--fashion-mnist-dir", "{missing}", "--fashion-mnist: no folder {missing}"),
+    ("--model", "vit_gigantic_patch8", "--model: unknown student model 'vit_gigantic_patch8'"),
+    ("--basemodel", "nope", "--basemodel: unknown base model 'nope'"),
+    ("--arch", "not_a_vit", "--arch"),
+    ("--checkpoint", "{ckpt}", "--checkpoint: give the base-model weights once, as SOURCE or --checkpoint"),
+    ("--img-size", "0", "--img-size: must be a positive integer, got 0"),
+    ("--drop-path", "1", "--drop-path: must be in [0, 1), got 1.0"),
+    ("--epochs", "0", "--epochs: must be a positive integer, got 0"),
+    ("--warmup-epochs", "-1", "--warmup-epochs: must be a number >= 0, got -1.0"),
+    ("--batch-size", "0", "--batch-size: must be a positive integer, got 0"),
+    ("--batch-size", "3", "--batch-size: Mixup/CutMix needs an even batch size, got 3"),
+    ("--accum-iter", "0", "--accum-iter: must be a positive integer, got 0"),
+    ("--blr", "0", "--blr: must be a positive number, got 0.0"),
+    ("--lr", "inf", "--lr: must be a positive number, got inf"),
+    ("--min-lr", "-1", "--min-lr: must be a number >= 0, got -1.0"),
+    ("--layer-decay", "0", "--layer-decay: must be in (0, 1], got 0.0"),
+    ("--weight-decay", "-1", "--weight-decay: must be a number >= 0, got -1.0"),
+    ("--clip-grad", "0", "--clip-grad: must be a positive number, got 0.0"),
+    ("--aa", "bogus-m9", "--aa: 'bogus-m9' is not a timm auto-augment string"),
+    ("--reprob", "2", "--reprob: must be in [0, 1], got 2.0"),
+    ("--mixup", "-1", "--mixup: must be a number >= 0, got -1.0"),
+    ("--cutmix", "-1", "--cutmix: must be a number >= 0, got -1.0"),
+    ("--mixup-prob", "2", "--mixup-prob: must be in [0, 1], got 2.0"),
+    ("--mixup-switch-prob", "2", "--mixup-switch-prob: must be in [0, 1], got 2.0"),
+    ("--mixup-mode", "pixel", "--mixup-mode: expected one of batch, pair, elem, got 'pixel'"),
+    ("--smoothing", "1", "--smoothing: must be in [0, 1), got 1.0"),
+    ("--crop-pct", "0", "--crop-pct: must be in (0, 1], got 0.0"),
+    ("--train-subset", "0", "--train-subset: must be a positive integer, got 0"),
+    ("--val-subset", "0", "--val-subset: must be a positive integer, got 0"),
+    ("--seed", "-1", "--seed"),
+    ("--num-workers", "-1", "--num-workers: must be >= 0, got -1"),
+    ("--device", "tpu", "--device: 'tpu' is not a device"),
+    ("--amp", "int4", "--amp: expected one of auto, bf16, fp16, off, got 'int4'"),
+    ("--keep-last", "0", "--keep-last: must be a positive integer, got 0"),
+    ("--epochs", "x", "Invalid value for '--epochs'"),
+]
+
+
+@pytest.mark.parametrize("option, value, says", FINETUNE_BAD, ids=[f"{o}={v}" for o, v, _ in FINETUNE_BAD])
+def test_finetune_bad_option(option: str, value: str, says: str, tiny: SimpleNamespace, labelled: Path,
+                             tmp_path: Path) -> None:
+    run = tmp_path / "ft"
+    fill = dict(missing=tmp_path / "nope", file=tiny.ckpt, ckpt=tiny.ckpt, labelled=labelled)
+    extra = ["--run-dir", str(run), "--epochs", "1", "--batch-size", "2"]
+    r = CliRunner().invoke(train_app, _downstream_args("finetune", option, value, fill, extra))
+    text = _say(r)
+    assert r.exit_code == 2 and says.format(**fill) in text, text
+    assert option in text or option == "--fashion-mnist-dir", text
+    assert not run.exists() or option == "--run-dir"
+
+
+PIPELINES_BAD = [("NAME", "nope", "unknown pipeline 'nope'"), ("NAME", "{missing}.toml", "no such preset file")]
+
+
+@pytest.mark.parametrize("option, value, says", PIPELINES_BAD, ids=[v for _, v, _ in PIPELINES_BAD])
+def test_pipelines_bad_name(option: str, value: str, says: str, tmp_path: Path) -> None:
+    r = CliRunner().invoke(train_app, ["pipelines", value.format(missing=tmp_path / "nope")])
+    assert r.exit_code == 2 and says in _say(r), _say(r)
+
+
+def test_every_downstream_option_is_in_a_bad_value_table() -> None:
+    """The same rule as test_every_option_is_in_a_bad_value_table, for the other commands."""
+    import click
+    import typer.main
+
+    tables = {"show": (cache_app, SHOW_BAD), "plot": (train_app, PLOT_BAD), "knn": (train_app, KNN_BAD),
+              "linear": (train_app, LINEAR_BAD), "finetune": (train_app, FINETUNE_BAD), "pipelines": (train_app, PIPELINES_BAD)}
+    for name, (app, table) in tables.items():
+        command = typer.main.get_command(app).commands[name]
+        covered = {row[0] for row in table}
+        params = {p.opts[0] if isinstance(p, click.Option) else (p.metavar or p.name.upper()).strip("[]").rstrip(".")
+                  for p in command.params if not (isinstance(p, click.Option) and p.is_flag)}
+        assert params <= covered | {"--help"}, (name, sorted(params - covered))

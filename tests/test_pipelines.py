@@ -2,23 +2,26 @@
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
 
-from tec_cache.basemodels import resolve_spec
+from tec_cache.basemodels import RECIPE_KEYS, TargetRecipe
 from tec_cache.build import BuildConfig
-from tec_train.student import parse_model_name
+from tec_cache.config import check_fields, override
+from tec_cache.presets import load_pipeline
+from tec_train.eval_config import DataSubsets, EvalConfig
 from tec_train.finetune import FinetuneConfig
+from tec_train.pipeline_tables import check_pipeline, resolved_tables
+from tec_train.student import parse_model_name
 from tec_train.train import TrainConfig
 
 PIPELINES = sorted((Path(__file__).resolve().parents[1] / "pipelines").glob("*.toml"))
-SPEC_KEYS = {"basemodel", "arch", "img_size", "patch_size", "topk", "tau", "last_layers", "depth"}
 
 
 def _load(path: Path) -> dict:
-    return tomllib.loads(path.read_text(encoding="utf-8"))
+    """The preset as the commands see it: its ``extends`` chain resolved."""
+    return load_pipeline(str(path)).raw
 
 
 def test_every_row_of_the_paper_has_a_preset():
@@ -29,12 +32,14 @@ def test_every_row_of_the_paper_has_a_preset():
 
 @pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.stem)
 def test_preset_options_are_valid(path: Path, tmp_path: Path):
-    p = _load(path)
+    pipe = load_pipeline(str(path))
+    check_pipeline(pipe)  # every table, [data] and [eval] included, names only real options
+    p = pipe.raw
     assert p["name"] == path.stem
     cache = dict(p["cache"])
     cache.pop("cache_name")
     cache.pop("checkpoint", None)
-    spec = resolve_spec(cache.pop("basemodel", None), **{k: cache.pop(k) for k in list(cache) if k in SPEC_KEYS})
+    spec = TargetRecipe(**{k: cache.pop(k) for k in list(cache) if k in RECIPE_KEYS}).resolve()
     (tmp_path / "w.pth").write_bytes(b"")  # validate() checks that the weights file exists, not its contents
     BuildConfig(data=tmp_path, out=tmp_path / "c", checkpoint=tmp_path / "w.pth", spec=spec, **cache).validate()
     pre = dict(p["pretrain"])
@@ -48,13 +53,39 @@ def test_preset_options_are_valid(path: Path, tmp_path: Path):
         ft.pop("world_size")
         (tmp_path / "export").mkdir()
         FinetuneConfig(run_dir=str(tmp_path / "ft"), source=str(tmp_path / "export"), data=str(tmp_path), **ft).validate()
+    if "eval" in p:
+        check_fields(override(EvalConfig(), {}, p["eval"], pipe.where("eval")))
+    if "data" in p:
+        check_fields(override(DataSubsets(), {}, p["data"], pipe.where("data")))
     _, patch = parse_model_name(pre["model"])
     assert spec.img_size % patch == 0 and spec.img_size // patch == spec.img_size // spec.patch_size
-    if "expected_top1" in p:  # the paper's rows: spec 4.1 and 9.8
+    if "expected_top1" in p:  # the paper's rows: spec 4.1 and 9.8, through the resolved preset
         assert pre["blr"] * pre["batch_size"] * pre["accum_iter"] * world / 256 == pytest.approx(2.4e-3)
         assert (pre["warmup_epochs"], pre["mask_ratio"], spec.last_layers) == (40, 0.75, 2)
         ft = p["finetune"]
         assert ft["batch_size"] * ft["accum_iter"] * ft["world_size"] == 1024
+
+
+# The paper's rows (spec 4.1 and 6, the reference's README): what each resolved preset must hold.
+PAPER = {
+    "mae300ep-vitb-100ep": dict(basemodel="mae1k300ep", topk=15, tau=1.8, model="vit_base_patch16", epochs=100, ft_epochs=100, warmup=5, layer_decay=0.65, top1=83.9),
+    "mae-vitb-300ep": dict(basemodel="mae1kbase", topk=15, tau=1.8, model="vit_base_patch16", epochs=300, ft_epochs=100, warmup=20, layer_decay=0.65, top1=84.7),
+    "mae-vitb-800ep": dict(basemodel="mae1kbase", topk=15, tau=1.8, model="vit_base_patch16", epochs=800, ft_epochs=100, warmup=20, layer_decay=0.55, top1=84.8),
+    "ibot-vitb-300ep": dict(basemodel="ibot1kbase", topk=9, tau=1.0, model="vit_base_patch16", epochs=300, ft_epochs=100, warmup=5, layer_decay=0.5, top1=84.8),
+    "ibot-vitb-800ep": dict(basemodel="ibot1kbase", topk=9, tau=1.0, model="vit_base_patch16", epochs=800, ft_epochs=100, warmup=20, layer_decay=0.55, top1=85.1),
+    "mael-vitl-300ep": dict(basemodel="mae1klarge", topk=15, tau=1.4, model="vit_large_patch16", epochs=300, ft_epochs=50, warmup=5, layer_decay=0.65, top1=86.5),
+}
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_resolved_presets_hold_the_paper_rows(name: str):
+    row, tables = PAPER[name], resolved_tables(load_pipeline(name))
+    assert load_pipeline(name).raw["expected_top1"] == row["top1"]
+    cache, pre, ft = tables["cache"], tables["pretrain"], tables["finetune"]
+    assert (cache["basemodel"], cache["topk"], cache["tau"], cache["last_layers"], cache["views"]) == \
+        (row["basemodel"], row["topk"], row["tau"], 2, 4)
+    assert (pre["model"], pre["epochs"], ft["model"], ft["epochs"]) == (row["model"], row["epochs"], row["model"], row["ft_epochs"])
+    assert (ft["warmup_epochs"], ft["layer_decay"]) == (row["warmup"], row["layer_decay"])
 
 
 def test_presets_sharing_a_base_model_share_one_cache():
@@ -65,6 +96,23 @@ def test_presets_sharing_a_base_model_share_one_cache():
     for name, tables in by_cache.items():
         assert all(t == tables[0] for t in tables), name
     assert len(by_cache["mae1kbase"]) == 2 and len(by_cache["ibot1kbase"]) == 2
+
+
+def test_a_preset_states_only_what_differs_and_a_base_is_not_listed(tmp_path: Path):
+    from tec_cache.presets import list_pipelines
+
+    names = {p.name for p in list_pipelines()}
+    assert "vit-imagenet" not in names and "mae-vitb-800ep" in names
+    text = (PIPELINES[0].parent / "mae-vitb-800ep.toml").read_text()
+    assert len([line for line in text.splitlines() if "=" in line]) <= 6
+    # A key a base sets wrongly is named with the base's file.
+    (tmp_path / "base.toml").write_text("[pretrain]\nepochz = 3\n")
+    (tmp_path / "row.toml").write_text('extends = "base.toml"\n[pretrain]\nepochs = 1\n')
+    with pytest.raises(ValueError, match=r"base.toml \[pretrain\] sets \['epochz'\]"):
+        check_pipeline(load_pipeline(str(tmp_path / "row.toml")))
+    (tmp_path / "loop.toml").write_text('extends = "loop.toml"\n')
+    with pytest.raises(ValueError, match="loops back"):
+        load_pipeline(str(tmp_path / "loop.toml"))
 
 
 # ---- --pipeline on the command lines ---------------------------------------------------------------
@@ -188,3 +236,14 @@ def test_pipelines_command_lists_every_preset():
     assert code == 0, out
     for p in PIPELINES:
         assert p.stem in out
+
+
+def test_pipelines_name_prints_the_row_resolved():
+    from tec_train.cli import app as train_app
+
+    code, out = _cli(train_app, ["pipelines", "mae-vitb-800ep"])
+    assert code == 0, out
+    # values from the row, from its family base, from the registry and from the config defaults
+    for shown in ("epochs │ 800", "layer_decay │ 0.55", "blr │ 0.00015", "topk │ 15", "tau │ 1.8", "mask_ratio │ 0.75",
+                  "keep_last │ 3", "mae-vitb-800ep.toml", "vit-imagenet.toml"):
+        assert shown in out, shown

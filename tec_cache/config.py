@@ -1,0 +1,169 @@
+"""Config fields declared once: default, bounds and help, for both command lines.
+
+Data flow: a config dataclass whose fields are ``option(...)`` --> ``help_for`` (the CLI's help
+text, default included) and ``check_fields`` (the bounds, with the option named) --> preset
+table + flags --``override``--> the resolved config --``config_table``--> what a command prints.
+
+A field ``foo_bar`` is the option ``--foo-bar``; a preset table sets it as ``foo_bar = ...``.
+This module is shared code (no CLI): ``tec_cache`` and ``tec_train`` configs both use it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
+
+from rich.markup import escape
+from rich.table import Table
+
+C = TypeVar("C")
+_MISSING = dataclasses.MISSING
+
+
+class ConfigError(ValueError):
+    """A value or key that a config does not take; the message names the option, file and table."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """A bound on an option's value: ``ok(value)`` or the error '--opt: <expect>, got <value>'."""
+
+    ok: Callable[[Any], bool]
+    expect: str
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+POSITIVE_INT = Check(lambda v: _is_int(v) and v >= 1, "must be a positive integer")
+WORKERS = Check(lambda v: _is_int(v) and v >= 0, "must be >= 0")
+SEED = Check(lambda v: _is_int(v) and v >= 0, "must be an integer >= 0")
+POSITIVE = Check(lambda v: _is_num(v) and math.isfinite(v) and v > 0, "must be a positive number")
+NON_NEGATIVE = Check(lambda v: _is_num(v) and math.isfinite(v) and v >= 0, "must be a number >= 0")
+
+
+def in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Check:
+    """A number in [lo, hi], either end open; integers print as lo..hi."""
+    if _is_int(lo) and _is_int(hi) and not lo_open and not hi_open:
+        return Check(lambda v: _is_int(v) and lo <= v <= hi, f"must be in {lo}..{hi}")
+    text = f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+    def ok(v: Any) -> bool:
+        if not _is_num(v) or not math.isfinite(v):
+            return False
+        return (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+
+    return Check(ok, text)
+
+
+def option(default: Any = _MISSING, help: str = "", *, check: Check | None = None,
+           choices: Iterable[str] | None = None, default_text: str | None = None) -> Any:
+    """A config field carrying its default, its bound (``check`` or ``choices``) and its help once.
+
+    ``None`` as a default means "not set" (derived later, e.g. from the cache); its bound then
+    applies only when a value is given. ``default_text`` says in words what a None default means.
+    """
+    meta = {"help": help, "check": check, "choices": tuple(choices) if choices is not None else None,
+            "default_text": default_text}
+    if default is _MISSING:
+        return dataclasses.field(metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def flag_name(name: str) -> str:
+    """The command-line option of field ``name``: ``warmup_epochs`` -> ``--warmup-epochs``."""
+    return "--" + name.replace("_", "-")
+
+
+def _field(cls: type, name: str) -> dataclasses.Field:
+    for f in fields(cls):
+        if f.name == name:
+            return f
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def help_for(cls: type, name: str, extra: str = "") -> str:
+    """The help text of one option: the field's help, the choices, and its default, from the field."""
+    f = _field(cls, name)
+    text = f.metadata.get("help", "") + extra
+    choices = f.metadata.get("choices")
+    if choices and " | " not in text:
+        text += f" ({' | '.join(choices)})"
+    if f.metadata.get("default_text"):
+        return f"{text.rstrip('.')} (default: {f.metadata['default_text']})."
+    if f.default is not _MISSING and f.default is not None and f.default is not False:
+        return f"{text.rstrip('.')} (default: {_show(f.default)})."
+    return text
+
+
+def check_fields(config: Any, names: Iterable[str] | None = None) -> None:
+    """Every field's declared bound; ConfigError names the first option out of bounds."""
+    wanted = None if names is None else set(names)
+    for f in fields(config):
+        if wanted is not None and f.name not in wanted:
+            continue
+        value = getattr(config, f.name)
+        if value is None and (f.default is None or f.default is _MISSING):
+            continue
+        check, choices = f.metadata.get("check"), f.metadata.get("choices")
+        if check is not None and not check.ok(value):
+            raise ConfigError(f"{flag_name(f.name)}: {check.expect}, got {value!r}")
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{flag_name(f.name)}: expected one of {', '.join(choices)}, got {value!r}")
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def check_table(table: Mapping[str, Any], allowed: Iterable[str], where: str) -> dict[str, Any]:
+    """A preset table whose keys are all options of the command; ConfigError names the file,
+    the table and the keys otherwise, so a typo never silently falls back to a default."""
+    allowed = set(allowed)
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(f"--pipeline: {where} sets {unknown}, which this command does not take "
+                          f"(its options: {sorted(allowed)})")
+    return dict(table)
+
+
+def override(config: C, flags: Mapping[str, Any], table: Mapping[str, Any] | None = None, where: str = "") -> C:
+    """``config`` with a preset table's values, then the flags given (None: not given), on top.
+
+    Keys of ``table`` that are not fields of the config are an error naming ``where`` (the file
+    and the table); the flags are the command's own options, so an unknown one is a bug.
+    """
+    names = field_names(type(config))
+    changes = check_table(table or {}, names, where)
+    changes.update({k: v for k, v in flags.items() if v is not None})
+    return dataclasses.replace(config, **changes)  # type: ignore[type-var]
+
+
+def config_table(config: Any, title: str, skip: Iterable[str] = ()) -> Table:
+    """The resolved config as a two-column table; values that differ from the default are bold."""
+    t = Table(title=title)
+    t.add_column("option")
+    t.add_column("value")
+    skipped = set(skip)
+    for f in fields(config):
+        if f.name in skipped:
+            continue
+        value = getattr(config, f.name)
+        shown = "-" if value is None else escape(_show(value))
+        if f.default is not _MISSING and value != f.default:
+            shown = f"[bold]{shown}[/]"
+        t.add_row(f.name, shown)
+    return t

@@ -1,0 +1,70 @@
+"""Every table of a pipeline checked against the config it feeds, and the pipeline fully resolved.
+
+Data flow: presets.load_pipeline (``extends`` chain merged) --> per table: [cache] -> TargetRecipe +
+BuildConfig options, [pretrain] and [base] -> TrainConfig, [finetune] -> FinetuneConfig, [eval] ->
+EvalConfig, [data] -> DataSubsets --> ``tec-train pipelines NAME`` (every value of the row, defaults
+included) and the tests that hold the paper's numbers.
+"""
+from __future__ import annotations
+
+from dataclasses import MISSING, fields
+from typing import Any
+
+from tec_cache.basemodels import RECIPE_KEYS, TargetRecipe
+from tec_cache.build_options import CACHE_TABLE_KEYS
+from tec_cache.presets import Pipeline, PipelineError
+
+from .eval_config import DataSubsets, EvalConfig
+from .finetune import FinetuneConfig
+from .train import TrainConfig
+
+TOP_LEVEL = ("name", "expected_top1")
+# The reference's process count: a preset key of the run tables that is compared, never an option.
+REFERENCE_KEYS = ("world_size",)
+TABLE_CONFIGS: dict[str, type] = {"pretrain": TrainConfig, "base": TrainConfig, "finetune": FinetuneConfig,
+                                  "eval": EvalConfig, "data": DataSubsets}
+# Fields a preset never sets: where a run writes, and what a command gets as its argument.
+_NOT_IN_PRESET = {"run_dir", "source"}
+
+
+def table_keys(table: str) -> set[str]:
+    """The keys a pipeline's ``table`` may set."""
+    if table == "cache":
+        return set(CACHE_TABLE_KEYS)
+    keys = {f.name for f in fields(TABLE_CONFIGS[table])} - _NOT_IN_PRESET
+    return keys | set(REFERENCE_KEYS) if table in ("pretrain", "base", "finetune") else keys
+
+
+def check_pipeline(pipe: Pipeline) -> None:
+    """Every key of every table is an option of the config it feeds; PipelineError names the file,
+    the table and the key. Values are checked by the command that uses them (and by the tests)."""
+    for key, value in pipe.raw.items():
+        if isinstance(value, dict):
+            if key != "cache" and key not in TABLE_CONFIGS:
+                raise PipelineError(f"--pipeline: {pipe.path}: unknown table [{key}] "
+                                    f"(expected {sorted(['cache', *TABLE_CONFIGS])})")
+            pipe.table(key, table_keys(key))
+        elif key not in TOP_LEVEL:
+            raise PipelineError(f"--pipeline: {pipe.path}: unknown key {key!r} (expected {list(TOP_LEVEL)} and tables)")
+
+
+def resolved_tables(pipe: Pipeline) -> dict[str, dict[str, Any]]:
+    """Each table with every option it feeds: the preset's value, else the config's default (the
+    base-model recipe resolved through the registry), so a reader sees the whole row."""
+    check_pipeline(pipe)
+    out: dict[str, dict[str, Any]] = {}
+    for name, table in pipe.raw.items():
+        if not isinstance(table, dict):
+            continue
+        if name == "cache":
+            spec = TargetRecipe(**{k: table[k] for k in RECIPE_KEYS if k in table}).resolve()
+            from tec_cache.build import BuildConfig
+
+            build = {f.name: None if f.default is MISSING else f.default for f in fields(BuildConfig) if f.name in CACHE_TABLE_KEYS and f.name not in RECIPE_KEYS}
+            out[name] = {**{k: getattr(spec, k if k != "basemodel" else "name") for k in RECIPE_KEYS}, **build,
+                         **{k: v for k, v in table.items() if k not in RECIPE_KEYS}}
+            continue
+        cls = TABLE_CONFIGS[name]
+        defaults = {f.name: f.default for f in fields(cls) if f.name not in _NOT_IN_PRESET}
+        out[name] = {**defaults, **table}
+    return out
