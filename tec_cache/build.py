@@ -30,13 +30,13 @@ import torch
 from rich import filesize
 from torch.utils.data import DataLoader, Dataset
 
-from tec_cache.basemodels import BaseModelSpec, build_model, load_base_model
+from tec_cache.basemodels import load_base_model
+from tec_cache.build_config import BuildConfig
 from tec_cache.codecs import TargetShape, get_codec, split_fields
-from tec_cache.config import POSITIVE_INT, SEED, WORKERS, check_fields, in_range, option
 from tec_cache.dist import (DistInfo, all_reduce_sum, barrier, destroy_process_group, dist_info, init_process_group,
                             lost_rank_guard, resolve_device)
 from tec_cache.faults import fault_point
-from tec_cache.format import FORMATS, get_format, open_writer, parse_compressor
+from tec_cache.format import get_format, open_writer
 from tec_cache.format import manifest as mf
 from tec_cache.format.fs import is_temporary, write_json_atomic
 from tec_cache.format.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, ManifestError, load_manifest
@@ -59,53 +59,6 @@ TOOL_VERSION = _tool_version()
 # Disk estimate safety factor: shard sizes vary with image content.
 DISK_MARGIN = 1.10
 _RESUME = "complete shards are kept: re-run the same command to resume"
-
-
-@dataclass
-class BuildConfig:
-    """Every option of ``tec-cache build`` but the target recipe (``spec``, from a TargetRecipe)."""
-
-    data: Path = option(help="ImageNet-style folder or folder of WebDataset .tar shards.")
-    out: Path = option(help="Cache folder (created; re-running resumes or extends it).")
-    checkpoint: Path = option(help="Local base-model weights (MAE, iBOT, DINO, state dict, .safetensors).")
-    spec: BaseModelSpec = option(help="The resolved target recipe.")
-    views: int = option(1, "View-epochs K to hold (a larger K later adds only the missing ones)", check=POSITIVE_INT)
-    codec: str = option("int8", "fp16 (reference precision) | int8 (half the bytes)")
-    format: str = option("webdataset", "webdataset | zarr")
-    compressor: str = option("zstd:3", "zstd:LEVEL | none")
-    shard_size: int = option(256, "Views per shard", check=POSITIVE_INT)
-    seed: int = option(0, "Seed of the view augmentations", check=SEED)
-    batch_size: int = option(64, "Views per base-model forward", check=POSITIVE_INT)
-    num_workers: int = option(4, "Decode/crop worker processes", check=WORKERS)
-    device: str = option("auto", "auto | cpu | cuda | cuda:N")
-    strict: bool = option(False, "Fail on the first unreadable image instead of skipping it.")
-    dry_run: bool = option(False, "Print the size estimate and write nothing.")
-    jpeg_quality: int = option(95, "Quality of the stored view JPEGs", check=in_range(1, 100))
-
-    def validate(self) -> None:
-        """Option checks before any work; ValueError names the option and what it expects."""
-        check_fields(self, ("views", "shard_size", "seed", "batch_size"))
-        if not Path(self.data).exists():
-            raise ValueError(f"--data: no such file or folder {self.data} (expected an image folder or .tar shards)")
-        if not Path(self.checkpoint).is_file():
-            raise ValueError(f"--checkpoint: no such file {self.checkpoint} (expected the base model's weights file)")
-        resolve_device(self.device, dist_info())  # --device: a name this machine has
-        check_fields(self, ("num_workers", "jpeg_quality"))
-        if self.format not in FORMATS:
-            raise ValueError(f"--format: unknown format {self.format!r}; expected one of {list(FORMATS)}")
-        try:
-            get_codec(self.codec)
-        except ValueError as e:
-            raise ValueError(f"--codec: {e}") from None
-        try:
-            parse_compressor(self.compressor)
-        except ValueError as e:
-            raise ValueError(f"--compressor: {e}") from None
-        if self.out.exists() and not self.out.is_dir():
-            raise ValueError(f"--out: {self.out} exists and is not a folder")
-        # --arch/--depth/--last-layers against the architecture, on the meta device: no memory, no weights.
-        with torch.device("meta"):
-            build_model(self.spec)
 
 
 class BuildOptionError(ValueError):

@@ -39,7 +39,7 @@ def _fail(msg: str, code: int = 2) -> None:
 def _h(name: str, extra: str = "") -> str:
     """Help of a build option, from the field that declares it (default included)."""
     from tec_cache.basemodels import TargetRecipe
-    from tec_cache.build import BuildConfig
+    from tec_cache.build_config import BuildConfig
 
     cls = TargetRecipe if name in {f.name for f in fields(TargetRecipe)} else BuildConfig
     return help_for(cls, name, extra)
@@ -75,7 +75,7 @@ def build(
     """Run the base model over K augmented views of every image and write its targets to shards."""
     options = dict(locals())  # first statement: exactly the options
     from tec_cache.build import BuildOptionError, build_cache
-    from tec_cache.build_options import build_config
+    from tec_cache.build_config import build_config
 
     info = dist_info()
     say = console.print if info.is_main else (lambda *a, **k: None)

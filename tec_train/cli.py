@@ -103,7 +103,7 @@ _ONLINE_FROM_RECIPE = {"basemodel": "online_basemodel", "arch": "arch", "depth":
 def _with_preset(name: str, given: dict[str, Any], world_size: int, online: bool = False) -> dict[str, Any]:
     """The run's options: the pipeline's [pretrain] ([base] for --objective mae) under the flags
     given; with ``online``, the [cache] table's target recipe runs inside the step instead of a cache."""
-    from tec_cache.build_options import cache_table
+    from tec_cache.build_config import cache_table
     from tec_cache.presets import load_pipeline
 
     pipe = load_pipeline(name)

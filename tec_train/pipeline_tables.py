@@ -11,7 +11,7 @@ from dataclasses import MISSING, fields
 from typing import Any
 
 from tec_cache.basemodels import RECIPE_KEYS, TargetRecipe
-from tec_cache.build_options import CACHE_TABLE_KEYS
+from tec_cache.build_config import CACHE_TABLE_KEYS, BuildConfig
 from tec_cache.presets import Pipeline, PipelineError
 
 from .eval_config import DataSubsets, EvalConfig
@@ -58,9 +58,8 @@ def resolved_tables(pipe: Pipeline) -> dict[str, dict[str, Any]]:
             continue
         if name == "cache":
             spec = TargetRecipe(**{k: table[k] for k in RECIPE_KEYS if k in table}).resolve()
-            from tec_cache.build import BuildConfig
-
-            build = {f.name: None if f.default is MISSING else f.default for f in fields(BuildConfig) if f.name in CACHE_TABLE_KEYS and f.name not in RECIPE_KEYS}
+            build = {f.name: None if f.default is MISSING else f.default for f in fields(BuildConfig)
+                     if f.name in CACHE_TABLE_KEYS and f.name not in RECIPE_KEYS}
             out[name] = {**{k: getattr(spec, k if k != "basemodel" else "name") for k in RECIPE_KEYS}, **build,
                          **{k: v for k, v in table.items() if k not in RECIPE_KEYS}}
             continue

@@ -1,0 +1,102 @@
+"""The options of ``tec-cache build``: each declared once (default, bounds, help) on BuildConfig,
+and resolved from flags and a preset's [cache] table.
+
+Data flow: flags (None: not given) + the --pipeline preset's [cache] table --> TargetRecipe (the
+base model and its targets, shared with online mode) + BuildConfig --validate--> build.build_cache.
+Flags win over the preset; the preset's ``cache_name`` gives the default --out. Stage 2 reads the
+declarations (``tec-train pipelines NAME`` resolves a [cache] table) without importing the build.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tec_cache.basemodels import RECIPE_KEYS, BaseModelSpec, TargetRecipe, build_model
+from tec_cache.codecs import get_codec
+from tec_cache.config import POSITIVE_INT, SEED, WORKERS, check_fields, in_range, option
+from tec_cache.dist import dist_info, resolve_device
+from tec_cache.format import FORMATS, parse_compressor
+
+
+@dataclass
+class BuildConfig:
+    """Every option of ``tec-cache build`` but the target recipe (``spec``, from a TargetRecipe)."""
+
+    data: Path = option(help="ImageNet-style folder or folder of WebDataset .tar shards.")
+    out: Path = option(help="Cache folder (created; re-running resumes or extends it).")
+    checkpoint: Path = option(help="Local base-model weights (MAE, iBOT, DINO, state dict, .safetensors).")
+    spec: BaseModelSpec = option(help="The resolved target recipe.")
+    views: int = option(1, "View-epochs K to hold (a larger K later adds only the missing ones)", check=POSITIVE_INT)
+    codec: str = option("int8", "fp16 (reference precision) | int8 (half the bytes)")
+    format: str = option("webdataset", "webdataset | zarr")
+    compressor: str = option("zstd:3", "zstd:LEVEL | none")
+    shard_size: int = option(256, "Views per shard", check=POSITIVE_INT)
+    seed: int = option(0, "Seed of the view augmentations", check=SEED)
+    batch_size: int = option(64, "Views per base-model forward", check=POSITIVE_INT)
+    num_workers: int = option(4, "Decode/crop worker processes", check=WORKERS)
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    strict: bool = option(False, "Fail on the first unreadable image instead of skipping it.")
+    dry_run: bool = option(False, "Print the size estimate and write nothing.")
+    jpeg_quality: int = option(95, "Quality of the stored view JPEGs", check=in_range(1, 100))
+
+    def validate(self) -> None:
+        """Option checks before any work; ValueError names the option and what it expects."""
+        check_fields(self, ("views", "shard_size", "seed", "batch_size"))
+        if not Path(self.data).exists():
+            raise ValueError(f"--data: no such file or folder {self.data} (expected an image folder or .tar shards)")
+        if not Path(self.checkpoint).is_file():
+            raise ValueError(f"--checkpoint: no such file {self.checkpoint} (expected the base model's weights file)")
+        resolve_device(self.device, dist_info())  # --device: a name this machine has
+        check_fields(self, ("num_workers", "jpeg_quality"))
+        if self.format not in FORMATS:
+            raise ValueError(f"--format: unknown format {self.format!r}; expected one of {list(FORMATS)}")
+        try:
+            get_codec(self.codec)
+        except ValueError as e:
+            raise ValueError(f"--codec: {e}") from None
+        try:
+            parse_compressor(self.compressor)
+        except ValueError as e:
+            raise ValueError(f"--compressor: {e}") from None
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"--out: {self.out} exists and is not a folder")
+        # --arch/--depth/--last-layers against the architecture, on the meta device: no memory, no weights.
+        with torch.device("meta"):
+            build_model(self.spec)
+
+
+# BuildConfig fields a preset does not set: where this build writes, how it reports, and the
+# recipe, which it sets through its own keys.
+_NOT_IN_PRESET = {"out", "spec", "strict", "dry_run"}
+CACHE_TABLE_KEYS = frozenset({f.name for f in fields(BuildConfig)} - _NOT_IN_PRESET | set(RECIPE_KEYS) | {"cache_name"})
+
+
+def cache_table(pipeline: str) -> dict[str, Any]:
+    """The preset's [cache] table, every key checked against the build's options."""
+    from tec_cache.presets import load_pipeline
+
+    return load_pipeline(pipeline).table("cache", set(CACHE_TABLE_KEYS))
+
+
+def build_config(flags: dict[str, Any], pipeline: str | None = None) -> BuildConfig:
+    """The checked BuildConfig of one ``tec-cache build``; ValueError names the option."""
+    table = cache_table(pipeline) if pipeline is not None else {}
+    cache_name = table.pop("cache_name", None)
+    values = {**table, **{k: v for k, v in flags.items() if v is not None}}
+    if values.get("out") is None:
+        if not cache_name:
+            raise ValueError("--out is required: the cache folder to create (or a --pipeline whose preset names a cache_name)")
+        values["out"] = Path("caches") / cache_name
+    if values.get("data") is None:
+        raise ValueError("--data is required: an image folder or a folder of .tar shards")
+    if values.get("checkpoint") is None:
+        raise ValueError("--checkpoint is required: the base model's weights are never downloaded")
+    recipe = TargetRecipe(**{k: values.pop(k) for k in RECIPE_KEYS if k in values})
+    for key in ("data", "out", "checkpoint"):
+        values[key] = Path(values[key])
+    cfg = BuildConfig(spec=recipe.resolve(), **values)
+    cfg.validate()
+    return cfg
