@@ -20,7 +20,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from tec_cache.codecs import get_codec, stack_fields
-from tec_cache.figures import DPI, prepare_png_path, save_png
+from tec_cache.figures import DPI, save_png
+from tec_cache.format.fs import prepare_output_file
 from tec_cache.format.manifest import Manifest, ManifestError, load_manifest
 from tec_cache.format.schema import ViewRecord
 from tec_cache.views import decode_view
@@ -169,7 +170,7 @@ def render_views(
     gh, gw = tg.grid
     tau, k, heads = float(tg.tau), tg.topk, tg.heads
     head_idx = parse_head(head, heads)
-    out = prepare_png_path(out)
+    out = prepare_output_file(out)
     records = select_records(man, view_epoch, n, seed)
 
     # Decode all chosen views at once, exactly as the training loader does (codec.decode on stacked fields).

@@ -342,10 +342,9 @@ class RichFinetuneReporter:
 def _write_json(path: Optional[Path], obj: dict[str, Any]) -> None:
     if path is None:
         return
-    import json
+    from tec_cache.format.fs import write_json_atomic
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    write_json_atomic(path, obj)
     console.print(f"wrote {path}", highlight=False)
 
 
@@ -464,6 +463,10 @@ def _evaluate(run: Any, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """(config, result) of one knn/linear call; a bad option or source exits 2 before any work."""
     try:
         cfg = _eval_config(options)
+        if options["out_json"] is not None:
+            from tec_cache.format.fs import prepare_output_file
+
+            prepare_output_file(options["out_json"], "--out-json")
         return cfg, run(cfg, busy=console.status)
     except (ValueError, FileNotFoundError, KeyError) as e:
         _fail(str(e))

@@ -150,6 +150,8 @@ class FinetuneConfig:
                              "(or set --mixup 0 --cutmix 0)")
         if self.num_workers < 0:
             raise ValueError(f"--num-workers: must be >= 0, got {self.num_workers!r}")
+        if self.seed < 0:
+            raise ValueError(f"--seed: must be an integer >= 0, got {self.seed!r}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"--amp: expected one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         if self.aa.lower() not in NO_AUGMENT:

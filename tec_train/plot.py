@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from tec_cache.figures import DPI, prepare_png_path, save_png
+from tec_cache.figures import DPI, save_png
+from tec_cache.format.fs import prepare_output_file
 from tec_train.train import METRICS_NAME
 
 __all__ = ["METRICS_NAME", "PANELS", "panel_keys", "plot_runs", "read_metrics", "smooth_values"]
@@ -113,7 +114,7 @@ def plot_runs(runs: list[Path], out: Path, smooth: int = 1) -> Path:
     keys = panel_keys(all_records)
     if not keys:
         raise ValueError("RUN: no metrics records in " + ", ".join(str(r) for r in runs) + " (has any run logged a step yet?)")
-    out = prepare_png_path(out)
+    out = prepare_output_file(out)
 
     ncols = 1 if len(keys) == 1 else 2
     nrows = -(-len(keys) // ncols)

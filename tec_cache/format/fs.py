@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 from tec_cache.faults import fault_point
 
 __all__ = ["fsync_dir", "fsync_tree", "is_temporary", "publish", "remove", "temporary_name", "write_atomic",
-           "write_json_atomic", "write_text_atomic"]
+           "write_json_atomic", "write_text_atomic", "prepare_output_file"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -131,3 +131,19 @@ def write_json_atomic(path: Path, obj: Any, fault: str = "json") -> None:
         f.write(data[len(data) // 2 :])
 
     write_atomic(path, write, before_rename=f"mid_{fault}_write", after_rename=f"after_{fault}_rename")
+
+
+def prepare_output_file(out: Path, option: str = "--out") -> Path:
+    """Check, before any work, that ``out`` can be written as a file (creating its folder), so a
+    long command never fails at its last step; ValueError names ``option``."""
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"{option}: {out} is a folder; give a file name inside it")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{option}: cannot create the folder {parent} ({e.strerror or e})") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{option}: the folder {parent} is not writable")
+    return out
