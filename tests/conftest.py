@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -46,6 +47,21 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "mae_tiny.pth"
     torch.save({"model": tiny_state_dict()}, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory, tiny_ckpt) -> SimpleNamespace:
+    """Built once per test run and shared read-only: 20 generated images and a 2-view-epoch int8
+    WebDataset cache of them (shards of 5) from the tiny base model. A test that changes a cache
+    copies it first."""
+    from tec_cache.build import BuildConfig, build_cache
+
+    root = tmp_path_factory.mktemp("tiny-cache")
+    data = make_image_folder(root / "data", n_per_class=8, bad=False)
+    cache = root / "cache"
+    build_cache(BuildConfig(data=data, out=cache, checkpoint=tiny_ckpt, spec=tiny_spec(), views=2, shard_size=5,
+                            batch_size=8, num_workers=0, device="cpu"))
+    return SimpleNamespace(root=root, data=data, ckpt=tiny_ckpt, cache=cache)
 
 
 def _jpeg(arr: np.ndarray, quality: int = 90) -> bytes:

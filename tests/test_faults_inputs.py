@@ -50,14 +50,11 @@ def _cfg(data: Path, out: Path, ckpt: Path, **kw) -> BuildConfig:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tiny_ckpt) -> SimpleNamespace:
+def tiny(tmp_path_factory, tiny_cache: SimpleNamespace) -> SimpleNamespace:
     """20 images; a 2-view cache (4 shards of 5 per view-epoch) and one built with another seed."""
-    root = tmp_path_factory.mktemp("faults-inputs")
-    data = make_image_folder(root / "data", n_per_class=8, bad=False)
-    cache, other = root / "cache", root / "other"
-    build_cache(_cfg(data, cache, tiny_ckpt))
-    build_cache(_cfg(data, other, tiny_ckpt, views=1, seed=1))
-    return SimpleNamespace(root=root, data=data, ckpt=tiny_ckpt, cache=cache, other=other)
+    other = tmp_path_factory.mktemp("faults-inputs") / "other"
+    build_cache(_cfg(tiny_cache.data, other, tiny_cache.ckpt, views=1, seed=1))
+    return SimpleNamespace(**vars(tiny_cache), other=other)
 
 
 def _say(r) -> str:

@@ -12,23 +12,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tec_cache.build import BuildConfig, build_cache
 from tec_train.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint
-from tests.conftest import make_image_folder, tiny_spec
 from tests.faultkit import clean_env, count_arrivals, launch_ranks, run_module, seeded_nth
 
 EXACT_FIELDS = ("step", "epoch", "epoch_f", "loss", "loss_fea", "loss_att", "lr")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tiny_ckpt) -> SimpleNamespace:
+def tiny(tiny_cache: SimpleNamespace) -> SimpleNamespace:
     """20 images and a 2-view-epoch int8 cache of them (shards of 5) from the tiny base model."""
-    root = tmp_path_factory.mktemp("faults-train")
-    data = make_image_folder(root / "data", n_per_class=8, bad=False)
-    cache = root / "cache"
-    build_cache(BuildConfig(data=data, out=cache, checkpoint=tiny_ckpt, spec=tiny_spec(), views=2, shard_size=5,
-                            batch_size=8, num_workers=0, device="cpu"))
-    return SimpleNamespace(data=data, cache=cache)
+    return tiny_cache
 
 
 def _records(run_dir: Path) -> list[dict]:

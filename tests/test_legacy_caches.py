@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
+
+from tec_cache.cli import app as cache_app
+from tec_train.cli import app as train_app
 
 from tests.conftest import make_image_folder, tiny_state_dict
 from tests.faultkit import run_module, tree
@@ -29,15 +33,16 @@ def test_there_are_legacy_caches_of_both_formats() -> None:
 @pytest.mark.parametrize("name", CACHES)
 def test_legacy_cache_verifies_inspects_and_trains(name: str, tmp_path: Path) -> None:
     cache = _copy(name, tmp_path)
-    r, _ = run_module("tec_cache", ["verify", str(cache)])
-    assert r.returncode == 0 and "ok: every shard" in r.stdout + r.stderr, r.stderr[-2000:]
-    r, _ = run_module("tec_cache", ["inspect", str(cache)])
-    assert r.returncode == 0, r.stderr[-2000:]
+    runner = CliRunner()
+    r = runner.invoke(cache_app, ["verify", str(cache)])
+    assert r.exit_code == 0 and "ok: every shard" in r.output, r.output[-2000:]
+    r = runner.invoke(cache_app, ["inspect", str(cache)])
+    assert r.exit_code == 0, r.output[-2000:]
     run = tmp_path / "run"
-    r, _ = run_module("tec_train", ["run", "--cache", str(cache), "--run-dir", str(run), "--model", "vit_tiny_patch8",
-                                    "--depth", "2", "--batch-size", "4", "--epochs", "3", "--warmup-epochs", "0",
-                                    "--num-workers", "0", "--log-every", "1", "--device", "cpu"])
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = runner.invoke(train_app, ["run", "--cache", str(cache), "--run-dir", str(run), "--model", "vit_tiny_patch8",
+                                  "--depth", "2", "--batch-size", "4", "--epochs", "3", "--warmup-epochs", "0",
+                                  "--num-workers", "0", "--log-every", "1", "--device", "cpu"])
+    assert r.exit_code == 0, r.output[-3000:]
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     # 3 steps an epoch from 17 views at batch 4; epoch 2 reads view-epoch 0 again (K = 2).
     assert [x["step"] for x in records] == list(range(1, 10)) and records[-1]["epoch"] == 2

@@ -10,22 +10,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from tec_cache.build import BuildConfig, build_cache
 from tec_cache.run_log import BUILD_LOG, RUN_LOG, SampleError, naming_sample, summary
-from tests.conftest import TINY_ARCH, TINY_IMG, TINY_PATCH, TINY_TOPK, make_image_folder, tiny_spec
+from tests.conftest import TINY_ARCH, TINY_IMG, TINY_PATCH, TINY_TOPK, make_image_folder
 from tests.faultkit import assert_same_cache, build_args, clean_env, run_module
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tiny_ckpt) -> SimpleNamespace:
-    root = tmp_path_factory.mktemp("run-failures")
-    data = make_image_folder(root / "data", n_per_class=8, bad=False)
-    cache = root / "cache"
-    build_cache(BuildConfig(data=data, out=cache, checkpoint=tiny_ckpt, spec=tiny_spec(), views=2, shard_size=5,
-                            batch_size=8, num_workers=0, device="cpu"))
-    return SimpleNamespace(root=root, data=data, cache=cache, ckpt=tiny_ckpt)
+def tiny(tiny_cache: SimpleNamespace) -> SimpleNamespace:
+    return tiny_cache
 
 
 def _error_lines(stderr: str) -> list[str]:

@@ -15,7 +15,6 @@ import torch
 from typer.testing import CliRunner
 
 import tec_train.student as student_mod
-from tec_cache.build import BuildConfig, build_cache
 from tec_cache.format.manifest import load_manifest
 from tec_train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from tec_train.cli import app
@@ -26,7 +25,7 @@ from tec_train.target_feeds import CacheTargetFeed, InMemoryTargetFeed
 from tec_train.train import NonFiniteLossError, TrainConfig, train, truncate_metrics
 from tec_cache.images import open_source
 from tec_cache.views import ViewRecipe
-from tests.conftest import TINY_ARCH, TINY_IMG, TINY_PATCH, TINY_TOPK, make_image_folder, tiny_spec, tiny_state_dict
+from tests.conftest import TINY_ARCH, TINY_IMG, TINY_PATCH, TINY_TOPK, make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT = dict(model="vit_tiny_patch8", depth=3)
@@ -35,16 +34,9 @@ EXACT_FIELDS = ("step", "epoch", "epoch_f", "loss", "loss_fea", "loss_att", "lr"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> SimpleNamespace:
+def tiny(tiny_cache: SimpleNamespace) -> SimpleNamespace:
     """20 images, the tiny base model (D=192, H=3, 4x4 grid) and a 2-view-epoch int8 cache of them."""
-    root = tmp_path_factory.mktemp("train")
-    data = make_image_folder(root / "data", n_per_class=8, bad=False)
-    ckpt = root / "mae_tiny.pth"
-    torch.save({"model": tiny_state_dict()}, ckpt)
-    cache = root / "cache"
-    build_cache(BuildConfig(data=data, out=cache, checkpoint=ckpt, spec=tiny_spec(), views=2, shard_size=5,
-                            batch_size=8, num_workers=0, device="cpu"))
-    return SimpleNamespace(data=data, ckpt=ckpt, cache=cache)
+    return tiny_cache
 
 
 def _cfg(run_dir: Path, cache: Path | None, **kw) -> TrainConfig:
