@@ -194,6 +194,71 @@ def _check_resume(root: Path, expected: dict[str, Any]) -> int:
     return man.num_view_epochs
 
 
+class _ChunkBuild:
+    """The bookkeeping of one chunk while its missing shards are built: per view-epoch a queue of
+    decoded views, a shard writer and running target statistics; the images skipped; the writes in
+    flight on the builder's writer thread."""
+
+    def __init__(self, builder: Builder, chunk: int, missing: list[int]) -> None:
+        self.builder, self.chunk, self.missing = builder, chunk, missing
+        self.writers: dict[int, Any] = {}
+        self.stats = {v: _Stats() for v in missing}
+        self.skipped: list[dict[str, str]] = []
+        # One queue per view-epoch: a shard's batches never depend on which other shards of the
+        # chunk are being built, so a resumed or extended build computes them identically.
+        self.pending: dict[int, list[tuple[int, int, bytes, torch.Tensor]]] = {v: [] for v in missing}
+        self.futures: list[Future] = []
+
+    def add(self, index: int, views: list[tuple[int, bytes, torch.Tensor]]) -> Iterator[int]:
+        """Queue one image's views; yields each view-epoch whose queue now holds a full batch."""
+        for v, data, pix in views:
+            self.pending[v].append((index, v, data, pix))
+            if len(self.pending[v]) >= self.builder.cfg.batch_size:
+                yield v
+
+    def take(self, v: int, n: int) -> list[tuple[int, int, bytes, torch.Tensor]]:
+        batch, self.pending[v] = self.pending[v][:n], self.pending[v][n:]
+        return batch
+
+    def remainders(self) -> Iterator[tuple[int, int]]:
+        """(view-epoch, count) of the partial batches left once every image is queued."""
+        for v in self.missing:
+            if self.pending[v]:
+                yield v, len(self.pending[v])
+
+    def submit(self, recs: list[ViewRecord]) -> None:
+        for f in self.futures:  # a failed write (disk full) stops the build now, not at the chunk's end
+            if f.done():
+                f.result()
+        self.futures.append(self.builder.writer_pool.submit(self.builder._write, self.chunk, self.writers, recs))
+
+    def seal(self) -> Iterator[ShardInfo]:
+        """Wait for the writes, then close each shard and publish its sidecar (the shard's mark of
+        completeness); yields each finished shard's facts."""
+        for f in self.futures:
+            f.result()
+        b = self.builder
+        for v in self.missing:
+            shard = b.shard_path(v, self.chunk)
+            with b._disk_full(shard):
+                w = self.writers.get(v) or b._open(v, self.chunk, self.writers)
+                fault_point("before_shard_close")
+                info = w.close()
+            fault_point("after_shard_rename")
+            with b._disk_full(_sidecar(shard)):
+                write_json_atomic(_sidecar(shard), {**info.to_json(), "skipped": self.skipped,
+                                                    "stats": self.stats[v].to_json()})
+            yield info
+
+    def abort(self) -> None:
+        for f in self.futures:
+            f.cancel()
+        # A write still running would race the aborts below (and could open a new temporary).
+        wait(self.futures)
+        for w in self.writers.values():
+            w.abort()
+
+
 class Builder:
     """One rank's share of a build."""
 
@@ -219,6 +284,9 @@ class Builder:
         # rank has put in finished shards since; their difference is an upper bound on what is left.
         self._views_missing = self._views_done = 0
         self._bpv: float | None = None
+        self._estimate: dict[str, Any] = {}  # the disk estimate, measured on the run's first batch
+        self._built = 0  # views this rank computed in this run
+        self._progress: Callable[[int], None] = lambda n: None
 
     # ---- planning -------------------------------------------------------------------------
     def shard_path(self, v: int, c: int) -> Path:
@@ -303,103 +371,42 @@ class Builder:
         t0 = time.time()
         mine, total_missing, already_done = self.plan()
         jobs = [(i, missing) for c, missing in mine for i in self.chunk_images(c)]
-        my_views = sum(len(m) * len(self.chunk_images(c)) for c, m in mine)
         self._views_missing = total_missing
         if set_total is not None:
-            set_total(my_views)
+            set_total(sum(len(m) * len(self.chunk_images(c)) for c, m in mine))
+        self._progress = progress or (lambda n: None)
         loader = DataLoader(
             _ViewJobs(self.source, jobs, self.cfg.seed, self.recipe),
             batch_size=1, collate_fn=_single_item, num_workers=self.cfg.num_workers,
             prefetch_factor=4 if self.cfg.num_workers > 0 else None,
         )
         it = iter(loader)
-        estimate: dict[str, Any] = {}
-        built = shards_built = 0
+        shards_built = 0
         skipped_all: list[dict[str, str]] = []
         bpv_seen: list[float] = []
         for c, missing in mine:
-            writers: dict[int, Any] = {}
-            stats = {v: _Stats() for v in missing}
-            skipped: list[dict[str, str]] = []
-            # One queue per view-epoch: a shard's batches never depend on which other shards of
-            # the chunk are being built, so a resumed or extended build computes them identically.
-            pending: dict[int, list[tuple[int, int, bytes, torch.Tensor]]] = {v: [] for v in missing}
-            futures: list[Future] = []
-
-            def flush(v: int, n: int) -> bool:
-                """Compute and queue the first n pending views of view-epoch v; True to stop (dry run)."""
-                nonlocal estimate, built
-                batch, pending[v] = pending[v][:n], pending[v][n:]
-                recs = self._targets(batch, stats[v])
-                fault_point("after_forward")
-                if not estimate:
-                    with self._disk_full(Path(tempfile.gettempdir())):  # the scratch shard
-                        self._bpv = self.bytes_per_view(recs)
-                    estimate = self.check_disk(self._bpv, total_missing)
-                    if self.cfg.dry_run:
-                        return True
-                for f in futures:  # a failed write (disk full) stops the build now, not at the chunk's end
-                    if f.done():
-                        f.result()
-                futures.append(self.writer_pool.submit(self._write, c, writers, recs))
-                built += len(recs)
-                if progress is not None:
-                    progress(len(recs))
-                return False
-
+            chunk = _ChunkBuild(self, c, missing)
             try:
-                for _ in self.chunk_images(c):
-                    job = next(it)
-                    index = job["index"]
-                    if "error" in job:
-                        if self.cfg.strict:
-                            raise BadImage(f"--strict: {job['error']}")
-                        skipped.append({"key": self.source.items[index].key, "error": job["error"]})
-                        if progress is not None:
-                            progress(len(missing))
-                        continue
-                    for v, data, pix in job["views"]:
-                        pending[v].append((index, v, data, pix))
-                        if len(pending[v]) >= self.cfg.batch_size and flush(v, self.cfg.batch_size):
-                            return self._dry(estimate, t0)
-                for v in missing:
-                    if pending[v] and flush(v, len(pending[v])):
-                        return self._dry(estimate, t0)
-                for f in futures:
-                    f.result()
+                if self._fill(chunk, it):
+                    return self._dry(self._estimate, t0)
                 if self.cfg.dry_run:
                     continue
-                for v in missing:
-                    with self._disk_full(self.shard_path(v, c)):
-                        w = writers.get(v) or self._open(v, c, writers)
-                        fault_point("before_shard_close")
-                        info = w.close()
-                    fault_point("after_shard_rename")
-                    with self._disk_full(_sidecar(self.shard_path(v, c))):
-                        write_json_atomic(
-                            _sidecar(self.shard_path(v, c)),
-                            {**info.to_json(), "skipped": skipped, "stats": stats[v].to_json()},
-                        )
+                for info in chunk.seal():
                     self._views_done += info.num_samples
                     bpv_seen.append(info.nbytes / max(info.num_samples, 1))
                     shards_built += 1
                     fault_point("after_shard")
             except BaseException:
-                for f in futures:
-                    f.cancel()
-                # A write still running would race the aborts below (and could open a new temporary).
-                wait(futures)
-                for w in writers.values():
-                    w.abort()
+                chunk.abort()
                 raise
-            skipped_all.extend(skipped)
+            skipped_all.extend(chunk.skipped)
         if self.cfg.dry_run:
             # Nothing to compute on this rank: estimate from what is planned, without a forward.
-            return self._dry(estimate or {"views": total_missing, "bytes_per_view": None}, t0)
+            return self._dry(self._estimate or {"views": total_missing, "bytes_per_view": None}, t0)
         seconds = time.time() - t0
         fault_point("before_barrier")
         with lost_rank_guard("waiting for the other ranks to finish their shards", _RESUME):
-            built_all = int(all_reduce_sum(built, self.device))  # also the barrier before the manifest
+            built_all = int(all_reduce_sum(self._built, self.device))  # also the barrier before the manifest
         fault_point("after_barrier")
         manifest_path = None
         if self.info.is_main:
@@ -408,8 +415,40 @@ class Builder:
         fault_point("after_manifest")
         with lost_rank_guard("waiting for rank 0 to write the manifest", _RESUME):
             barrier()
-        return BuildResult(manifest_path, built, shards_built, already_done, skipped_all, seconds,
-                           float(np.mean(bpv_seen)) if bpv_seen else 0.0, estimate)
+        return BuildResult(manifest_path, self._built, shards_built, already_done, skipped_all, seconds,
+                           float(np.mean(bpv_seen)) if bpv_seen else 0.0, self._estimate)
+
+    def _fill(self, chunk: _ChunkBuild, jobs: Iterator[dict[str, Any]]) -> bool:
+        """Decode the chunk's images (from the loader), compute every full batch of each view-epoch
+        and queue its writes, then the remainders; True when a dry run has its estimate."""
+        for _ in self.chunk_images(chunk.chunk):
+            job = next(jobs)
+            if "error" in job:
+                if self.cfg.strict:
+                    raise BadImage(f"--strict: {job['error']}")
+                chunk.skipped.append({"key": self.source.items[job["index"]].key, "error": job["error"]})
+                self._progress(len(chunk.missing))
+                continue
+            for v in chunk.add(job["index"], job["views"]):
+                if self._compute(chunk, v, self.cfg.batch_size):
+                    return True
+        return any(self._compute(chunk, v, n) for v, n in chunk.remainders())
+
+    def _compute(self, chunk: _ChunkBuild, v: int, n: int) -> bool:
+        """Targets of the first n pending views of view-epoch v, queued for writing; the first batch
+        of the run also measures the disk estimate. True to stop (dry run)."""
+        recs = self._targets(chunk.take(v, n), chunk.stats[v])
+        fault_point("after_forward")
+        if not self._estimate:
+            with self._disk_full(Path(tempfile.gettempdir())):  # the scratch shard
+                self._bpv = self.bytes_per_view(recs)
+            self._estimate = self.check_disk(self._bpv, self._views_missing)
+            if self.cfg.dry_run:
+                return True
+        chunk.submit(recs)
+        self._built += len(recs)
+        self._progress(len(recs))
+        return False
 
     def _dry(self, estimate: dict[str, Any], t0: float) -> BuildResult:
         return BuildResult(None, 0, 0, 0, [], time.time() - t0, float(estimate.get("bytes_per_view") or 0.0), estimate)
