@@ -88,7 +88,7 @@ def build_config(flags: dict[str, Any], pipeline: str | None = None) -> BuildCon
     values = {**table, **{k: v for k, v in flags.items() if v is not None}}
     if values.get("out") is None:
         if not cache_name:
-            raise ValueError("--out is required: the cache folder to create (or a --pipeline whose preset names a cache_name)")
+            raise ValueError("--out is required: the cache folder to create (or a --pipeline that names a cache_name)")
         values["out"] = Path("caches") / cache_name
     if values.get("data") is None:
         raise ValueError("--data is required: an image folder or a folder of .tar shards")

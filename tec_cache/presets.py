@@ -143,7 +143,7 @@ def load_pipeline(name_or_path: str) -> Pipeline:
     as_path = Path(name_or_path)
     if as_path.suffix == ".toml" or os.sep in name_or_path:
         if not as_path.is_file():
-            raise PipelineError(f"--pipeline: no such preset file {as_path}")
+            raise PipelineError(f"--pipeline: no such pipeline file {as_path}")
         return _read(as_path)
     for d in search_dirs():
         p = d / f"{name_or_path}.toml"

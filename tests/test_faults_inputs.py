@@ -820,7 +820,7 @@ def test_finetune_bad_option(option: str, value: str, says: str, tiny: SimpleNam
     assert not run.exists() or option == "--run-dir"
 
 
-PIPELINES_BAD = [("NAME", "nope", "unknown pipeline 'nope'"), ("NAME", "{missing}.toml", "no such preset file")]
+PIPELINES_BAD = [("NAME", "nope", "unknown pipeline 'nope'"), ("NAME", "{missing}.toml", "no such pipeline file")]
 
 
 @pytest.mark.parametrize("option, value, says", PIPELINES_BAD, ids=[v for _, v, _ in PIPELINES_BAD])

@@ -225,7 +225,7 @@ def test_pipeline_errors_name_the_preset_and_key(tmp_path: Path, monkeypatch):
     code, out = _cli(cache_app, ["build", "--pipeline", str(bad), "--data", str(tmp_path), "--checkpoint", str(bad)])
     assert code == 2 and "sets ['viewz']" in out and "[cache]" in out
     code, out = _cli(train_app, ["run", "--pipeline", str(tmp_path / "missing.toml"), "--run-dir", str(tmp_path / "r")])
-    assert code == 2 and "no such preset file" in out
+    assert code == 2 and "no such pipeline file" in out
     assert not (tmp_path / "r").exists() and not (tmp_path / "caches").exists()
 
 
