@@ -1,7 +1,7 @@
-"""The stage-2 training loop: a TEC student trained from a target feed, resumable bit for bit.
+"""The stage-2 pretraining loop: a student trained by an objective from a feed, resumable bit for bit.
 
-Data flow: target feed (cache | online base model | in memory) --prepare--> StepInputs on the
-device --> student + adapter (mask noise from a checkpointed per-rank generator) --> losses -->
+Data flow: objective's feed (cache | online base model | pixels | in memory) --prepare--> StepInputs
+on the device --> the objective's forward (mask noise from a checkpointed per-rank generator) --> loss terms -->
 AdamW step (warm-up + cosine lr per accumulation window) --> metrics.jsonl / progress /
 checkpoint-<step>.pt in the run dir.
 
@@ -27,24 +27,20 @@ import torch
 import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel
 
-from tec_cache.basemodels import REGISTRY, resolve_spec
-from tec_cache.dist import DistInfo, destroy_process_group, dist_info, explain_peer_loss, init_process_group, resolve_device
+from tec_cache.basemodels import REGISTRY
+from tec_cache.dist import destroy_process_group, dist_info, explain_peer_loss, init_process_group, resolve_device
 from tec_cache.faults import fault_point
 from tec_cache.format.fs import write_json_atomic, write_text_atomic
-from tec_cache.format.manifest import ManifestError, load_manifest
-from tec_cache.images import open_source
 
 from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, remove_stale_temp_files, restore_rng, save_checkpoint
 from .export import load_tec_checkpoint
+from .objectives import OBJECTIVES, check_geometry, objective_for, student_geometry
 from .schedule import WarmupCosine, absolute_lr
-from .student import build_student, param_groups, parse_model_name
-from .target_feeds import CacheTargetFeed, StepInputs, TargetFeed
+from .student import param_groups, parse_model_name
+from .target_feeds import StepInputs, TargetFeed
 
 METRICS_NAME = "metrics.jsonl"
 AMP_MODES = ("auto", "bf16", "fp16", "off")
-OBJECTIVES = ("tec", "mae")
-# The loss terms each objective logs (metrics.jsonl, progress, checkpointed running sums).
-LOSS_TERMS = {"tec": ("loss", "loss_fea", "loss_att"), "mae": ("loss",)}
 VIEW_ORDERS = ("cycle", "permute")
 _MASK_TAG = 0x6D61736B  # separates the mask generator's seed stream from the other per-rank seeds
 
@@ -257,59 +253,6 @@ class TrainResult:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-def student_geometry(cfg: TrainConfig, default_img: int) -> tuple[int, int]:
-    """(img_size, patch_size) of the student: options, else the source's image size and the name's patch."""
-    _, name_patch = parse_model_name(cfg.model)
-    return cfg.img_size or default_img, cfg.patch_size or name_patch
-
-
-def check_geometry(student: tuple[int, int], targets: tuple[int, int], what: str) -> None:
-    """The student's (img_size, patch_size) must be the targets'; CompatibilityError names both."""
-    from .cache_loader import CompatibilityError
-
-    (img, patch), (t_img, t_patch) = student, targets
-    if img % patch:
-        raise CompatibilityError(f"--img-size {img} is not a multiple of the student's patch size {patch}")
-    if (img, patch) != (t_img, t_patch):
-        raise CompatibilityError(
-            f"student patch grid {img // patch}x{img // patch} (img {img}, patch {patch}) does not match the "
-            f"{what}'s {t_img // t_patch}x{t_img // t_patch} (img {t_img}, patch {t_patch})"
-        )
-
-
-def build_target_source(cfg: TrainConfig, info: DistInfo, device: torch.device, amp: str) -> TargetFeed:
-    """The cache, online or pixel source ``cfg`` asks for, checked against the student's geometry before any loading."""
-    if cfg.objective == "mae":
-        from .mae import PixelFeed
-
-        img, patch = student_geometry(cfg, 224)
-        check_geometry((img, patch), (img, patch), "image size")  # only the divisibility check applies
-        return PixelFeed(open_source(Path(cfg.data)), img_size=img, patch_size=patch, batch_size=cfg.batch_size,
-                           rank=info.rank, world_size=info.world_size, num_workers=cfg.num_workers, seed=cfg.seed,
-                           pin_memory=device.type == "cuda")
-    if cfg.cache is not None:
-        from .cache_loader import check_compatibility
-
-        try:
-            manifest = load_manifest(Path(cfg.cache))
-        except ManifestError as e:
-            raise ValueError(f"--cache: {e}") from None
-        img, patch = student_geometry(cfg, manifest.geometry.img_size)
-        check_compatibility(manifest, img_size=img, patch_size=patch)
-        return CacheTargetFeed(manifest, batch_size=cfg.batch_size, rank=info.rank, world_size=info.world_size,
-                                 num_workers=cfg.num_workers, seed=cfg.seed, view_order=cfg.view_order,
-                                 pin_memory=device.type == "cuda")
-    from .online import OnlineTargetFeed
-
-    spec = resolve_spec(cfg.online_basemodel, arch=cfg.arch, img_size=cfg.img_size, patch_size=cfg.patch_size,
-                        topk=cfg.topk, tau=cfg.tau, last_layers=cfg.last_layers, depth=cfg.base_depth)
-    check_geometry(student_geometry(cfg, spec.img_size), (spec.img_size, spec.patch_size), "base model")
-    images = open_source(Path(cfg.data))
-    return OnlineTargetFeed(spec, Path(cfg.checkpoint), images, device=device, batch_size=cfg.batch_size,
-                              rank=info.rank, world_size=info.world_size, num_workers=cfg.num_workers,
-                              seed=cfg.seed, autocast=amp != "off")
-
-
 def resolve_amp(amp: str, device: torch.device) -> str:
     """auto -> bf16 on CUDA, off elsewhere; mixed precision is refused off CUDA (CPUs here lack bf16 units)."""
     if amp == "auto":
@@ -375,13 +318,14 @@ class Trainer:
                     f"world size: the run in {self.run_dir} was started with {self.resume['world_size']} processes, "
                     f"now {self.info.world_size}; the loader position and per-rank RNG states need the same number"
                 )
+        self.objective = objective_for(cfg.objective)
         self.owns_source = source is None
         if source is not None:
             check_geometry(student_geometry(cfg, source.spec.img_size), (source.spec.img_size, source.spec.patch_size),
                            "target feed")
             self.source = source
         else:
-            self.source = build_target_source(cfg, self.info, self.device, self.amp)
+            self.source = self.objective.open_feed(cfg, self.info, self.device, self.amp)
         self.spe = self.source.steps_per_epoch
         self.usable = self.spe // cfg.accum_iter * cfg.accum_iter
         try:
@@ -401,9 +345,9 @@ class Trainer:
     def _check_resumable(self, ck: dict[str, Any]) -> None:
         """The stored run must have used the same targets and epoch length this source gives now."""
         stored, now = ck["config"]["resolved"]["targets"], self.source.spec.to_json()
-        for key in ("dim", "heads", "topk", "tau", "img_size", "patch_size"):
-            if stored[key] != now[key]:
-                raise ResumeError(f"targets changed since the run started: {key} was {stored[key]}, now {now[key]}")
+        for key in self.source.spec.IDENTITY:
+            if stored.get(key) != now[key]:
+                raise ResumeError(f"targets changed since the run started: {key} was {stored.get(key)}, now {now[key]}")
         if stored["origin"].get("base_sha256") != now["origin"].get("base_sha256"):
             raise ResumeError("targets changed since the run started: they come from a different base-model checkpoint")
         if ck["loader"]["steps_per_epoch"] != self.spe:
@@ -413,21 +357,11 @@ class Trainer:
     # ---- setup -------------------------------------------------------------------------------
     def _build(self) -> None:
         cfg, spec = self.cfg, self.source.spec
-        img, patch = student_geometry(cfg, spec.img_size)
-        overrides: dict[str, Any] = {"mask_ratio": cfg.mask_ratio}
-        if cfg.depth is not None:
-            overrides["depth"] = cfg.depth
-        self.terms = LOSS_TERMS[cfg.objective]
+        self.terms = self.objective.terms
         # The same seed on every rank gives every rank the same initial weights (DDP would also
         # broadcast rank 0's); afterwards each rank draws from its own stream, as the reference.
         torch.manual_seed(cfg.seed)
-        if cfg.objective == "mae":
-            from .mae import build_mae
-
-            self.student: Any = build_mae(cfg.model, img_size=img, patch_size=patch, **overrides)
-        else:
-            self.student = build_student(cfg.model, pred_dim=spec.dim, att_heads=spec.heads, img_size=img,
-                                         patch_size=patch, att_tau=spec.tau, **overrides)
+        self.student: Any = self.objective.build(cfg, spec)
         torch.manual_seed(cfg.seed + self.info.rank)
         np.random.seed((cfg.seed + self.info.rank) % 2**32)
         random.seed(cfg.seed + self.info.rank)
@@ -454,11 +388,9 @@ class Trainer:
             "student": {
                 "model": cfg.model, **self.student.encoder_config(), "mask_ratio": cfg.mask_ratio,
                 "trainable_params": sum(p.numel() for p in self.student.parameters() if p.requires_grad),
+                **self.objective.describe(self.student, spec),
             },
         }
-        if cfg.objective == "tec":
-            self.resolved["student"].update(pred_dim=spec.dim, att_heads=spec.heads, att_tau=spec.tau,
-                                            num_adap=self.student.encoder_adaptor.num_adap)
 
     def _restore(self) -> tuple[int, int, int]:
         """Load the resumed checkpoint into the built objects; returns (epoch, micro-batch, global step)."""
@@ -577,12 +509,10 @@ class Trainer:
         no_sync = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
         with no_sync:
             with self.autocast:
-                if self.cfg.objective == "mae":
-                    out = self.model(inputs.images, noise=noise)
-                else:
-                    out = self.model(inputs.images, inputs.feat, inputs.att, inputs.idx, noise=noise)
+                out = self.objective.forward(self.model, inputs, noise)
             losses = self._losses(out)
             named = list(zip(self.terms, losses))
+            # The parts name what broke; an objective with one term names its total.
             bad = [f"{n} = {v}" for n, v in (named[1:] or named) if not math.isfinite(v)]
             if bad:
                 raise NonFiniteLossError(f"non-finite loss at {where}: {', '.join(bad)}")
