@@ -21,7 +21,7 @@ from .student import build_student, parse_model_name
 from .target_feeds import CacheTargetFeed, ImageSpec, StepInputs, TargetFeed, TargetSpec
 
 if TYPE_CHECKING:
-    from .train import TrainConfig
+    from .train_config import TrainConfig
 
 
 def student_geometry(cfg: TrainConfig, default_img: int) -> tuple[int, int]:

@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from tec_cache.figures import DPI, prepare_png_path, save_png
-from tec_train.train import METRICS_NAME
+from tec_train.harness.reporting import METRICS_NAME
 
 __all__ = ["METRICS_NAME", "PANELS", "panel_keys", "plot_runs", "read_metrics", "smooth_values"]
 

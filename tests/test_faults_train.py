@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tec_cache.build import BuildConfig, build_cache
-from tec_train.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint
+from tec_train.harness.checkpoints import checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint
 from tests.conftest import make_image_folder, tiny_spec
 from tests.faultkit import clean_env, count_arrivals, launch_ranks, run_module, seeded_nth
 

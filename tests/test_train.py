@@ -17,13 +17,15 @@ from typer.testing import CliRunner
 import tec_train.student as student_mod
 from tec_cache.build import BuildConfig, build_cache
 from tec_cache.format.manifest import load_manifest
-from tec_train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from tec_train.harness.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint
 from tec_train.cli import app
 from tec_train.export import create_timm_model
 from tec_train.online import OnlineLoader
 from tec_train.student import build_student
 from tec_train.target_feeds import CacheTargetFeed, InMemoryTargetFeed
-from tec_train.train import NonFiniteLossError, TrainConfig, train, truncate_metrics
+from tec_train.harness.errors import NonFiniteLossError
+from tec_train.harness.reporting import truncate_metrics
+from tec_train.train import TrainConfig, train
 from tec_cache.images import open_source
 from tec_cache.views import ViewRecipe
 from tests.conftest import TINY_ARCH, TINY_IMG, TINY_PATCH, TINY_TOPK, make_image_folder, tiny_spec, tiny_state_dict
@@ -237,7 +239,7 @@ def test_resume_refuses_changed_settings_and_finished_run_is_a_no_op(tiny, tmp_p
 def test_truncate_metrics_drops_later_and_torn_lines(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
-    truncate_metrics(path, 3)
+    truncate_metrics(path, "step", 3)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
 
 
