@@ -5,7 +5,7 @@ Data flow: encoder source (encoder_weights.read_encoder_weights) --> timm ViT wi
 timm's RandAugment / random erasing and Mixup/CutMix --> AdamW with layer-wise lr decay,
 per-iteration warm-up + cosine --> every epoch: evaluation, **metrics.jsonl**, an atomic
 finetune-<epoch>.pt in the run dir (resumable, through the run harness ``harness``), and
-result.json at the end.
+result.json at the end. A larger --epochs on resume extends the run from its last epoch.
 
 Runs alone or under torchrun (DDP: nccl on CUDA, gloo on CPU); bf16 autocast on CUDA only.
 """
@@ -203,6 +203,7 @@ class Finetuner:
         if self.micro_batches_run_per_epoch == 0:
             raise ValueError(f"--batch-size {cfg.batch_size} x --accum-iter {cfg.accum_iter}: more than the "
                              f"{per_rank} training images of each of {self.info.world_size} process(es)")
+        self.extended: list[dict[str, int]] = []
 
     def _open_data(self) -> LabelledSplits:
         cfg = self.cfg
@@ -223,6 +224,7 @@ class Finetuner:
         seed_rank(cfg.seed, info.rank)
         self.loader_gen = torch.Generator().manual_seed(cfg.seed + info.rank)  # loader worker seeds
         self.peak_lr = cfg.lr if cfg.lr is not None else absolute_lr(cfg.blr, self.eff_batch)
+        # An extended run builds the schedule of its new total: the lr follows it from the resumed epoch on.
         self.schedule = WarmupCosine(self.peak_lr, cfg.min_lr, min(cfg.warmup_epochs, cfg.epochs), cfg.epochs)
         self.optimizer = torch.optim.AdamW(param_groups_layer_decay(self.net, cfg.weight_decay, cfg.layer_decay),
                                            lr=self.peak_lr)
@@ -251,6 +253,7 @@ class Finetuner:
             ck = self.resume.checkpoint
             self.state.restore(ck, info.rank)
             start_epoch, best, best_epoch = ck["epoch"], ck["best_top1"], ck["best_epoch"]
+            self.extended = self.resume.history(start_epoch * steps_per_epoch, start_epoch)
             self.resume.release()
         self.runtime.join()
         agree_on_position(self.runtime, start_epoch, "epochs")
@@ -268,10 +271,12 @@ class Finetuner:
             open_run_dir(self.run_dir, FINETUNE_RUN, start_epoch - 1, self._config())
             if self.resume is not None:
                 self.reporter.message(f"resuming {self.resume.path.name}: next epoch {start_epoch}, best top-1 {best:.4f}")
+                if self.resume.extension is not None:
+                    self.reporter.message(self.resume.extension.notice(start_epoch * steps_per_epoch, start_epoch))
         return start_epoch, best, best_epoch
 
     def _config(self) -> dict[str, Any]:
-        return run_config(self.cfg.to_json(), self.resolved)
+        return run_config(self.cfg.to_json(), self.resolved, self.extended)
 
     # ---- one epoch ----------------------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> dict[str, float]:

@@ -162,7 +162,7 @@ class FinetuneConfig:
         return self.checkpoint if self.checkpoint is not None else self.source
 
 
-# Options that may change when a run dir is resumed: where things are, how the run is watched, and
-# --epochs (to extend a run; the cosine then follows the new length from the resumed epoch on).
+# Options that may change when a run dir is resumed: where things are and how the run is watched.
+# --epochs may grow (the run is extended; harness.run_dir), never shrink.
 MUTABLE_ON_RESUME = frozenset({"run_dir", "source", "checkpoint", "data", "fashion_mnist", "num_workers", "device",
-                               "epochs", "keep_last"})
+                               "keep_last"})

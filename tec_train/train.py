@@ -8,7 +8,8 @@ progress / checkpoint-<step>.pt in the run dir (through the run harness, ``harne
 Steps count optimizer updates. A run dir is resumed from its latest complete checkpoint, which
 holds the model, optimizer, scaler, the loader position (epoch, micro-batch), every rank's RNG
 states (mask generator included), the metrics interval in progress and the resolved config, so
-a killed and resumed run takes exactly the steps an uninterrupted one takes.
+a killed and resumed run takes exactly the steps an uninterrupted one takes. A larger --epochs on
+resume extends the run from its checkpoint; the schedule then follows the new total.
 """
 from __future__ import annotations
 
@@ -156,6 +157,7 @@ class Trainer:
         self.student.to(self.device)
         self.eff_batch = cfg.batch_size * cfg.accum_iter * self.info.world_size
         self.peak_lr = cfg.lr if cfg.lr is not None else absolute_lr(cfg.blr, self.eff_batch)
+        # An extended run builds the schedule of its new total: the lr follows it from the resumed step on.
         self.schedule = WarmupCosine(self.peak_lr, cfg.min_lr, min(cfg.warmup_epochs, cfg.epochs), cfg.epochs)
         self.optimizer = torch.optim.AdamW(param_groups(self.student, cfg.weight_decay), lr=self.peak_lr,
                                            betas=(0.9, 0.95), fused=self.device.type == "cuda")
@@ -177,6 +179,7 @@ class Trainer:
                 **self.objective.describe(self.student, spec),
             },
         }
+        self.extended: list[dict[str, int]] = []
 
     def _restore(self) -> tuple[int, int, int]:
         """Load the resumed checkpoint into the built objects; returns (epoch, micro-batch, global step)."""
@@ -187,12 +190,13 @@ class Trainer:
         self.state.restore(ck, self.info.rank)
         self.log_accum = dict(ck["log_accum"])
         epoch, it, global_step = ck["epoch"], ck["step_in_epoch"], ck["global_step"]
+        self.extended = self.resume.history(global_step, epoch)
         self.resume.release()  # everything is copied out; let the mapped file go
         return epoch, it, global_step
 
     # ---- checkpoint and metrics -----------------------------------------------------------------
     def _config(self) -> dict[str, Any]:
-        return run_config(self.cfg.to_json(), self.resolved)
+        return run_config(self.cfg.to_json(), self.resolved, self.extended)
 
     def _save(self, epoch: int, step_in_epoch: int, global_step: int) -> Path | None:
         position = {
@@ -253,6 +257,8 @@ class Trainer:
             open_run_dir(self.run_dir, PRETRAIN_RUN, global_step, self._config())
             if self.resume is not None:
                 self.reporter.message(f"resuming {self.resume.path.name}: epoch {epoch}, micro-batch {it}, step {global_step}")
+                if self.resume.extension is not None:
+                    self.reporter.message(self.resume.extension.notice(global_step, epoch))
         return epoch, it, global_step
 
     def _micro_step(self, item: Any, sync: bool, where: str) -> list[float]:

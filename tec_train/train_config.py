@@ -149,7 +149,8 @@ class TrainConfig:
 
 # Options that may differ when a run dir is resumed: they change where things are or how the run
 # is watched, never which steps it takes. The paths are free because a cache or dataset may move;
-# what they hold is compared through the resolved target spec instead.
+# what they hold is compared through the resolved target spec instead. --epochs may grow (the run
+# is extended; harness.run_dir), never shrink.
 MUTABLE_ON_RESUME = frozenset({
     "run_dir", "cache", "checkpoint", "data", "init_from", "num_workers", "ckpt_every", "keep_last",
     "log_every", "max_steps", "device", "compile",

@@ -502,10 +502,23 @@ def test_cli_finetune_then_extend(tiny, tmp_path: Path) -> None:
     r = runner.invoke(app, [*base, "--epochs", "1"])
     assert r.exit_code == 0, r.output
     assert "best top-1" in r.output
+    first = _records(run_dir)
     r = runner.invoke(app, [*base, "--epochs", "2"])
     assert r.exit_code == 0, r.output
-    assert [rec["epoch"] for rec in _records(run_dir)] == [0, 1]  # continued from epoch 1, not from 0
+    out = " ".join(r.output.split())
+    # 96 images / batch 32: 3 steps per epoch, so epoch 1 starts at step 3.
+    assert out.count("extending the run") == 1
+    assert "extending the run from 1 to 2 epochs at step 3 (epoch 1); the schedule follows the new total from here" in out
+    recs = _records(run_dir)
+    assert [rec["epoch"] for rec in recs] == [0, 1] and recs[0] == first[0]  # continued from epoch 1, not from 0
     assert json.loads((run_dir / "result.json").read_text())["epochs_run"] == 1
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["options"]["epochs"] == 2 and config["extended"] == [{"from": 1, "to": 2, "step": 3, "epoch": 1}]
+    ck = torch.load(run_dir / "finetune-0002.pt", weights_only=True)
+    assert {float(st["step"]) for st in ck["optimizer"]["state"].values()} == {6.0}  # AdamW went on from step 3
+    # Lowering --epochs is refused naming it.
+    r = runner.invoke(app, [*base, "--epochs", "1"])
+    assert r.exit_code == 2 and "--epochs" in r.output and "not shortened" in " ".join(r.output.split())
     # --run-dir alone resumes with the stored options; with no epochs left it reports the stored result.
     r = runner.invoke(app, ["finetune", "--run-dir", str(run_dir), "--num-workers", "0"])
     assert r.exit_code == 0, r.output

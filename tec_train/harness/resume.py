@@ -1,7 +1,7 @@
 """Continuing a run: finding the checkpoint to resume, and the RNG states that make it bit-exact.
 
 Data flow: run dir --latest complete checkpoint--> ``find_resume`` (options compared, world size
-checked) --> the loop restores its parts (``state``) and
+checked, a raised --epochs noted as an Extension) --> the loop restores its parts (``state``) and
 every RNG stream from it --> ``agree_on_position`` makes sure all ranks continue from the same
 checkpoint. Each checkpoint stores every rank's RNG states (``gather_rng``): torch, CUDA, numpy,
 random and the run's own generator, so a resumed run draws exactly what an uninterrupted one draws.
@@ -18,7 +18,7 @@ import torch
 
 from .checkpoints import latest_checkpoint
 from .errors import ResumeError
-from .run_dir import RunKind, check_options, read_checkpoint
+from .run_dir import Extension, RunKind, check_options, read_checkpoint
 from .runtime import Runtime
 
 
@@ -67,9 +67,15 @@ class Resume:
 
     path: Path
     checkpoint: dict[str, Any] | None  # dropped by release() once restored, so the mapped file can go
+    extension: Extension | None  # set when this run raised --epochs
+    extended: list[dict[str, int]]  # the run's earlier extensions, as its checkpoint recorded them
 
     def release(self) -> None:
         self.checkpoint = None
+
+    def history(self, step: int, epoch: int) -> list[dict[str, int]]:
+        """The "extended" list of this run from here on: the stored one, plus this extension if any."""
+        return self.extended + ([self.extension.entry(step, epoch)] if self.extension is not None else [])
 
 
 def find_resume(run_dir: Path, kind: RunKind, options: dict[str, Any], world_size: int) -> Resume | None:
@@ -79,11 +85,11 @@ def find_resume(run_dir: Path, kind: RunKind, options: dict[str, Any], world_siz
     if path is None:
         return None
     ck = read_checkpoint(path, kind)
-    check_options(ck["config"]["options"], options, path, kind)
+    extension = check_options(ck["config"]["options"], options, path, kind)
     if ck["world_size"] != world_size:
         raise ResumeError(f"world size: the run in {run_dir} was started with {ck['world_size']} processes, "
                           f"now {world_size}; {kind.world_size_needs}")
-    return Resume(path, ck)
+    return Resume(path, ck, extension, list(ck["config"].get("extended", [])))
 
 
 def agree_on_position(runtime: Runtime, position: int, unit: str) -> None:

@@ -2,8 +2,9 @@
 
 Data flow: options given on the command line + the latest checkpoint's stored options -->
 ``config_for_run_dir`` (stored ones fill what is not given; a changed setting is refused naming
-the option) --> the loop's config --> ``open_run_dir`` writes **config.json** ({"options",
-"resolved"}) and cuts metrics.jsonl back to the checkpoint.
+the option; a raised --epochs becomes an ``Extension``) --> the loop's config --> ``open_run_dir``
+writes **config.json** ({"options", "resolved", and "extended" once a run was extended}) and cuts
+metrics.jsonl back to the checkpoint.
 
 The same rules serve ``tec-train run`` and ``tec-train finetune``; a ``RunKind`` holds what differs.
 """
@@ -20,6 +21,8 @@ from .errors import CheckpointError, ResumeError
 from .reporting import METRICS_NAME, truncate_metrics
 
 CONFIG_NAME = "config.json"
+# The one option that may grow on resume: a larger --epochs extends the run.
+EXTENDABLE = "epochs"
 
 C = TypeVar("C")
 
@@ -43,16 +46,42 @@ class RunKind:
     progress_key: str  # the metrics.jsonl field a checkpoint's position is counted in
 
 
-def check_options(stored: dict[str, Any], current: dict[str, Any], ckpt: Path, kind: RunKind) -> None:
+@dataclass(frozen=True)
+class Extension:
+    """A resumed run told to train for more epochs than its checkpoint was made for."""
+
+    old: int
+    new: int
+
+    def entry(self, step: int, epoch: int) -> dict[str, int]:
+        """The record config.json's "extended" list keeps of it."""
+        return {"from": self.old, "to": self.new, "step": step, "epoch": epoch}
+
+    def notice(self, step: int, epoch: int) -> str:
+        return (f"extending the run from {self.old} to {self.new} epochs at step {step} (epoch {epoch}); "
+                "the schedule follows the new total from here")
+
+
+def check_options(stored: dict[str, Any], current: dict[str, Any], ckpt: Path, kind: RunKind) -> Extension | None:
     """Compare the options of a run dir's checkpoint with this run's; ResumeError names the first
-    changed setting."""
+    changed setting. A raised --epochs is allowed and returned as an Extension; a lowered one is not."""
+    extension = None
     for name, value in current.items():
         if name in kind.mutable or name not in stored or stored[name] == value:
             continue
+        if name == EXTENDABLE:
+            if value > stored[name]:
+                extension = Extension(stored[name], value)
+                continue
+            raise ResumeError(
+                f"{option_name(name)}: the {kind.label} in {ckpt.parent} has {stored[name]!r} epochs, now {value!r}; "
+                "a run dir can be extended (a larger --epochs) but not shortened (use a new --run-dir)"
+            )
         raise ResumeError(
             f"{option_name(name)}: the {kind.label} in {ckpt.parent} was started with {stored[name]!r}, now {value!r}; "
             f"a run dir resumes only with the same settings ({kind.fresh_start.format(ckpt=ckpt)})"
         )
+    return extension
 
 
 def read_checkpoint(path: Path, kind: RunKind) -> dict[str, Any]:
@@ -78,9 +107,12 @@ def config_for_run_dir(config_type: type[C], run_dir: str, given: dict[str, Any]
     return config_type(**{**{k: v for k, v in stored.items() if k in known}, **given, "run_dir": run_dir})
 
 
-def run_config(options: dict[str, Any], resolved: dict[str, Any]) -> dict[str, Any]:
-    """What config.json and every checkpoint's "config" hold."""
-    return {"options": options, "resolved": resolved}
+def run_config(options: dict[str, Any], resolved: dict[str, Any], extended: list[dict[str, int]]) -> dict[str, Any]:
+    """What config.json and every checkpoint's "config" hold; "extended" only once the run was extended."""
+    config: dict[str, Any] = {"options": options, "resolved": resolved}
+    if extended:
+        config["extended"] = list(extended)
+    return config
 
 
 def open_run_dir(run_dir: Path, kind: RunKind, last_done: int, config: dict[str, Any]) -> None:
