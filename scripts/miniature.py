@@ -39,7 +39,7 @@ from torch.utils.data import Subset  # noqa: E402
 from tec_cache.fashion_mnist import DEFAULT_DIR, HOW_TO_GET, export_image_folder, subset_indices  # noqa: E402
 from tec_cache.config import check_fields, override  # noqa: E402
 from tec_cache.presets import load_pipeline  # noqa: E402
-from tec_train.checkpoint import latest_checkpoint  # noqa: E402
+from tec_train.harness.checkpoints import latest_checkpoint  # noqa: E402
 from tec_train.labelled import FashionMNIST  # noqa: E402
 from tec_train.encoder_weights import load_encoder  # noqa: E402
 from tec_train.eval_config import DataSubsets, EvalConfig  # noqa: E402

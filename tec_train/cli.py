@@ -43,7 +43,8 @@ def _run_failure(e: Exception, run_dir: Path, rank: int, known: tuple[type[Excep
 
 
 class RichReporter:
-    """Progress bar with the latest losses and throughput; rank 0 only (the trainer sees to that)."""
+    """Progress bar over optimizer steps with the latest losses and throughput; rank 0 only (the trainer
+    sees to that). Implements harness.Reporter."""
 
     def __init__(self, out: Console) -> None:
         self.out = out
@@ -53,7 +54,7 @@ class RichReporter:
         )
         self.task = self.progress.add_task("steps", total=None, stats="")
 
-    def start(self, *, total_steps: int, start_step: int, summary: dict[str, Any]) -> None:
+    def start(self, *, total: int, done: int, summary: dict[str, Any]) -> None:
         s = summary["student"]
         self.out.print(
             f"student {s['model']} (depth {s['depth']}, {s['trainable_params']:,} trainable params) on "
@@ -61,13 +62,13 @@ class RichReporter:
             f"{summary['optimizer_steps_per_epoch']} steps/epoch, amp {summary['amp']}",
             highlight=False,
         )
-        self.progress.update(self.task, total=total_steps, completed=start_step)
+        self.progress.update(self.task, total=total, completed=done)
         self.progress.start()
 
-    def step(self, global_step: int) -> None:
-        self.progress.update(self.task, completed=global_step)
+    def advance(self, done: int) -> None:
+        self.progress.update(self.task, completed=done)
 
-    def metrics(self, record: dict[str, Any]) -> None:
+    def record(self, record: dict[str, Any]) -> None:
         stats = f"loss {record['loss']:.4f} "
         if "loss_fea" in record:
             stats += f"(fea {record['loss_fea']:.4f}, att {record['loss_att']:.4f}) "
@@ -188,7 +189,7 @@ def run(
     patch_size: Optional[int] = typer.Option(None, "--patch-size", help="Patch size (default: the --model name's)."),
     mask_ratio: Optional[float] = typer.Option(None, "--mask-ratio", help="Fraction of patches masked (default: 0.75)."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from a TEC pretraining checkpoint ({'model': ...}, reference or ours), loaded strictly."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (default: 300)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs; may be raised when resuming, to extend the run (default: 300)."),
     warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", help="Linear warm-up epochs, clipped to --epochs (default: 40)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Micro-batch per process (default: 256)."),
     accum_iter: Optional[int] = typer.Option(None, "--accum-iter", help="Micro-batches per optimizer step (default: 1)."),
@@ -210,7 +211,8 @@ def run(
 ) -> None:
     """Train a TEC student from a cache (or online), or resume the run in --run-dir."""
     options = dict(locals())  # first statement: exactly the options
-    from .train import NonFiniteLossError, Trainer, config_for_run_dir
+    from .harness.errors import NonFiniteLossError
+    from .train import Trainer, config_for_run_dir
 
     info = dist_info()
     given = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()
@@ -301,7 +303,8 @@ def _dataset_dir(data: Optional[Path], fashion_mnist: bool, fashion_mnist_dir: O
 
 
 class RichFinetuneReporter:
-    """Epoch progress bar with the last epoch's accuracy; rank 0 only (the finetuner sees to that)."""
+    """Progress bar over micro-batches with the last epoch's accuracy; rank 0 only (the finetuner sees to
+    that). Implements harness.Reporter."""
 
     def __init__(self, out: Console) -> None:
         self.out = out
@@ -310,9 +313,8 @@ class RichFinetuneReporter:
             TimeElapsedColumn(), TimeRemainingColumn(), console=out,
         )
         self.task = self.progress.add_task("fine-tuning", total=None, stats="")
-        self.spe = 1
 
-    def start(self, *, epochs: int, start_epoch: int, steps_per_epoch: int, summary: dict[str, Any]) -> None:
+    def start(self, *, total: int, done: int, summary: dict[str, Any]) -> None:
         enc, data = summary["encoder"], summary["data"]
         self.out.print(
             f"encoder {enc['kind']} {enc['model_name']} (depth {enc['depth']}, width {enc['embed_dim']}, img {summary['img_size']}) "
@@ -320,14 +322,13 @@ class RichFinetuneReporter:
             f"effective batch {summary['eff_batch']}, lr {summary['lr']:.3g}, {summary['optimizer_steps_per_epoch']} steps/epoch, "
             f"amp {summary['amp']}", highlight=False,
         )
-        self.spe = max(steps_per_epoch, 1)
-        self.progress.update(self.task, total=epochs * self.spe, completed=start_epoch * self.spe)
+        self.progress.update(self.task, total=total, completed=done)
         self.progress.start()
 
-    def step(self, epoch: int, micro_batch: int) -> None:
-        self.progress.update(self.task, completed=epoch * self.spe + micro_batch)
+    def advance(self, done: int) -> None:
+        self.progress.update(self.task, completed=done)
 
-    def epoch_end(self, record: dict[str, Any]) -> None:
+    def record(self, record: dict[str, Any]) -> None:
         stats = (f"epoch {record['epoch']} loss {record['train_loss']:.4f} top-1 {record['test_top1']:.2%} "
                  f"(best {record['best_top1']:.2%}) lr {record['lr']:.2e}")
         self.progress.update(self.task, stats=stats)
@@ -373,7 +374,7 @@ def finetune(
     global_pool: Optional[bool] = typer.Option(None, "--global-pool/--cls-token", help="Head on the mean patch token + fc_norm, or on the normed cls token (default: global pool)."),
     img_size: Optional[int] = typer.Option(None, "--img-size", help="Fine-tuning resolution; pos_embed is re-sampled (default: the encoder's)."),
     drop_path: Optional[float] = typer.Option(None, "--drop-path", help="Stochastic depth rate (default: 0.1)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs; may be raised when resuming (default: 100)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs; may be raised when resuming, to extend the run (default: 100)."),
     warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", help="Linear warm-up epochs (default: 5)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Micro-batch per process (default: 128)."),
     accum_iter: Optional[int] = typer.Option(None, "--accum-iter", help="Micro-batches per optimizer step (default: 1)."),
@@ -402,7 +403,8 @@ def finetune(
 ) -> None:
     """Fine-tune an encoder end to end with the reference recipe (spec 6), or resume the run in --run-dir."""
     options = dict(locals())  # first statement: exactly the options
-    from .finetune import Finetuner, NonFiniteLossError, ResumeError, finetune_config_for_run_dir
+    from .finetune import Finetuner, finetune_config_for_run_dir
+    from .harness.errors import NonFiniteLossError, ResumeError
 
     info = dist_info()
     given = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()

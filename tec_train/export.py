@@ -135,7 +135,7 @@ def export_encoder(source: str | Path, out: str | Path, model: str | None = None
     is written.
     """
     # encoder_weights builds on this module (export_state_dict, timm_model_name): imported here.
-    from .checkpoint import latest_checkpoint
+    from .harness.checkpoints import latest_checkpoint
     from .encoder_weights import read_encoder_weights
 
     source, out = Path(source), Path(out)

@@ -27,7 +27,7 @@ from tec_cache.views import ViewRecipe
 
 from .online import OnlineLoader
 from .student import MODEL_SIZES, BlockNorm, MaskedEncoderMixin, init_linear_and_norm, parse_model_name, random_masking
-from .target_feeds import StepInputs, TargetSpec
+from .target_feeds import ImageSpec, StepInputs
 
 NORM_PIX_EPS = 1e-6
 # MAE's decoder (512 wide, 8 deep, 16 heads) for the sizes MAE released; the small sizes keep
@@ -158,9 +158,9 @@ class PixelFeed:
     def __init__(self, images: ImageSource, *, img_size: int, patch_size: int, batch_size: int, rank: int,
                  world_size: int, num_workers: int, seed: int, pin_memory: bool) -> None:
         recipe = ViewRecipe(size=img_size)
-        self.spec = TargetSpec(dim=0, heads=0, topk=0, tau=0.0, img_size=img_size, patch_size=patch_size,
-                               mean=recipe.mean, std=recipe.std,
-                               origin={"kind": "pixels", "data": str(Path(images.root))})
+        # Images only: the pixels are the target, there is no base model to describe.
+        self.spec = ImageSpec(img_size=img_size, patch_size=patch_size, mean=recipe.mean, std=recipe.std,
+                              origin={"kind": "pixels", "data": str(Path(images.root))})
         self.loader = OnlineLoader(images, batch_size=batch_size, recipe=recipe, rank=rank, world_size=world_size,
                                    num_workers=num_workers, seed=seed, pin_memory=pin_memory)
         self.steps_per_epoch = self.loader.steps_per_epoch

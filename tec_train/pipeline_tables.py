@@ -15,8 +15,8 @@ from tec_cache.build_config import CACHE_TABLE_KEYS, BuildConfig
 from tec_cache.presets import Pipeline, PipelineError
 
 from .eval_config import DataSubsets, EvalConfig
-from .finetune import FinetuneConfig
-from .train import TrainConfig
+from .finetune_config import FinetuneConfig
+from .train_config import TrainConfig
 
 TOP_LEVEL = ("name", "expected_top1")
 # The reference's process count: a preset key of the run tables that is compared, never an option.

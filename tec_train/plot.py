@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from tec_cache.figures import DPI, save_png
 from tec_cache.format.fs import prepare_output_file
-from tec_train.train import METRICS_NAME
+from tec_train.harness.reporting import METRICS_NAME
 
 __all__ = ["METRICS_NAME", "PANELS", "panel_keys", "plot_runs", "read_metrics", "smooth_values"]
 

@@ -3,11 +3,12 @@
 Data flow: **target feed** --(host batch)--> ``prepare`` on the training device --> StepInputs
 (normalised images + float targets) --> student + losses --> step.
 
-Three sources share one interface, so the trainer never knows which it has:
+Four sources share one interface, so the trainer never knows which it has:
 - ``CacheTargetFeed``: batches from the stage-1 cache (``cache_loader.CacheLoader``); the targets
   cross to the device still quantised and are decoded there.
 - ``online.OnlineTargetFeed``: freshly augmented images and the frozen base model running
   inside the step, as the reference does (the speed baseline).
+- ``mae.PixelFeed``: augmented images only, for the MAE objective (its spec is an ImageSpec).
 - ``InMemoryTargetFeed``: prepared batches held on the device; no loader at all, the ceiling a
   loader is measured against, and a cheap source for tests.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -23,29 +24,42 @@ from tec_cache.format.manifest import Manifest
 from tec_cache.targets import normalise_images
 
 
-@dataclass(frozen=True)
-class TargetSpec:
-    """What a source's targets look like: sizes the student's heads and the images it accepts."""
+@dataclass(frozen=True, kw_only=True)
+class ImageSpec:
+    """What a source's images look like: the student's input geometry and normalisation. A pixel
+    source (the MAE objective) gives only this; its images are the whole target."""
 
-    dim: int  # D, the base model's width: the student's pred_dim
-    heads: int  # H, the base model's heads: the student's attention-prediction heads
-    topk: int
-    tau: float  # attention-target temperature of the recipe
     img_size: int
     patch_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     origin: dict[str, Any] = field(default_factory=dict)  # JSON facts recorded in checkpoints
 
+    # The fields a resumed run must find unchanged (its sizes and geometry).
+    IDENTITY: ClassVar[tuple[str, ...]] = ("img_size", "patch_size")
+
     @property
     def num_patches(self) -> int:
         return (self.img_size // self.patch_size) ** 2
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "dim": self.dim, "heads": self.heads, "topk": self.topk, "tau": self.tau, "img_size": self.img_size,
-            "patch_size": self.patch_size, "mean": list(self.mean), "std": list(self.std), "origin": self.origin,
-        }
+        return {"img_size": self.img_size, "patch_size": self.patch_size, "mean": list(self.mean),
+                "std": list(self.std), "origin": self.origin}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetSpec(ImageSpec):
+    """What a source's base-model targets look like: sizes the student's heads, besides its images."""
+
+    dim: int  # D, the base model's width: the student's pred_dim
+    heads: int  # H, the base model's heads: the student's attention-prediction heads
+    topk: int
+    tau: float  # attention-target temperature of the recipe
+
+    IDENTITY: ClassVar[tuple[str, ...]] = ("dim", "heads", "topk", "tau", "img_size", "patch_size")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dim": self.dim, "heads": self.heads, "topk": self.topk, "tau": self.tau, **super().to_json()}
 
     @staticmethod
     def from_manifest(manifest: Manifest) -> TargetSpec:
@@ -72,9 +86,10 @@ class StepInputs:
 
 
 class TargetFeed(Protocol):
-    """The trainer's view of any source. ``epoch`` yields host-side items; ``prepare`` makes them StepInputs."""
+    """The trainer's view of any source. ``epoch`` yields host-side items; ``prepare`` makes them StepInputs.
+    ``spec`` is a TargetSpec for base-model targets, a plain ImageSpec for pixels."""
 
-    spec: TargetSpec
+    spec: ImageSpec
     steps_per_epoch: int  # micro-batches per epoch, equal on every rank
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Any]: ...
@@ -121,7 +136,7 @@ class CacheTargetFeed:
 class InMemoryTargetFeed:
     """Prepared micro-batches held on the device; every epoch replays them in order."""
 
-    def __init__(self, spec: TargetSpec, batches: list[StepInputs]) -> None:
+    def __init__(self, spec: ImageSpec, batches: list[StepInputs]) -> None:
         if not batches:
             raise ValueError("an in-memory source needs at least one batch")
         self.spec = spec

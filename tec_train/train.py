@@ -1,200 +1,51 @@
-"""The stage-2 training loop: a TEC student trained from a target feed, resumable bit for bit.
+"""The stage-2 pretraining loop: a student trained by an objective from a feed, resumable bit for bit.
 
-Data flow: target feed (cache | online base model | in memory) --prepare--> StepInputs on the
-device --> student + adapter (mask noise from a checkpointed per-rank generator) --> losses -->
-AdamW step (warm-up + cosine lr per accumulation window) --> metrics.jsonl / progress /
-checkpoint-<step>.pt in the run dir.
+Data flow: objective's feed (cache | online base model | pixels | in memory) --prepare--> StepInputs
+on the device --> the objective's forward (mask noise from a checkpointed per-rank generator) -->
+loss terms --> AdamW step (warm-up + cosine lr per accumulation window) --> metrics.jsonl /
+progress / checkpoint-<step>.pt in the run dir (through the run harness, ``harness``).
 
 Steps count optimizer updates. A run dir is resumed from its latest complete checkpoint, which
 holds the model, optimizer, scaler, the loader position (epoch, micro-batch), every rank's RNG
 states (mask generator included), the metrics interval in progress and the resolved config, so
-a killed and resumed run takes exactly the steps an uninterrupted one takes.
+a killed and resumed run takes exactly the steps an uninterrupted one takes. A larger --epochs on
+resume extends the run from its checkpoint; the schedule then follows the new total.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import random
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as tdist
-from torch.nn.parallel import DistributedDataParallel
 
-from tec_cache.basemodels import REGISTRY, resolve_spec
-from tec_cache.dist import DistInfo, destroy_process_group, dist_info, explain_peer_loss, init_process_group, resolve_device
+from tec_cache.dist import explain_peer_loss
 from tec_cache.faults import fault_point
-from tec_cache.format.fs import write_json_atomic, write_text_atomic
-from tec_cache.format.manifest import ManifestError, load_manifest
-from tec_cache.images import open_source
 
-from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, remove_stale_temp_files, restore_rng, save_checkpoint
 from .export import load_tec_checkpoint
+from .harness import (PRETRAIN, Reporter, Resume, RunKind, RunState, Runtime, agree_on_position, append_metrics,
+                      find_resume, open_run_dir, run_config, seed_rank)
+from .harness import config_for_run_dir as _config_for_run_dir
+from .harness.errors import NonFiniteLossError, ResumeError
+from .objectives import check_geometry, objective_for, student_geometry
 from .schedule import WarmupCosine, absolute_lr
-from .student import build_student, param_groups, parse_model_name
-from .target_feeds import CacheTargetFeed, StepInputs, TargetFeed
+from .student import param_groups
+from .target_feeds import StepInputs, TargetFeed
+from .train_config import MUTABLE_ON_RESUME, TrainConfig
 
-METRICS_NAME = "metrics.jsonl"
-AMP_MODES = ("auto", "bf16", "fp16", "off")
-OBJECTIVES = ("tec", "mae")
-# The loss terms each objective logs (metrics.jsonl, progress, checkpointed running sums).
-LOSS_TERMS = {"tec": ("loss", "loss_fea", "loss_att"), "mae": ("loss",)}
-VIEW_ORDERS = ("cycle", "permute")
 _MASK_TAG = 0x6D61736B  # separates the mask generator's seed stream from the other per-rank seeds
 
-
-class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or infinite; the message names the step and the term."""
-
-
-class ResumeError(ValueError):
-    """The run dir's checkpoint was made by a run this configuration cannot continue."""
-
-
-@dataclass
-class TrainConfig:
-    """Every option of ``tec-train run``; field ``foo_bar`` is the option ``--foo-bar``."""
-
-    run_dir: str
-    # tec: predict a base model's targets (from --cache or online); mae: plain MAE on --data pixels.
-    objective: str = "tec"
-    cache: str | None = None
-    # Online mode (the base model runs inside the step), options as in tec-cache build.
-    online_basemodel: str | None = None
-    checkpoint: str | None = None
-    data: str | None = None
-    arch: str | None = None
-    topk: int | None = None
-    tau: float | None = None
-    last_layers: int | None = None
-    base_depth: int | None = None
-    # Student.
-    model: str = "vit_base_patch16"
-    depth: int | None = None
-    img_size: int | None = None
-    patch_size: int | None = None
-    mask_ratio: float = 0.75
-    init_from: str | None = None
-    # Optimisation (spec 4).
-    epochs: int = 300
-    warmup_epochs: float = 40.0
-    batch_size: int = 256
-    accum_iter: int = 1
-    blr: float = 1.5e-4
-    lr: float | None = None
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    clip_grad: float | None = None
-    seed: int = 0
-    # Loader.
-    num_workers: int = 4
-    view_order: str = "cycle"
-    # Run control.
-    ckpt_every: int = 1000
-    keep_last: int = 3
-    log_every: int = 20
-    max_steps: int | None = None
-    device: str = "auto"
-    amp: str = "auto"
-    compile: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def online(self) -> bool:
-        return self.online_basemodel is not None or self.arch is not None
-
-    def validate(self, external_source: bool = False) -> None:
-        """Option checks that need no model and no data; ValueError names the option."""
-        positive = ("epochs", "batch_size", "accum_iter", "ckpt_every", "keep_last", "log_every")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{_opt(name)}: must be a positive integer, got {value!r}")
-        for name in ("depth", "img_size", "patch_size", "max_steps", "topk", "last_layers", "base_depth"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{_opt(name)}: must be a positive integer, got {value!r}")
-        for name in ("blr", "lr", "clip_grad", "tau"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{_opt(name)}: must be a positive number, got {value!r}")
-        for name in ("warmup_epochs", "min_lr", "weight_decay"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{_opt(name)}: must be a number >= 0, got {value!r}")
-        if not 0 <= self.mask_ratio < 1:
-            raise ValueError(f"--mask-ratio: must be in [0, 1), got {self.mask_ratio!r}")
-        if self.num_workers < 0:
-            raise ValueError(f"--num-workers: must be >= 0, got {self.num_workers!r}")
-        if self.seed < 0:
-            raise ValueError(f"--seed: must be an integer >= 0, got {self.seed!r}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"--objective: expected one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"--amp: expected one of {', '.join(AMP_MODES)}, got {self.amp!r}")
-        if self.view_order not in VIEW_ORDERS:
-            raise ValueError(f"--view-order: expected one of {', '.join(VIEW_ORDERS)}, got {self.view_order!r}")
-        try:
-            parse_model_name(self.model)
-        except ValueError as e:
-            raise ValueError(f"--model: {e}") from None
-        if self.init_from is not None and not Path(self.init_from).is_file():
-            raise ValueError(f"--init-from: no such file {self.init_from}")
-        if Path(self.run_dir).exists() and not Path(self.run_dir).is_dir():
-            raise ValueError(f"--run-dir: {self.run_dir} exists and is not a folder")
-        self._validate_mode(external_source)
-
-    def _validate_mode(self, external_source: bool) -> None:
-        online_only = [n for n in ("checkpoint", "data", "topk", "tau", "last_layers", "base_depth") if getattr(self, n) is not None]
-        if self.objective == "mae" and not external_source:
-            targets = [n for n in ("cache", "online_basemodel", "arch", "checkpoint", "topk", "tau", "last_layers", "base_depth")
-                       if getattr(self, n) is not None]
-            if targets:
-                raise ValueError(f"{_opt(targets[0])}: --objective mae learns from pixels; it takes --data only, no base model or cache")
-            if self.data is None or not Path(self.data).exists():
-                raise ValueError(f"--data: --objective mae needs an image folder or .tar shards, got {self.data!r}")
-            return
-        if external_source:
-            if self.cache is not None or self.online or online_only:
-                raise ValueError("a target feed was passed in: --cache and the online options must not be set")
-            return
-        if self.cache is not None and self.online:
-            raise ValueError("--cache and --online-basemodel/--arch exclude each other: train from a cache or online")
-        if self.cache is None and not self.online:
-            raise ValueError("one of --cache CACHE or --online-basemodel NAME (or --arch TIMM_NAME) is required")
-        if self.cache is not None:
-            if online_only:
-                raise ValueError(f"{_opt(online_only[0])}: only for online mode (--online-basemodel), not with --cache")
-            if not Path(self.cache).is_dir():
-                raise ValueError(f"--cache: no such cache folder {self.cache}")
-            return
-        if self.online_basemodel is not None and self.online_basemodel not in REGISTRY:
-            raise ValueError(f"--online-basemodel: unknown base model {self.online_basemodel!r}; expected one of {sorted(REGISTRY)}")
-        if self.checkpoint is None or not Path(self.checkpoint).is_file():
-            raise ValueError(f"--checkpoint: online mode needs the base model's weights file, got {self.checkpoint!r}")
-        if self.data is None or not Path(self.data).exists():
-            raise ValueError(f"--data: online mode needs an image folder or .tar shards, got {self.data!r}")
-
-
-# Options that may differ when a run dir is resumed: they change where things are or how the run
-# is watched, never which steps it takes. The paths are free because a cache or dataset may move;
-# what they hold is compared through the resolved target spec instead.
-MUTABLE_ON_RESUME = frozenset({
-    "run_dir", "cache", "checkpoint", "data", "init_from", "num_workers", "ckpt_every", "keep_last",
-    "log_every", "max_steps", "device", "compile",
-})
-
-
-def _opt(name: str) -> str:
-    return "--" + name.replace("_", "-")
+PRETRAIN_RUN = RunKind(
+    checkpoints=PRETRAIN, label="run", mutable=MUTABLE_ON_RESUME,
+    fresh_start="use a new --run-dir, or --init-from {ckpt}",
+    world_size_needs="the loader position and per-rank RNG states need the same number",
+    progress_key="step",
+)
 
 
 def config_for_run_dir(run_dir: str, given: dict[str, Any]) -> TrainConfig:
@@ -203,43 +54,7 @@ def config_for_run_dir(run_dir: str, given: dict[str, Any]) -> TrainConfig:
 
     Raises ResumeError naming the option when a given option contradicts the stored run.
     """
-    ckpt = latest_checkpoint(Path(run_dir))
-    if ckpt is None:
-        return TrainConfig(**{**given, "run_dir": run_dir})
-    stored = load_checkpoint(ckpt)["config"]["options"]
-    known = {f.name for f in fields(TrainConfig)}
-    _check_options(stored, given, ckpt)
-    return TrainConfig(**{**{k: v for k, v in stored.items() if k in known}, **given, "run_dir": run_dir})
-
-
-def _check_options(stored: dict[str, Any], current: dict[str, Any], ckpt: Path) -> None:
-    for name, value in current.items():
-        if name in MUTABLE_ON_RESUME or name not in stored:
-            continue
-        if stored[name] != value:
-            raise ResumeError(
-                f"{_opt(name)}: the run in {ckpt.parent} was started with {stored[name]!r}, now {value!r}; "
-                f"a run dir resumes only with the same settings (use a new --run-dir, or --init-from {ckpt})"
-            )
-
-
-class Reporter:
-    """Receives progress on rank 0 (the CLI's rich display implements the same hooks). Every hook is optional."""
-
-    def start(self, *, total_steps: int, start_step: int, summary: dict[str, Any]) -> None:
-        """Called once before the first step."""
-
-    def step(self, global_step: int) -> None:
-        """Called after every optimizer step."""
-
-    def metrics(self, record: dict[str, Any]) -> None:
-        """Called with every record appended to metrics.jsonl."""
-
-    def message(self, text: str) -> None:
-        """A one-line notice (resume, ignored options)."""
-
-    def finish(self) -> None:
-        """Called once when the loop ends, normally or not."""
+    return _config_for_run_dir(TrainConfig, run_dir, given, PRETRAIN_RUN)
 
 
 @dataclass
@@ -255,68 +70,6 @@ class TrainResult:
     checkpoint: Path | None
     resumed_from: Path | None
     config: dict[str, Any] = field(default_factory=dict)
-
-
-def student_geometry(cfg: TrainConfig, default_img: int) -> tuple[int, int]:
-    """(img_size, patch_size) of the student: options, else the source's image size and the name's patch."""
-    _, name_patch = parse_model_name(cfg.model)
-    return cfg.img_size or default_img, cfg.patch_size or name_patch
-
-
-def check_geometry(student: tuple[int, int], targets: tuple[int, int], what: str) -> None:
-    """The student's (img_size, patch_size) must be the targets'; CompatibilityError names both."""
-    from .cache_loader import CompatibilityError
-
-    (img, patch), (t_img, t_patch) = student, targets
-    if img % patch:
-        raise CompatibilityError(f"--img-size {img} is not a multiple of the student's patch size {patch}")
-    if (img, patch) != (t_img, t_patch):
-        raise CompatibilityError(
-            f"student patch grid {img // patch}x{img // patch} (img {img}, patch {patch}) does not match the "
-            f"{what}'s {t_img // t_patch}x{t_img // t_patch} (img {t_img}, patch {t_patch})"
-        )
-
-
-def build_target_source(cfg: TrainConfig, info: DistInfo, device: torch.device, amp: str) -> TargetFeed:
-    """The cache, online or pixel source ``cfg`` asks for, checked against the student's geometry before any loading."""
-    if cfg.objective == "mae":
-        from .mae import PixelFeed
-
-        img, patch = student_geometry(cfg, 224)
-        check_geometry((img, patch), (img, patch), "image size")  # only the divisibility check applies
-        return PixelFeed(open_source(Path(cfg.data)), img_size=img, patch_size=patch, batch_size=cfg.batch_size,
-                           rank=info.rank, world_size=info.world_size, num_workers=cfg.num_workers, seed=cfg.seed,
-                           pin_memory=device.type == "cuda")
-    if cfg.cache is not None:
-        from .cache_loader import check_compatibility
-
-        try:
-            manifest = load_manifest(Path(cfg.cache))
-        except ManifestError as e:
-            raise ValueError(f"--cache: {e}") from None
-        img, patch = student_geometry(cfg, manifest.geometry.img_size)
-        check_compatibility(manifest, img_size=img, patch_size=patch)
-        return CacheTargetFeed(manifest, batch_size=cfg.batch_size, rank=info.rank, world_size=info.world_size,
-                                 num_workers=cfg.num_workers, seed=cfg.seed, view_order=cfg.view_order,
-                                 pin_memory=device.type == "cuda")
-    from .online import OnlineTargetFeed
-
-    spec = resolve_spec(cfg.online_basemodel, arch=cfg.arch, img_size=cfg.img_size, patch_size=cfg.patch_size,
-                        topk=cfg.topk, tau=cfg.tau, last_layers=cfg.last_layers, depth=cfg.base_depth)
-    check_geometry(student_geometry(cfg, spec.img_size), (spec.img_size, spec.patch_size), "base model")
-    images = open_source(Path(cfg.data))
-    return OnlineTargetFeed(spec, Path(cfg.checkpoint), images, device=device, batch_size=cfg.batch_size,
-                              rank=info.rank, world_size=info.world_size, num_workers=cfg.num_workers,
-                              seed=cfg.seed, autocast=amp != "off")
-
-
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """auto -> bf16 on CUDA, off elsewhere; mixed precision is refused off CUDA (CPUs here lack bf16 units)."""
-    if amp == "auto":
-        return "bf16" if device.type == "cuda" else "off"
-    if amp != "off" and device.type != "cuda":
-        raise ValueError(f"--amp {amp}: mixed precision runs on CUDA only; use --amp off (or auto) on {device}")
-    return amp
 
 
 def _load_strict(student: torch.nn.Module, state: dict[str, torch.Tensor], where: str, model: str) -> None:
@@ -340,56 +93,35 @@ def _mask_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, rank, _MASK_TAG]).generate_state(1, np.uint64)[0])
 
 
-def truncate_metrics(path: Path, global_step: int) -> None:
-    """Keep the records up to ``global_step`` (those the checkpoint has seen); drop later and torn lines."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the half line of a killed writer
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= global_step:
-            kept.append(line)
-    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
-
-
 class Trainer:
     """One ``tec-train run``: set up (resume or fresh), loop, checkpoint. Use ``train()``."""
 
     def __init__(self, cfg: TrainConfig, source: TargetFeed | None, reporter: Reporter | None) -> None:
         cfg.validate(external_source=source is not None)
         self.cfg = cfg
-        self.info = dist_info()
-        self.device = resolve_device(cfg.device, self.info)
-        self.amp = resolve_amp(cfg.amp, self.device)
+        self.objective = objective_for(cfg.objective)
+        self.runtime = Runtime(cfg.device, cfg.amp)
+        self.info, self.device, self.amp = self.runtime.info, self.runtime.device, self.runtime.amp
         self.reporter = reporter if (reporter is not None and self.info.is_main) else Reporter()
         self.run_dir = Path(cfg.run_dir)
-        self.resumed_from = latest_checkpoint(self.run_dir)
-        self.resume = load_checkpoint(self.resumed_from) if self.resumed_from is not None else None
-        if self.resume is not None:
-            _check_options(self.resume["config"]["options"], cfg.to_json(), self.resumed_from)
-            if self.resume["world_size"] != self.info.world_size:
-                raise ResumeError(
-                    f"world size: the run in {self.run_dir} was started with {self.resume['world_size']} processes, "
-                    f"now {self.info.world_size}; the loader position and per-rank RNG states need the same number"
-                )
+        self.resume: Resume | None = find_resume(self.run_dir, PRETRAIN_RUN, cfg.to_json(), self.info.world_size)
+        self.resumed_from = self.resume.path if self.resume is not None else None
         self.owns_source = source is None
         if source is not None:
             check_geometry(student_geometry(cfg, source.spec.img_size), (source.spec.img_size, source.spec.patch_size),
                            "target feed")
             self.source = source
         else:
-            self.source = build_target_source(cfg, self.info, self.device, self.amp)
-        self.spe = self.source.steps_per_epoch
-        self.usable = self.spe // cfg.accum_iter * cfg.accum_iter
+            self.source = self.objective.open_feed(cfg, self.info, self.device, self.amp)
+        self.micro_batches_per_epoch = self.source.steps_per_epoch
+        # An incomplete last accumulation window is not run (spec 8.13): whole windows only.
+        self.micro_batches_run_per_epoch = self.micro_batches_per_epoch // cfg.accum_iter * cfg.accum_iter
         try:
-            if self.usable == 0:
-                raise ValueError(f"--accum-iter {cfg.accum_iter} exceeds the {self.spe} micro-batches per epoch of each "
-                                 f"rank (batch {cfg.batch_size} x {self.info.world_size} processes)")
+            if self.micro_batches_run_per_epoch == 0:
+                raise ValueError(f"--accum-iter {cfg.accum_iter} exceeds the {self.micro_batches_per_epoch} micro-batches "
+                                 f"per epoch of each rank (batch {cfg.batch_size} x {self.info.world_size} processes)")
             if self.resume is not None:
-                self._check_resumable(self.resume)
+                self._check_resumable(self.resume.checkpoint)
             # Built here, not in run(): an --init-from checkpoint that does not fit the student is a
             # bad option (exit 2 before any work), not a failure of the run.
             self._build()
@@ -401,104 +133,81 @@ class Trainer:
     def _check_resumable(self, ck: dict[str, Any]) -> None:
         """The stored run must have used the same targets and epoch length this source gives now."""
         stored, now = ck["config"]["resolved"]["targets"], self.source.spec.to_json()
-        for key in ("dim", "heads", "topk", "tau", "img_size", "patch_size"):
-            if stored[key] != now[key]:
-                raise ResumeError(f"targets changed since the run started: {key} was {stored[key]}, now {now[key]}")
+        for key in self.source.spec.IDENTITY:
+            if stored.get(key) != now[key]:
+                raise ResumeError(f"targets changed since the run started: {key} was {stored.get(key)}, now {now[key]}")
         if stored["origin"].get("base_sha256") != now["origin"].get("base_sha256"):
             raise ResumeError("targets changed since the run started: they come from a different base-model checkpoint")
-        if ck["loader"]["steps_per_epoch"] != self.spe:
-            raise ResumeError(f"the source now gives {self.spe} micro-batches per epoch, the run was started with "
-                              f"{ck['loader']['steps_per_epoch']}")
+        if ck["loader"]["steps_per_epoch"] != self.micro_batches_per_epoch:
+            raise ResumeError(f"the source now gives {self.micro_batches_per_epoch} micro-batches per epoch, the run "
+                              f"was started with {ck['loader']['steps_per_epoch']}")
 
     # ---- setup -------------------------------------------------------------------------------
     def _build(self) -> None:
         cfg, spec = self.cfg, self.source.spec
-        img, patch = student_geometry(cfg, spec.img_size)
-        overrides: dict[str, Any] = {"mask_ratio": cfg.mask_ratio}
-        if cfg.depth is not None:
-            overrides["depth"] = cfg.depth
-        self.terms = LOSS_TERMS[cfg.objective]
+        self.terms = self.objective.terms
         # The same seed on every rank gives every rank the same initial weights (DDP would also
         # broadcast rank 0's); afterwards each rank draws from its own stream, as the reference.
         torch.manual_seed(cfg.seed)
-        if cfg.objective == "mae":
-            from .mae import build_mae
-
-            self.student: Any = build_mae(cfg.model, img_size=img, patch_size=patch, **overrides)
-        else:
-            self.student = build_student(cfg.model, pred_dim=spec.dim, att_heads=spec.heads, img_size=img,
-                                         patch_size=patch, att_tau=spec.tau, **overrides)
-        torch.manual_seed(cfg.seed + self.info.rank)
-        np.random.seed((cfg.seed + self.info.rank) % 2**32)
-        random.seed(cfg.seed + self.info.rank)
+        self.student: Any = self.objective.build(cfg, spec)
+        seed_rank(cfg.seed, self.info.rank)
         self.mask_gen = torch.Generator().manual_seed(_mask_seed(cfg.seed, self.info.rank))
         if self.resume is None and cfg.init_from is not None:
             _load_strict(self.student, load_tec_checkpoint(cfg.init_from), f"--init-from {cfg.init_from}", cfg.model)
         self.student.to(self.device)
         self.eff_batch = cfg.batch_size * cfg.accum_iter * self.info.world_size
         self.peak_lr = cfg.lr if cfg.lr is not None else absolute_lr(cfg.blr, self.eff_batch)
+        # An extended run builds the schedule of its new total: the lr follows it from the resumed step on.
         self.schedule = WarmupCosine(self.peak_lr, cfg.min_lr, min(cfg.warmup_epochs, cfg.epochs), cfg.epochs)
         self.optimizer = torch.optim.AdamW(param_groups(self.student, cfg.weight_decay), lr=self.peak_lr,
                                            betas=(0.9, 0.95), fused=self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
+        self.state = RunState(self.student, self.optimizer, self.scaler, self.mask_gen)
         self.resolved = {
             "world_size": self.info.world_size,
             "eff_batch": self.eff_batch,
             "lr": self.peak_lr,
             "warmup_epochs": self.schedule.warmup_epochs,
-            "steps_per_epoch": self.spe,
-            "optimizer_steps_per_epoch": self.usable // cfg.accum_iter,
+            "steps_per_epoch": self.micro_batches_per_epoch,
+            "optimizer_steps_per_epoch": self.micro_batches_run_per_epoch // cfg.accum_iter,
             "amp": self.amp,
             "objective": cfg.objective,
             "targets": spec.to_json(),
             "student": {
                 "model": cfg.model, **self.student.encoder_config(), "mask_ratio": cfg.mask_ratio,
                 "trainable_params": sum(p.numel() for p in self.student.parameters() if p.requires_grad),
+                **self.objective.describe(self.student, spec),
             },
         }
-        if cfg.objective == "tec":
-            self.resolved["student"].update(pred_dim=spec.dim, att_heads=spec.heads, att_tau=spec.tau,
-                                            num_adap=self.student.encoder_adaptor.num_adap)
+        self.extended: list[dict[str, int]] = []
 
     def _restore(self) -> tuple[int, int, int]:
         """Load the resumed checkpoint into the built objects; returns (epoch, micro-batch, global step)."""
         if self.resume is None:
             self.log_accum = self._empty_accum()
             return 0, 0, 0
-        ck = self.resume
-        self.student.load_state_dict(ck["model"], strict=True)
-        self.optimizer.load_state_dict(ck["optimizer"])
-        if ck["scaler"] is not None:
-            self.scaler.load_state_dict(ck["scaler"])
-        restore_rng(ck["rng"][self.info.rank], self.mask_gen)
+        ck = self.resume.checkpoint
+        self.state.restore(ck, self.info.rank)
         self.log_accum = dict(ck["log_accum"])
-        self.resume = None  # everything is copied out; let the mapped file go
-        return ck["epoch"], ck["step_in_epoch"], ck["global_step"]
+        epoch, it, global_step = ck["epoch"], ck["step_in_epoch"], ck["global_step"]
+        self.extended = self.resume.history(global_step, epoch)
+        self.resume.release()  # everything is copied out; let the mapped file go
+        return epoch, it, global_step
 
     # ---- checkpoint and metrics -----------------------------------------------------------------
+    def _config(self) -> dict[str, Any]:
+        return run_config(self.cfg.to_json(), self.resolved, self.extended)
+
     def _save(self, epoch: int, step_in_epoch: int, global_step: int) -> Path | None:
-        rng = capture_rng(self.mask_gen)
-        if self.distributed:
-            every: list[Any] = [None] * self.info.world_size
-            tdist.all_gather_object(every, rng)
-        else:
-            every = [rng]
-        if not self.info.is_main:
-            return None
-        state = {
-            "model": self.student.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+        position = {
             "epoch": epoch,
             "step_in_epoch": step_in_epoch,
             "global_step": global_step,
-            "loader": {"steps_per_epoch": self.spe, "view_epoch": self.source.view_epoch_for(epoch)},
+            "loader": {"steps_per_epoch": self.micro_batches_per_epoch, "view_epoch": self.source.view_epoch_for(epoch)},
             "log_accum": dict(self.log_accum),
-            "rng": every,
-            "world_size": self.info.world_size,
-            "config": {"options": self.cfg.to_json(), "resolved": self.resolved},
+            "config": self._config(),
         }
-        return save_checkpoint(self.run_dir, state, global_step, self.cfg.keep_last)
+        return self.state.save(self.runtime, self.run_dir, PRETRAIN_RUN, global_step, self.cfg.keep_last, position)
 
     def _empty_accum(self) -> dict[str, Any]:
         return {**{t: 0.0 for t in self.terms}, "n": 0}
@@ -518,17 +227,16 @@ class Trainer:
         }
         self.log_accum = self._empty_accum()
         if self.info.is_main:
-            with open(self.run_dir / METRICS_NAME, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            self.reporter.metrics(record)
+            append_metrics(self.run_dir, record)
+            self.reporter.record(record)
         return record
 
     # ---- the loop ------------------------------------------------------------------------------
     def _losses(self, out: Any) -> list[float]:
         """The objective's loss terms averaged over ranks; one sync per micro-batch, as the reference's .item()."""
         vals = torch.stack([getattr(out, t).detach() for t in self.terms]).float()  # [terms]
-        if self.distributed:
-            tdist.all_reduce(vals)
+        if self.runtime.distributed:
+            self.runtime.all_reduce_(vals)
             vals /= self.info.world_size
         return vals.tolist()
 
@@ -536,37 +244,21 @@ class Trainer:
         """Restore, join the process group, wrap; returns the position (epoch, micro-batch, step)."""
         cfg = self.cfg
         epoch, it, global_step = self._restore()
-        if self.device.type == "cuda":
-            # NCCL's object collectives (the RNG gather of _save) address the current device.
-            torch.cuda.set_device(self.device)
-        self.owns_group = self.info.world_size > 1 and not (tdist.is_available() and tdist.is_initialized())
-        self.distributed = init_process_group(self.info, self.device)
-        if self.distributed:
-            # Each rank found its own latest checkpoint; on a run dir that is not shared they differ.
-            steps: list[Any] = [None] * self.info.world_size
-            tdist.all_gather_object(steps, global_step)
-            if len(set(steps)) != 1:
-                raise ResumeError(f"ranks resume from different steps {steps}: --run-dir must be one folder every rank sees")
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = True
+        self.runtime.join()
+        agree_on_position(self.runtime, global_step, "steps")
         # Every parameter feeds the loss (cls MLP, both decoders), so DDP needs no unused-parameter search.
-        self.ddp = (DistributedDataParallel(self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-                    if self.distributed else None)
-        self.model: Any = self.ddp if self.ddp is not None else self.student
+        self.model: Any = self.runtime.wrap(self.student)
+        self.ddp = self.model if self.runtime.distributed else None
         if cfg.compile and self.device.type == "cuda":
             self.model = torch.compile(self.model)
         elif cfg.compile:
             self.reporter.message(f"--compile ignored on {self.device}: CPU runs eager")
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
-                         if self.amp != "off" else contextlib.nullcontext())
         if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temp_files(self.run_dir)
-            truncate_metrics(self.run_dir / METRICS_NAME, global_step)
-            write_json_atomic(self.run_dir / "config.json", {"options": cfg.to_json(), "resolved": self.resolved})
-            if self.resumed_from is not None:
-                self.reporter.message(f"resuming {self.resumed_from.name}: epoch {epoch}, micro-batch {it}, step {global_step}")
+            open_run_dir(self.run_dir, PRETRAIN_RUN, global_step, self._config())
+            if self.resume is not None:
+                self.reporter.message(f"resuming {self.resume.path.name}: epoch {epoch}, micro-batch {it}, step {global_step}")
+                if self.resume.extension is not None:
+                    self.reporter.message(self.resume.extension.notice(global_step, epoch))
         return epoch, it, global_step
 
     def _micro_step(self, item: Any, sync: bool, where: str) -> list[float]:
@@ -576,13 +268,11 @@ class Trainer:
         noise = torch.rand(b, self.student.num_patches, generator=self.mask_gen).to(self.device, non_blocking=True)  # [B, L]
         no_sync = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
         with no_sync:
-            with self.autocast:
-                if self.cfg.objective == "mae":
-                    out = self.model(inputs.images, noise=noise)
-                else:
-                    out = self.model(inputs.images, inputs.feat, inputs.att, inputs.idx, noise=noise)
+            with self.runtime.autocast():
+                out = self.objective.forward(self.model, inputs, noise)
             losses = self._losses(out)
             named = list(zip(self.terms, losses))
+            # The parts name what broke; an objective with one term names its total.
             bad = [f"{n} = {v}" for n, v in (named[1:] or named) if not math.isfinite(v)]
             if bad:
                 raise NonFiniteLossError(f"non-finite loss at {where}: {', '.join(bad)}")
@@ -602,27 +292,27 @@ class Trainer:
 
     def run(self) -> TrainResult:
         cfg = self.cfg
+        micro_batches, micro_batches_run = self.micro_batches_per_epoch, self.micro_batches_run_per_epoch
         timing = {"micro": 0, "step_s": 0.0, "wait_s": 0.0}  # since the last metrics record
         total = {"micro": 0, "step_s": 0.0, "wait_s": 0.0}  # this invocation
         last_record: dict[str, Any] | None = None
         last_ckpt: Path | None = None
-        self.owns_group = False
         try:
             epoch, it, global_step = self._setup()
             start_step = global_step
-            stop_at = cfg.epochs * (self.usable // cfg.accum_iter)
+            stop_at = cfg.epochs * (micro_batches_run // cfg.accum_iter)
             if cfg.max_steps is not None:
                 stop_at = min(stop_at, cfg.max_steps)
-            self.reporter.start(total_steps=stop_at, start_step=global_step, summary=self.resolved)
+            self.reporter.start(total=stop_at, done=global_step, summary=self.resolved)
             while global_step < stop_at:
                 self.model.train()
                 self.optimizer.zero_grad(set_to_none=True)
                 batches: Iterator[Any] = iter(self.source.epoch(epoch, start_step=it))
-                while it < self.usable and global_step < stop_at:
+                while it < micro_batches_run and global_step < stop_at:
                     t0 = time.perf_counter()
                     wait = 0.0
                     # The reference sets the lr at the start of each accumulation window.
-                    lr = self.schedule(it / self.spe + epoch)
+                    lr = self.schedule(it / micro_batches + epoch)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                     for j in range(cfg.accum_iter):
@@ -630,7 +320,7 @@ class Trainer:
                         item = next(batches, None)
                         wait += time.perf_counter() - tw
                         if item is None:
-                            raise RuntimeError(f"the target feed ended epoch {epoch} after {it} of {self.spe} micro-batches")
+                            raise RuntimeError(f"the target feed ended epoch {epoch} after {it} of {micro_batches} micro-batches")
                         self._micro_step(item, sync=j == cfg.accum_iter - 1,
                                          where=f"step {global_step + 1} (epoch {epoch}, micro-batch {it})")
                         it += 1
@@ -642,11 +332,11 @@ class Trainer:
                         acc["step_s"] += dt
                         acc["wait_s"] += wait
                     fault_point("train_step")
-                    self.reporter.step(global_step)
-                    epoch_done = it >= self.usable
+                    self.reporter.advance(global_step)
+                    epoch_done = it >= micro_batches_run
                     stopping = global_step >= stop_at
                     if global_step % cfg.log_every == 0 or stopping:
-                        last_record = self._log(global_step, epoch, it / self.spe + epoch, lr, timing)
+                        last_record = self._log(global_step, epoch, it / micro_batches + epoch, lr, timing)
                         timing = {"micro": 0, "step_s": 0.0, "wait_s": 0.0}
                     if global_step % cfg.ckpt_every == 0 or epoch_done or stopping:
                         # The position saved is the next micro-batch to run.
@@ -654,7 +344,7 @@ class Trainer:
                         last_ckpt = self._save(pos[0], pos[1], global_step) or last_ckpt
                 # Shut the epoch's loader workers down now, also when max_steps stops mid-epoch.
                 getattr(batches, "close", lambda: None)()
-                if it >= self.usable:
+                if it >= micro_batches_run:
                     # The micro-batches of an incomplete last window are not run: the reference runs
                     # them and then discards their gradient at the next epoch's zero_grad (spec 8.13).
                     epoch, it = epoch + 1, 0
@@ -668,15 +358,14 @@ class Trainer:
             self.reporter.finish()
             if self.owns_source:
                 self.source.close()
-            if self.owns_group:
-                destroy_process_group()
+            self.runtime.leave()
         return TrainResult(
             run_dir=self.run_dir, global_step=global_step, epoch=epoch, steps_run=global_step - start_step,
             seconds=total["step_s"],
             images_per_s=total["micro"] * cfg.batch_size * self.info.world_size / max(total["step_s"], 1e-12),
             data_wait_fraction=total["wait_s"] / max(total["step_s"], 1e-12), last_record=last_record,
             checkpoint=last_ckpt or self.resumed_from, resumed_from=self.resumed_from,
-            config={"options": cfg.to_json(), "resolved": self.resolved},
+            config=self._config(),
         )
 
 

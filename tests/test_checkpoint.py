@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from tec_train import checkpoint as ck
+from tec_train.harness import checkpoints as ck
+from tec_train.harness import resume
+from tec_train.harness.errors import CheckpointError
 
 
 def _state(step: int) -> dict:
@@ -58,10 +60,10 @@ def test_failed_write_leaves_previous_checkpoint(tmp_path: Path, monkeypatch: py
 def test_truncated_or_foreign_files_are_refused(tmp_path: Path) -> None:
     p = tmp_path / "x.pt"
     p.write_bytes(b"garbage")
-    with pytest.raises(ck.CheckpointError, match="not a readable"):
+    with pytest.raises(CheckpointError, match="not a readable"):
         ck.load_checkpoint(p)
     torch.save({"model": {}}, p)
-    with pytest.raises(ck.CheckpointError, match="not a tec-train checkpoint"):
+    with pytest.raises(CheckpointError, match="not a tec-train checkpoint"):
         ck.load_checkpoint(p)
 
 
@@ -72,7 +74,7 @@ def test_rng_round_trip(tmp_path: Path) -> None:
     random.seed(3)
     np.random.normal()  # leave a cached gaussian in numpy's state
     random.gauss(0, 1)
-    state = ck.capture_rng(gen)
+    state = resume.capture_rng(gen)
     ck.save_checkpoint(tmp_path, {"rng": [state]}, 1, keep_last=1)
 
     def draw() -> tuple:
@@ -81,5 +83,5 @@ def test_rng_round_trip(tmp_path: Path) -> None:
 
     expected = draw()
     draw()  # move every generator on
-    ck.restore_rng(ck.load_checkpoint(ck.latest_checkpoint(tmp_path))["rng"][0], gen)
+    resume.restore_rng(ck.load_checkpoint(ck.latest_checkpoint(tmp_path))["rng"][0], gen)
     assert draw() == expected

@@ -18,7 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tec_cache import fashion_mnist
-from tec_train.checkpoint import save_checkpoint
+from tec_train.harness.checkpoints import save_checkpoint
 from tec_train.cli import app
 from tec_train.labelled import FashionMNIST, open_labelled, subset_indices
 from tec_train.encoder_weights import load_encoder, read_encoder_weights
@@ -26,15 +26,14 @@ from tec_train.evaluate import extract_features, knn_classify, linear_probe
 from tec_train.export import export_state_dict, save_export, timm_model_name
 from tec_train.finetune import (
     FinetuneConfig,
-    FinetuneReporter,
     FinetuneViT,
     Finetuner,
     build_finetune_model,
     finetune,
     layer_decay_scales,
-    list_finetune_checkpoints,
     param_groups_layer_decay,
 )
+from tec_train.harness import FINETUNE, Reporter, list_checkpoints
 from tec_train.student import TECStudent, build_student
 from tests.conftest import TINY_ARCH, TINY_PATCH, make_image_folder
 
@@ -406,8 +405,8 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-class _KillAfterFirstEpoch(FinetuneReporter):
-    def epoch_end(self, record: dict) -> None:
+class _KillAfterFirstEpoch(Reporter):
+    def record(self, record: dict) -> None:
         raise KeyboardInterrupt("killed after the epoch's checkpoint")
 
 
@@ -422,7 +421,7 @@ def test_finetune_runs_resumes_exactly(tiny, tmp_path: Path) -> None:
     assert straight.best_top1 == max(r["test_top1"] for r in recs) and straight.last_top1 == recs[-1]["test_top1"]
     result = json.loads((tmp_path / "a" / "ft" / "result.json").read_text())
     assert result["best_top1"] == straight.best_top1 and result["last_top1"] == straight.last_top1
-    assert [e for e, _ in list_finetune_checkpoints(tmp_path / "a" / "ft")] == [2]
+    assert [e for e, _ in list_checkpoints(tmp_path / "a" / "ft", FINETUNE)] == [2]
 
     # Killed after epoch 0's checkpoint, then resumed: the same records as the uninterrupted run.
     cfg = _ft_cfg(tmp_path / "b", tiny.export)
@@ -503,10 +502,23 @@ def test_cli_finetune_then_extend(tiny, tmp_path: Path) -> None:
     r = runner.invoke(app, [*base, "--epochs", "1"])
     assert r.exit_code == 0, r.output
     assert "best top-1" in r.output
+    first = _records(run_dir)
     r = runner.invoke(app, [*base, "--epochs", "2"])
     assert r.exit_code == 0, r.output
-    assert [rec["epoch"] for rec in _records(run_dir)] == [0, 1]  # continued from epoch 1, not from 0
+    out = " ".join(r.output.split())
+    # 96 images / batch 32: 3 steps per epoch, so epoch 1 starts at step 3.
+    assert out.count("extending the run") == 1
+    assert "extending the run from 1 to 2 epochs at step 3 (epoch 1); the schedule follows the new total from here" in out
+    recs = _records(run_dir)
+    assert [rec["epoch"] for rec in recs] == [0, 1] and recs[0] == first[0]  # continued from epoch 1, not from 0
     assert json.loads((run_dir / "result.json").read_text())["epochs_run"] == 1
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["options"]["epochs"] == 2 and config["extended"] == [{"from": 1, "to": 2, "step": 3, "epoch": 1}]
+    ck = torch.load(run_dir / "finetune-0002.pt", weights_only=True)
+    assert {float(st["step"]) for st in ck["optimizer"]["state"].values()} == {6.0}  # AdamW went on from step 3
+    # Lowering --epochs is refused naming it.
+    r = runner.invoke(app, [*base, "--epochs", "1"])
+    assert r.exit_code == 2 and "--epochs" in r.output and "not shortened" in " ".join(r.output.split())
     # --run-dir alone resumes with the stored options; with no epochs left it reports the stored result.
     r = runner.invoke(app, ["finetune", "--run-dir", str(run_dir), "--num-workers", "0"])
     assert r.exit_code == 0, r.output
@@ -550,7 +562,7 @@ def test_finetune_ddp_two_ranks_kill_and_resume(tiny, tmp_path: Path) -> None:
     killed = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
                             env={**env, "TEC_FAULT": "finetune_step:6@1"})
     assert killed.returncode != 0 and "SIGKILL" in killed.stderr, killed.stderr[-3000:]
-    assert [e for e, _ in list_finetune_checkpoints(run_dir)] == [1]
+    assert [e for e, _ in list_checkpoints(run_dir, FINETUNE)] == [1]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming finetune-0001.pt: next epoch 1" in done.stderr

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tec_train.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint
+from tec_train.harness.checkpoints import checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint
 from tests.faultkit import clean_env, count_arrivals, launch_ranks, run_module, seeded_nth
 
 EXACT_FIELDS = ("step", "epoch", "epoch_f", "loss", "loss_fea", "loss_att", "lr")

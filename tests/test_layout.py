@@ -1,6 +1,7 @@
 """The direction of imports (design.md, Layout): the format core imports nothing of either
 application; stage 2 imports the format core and the shared image/view/target code, never the
-stage-1 application; nothing imports a CLI; stage 1 never imports stage 2."""
+stage-1 application; nothing imports a CLI; stage 1 never imports stage 2; the run harness imports no
+loop of stage 2."""
 from __future__ import annotations
 
 import ast
@@ -73,3 +74,12 @@ def test_stage_one_never_imports_stage_two() -> None:
 
 def test_nothing_imports_a_cli() -> None:
     assert _offences(lambda m, i: i in CLIS and not m.endswith("__main__")) == []
+
+
+def test_the_run_harness_sits_below_both_loops() -> None:
+    """tec_train.harness (run dir, runtime, checkpoints, reporting) serves `run` and `finetune`: it
+    imports nothing else of stage 2 (no loop, objective, model, data or CLI), only the shared core."""
+    assert any(m.startswith("tec_train.harness.") for m in _graph()), "no harness package"
+    assert _offences(lambda m, i: m.startswith("tec_train.harness")
+                     and i.startswith("tec_train") and not i.startswith("tec_train.harness")) == []
+    assert _offences(lambda m, i: m.startswith("tec_train.harness") and i in STAGE1_APP) == []

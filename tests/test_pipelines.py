@@ -176,7 +176,7 @@ def _cli(app, args: list[str]):
 def test_pipeline_presets_give_defaults_and_flags_override(tmp_path: Path, tiny_ckpt: Path, monkeypatch):
     from tec_cache.cli import app as cache_app
     from tec_cache.format.manifest import load_manifest
-    from tec_train.checkpoint import latest_checkpoint, load_checkpoint
+    from tec_train.harness.checkpoints import latest_checkpoint, load_checkpoint
     from tec_train.cli import app as train_app
     from tests.conftest import make_image_folder
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,13 +17,16 @@ from typer.testing import CliRunner
 
 import tec_train.student as student_mod
 from tec_cache.format.manifest import load_manifest
-from tec_train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from tec_train.harness.checkpoints import checkpoint_path as ck_path
+from tec_train.harness.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint
 from tec_train.cli import app
 from tec_train.export import create_timm_model
 from tec_train.online import OnlineLoader
 from tec_train.student import build_student
 from tec_train.target_feeds import CacheTargetFeed, InMemoryTargetFeed
-from tec_train.train import NonFiniteLossError, TrainConfig, train, truncate_metrics
+from tec_train.harness.errors import NonFiniteLossError, ResumeError
+from tec_train.harness.reporting import truncate_metrics
+from tec_train.train import TrainConfig, train
 from tec_cache.images import open_source
 from tec_cache.views import ViewRecipe
 from tests.conftest import TINY_ARCH, TINY_IMG, TINY_PATCH, TINY_TOPK, make_image_folder
@@ -226,10 +230,59 @@ def test_resume_refuses_changed_settings_and_finished_run_is_a_no_op(tiny, tmp_p
     assert latest_checkpoint(run).stat().st_mtime_ns == before
 
 
+def test_raised_epochs_extend_the_run_from_its_checkpoint(tiny, tmp_path: Path) -> None:
+    base = ["--cache", str(tiny.cache), "--model", "vit_tiny_patch8", "--depth", "3", "--batch-size", "4",
+            "--warmup-epochs", "0", "--blr", "1e-3", "--log-every", "1", "--num-workers", "0", "--device", "cpu"]
+    code, out, run = _run_cli(tmp_path, *base, "--epochs", "1")
+    assert code == 0, out
+    first = _exact(run)
+    assert [r[0] for r in first] == [1, 2, 3, 4, 5]  # 20 views / batch 4: 5 steps per epoch
+
+    # Raised --epochs on the finished run: continues from checkpoint 5 with its optimizer state.
+    code, out, _ = _run_cli(tmp_path, *base, "--epochs", "2")
+    assert code == 0, out
+    assert "resuming checkpoint-00000005.pt: epoch 1, micro-batch 0, step 5" in out
+    assert out.count("extending the run") == 1
+    assert "extending the run from 1 to 2 epochs at step 5 (epoch 1); the schedule follows the new total from here" in out
+    assert re.search(r"steps this run\W+5\W", out)
+    records = _exact(run)
+    assert records[:5] == first and [r[:2] for r in records[5:]] == [(s, 1) for s in range(6, 11)]
+    # The lr follows the 2-epoch cosine from step 6 on (no warm-up: the peak at epoch 1.0 of 2 is its half-way value).
+    peak = 1e-3 * 4 / 256
+    assert records[5][-1] == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * 0.5)), rel=1e-12)
+    ck = load_checkpoint(latest_checkpoint(run))
+    assert ck["global_step"] == 10
+    # AdamW counts its updates per parameter: 10, not 5, so the optimizer state went on from the checkpoint.
+    assert {float(st["step"]) for st in ck["optimizer"]["state"].values()} == {10.0}
+    entry = {"from": 1, "to": 2, "step": 5, "epoch": 1}
+    config = json.loads((run / "config.json").read_text())
+    assert config["options"]["epochs"] == 2 and config["extended"] == [entry]
+    assert ck["config"]["extended"] == [entry] and ck["config"]["options"]["epochs"] == 2
+
+    # Lowering --epochs is refused naming it (CLI exit 2, ResumeError from the library), and so is
+    # any other changed setting, also together with a raised --epochs.
+    code, out, _ = _run_cli(tmp_path, "--epochs", "1")
+    assert code == 2 and "--epochs: the run in" in out and "has 2 epochs, now 1" in out and "not shortened" in out
+    with pytest.raises(ResumeError, match="--epochs"):
+        train(_cfg(run, tiny.cache, epochs=1))
+    code, out, _ = _run_cli(tmp_path, "--epochs", "3", "--batch-size", "5")
+    assert code == 2 and "--batch-size: the run in" in out and "was started with 4, now 5" in out
+    assert latest_checkpoint(run) == ck_path(run, 10)
+
+    # --run-dir alone keeps the stored 2 epochs and the record; a second extension adds to it.
+    code, out, _ = _run_cli(tmp_path, "--epochs", "3")
+    assert code == 0 and "extending the run from 2 to 3 epochs at step 10 (epoch 2)" in out, out
+    assert [r[0] for r in _exact(run)] == list(range(1, 16))
+    assert json.loads((run / "config.json").read_text())["extended"] == [entry, {"from": 2, "to": 3, "step": 10, "epoch": 2}]
+    code, out, _ = _run_cli(tmp_path)
+    assert code == 0 and "extending" not in out and re.search(r"steps this run\W+0\W", out)
+    assert len(json.loads((run / "config.json").read_text())["extended"]) == 2
+
+
 def test_truncate_metrics_drops_later_and_torn_lines(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
-    truncate_metrics(path, 3)
+    truncate_metrics(path, "step", 3)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
 
 

@@ -1,7 +1,8 @@
-"""Training checkpoints: atomic writes, keep-last-N, discovery of the latest complete one, RNG capture.
+"""Checkpoint files of a run dir: atomic writes, keep-last-N, discovery of the latest complete one.
 
-Data flow: train loop state (model, optimizer, scaler, position, RNG states, resolved config)
---> **checkpoint-<global step>.pt** in the run dir --> resume (same run dir) or export.
+Data flow: a loop's state (model, optimizer, scaler, position, RNG states, resolved config; see
+``state``) --> **checkpoint-<global step>.pt** (pretraining) or **finetune-<epoch>.pt** in the run
+dir --> resume (same run dir), export or the downstream encoder reader.
 
 A checkpoint is written to a hidden temporary sibling, flushed and fsynced, then renamed over its
 final name, and the folder is fsynced; only files with the final name pattern are ever read. So
@@ -12,17 +13,17 @@ complete. Everything stored is a tensor, a number, a string, or a list/dict of t
 from __future__ import annotations
 
 import os
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from tec_cache.faults import fault_point
 from tec_cache.format.fs import write_atomic
+
+from .errors import CheckpointError
 
 CHECKPOINT_FORMAT = "tec-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -51,10 +52,7 @@ class CheckpointKind:
 
 
 PRETRAIN = CheckpointKind("checkpoint", 8, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "tec-train")  # numbered by global step
-
-
-class CheckpointError(ValueError):
-    """A file is not a readable tec-train checkpoint."""
+FINETUNE = CheckpointKind("finetune", 4, "tec-train-finetune", 1, "fine-tuning")  # numbered by epochs done
 
 
 def checkpoint_path(run_dir: Path, global_step: int) -> Path:
@@ -142,33 +140,3 @@ def load_checkpoint(path: Path, kind: CheckpointKind = PRETRAIN) -> dict[str, An
     if obj.get("version") != kind.version:
         raise CheckpointError(f"{path}: checkpoint version {obj.get('version')} is not supported (this tool reads {kind.version})")
     return obj
-
-
-def capture_rng(mask_generator: torch.Generator) -> dict[str, Any]:
-    """This process's RNG states in a weights_only-loadable form (tensors and plain numbers)."""
-    _, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {
-            "keys": torch.from_numpy(np_keys.astype(np.int64)),  # MT19937 words, uint32 in int64
-            "pos": int(np_pos),
-            "has_gauss": int(np_has_gauss),
-            "cached_gaussian": float(np_cached),
-        },
-        "python": {"version": int(py_version), "state": torch.tensor(py_state, dtype=torch.int64), "gauss_next": py_gauss},
-        "mask": mask_generator.get_state(),
-    }
-
-
-def restore_rng(state: dict[str, Any], mask_generator: torch.Generator) -> None:
-    """Inverse of ``capture_rng``."""
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
-    mask_generator.set_state(state["mask"])
