@@ -435,6 +435,7 @@ def test_finetune_runs_resumes_exactly(tiny, tmp_path: Path) -> None:
     assert clean == [{k: v for k, v in r.items() if k not in drop} for r in recs]
 
 
+@pytest.mark.slow  # end to end: learning, not a contract the fast tier must hold
 @needs_fmnist
 def test_finetune_learns_above_chance(tiny, tmp_path: Path) -> None:
     """No mixing or augmentation and a few epochs: a tiny model beats 10 % on 10 classes."""

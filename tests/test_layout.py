@@ -5,6 +5,7 @@ loop of stage 2."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +43,7 @@ def _imports(path: Path) -> set[str]:
     return {m for m in found if m.split(".")[0] in PACKAGES}
 
 
+@functools.cache  # the tree does not change during a test run
 def _graph() -> dict[str, set[str]]:
     modules = {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
     # Keep only names that are modules or packages (``from x import name`` adds x.name for any name).

@@ -61,6 +61,7 @@ def test_mae_state_dict_uses_mae_names() -> None:
     assert not any(k.startswith(("cls_token_mlp", "encoder_adaptor", "forward_")) for k in keys)
 
 
+@pytest.mark.slow  # end to end: learning, not a contract the fast tier must hold
 def test_mae_run_learns_resumes_exports_and_feeds_stage_one(data: Path, tmp_path: Path) -> None:
     straight = tmp_path / "straight"
     train(_cfg(straight, data, epochs=6))

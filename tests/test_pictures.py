@@ -26,7 +26,8 @@ from tec_train.cli import app as train_app
 from tec_train.plot import panel_keys, plot_runs, read_metrics, smooth_values
 from tests.conftest import make_image_folder, tiny_spec
 
-COMBOS = [("webdataset", "int8"), ("webdataset", "fp16"), ("zarr", "int8"), ("zarr", "fp16")]
+# Each format and each codec once: the records of every combination are equal by the conformance suite.
+COMBOS = [("webdataset", "fp16"), ("zarr", "int8")]
 GRID = (4, 4)  # the tiny base model: 32 px views, 8 px patches
 
 
@@ -147,7 +148,7 @@ def test_render_views_png_follows_the_decoded_targets(fmt, codec, caches, tmp_pa
 
 
 def test_render_views_options(caches, tmp_path) -> None:
-    cache = caches["webdataset", "int8"]
+    cache = caches["webdataset", "fp16"]
     a = show.render_views(cache, tmp_path / "a.png", n=2, head=1, seed=3, feat_norm=False)
     assert _png(a).shape[:2] == _expected_view_size(2, 3)
     b = show.render_views(cache, tmp_path / "b.png", n=2, head=1, seed=3, feat_norm=False)
@@ -206,7 +207,7 @@ def test_plot_runs_png(tmp_path) -> None:
 
 def test_show_cli(caches, tmp_path) -> None:
     runner = CliRunner()
-    cache = caches["zarr", "fp16"]
+    cache = caches["zarr", "int8"]
     out = tmp_path / "v.png"
     r = runner.invoke(cache_app, ["show", str(cache), "--n", "2", "--out", str(out), "--view-epoch", "1", "--head", "0",
                                   "--seed", "1"])
