@@ -77,6 +77,16 @@ def option(default: Any = _MISSING, help: str = "", *, check: Check | None = Non
     return dataclasses.field(default=default, metadata=meta)
 
 
+def recipe_option(name: str, prefix: str = "") -> Any:
+    """A field that is TargetRecipe's field ``name`` under another config (online mode takes the
+    recipe's options): the same bound and help, default None, so the declaration stays in one place."""
+    from tec_cache.basemodels import TargetRecipe
+
+    f = _field(TargetRecipe, name)
+    return option(None, prefix + f.metadata["help"], check=f.metadata["check"], choices=f.metadata["choices"],
+                  default_text=f.metadata["default_text"])
+
+
 def flag_name(name: str) -> str:
     """The command-line option of field ``name``: ``warmup_epochs`` -> ``--warmup-epochs``."""
     return "--" + name.replace("_", "-")

@@ -5,16 +5,15 @@ resume) --> **FinetuneConfig** --> ``validate`` (no model, no data read) --> fin
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from tec_cache import fashion_mnist
 from tec_cache.basemodels import REGISTRY
+from tec_cache.config import NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, WORKERS, check_fields, in_range, option
 
 from .augment import NO_AUGMENT, finetune_train_transform
-from .harness.run_dir import option_name
 from .harness.runtime import AMP_MODES
 from .student import parse_model_name
 
@@ -23,56 +22,60 @@ MIXUP_MODES = ("batch", "pair", "elem")
 
 @dataclass
 class FinetuneConfig:
-    """Every option of ``tec-train finetune``; field ``foo_bar`` is the option ``--foo-bar``.
+    """Every option of ``tec-train finetune``; field ``foo_bar`` is the option ``--foo-bar`` and the
+    key ``foo_bar`` of a pipeline's [finetune] table. Defaults are the reference recipe (spec 6,
+    README ViT-B row); each field declares its default, bound and help once."""
 
-    Defaults are the reference recipe (spec 6, README ViT-B row).
-    """
-
-    run_dir: str
-    source: str | None = None  # export folder, run dir, checkpoint-*.pt, reference checkpoint or base weights
+    run_dir: str = option(help="Run folder: finetune-<epoch>.pt, metrics.jsonl, config.json, result.json. "
+                          "Re-running resumes it.")
+    source: str | None = option(None, "The encoder: export folder, run dir, checkpoint-*.pt, reference checkpoint "
+                                "or base-model weights.")
     # Data: exactly one.
-    data: str | None = None
-    fashion_mnist: str | None = None
+    data: str | None = option(None, "ImageNet-style folder with train/ and val/ class folders.")
+    fashion_mnist: str | None = option(None, "Fashion-MNIST idx folder.")
     # Encoder source details (see encoder_weights.read_encoder_weights).
-    model: str | None = None
-    basemodel: str | None = None
-    arch: str | None = None
-    checkpoint: str | None = None  # base-model weights, as --checkpoint of tec-cache build (instead of SOURCE)
-    mlp_token: bool = True  # keep and train a TEC source's cls MLP, as the README runs; False folds it
+    model: str | None = option(None, "Encoder size of a reference checkpoint, e.g. vit_base_patch16 (ours record it).")
+    basemodel: str | None = option(None, "SOURCE (or --checkpoint) is this registry base model's weights",
+                                   choices=sorted(REGISTRY))
+    arch: str | None = option(None, "SOURCE (or --checkpoint) is the weights of this timm ViT.")
+    checkpoint: str | None = option(None, "Base-model weights file (instead of SOURCE), with --basemodel/--arch.")
+    mlp_token: bool = option(True, "Keep and train a TEC source's cls MLP as the README runs, or fold it into cls_token.")
     # Model.
-    global_pool: bool = True  # mean of patch tokens -> fc_norm -> head; False: norm -> cls token -> head
-    img_size: int | None = None  # default: the encoder's; pos_embed is re-sampled when it differs
-    drop_path: float = 0.1
+    global_pool: bool = option(True, "Head on the mean patch token + fc_norm, or on the normed cls token.")
+    img_size: int | None = option(None, "Fine-tuning resolution; pos_embed is re-sampled", check=POSITIVE_INT,
+                                  default_text="the encoder's")
+    drop_path: float = option(0.1, "Stochastic depth rate", check=in_range(0.0, 1.0, hi_open=True))
     # Optimisation.
-    epochs: int = 100
-    warmup_epochs: float = 5.0
-    batch_size: int = 128
-    accum_iter: int = 1
-    blr: float = 5e-4
-    lr: float | None = None
-    min_lr: float = 1e-6
-    layer_decay: float = 0.65
-    weight_decay: float = 0.05
-    clip_grad: float | None = None
+    epochs: int = option(100, "Epochs; may be raised when resuming, to extend the run", check=POSITIVE_INT)
+    warmup_epochs: float = option(5.0, "Linear warm-up epochs", check=NON_NEGATIVE)
+    batch_size: int = option(128, "Micro-batch per process", check=POSITIVE_INT)
+    accum_iter: int = option(1, "Micro-batches per optimizer step", check=POSITIVE_INT)
+    blr: float = option(5e-4, "Base lr: lr = blr x effective batch / 256", check=POSITIVE)
+    lr: float | None = option(None, "Absolute peak lr (overrides --blr).", check=POSITIVE)
+    min_lr: float = option(1e-6, "Final lr of the cosine", check=NON_NEGATIVE)
+    layer_decay: float = option(0.65, "Layer-wise lr decay", check=in_range(0.0, 1.0, lo_open=True))
+    weight_decay: float = option(0.05, "AdamW weight decay", check=NON_NEGATIVE)
+    clip_grad: float | None = option(None, "Clip the gradient norm", check=POSITIVE, default_text="off, as the reference")
     # Augmentation and loss.
-    aa: str = "rand-m9-mstd0.5-inc1"
-    reprob: float = 0.25
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    mixup_mode: str = "batch"
-    smoothing: float = 0.1
-    crop_pct: float | None = None  # eval crop; default 0.875 for --data, 1.0 for --fashion-mnist
+    aa: str = option("rand-m9-mstd0.5-inc1", "timm auto-augment string, or none")
+    reprob: float = option(0.25, "Random-erasing probability", check=in_range(0.0, 1.0))
+    mixup: float = option(0.8, "Mixup alpha; 0 with --cutmix 0 turns mixing off", check=NON_NEGATIVE)
+    cutmix: float = option(1.0, "CutMix alpha", check=NON_NEGATIVE)
+    mixup_prob: float = option(1.0, "Probability of mixing a batch", check=in_range(0.0, 1.0))
+    mixup_switch_prob: float = option(0.5, "Probability of CutMix instead of Mixup", check=in_range(0.0, 1.0))
+    mixup_mode: str = option("batch", "How mixing pairs images", choices=MIXUP_MODES)
+    smoothing: float = option(0.1, "Label smoothing", check=in_range(0.0, 1.0, hi_open=True))
+    crop_pct: float | None = option(None, "Eval centre-crop fraction", check=in_range(0.0, 1.0, lo_open=True),
+                                    default_text="0.875 for --data, 1.0 for Fashion-MNIST")
     # Data subsets for quick runs.
-    train_subset: int | None = None
-    val_subset: int | None = None
+    train_subset: int | None = option(None, "Train on a seeded class-balanced subset of N images.", check=POSITIVE_INT)
+    val_subset: int | None = option(None, "Evaluate on a seeded class-balanced subset of N images.", check=POSITIVE_INT)
     # Run control.
-    seed: int = 0
-    num_workers: int = 4
-    device: str = "auto"
-    amp: str = "auto"
-    keep_last: int = 1
+    seed: int = option(0, "Seed of the head, shuffling, augmentation and subsets", check=SEED)
+    num_workers: int = option(4, "Loader worker processes per rank", check=WORKERS)
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    amp: str = option("auto", "auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off", choices=AMP_MODES)
+    keep_last: int = option(1, "Fine-tuning checkpoints kept", check=POSITIVE_INT)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,43 +86,10 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         """Option checks that need no model and no data loading; ValueError names the option."""
-        for name in ("epochs", "batch_size", "accum_iter", "keep_last"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{option_name(name)}: must be a positive integer, got {value!r}")
-        for name in ("img_size", "train_subset", "val_subset"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{option_name(name)}: must be a positive integer, got {value!r}")
-        for name in ("blr", "lr", "clip_grad"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{option_name(name)}: must be a positive number, got {value!r}")
-        for name in ("warmup_epochs", "min_lr", "weight_decay", "mixup", "cutmix"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{option_name(name)}: must be a number >= 0, got {value!r}")
-        for name, lo, hi, closed in (("layer_decay", 0.0, 1.0, True), ("drop_path", 0.0, 1.0, False),
-                                     ("smoothing", 0.0, 1.0, False), ("reprob", 0.0, 1.0, True),
-                                     ("mixup_prob", 0.0, 1.0, True), ("mixup_switch_prob", 0.0, 1.0, True)):
-            value = getattr(self, name)
-            ok = (lo < value <= hi) if name == "layer_decay" else (lo <= value <= hi if closed else lo <= value < hi)
-            if not ok:
-                rng = "(0, 1]" if name == "layer_decay" else ("[0, 1]" if closed else "[0, 1)")
-                raise ValueError(f"{option_name(name)}: must be in {rng}, got {value!r}")
-        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
-            raise ValueError(f"--crop-pct: must be in (0, 1], got {self.crop_pct!r}")
-        if self.mixup_mode not in MIXUP_MODES:
-            raise ValueError(f"--mixup-mode: expected one of {', '.join(MIXUP_MODES)}, got {self.mixup_mode!r}")
+        check_fields(self)
         if self.mixup_active and self.batch_size % 2:
             raise ValueError(f"--batch-size: Mixup/CutMix needs an even batch size, got {self.batch_size} "
                              "(or set --mixup 0 --cutmix 0)")
-        if self.num_workers < 0:
-            raise ValueError(f"--num-workers: must be >= 0, got {self.num_workers!r}")
-        if self.seed < 0:
-            raise ValueError(f"--seed: must be an integer >= 0, got {self.seed!r}")
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"--amp: expected one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         if self.aa.lower() not in NO_AUGMENT:
             try:
                 finetune_train_transform(32, aa=self.aa, reprob=0.0)
@@ -131,8 +101,6 @@ class FinetuneConfig:
                 parse_model_name(self.model)
             except ValueError as e:
                 raise ValueError(f"--model: {e}") from None
-        if self.basemodel is not None and self.basemodel not in REGISTRY:
-            raise ValueError(f"--basemodel: unknown base model {self.basemodel!r}; expected one of {sorted(REGISTRY)}")
         if Path(self.run_dir).exists() and not Path(self.run_dir).is_dir():
             raise ValueError(f"--run-dir: {self.run_dir} exists and is not a folder")
         self._validate_sources()

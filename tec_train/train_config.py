@@ -5,14 +5,13 @@ options on resume) --> **TrainConfig** --> ``validate`` (no model, no data read)
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tec_cache.basemodels import REGISTRY
+from tec_cache.config import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, WORKERS, check_fields, flag_name,
+                              in_range, option, recipe_option)
 
-from .harness.run_dir import option_name
 from .harness.runtime import AMP_MODES
 from .objectives import OBJECTIVES
 from .student import parse_model_name
@@ -22,50 +21,56 @@ VIEW_ORDERS = ("cycle", "permute")
 
 @dataclass
 class TrainConfig:
-    """Every option of ``tec-train run``; field ``foo_bar`` is the option ``--foo-bar``."""
+    """Every option of ``tec-train run``; field ``foo_bar`` is the option ``--foo-bar`` and the key
+    ``foo_bar`` of a pipeline's [pretrain] table. Each field declares its default, bound and help
+    once (tec_cache.config.option); the CLI's help and ``validate`` read them from here."""
 
-    run_dir: str
-    # tec: predict a base model's targets (from --cache or online); mae: plain MAE on --data pixels.
-    objective: str = "tec"
-    cache: str | None = None
-    # Online mode (the base model runs inside the step), options as in tec-cache build.
-    online_basemodel: str | None = None
-    checkpoint: str | None = None
-    data: str | None = None
-    arch: str | None = None
-    topk: int | None = None
-    tau: float | None = None
-    last_layers: int | None = None
-    base_depth: int | None = None
+    run_dir: str = option(help="Run folder: checkpoints, metrics.jsonl, config.json. Re-running resumes it.")
+    # The target source: a cache, online (a target recipe, as tec-cache build takes it), or pixels.
+    objective: str = option("tec", "tec: learn a base model's targets (--cache or online) | mae: plain MAE on "
+                            "--data pixels, to make a base model from scratch", choices=tuple(OBJECTIVES))
+    cache: str | None = option(None, "Stage-1 cache folder to train from.")
+    online_basemodel: str | None = recipe_option("basemodel", "Online mode, the base model run inside the step: ")
+    checkpoint: str | None = option(None, "Online mode: the base model's local weights.")
+    data: str | None = option(None, "Online mode and --objective mae: ImageNet-style folder or folder of WebDataset .tar shards.")
+    arch: str | None = recipe_option("arch", "Online mode: ")
+    topk: int | None = recipe_option("topk", "Online mode: ")
+    tau: float | None = recipe_option("tau", "Online mode: ")
+    last_layers: int | None = recipe_option("last_layers", "Online mode: ")
+    base_depth: int | None = recipe_option("depth", "Online mode: ")
     # Student.
-    model: str = "vit_base_patch16"
-    depth: int | None = None
-    img_size: int | None = None
-    patch_size: int | None = None
-    mask_ratio: float = 0.75
-    init_from: str | None = None
+    model: str = option("vit_base_patch16", "Student size, timm-style: vit_tiny_patch16, vit_small_patch16, "
+                        "vit_base_patch16, vit_large_patch16, ...")
+    depth: int | None = option(None, "Override the student's depth (tiny CPU models).", check=POSITIVE_INT)
+    img_size: int | None = option(None, "Image size", check=POSITIVE_INT, default_text="the cache's view size; 224 online")
+    patch_size: int | None = option(None, "Patch size", check=POSITIVE_INT, default_text="the --model name's")
+    mask_ratio: float = option(0.75, "Fraction of patches masked", check=in_range(0.0, 1.0, hi_open=True))
+    init_from: str | None = option(None, "Start from a TEC pretraining checkpoint ({'model': ...}, reference or "
+                                   "ours), loaded strictly.")
     # Optimisation (spec 4).
-    epochs: int = 300
-    warmup_epochs: float = 40.0
-    batch_size: int = 256
-    accum_iter: int = 1
-    blr: float = 1.5e-4
-    lr: float | None = None
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    clip_grad: float | None = None
-    seed: int = 0
+    epochs: int = option(300, "Epochs; may be raised when resuming, to extend the run", check=POSITIVE_INT)
+    warmup_epochs: float = option(40.0, "Linear warm-up epochs, clipped to --epochs", check=NON_NEGATIVE)
+    batch_size: int = option(256, "Micro-batch per process", check=POSITIVE_INT)
+    accum_iter: int = option(1, "Micro-batches per optimizer step", check=POSITIVE_INT)
+    blr: float = option(1.5e-4, "Base lr: lr = blr x effective batch / 256", check=POSITIVE)
+    lr: float | None = option(None, "Absolute peak lr (overrides --blr).", check=POSITIVE)
+    min_lr: float = option(0.0, "Final lr of the cosine", check=NON_NEGATIVE)
+    weight_decay: float = option(0.05, "AdamW weight decay", check=NON_NEGATIVE)
+    clip_grad: float | None = option(None, "Clip the gradient norm to this", check=POSITIVE,
+                                     default_text="off, as the reference")
+    seed: int = option(0, "Seed of initialisation, shuffling and masks", check=SEED)
     # Loader.
-    num_workers: int = 4
-    view_order: str = "cycle"
+    num_workers: int = option(4, "Loader worker processes per rank", check=WORKERS)
+    view_order: str = option("cycle", "Which cached view-epoch epoch e reads: cycle (e mod K) | permute",
+                             choices=VIEW_ORDERS)
     # Run control.
-    ckpt_every: int = 1000
-    keep_last: int = 3
-    log_every: int = 20
-    max_steps: int | None = None
-    device: str = "auto"
-    amp: str = "auto"
-    compile: bool = False
+    ckpt_every: int = option(1000, "Checkpoint every N steps (and at every epoch end)", check=POSITIVE_INT)
+    keep_last: int = option(3, "Checkpoints kept", check=POSITIVE_INT)
+    log_every: int = option(20, "Metrics record every N steps", check=POSITIVE_INT)
+    max_steps: int | None = option(None, "Stop after this many optimizer steps in total.", check=POSITIVE_INT)
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    amp: str = option("auto", "auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off", choices=AMP_MODES)
+    compile: bool = option(False, "torch.compile the student (CUDA only).")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,35 +81,7 @@ class TrainConfig:
 
     def validate(self, external_source: bool = False) -> None:
         """Option checks that need no model and no data; ValueError names the option."""
-        positive = ("epochs", "batch_size", "accum_iter", "ckpt_every", "keep_last", "log_every")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{option_name(name)}: must be a positive integer, got {value!r}")
-        for name in ("depth", "img_size", "patch_size", "max_steps", "topk", "last_layers", "base_depth"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{option_name(name)}: must be a positive integer, got {value!r}")
-        for name in ("blr", "lr", "clip_grad", "tau"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{option_name(name)}: must be a positive number, got {value!r}")
-        for name in ("warmup_epochs", "min_lr", "weight_decay"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{option_name(name)}: must be a number >= 0, got {value!r}")
-        if not 0 <= self.mask_ratio < 1:
-            raise ValueError(f"--mask-ratio: must be in [0, 1), got {self.mask_ratio!r}")
-        if self.num_workers < 0:
-            raise ValueError(f"--num-workers: must be >= 0, got {self.num_workers!r}")
-        if self.seed < 0:
-            raise ValueError(f"--seed: must be an integer >= 0, got {self.seed!r}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"--objective: expected one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"--amp: expected one of {', '.join(AMP_MODES)}, got {self.amp!r}")
-        if self.view_order not in VIEW_ORDERS:
-            raise ValueError(f"--view-order: expected one of {', '.join(VIEW_ORDERS)}, got {self.view_order!r}")
+        check_fields(self)
         try:
             parse_model_name(self.model)
         except ValueError as e:
@@ -121,7 +98,7 @@ class TrainConfig:
             targets = [n for n in ("cache", "online_basemodel", "arch", "checkpoint", "topk", "tau", "last_layers", "base_depth")
                        if getattr(self, n) is not None]
             if targets:
-                raise ValueError(f"{option_name(targets[0])}: --objective mae learns from pixels; it takes --data only, no base model or cache")
+                raise ValueError(f"{flag_name(targets[0])}: --objective mae learns from pixels; it takes --data only, no base model or cache")
             if self.data is None or not Path(self.data).exists():
                 raise ValueError(f"--data: --objective mae needs an image folder or .tar shards, got {self.data!r}")
             return
@@ -135,12 +112,10 @@ class TrainConfig:
             raise ValueError("one of --cache CACHE or --online-basemodel NAME (or --arch TIMM_NAME) is required")
         if self.cache is not None:
             if online_only:
-                raise ValueError(f"{option_name(online_only[0])}: only for online mode (--online-basemodel), not with --cache")
+                raise ValueError(f"{flag_name(online_only[0])}: only for online mode (--online-basemodel), not with --cache")
             if not Path(self.cache).is_dir():
                 raise ValueError(f"--cache: no such cache folder {self.cache}")
             return
-        if self.online_basemodel is not None and self.online_basemodel not in REGISTRY:
-            raise ValueError(f"--online-basemodel: unknown base model {self.online_basemodel!r}; expected one of {sorted(REGISTRY)}")
         if self.checkpoint is None or not Path(self.checkpoint).is_file():
             raise ValueError(f"--checkpoint: online mode needs the base model's weights file, got {self.checkpoint!r}")
         if self.data is None or not Path(self.data).exists():

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tec_cache.config import flag_name
 from tec_cache.format.fs import write_json_atomic
 
 from .checkpoints import CheckpointKind, latest_checkpoint, load_checkpoint, remove_stale_temp_files
@@ -25,11 +26,6 @@ CONFIG_NAME = "config.json"
 EXTENDABLE = "epochs"
 
 C = TypeVar("C")
-
-
-def option_name(field: str) -> str:
-    """The command-line spelling of a config field: ``foo_bar`` -> ``--foo-bar``."""
-    return "--" + field.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -74,11 +70,11 @@ def check_options(stored: dict[str, Any], current: dict[str, Any], ckpt: Path, k
                 extension = Extension(stored[name], value)
                 continue
             raise ResumeError(
-                f"{option_name(name)}: the {kind.label} in {ckpt.parent} has {stored[name]!r} epochs, now {value!r}; "
+                f"{flag_name(name)}: the {kind.label} in {ckpt.parent} has {stored[name]!r} epochs, now {value!r}; "
                 "a run dir can be extended (a larger --epochs) but not shortened (use a new --run-dir)"
             )
         raise ResumeError(
-            f"{option_name(name)}: the {kind.label} in {ckpt.parent} was started with {stored[name]!r}, now {value!r}; "
+            f"{flag_name(name)}: the {kind.label} in {ckpt.parent} was started with {stored[name]!r}, now {value!r}; "
             f"a run dir resumes only with the same settings ({kind.fresh_start.format(ckpt=ckpt)})"
         )
     return extension
