@@ -77,12 +77,10 @@ def option(default: Any = _MISSING, help: str = "", *, check: Check | None = Non
     return dataclasses.field(default=default, metadata=meta)
 
 
-def recipe_option(name: str, prefix: str = "") -> Any:
-    """A field that is TargetRecipe's field ``name`` under another config (online mode takes the
+def option_like(cls: type, name: str, prefix: str = "") -> Any:
+    """A field that is ``cls``'s field ``name`` under another config (online mode takes the target
     recipe's options): the same bound and help, default None, so the declaration stays in one place."""
-    from tec_cache.basemodels import TargetRecipe
-
-    f = _field(TargetRecipe, name)
+    f = _field(cls, name)
     return option(None, prefix + f.metadata["help"], check=f.metadata["check"], choices=f.metadata["choices"],
                   default_text=f.metadata["default_text"])
 

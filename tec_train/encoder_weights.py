@@ -25,7 +25,7 @@ from timm.layers import resample_abs_pos_embed
 
 from .harness.checkpoints import latest_checkpoint, load_checkpoint
 from .harness.errors import CheckpointError
-from .export import CONFIG_KEYS, export_state_dict, load_tec_checkpoint, timm_model_name
+from .student_to_timm import CONFIG_KEYS, export_state_dict, load_tec_checkpoint, timm_model_name
 from .student import MODEL_SIZES, parse_model_name
 
 SOURCE_KINDS = ("export", "run", "reference", "basemodel")

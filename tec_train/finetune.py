@@ -33,7 +33,7 @@ from tec_cache.format.fs import write_json_atomic
 from .augment import finetune_train_transform
 from .encoder_weights import EncoderWeights, build_vit, load_state_strict, read_encoder_weights
 from .evaluate import eval_transform
-from .export import CONFIG_KEYS
+from .student_to_timm import CONFIG_KEYS
 from .finetune_config import MIXUP_MODES, MUTABLE_ON_RESUME, FinetuneConfig
 from .harness import (FINETUNE, Reporter, Resume, RunKind, RunState, Runtime, agree_on_position, append_metrics,
                       find_resume, open_run_dir, run_config, seed_rank)

@@ -27,7 +27,7 @@ import torch
 from tec_cache.dist import explain_peer_loss
 from tec_cache.faults import fault_point
 
-from .export import load_tec_checkpoint
+from .student_to_timm import load_tec_checkpoint
 from .harness import (PRETRAIN, Reporter, Resume, RunKind, RunState, Runtime, agree_on_position, append_metrics,
                       find_resume, open_run_dir, run_config, seed_rank)
 from .harness import config_for_run_dir as _config_for_run_dir

@@ -9,14 +9,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tec_cache.basemodels import TargetRecipe
 from tec_cache.config import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, WORKERS, check_fields, flag_name,
-                              in_range, option, recipe_option)
+                              in_range, option, option_like)
 
 from .harness.runtime import AMP_MODES
-from .objectives import OBJECTIVES
 from .student import parse_model_name
 
 VIEW_ORDERS = ("cycle", "permute")
+# The objectives.OBJECTIVES names (that module builds them; it reads this config, so the names are
+# stated here and a test holds the two equal).
+OBJECTIVE_NAMES = ("tec", "mae")
 
 
 @dataclass
@@ -28,16 +31,16 @@ class TrainConfig:
     run_dir: str = option(help="Run folder: checkpoints, metrics.jsonl, config.json. Re-running resumes it.")
     # The target source: a cache, online (a target recipe, as tec-cache build takes it), or pixels.
     objective: str = option("tec", "tec: learn a base model's targets (--cache or online) | mae: plain MAE on "
-                            "--data pixels, to make a base model from scratch", choices=tuple(OBJECTIVES))
+                            "--data pixels, to make a base model from scratch", choices=OBJECTIVE_NAMES)
     cache: str | None = option(None, "Stage-1 cache folder to train from.")
-    online_basemodel: str | None = recipe_option("basemodel", "Online mode, the base model run inside the step: ")
+    online_basemodel: str | None = option_like(TargetRecipe, "basemodel", "Online mode, the base model run inside the step: ")
     checkpoint: str | None = option(None, "Online mode: the base model's local weights.")
     data: str | None = option(None, "Online mode and --objective mae: ImageNet-style folder or folder of WebDataset .tar shards.")
-    arch: str | None = recipe_option("arch", "Online mode: ")
-    topk: int | None = recipe_option("topk", "Online mode: ")
-    tau: float | None = recipe_option("tau", "Online mode: ")
-    last_layers: int | None = recipe_option("last_layers", "Online mode: ")
-    base_depth: int | None = recipe_option("depth", "Online mode: ")
+    arch: str | None = option_like(TargetRecipe, "arch", "Online mode: ")
+    topk: int | None = option_like(TargetRecipe, "topk", "Online mode: ")
+    tau: float | None = option_like(TargetRecipe, "tau", "Online mode: ")
+    last_layers: int | None = option_like(TargetRecipe, "last_layers", "Online mode: ")
+    base_depth: int | None = option_like(TargetRecipe, "depth", "Online mode: ")
     # Student.
     model: str = option("vit_base_patch16", "Student size, timm-style: vit_tiny_patch16, vit_small_patch16, "
                         "vit_base_patch16, vit_large_patch16, ...")

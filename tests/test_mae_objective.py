@@ -122,3 +122,10 @@ def test_mae_option_errors(data: Path, tmp_path: Path, args: list[str], expected
     assert r.exit_code == 2, r.output
     assert expected in " ".join(r.output.split()), r.output
     assert not (tmp_path / "run").exists()
+
+
+def test_every_objective_is_an_option_of_run() -> None:
+    from tec_train.objectives import OBJECTIVES
+    from tec_train.train_config import OBJECTIVE_NAMES
+
+    assert tuple(OBJECTIVES) == OBJECTIVE_NAMES
