@@ -77,6 +77,67 @@ def option(default: Any = _MISSING, help: str = "", *, check: Check | None = Non
     return dataclasses.field(default=default, metadata=meta)
 
 
+def group(cls: type, help: str = "") -> Any:
+    """A nested component of a config (e.g. the optimiser's options): its own dataclass of
+    ``option`` fields, default-constructed. On the command line, in pipeline tables and in a run's
+    stored options its fields stay flat (``--epochs``, not ``--optim.epochs``), so field names are
+    unique across a config's components."""
+    return dataclasses.field(default_factory=cls, metadata={"group": True, "help": help})
+
+
+def is_group(f: dataclasses.Field) -> bool:
+    return bool(f.metadata.get("group"))
+
+
+def flat_fields(cls: Any) -> list[dataclasses.Field]:
+    """The option fields of a config class (or instance), its components' fields in place."""
+    cls = cls if isinstance(cls, type) else type(cls)
+    out: list[dataclasses.Field] = []
+    for f in fields(cls):
+        if is_group(f):
+            out.extend(flat_fields(f.default_factory))  # type: ignore[arg-type, misc]
+        else:
+            out.append(f)
+    return out
+
+
+def flat_values(config: Any) -> dict[str, Any]:
+    """``{option name: value}`` of a config, components flattened: what a run stores and compares."""
+    out: dict[str, Any] = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        out.update(flat_values(value) if is_group(f) else {f.name: value})
+    return out
+
+
+def nested_config(cls: type[C]) -> type[C]:
+    """A dataclass with ``group`` components, built from flat option names: ``TrainConfig(run_dir=R,
+    epochs=2)`` puts ``epochs`` in the component that declares it (a whole component may be passed
+    by its own name too). What reads the config names the component: ``cfg.optim.epochs``."""
+    cls = dataclass(cls, init=False)  # type: ignore[assignment]
+    clash = {f.name for f in fields(cls) if is_group(f)} & set(field_names(cls))  # type: ignore[arg-type]
+    if clash:
+        raise TypeError(f"{cls.__name__}: component names {sorted(clash)} are also option names")
+
+    def __init__(self: Any, **values: Any) -> None:
+        for f in fields(cls):  # type: ignore[arg-type]
+            if is_group(f):
+                names = {g.name for g in flat_fields(f.default_factory)}  # type: ignore[arg-type]
+                base = values.pop(f.name) if f.name in values else f.default_factory()  # type: ignore[misc]
+                setattr(self, f.name, dataclasses.replace(base, **{k: values.pop(k) for k in list(values) if k in names}))
+            elif f.name in values:
+                setattr(self, f.name, values.pop(f.name))
+            elif f.default is not _MISSING:
+                setattr(self, f.name, f.default)
+            else:
+                raise TypeError(f"{cls.__name__}: missing option {f.name!r}")
+        if values:
+            raise TypeError(f"{cls.__name__} has no option {sorted(values)}")
+
+    cls.__init__ = __init__  # type: ignore[misc]
+    return cls
+
+
 def option_like(cls: type, name: str, prefix: str = "") -> Any:
     """A field that is ``cls``'s field ``name`` under another config (online mode takes the target
     recipe's options): the same bound and help, default None, so the declaration stays in one place."""
@@ -91,7 +152,7 @@ def flag_name(name: str) -> str:
 
 
 def _field(cls: type, name: str) -> dataclasses.Field:
-    for f in fields(cls):
+    for f in flat_fields(cls):
         if f.name == name:
             return f
     raise KeyError(f"{cls.__name__} has no field {name!r}")
@@ -120,10 +181,11 @@ def help_for(cls: type, name: str, extra: str = "") -> str:
 def check_fields(config: Any, names: Iterable[str] | None = None) -> None:
     """Every field's declared bound; ConfigError names the first option out of bounds."""
     wanted = None if names is None else set(names)
-    for f in fields(config):
+    values = flat_values(config)
+    for f in flat_fields(config):
         if wanted is not None and f.name not in wanted:
             continue
-        value = getattr(config, f.name)
+        value = values[f.name]
         if value is None and (f.default is None or f.default is _MISSING):
             continue
         check, choices = f.metadata.get("check"), f.metadata.get("choices")
@@ -134,7 +196,8 @@ def check_fields(config: Any, names: Iterable[str] | None = None) -> None:
 
 
 def field_names(cls: type) -> list[str]:
-    return [f.name for f in fields(cls)]
+    """The option names of a config class, components flattened."""
+    return [f.name for f in flat_fields(cls)]
 
 
 def check_table(table: Mapping[str, Any], allowed: Iterable[str], where: str) -> dict[str, Any]:
@@ -157,7 +220,7 @@ def override(config: C, flags: Mapping[str, Any], table: Mapping[str, Any] | Non
     names = field_names(type(config))
     changes = check_table(table or {}, names, where)
     changes.update({k: v for k, v in flags.items() if v is not None})
-    return dataclasses.replace(config, **changes)  # type: ignore[type-var]
+    return type(config)(**{**flat_values(config), **changes})
 
 
 def config_table(config: Any, title: str, skip: Iterable[str] = ()) -> Table:
@@ -166,10 +229,11 @@ def config_table(config: Any, title: str, skip: Iterable[str] = ()) -> Table:
     t.add_column("option")
     t.add_column("value")
     skipped = set(skip)
-    for f in fields(config):
+    values = flat_values(config)
+    for f in flat_fields(config):
         if f.name in skipped:
             continue
-        value = getattr(config, f.name)
+        value = values[f.name]
         shown = "-" if value is None else escape(_show(value))
         if f.default is not _MISSING and value != f.default:
             shown = f"[bold]{shown}[/]"

@@ -182,64 +182,64 @@ class Finetuner:
     def __init__(self, cfg: FinetuneConfig, reporter: Reporter | None = None) -> None:
         cfg.validate()
         self.cfg = cfg
-        self.runtime = Runtime(cfg.device, cfg.amp)
+        self.runtime = Runtime(cfg.run.device, cfg.run.amp)
         self.info, self.device, self.amp = self.runtime.info, self.runtime.device, self.runtime.amp
         self.reporter = reporter if (reporter is not None and self.info.is_main) else Reporter()
         self.run_dir = Path(cfg.run_dir)
         self.resume: Resume | None = find_resume(self.run_dir, FINETUNE_RUN, cfg.to_json(), self.info.world_size)
         self.resumed_from = self.resume.path if self.resume is not None else None
         # Data and encoder are opened before any training work, so their errors come first too.
-        self.weights = read_encoder_weights(Path(cfg.encoder_path), model=cfg.model, basemodel=cfg.basemodel,
-                                            arch=cfg.arch, img_size=cfg.img_size)
+        self.weights = read_encoder_weights(Path(cfg.encoder.path), model=cfg.encoder.model, basemodel=cfg.encoder.basemodel,
+                                            arch=cfg.encoder.arch, img_size=cfg.classifier.img_size)
         self.img_size = int(self.weights.config["img_size"])
-        self.crop_pct = cfg.crop_pct if cfg.crop_pct is not None else DEFAULT_CROP_PCT[
-            "image_folder" if cfg.data is not None else "fashion_mnist"]
+        self.crop_pct = cfg.labelled.crop_pct if cfg.labelled.crop_pct is not None else DEFAULT_CROP_PCT[
+            "image_folder" if cfg.labelled.data is not None else "fashion_mnist"]
         self.splits = self._open_data()
-        self.eff_batch = cfg.batch_size * cfg.accum_iter * self.info.world_size
+        self.eff_batch = cfg.optim.batch_size * cfg.optim.accum_iter * self.info.world_size
         per_rank = len(self.splits.train) // self.info.world_size  # type: ignore[arg-type]
-        self.micro_batches_per_epoch = per_rank // cfg.batch_size  # drop_last, as the reference
+        self.micro_batches_per_epoch = per_rank // cfg.optim.batch_size  # drop_last, as the reference
         # An incomplete last accumulation window is not run (its gradient would be discarded anyway).
-        self.micro_batches_run_per_epoch = self.micro_batches_per_epoch // cfg.accum_iter * cfg.accum_iter
+        self.micro_batches_run_per_epoch = self.micro_batches_per_epoch // cfg.optim.accum_iter * cfg.optim.accum_iter
         if self.micro_batches_run_per_epoch == 0:
-            raise ValueError(f"--batch-size {cfg.batch_size} x --accum-iter {cfg.accum_iter}: more than the "
+            raise ValueError(f"--batch-size {cfg.optim.batch_size} x --accum-iter {cfg.optim.accum_iter}: more than the "
                              f"{per_rank} training images of each of {self.info.world_size} process(es)")
         self.extended: list[dict[str, int]] = []
 
     def _open_data(self) -> LabelledSplits:
         cfg = self.cfg
-        train_tf = finetune_train_transform(self.img_size, aa=cfg.aa, reprob=cfg.reprob)
-        return open_labelled(data=Path(cfg.data) if cfg.data else None,
-                             fashion_mnist_dir=Path(cfg.fashion_mnist) if cfg.fashion_mnist else None,
+        train_tf = finetune_train_transform(self.img_size, aa=cfg.augment.aa, reprob=cfg.augment.reprob)
+        return open_labelled(data=Path(cfg.labelled.data) if cfg.labelled.data else None,
+                             fashion_mnist_dir=Path(cfg.labelled.fashion_mnist) if cfg.labelled.fashion_mnist else None,
                              train_transform=train_tf, val_transform=eval_transform(self.img_size, self.crop_pct),
-                             train_subset=cfg.train_subset, val_subset=cfg.val_subset, subset_seed=cfg.seed)
+                             train_subset=cfg.labelled.train_subset, val_subset=cfg.labelled.val_subset, subset_seed=cfg.optim.seed)
 
     # ---- setup --------------------------------------------------------------------------------
     def _setup(self) -> tuple[int, float, int]:
         cfg, info = self.cfg, self.info
-        torch.manual_seed(cfg.seed)  # same initial head on every rank (DDP would broadcast rank 0's anyway)
-        self.net, model_facts = build_finetune_model(self.weights, self.splits.num_classes, global_pool=cfg.global_pool,
-                                                     drop_path=cfg.drop_path, mlp_token=cfg.mlp_token)
+        torch.manual_seed(cfg.optim.seed)  # same initial head on every rank (DDP would broadcast rank 0's anyway)
+        self.net, model_facts = build_finetune_model(self.weights, self.splits.num_classes, global_pool=cfg.classifier.global_pool,
+                                                     drop_path=cfg.classifier.drop_path, mlp_token=cfg.encoder.mlp_token)
         self.net.to(self.device)
         # Per-rank streams for augmentation and mixup, as the reference seeds with seed + rank.
-        seed_rank(cfg.seed, info.rank)
-        self.loader_gen = torch.Generator().manual_seed(cfg.seed + info.rank)  # loader worker seeds
-        self.peak_lr = cfg.lr if cfg.lr is not None else absolute_lr(cfg.blr, self.eff_batch)
+        seed_rank(cfg.optim.seed, info.rank)
+        self.loader_gen = torch.Generator().manual_seed(cfg.optim.seed + info.rank)  # loader worker seeds
+        self.peak_lr = cfg.optim.lr if cfg.optim.lr is not None else absolute_lr(cfg.optim.blr, self.eff_batch)
         # An extended run builds the schedule of its new total: the lr follows it from the resumed epoch on.
-        self.schedule = WarmupCosine(self.peak_lr, cfg.min_lr, min(cfg.warmup_epochs, cfg.epochs), cfg.epochs)
-        self.optimizer = torch.optim.AdamW(param_groups_layer_decay(self.net, cfg.weight_decay, cfg.layer_decay),
+        self.schedule = WarmupCosine(self.peak_lr, cfg.optim.min_lr, min(cfg.optim.warmup_epochs, cfg.optim.epochs), cfg.optim.epochs)
+        self.optimizer = torch.optim.AdamW(param_groups_layer_decay(self.net, cfg.optim.weight_decay, cfg.optim.layer_decay),
                                            lr=self.peak_lr)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
         self.state = RunState(self.net, self.optimizer, self.scaler, self.loader_gen)
-        self.mixup_fn = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                               switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
-                               num_classes=self.splits.num_classes) if cfg.mixup_active else None)
+        self.mixup_fn = (Mixup(mixup_alpha=cfg.augment.mixup, cutmix_alpha=cfg.augment.cutmix, prob=cfg.augment.mixup_prob,
+                               switch_prob=cfg.augment.mixup_switch_prob, mode=cfg.augment.mixup_mode, label_smoothing=cfg.augment.smoothing,
+                               num_classes=self.splits.num_classes) if cfg.augment.mixup_active else None)
         if self.mixup_fn is not None:
             self.criterion: nn.Module = SoftTargetCrossEntropy()  # smoothing is inside the mixed targets
-        elif cfg.smoothing > 0:
-            self.criterion = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
+        elif cfg.augment.smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(smoothing=cfg.augment.smoothing)
         else:
             self.criterion = nn.CrossEntropyLoss()
-        steps_per_epoch = self.micro_batches_run_per_epoch // cfg.accum_iter
+        steps_per_epoch = self.micro_batches_run_per_epoch // cfg.optim.accum_iter
         self.resolved = {
             "world_size": info.world_size, "eff_batch": self.eff_batch, "lr": self.peak_lr,
             "warmup_epochs": self.schedule.warmup_epochs, "steps_per_epoch": self.micro_batches_per_epoch,
@@ -260,12 +260,12 @@ class Finetuner:
         self.model: Any = self.runtime.wrap(self.net)
         pin = self.device.type == "cuda"
         self.sampler = DistributedSampler(self.splits.train, num_replicas=info.world_size, rank=info.rank,
-                                          shuffle=True, seed=cfg.seed)
-        self.train_loader = DataLoader(self.splits.train, batch_size=cfg.batch_size, sampler=self.sampler,
-                                       num_workers=cfg.num_workers, pin_memory=pin, drop_last=True,
+                                          shuffle=True, seed=cfg.optim.seed)
+        self.train_loader = DataLoader(self.splits.train, batch_size=cfg.optim.batch_size, sampler=self.sampler,
+                                       num_workers=cfg.labelled.num_workers, pin_memory=pin, drop_last=True,
                                        generator=self.loader_gen, persistent_workers=False)
-        self.val_loader = DataLoader(_split_for_rank(self.splits.val, info), batch_size=cfg.batch_size, shuffle=False,
-                                     num_workers=cfg.num_workers, pin_memory=pin)
+        self.val_loader = DataLoader(_split_for_rank(self.splits.val, info), batch_size=cfg.optim.batch_size, shuffle=False,
+                                     num_workers=cfg.labelled.num_workers, pin_memory=pin)
         if info.is_main:
             # A checkpoint before epoch E has seen the records of epochs up to E - 1.
             open_run_dir(self.run_dir, FINETUNE_RUN, start_epoch - 1, self._config())
@@ -291,7 +291,7 @@ class Finetuner:
         for images, target in self.train_loader:
             if it >= micro_batches_run:
                 break  # an incomplete last window is not run (its gradient would be discarded anyway)
-            if it % cfg.accum_iter == 0:
+            if it % cfg.optim.accum_iter == 0:
                 lr = self.schedule(it / micro_batches + epoch)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr * g["lr_scale"]
@@ -299,7 +299,7 @@ class Finetuner:
             target = target.to(self.device, non_blocking=True)  # [B]
             if self.mixup_fn is not None:
                 images, target = self.mixup_fn(images, target)  # target [B, K] soft
-            sync = (it + 1) % cfg.accum_iter == 0
+            sync = (it + 1) % cfg.optim.accum_iter == 0
             no_sync = self.model.no_sync() if (self.runtime.distributed and not sync) else contextlib.nullcontext()
             with no_sync:
                 with self.runtime.autocast():
@@ -309,11 +309,11 @@ class Finetuner:
                 value, = self.runtime.all_sum([loss.item()])
                 if not math.isfinite(value):
                     raise NonFiniteLossError(f"non-finite loss {value} at epoch {epoch}, micro-batch {it}")
-                self.scaler.scale(loss / cfg.accum_iter).backward()
+                self.scaler.scale(loss / cfg.optim.accum_iter).backward()
             if sync:
-                if cfg.clip_grad is not None:
+                if cfg.optim.clip_grad is not None:
                     self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.clip_grad)
+                    torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.optim.clip_grad)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -324,7 +324,7 @@ class Finetuner:
             self.reporter.advance(epoch * micro_batches_run + it)
         seconds = time.perf_counter() - t0
         return {"train_loss": loss_sum / max(n, 1), "lr": lr, "train_seconds": seconds,
-                "images_per_s": n * cfg.batch_size * self.info.world_size / max(seconds, 1e-12)}
+                "images_per_s": n * cfg.optim.batch_size * self.info.world_size / max(seconds, 1e-12)}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -350,7 +350,7 @@ class Finetuner:
 
     def _save(self, next_epoch: int, best: float, best_epoch: int) -> Path | None:
         position = {"epoch": next_epoch, "best_top1": best, "best_epoch": best_epoch, "config": self._config()}
-        return self.state.save(self.runtime, self.run_dir, FINETUNE_RUN, next_epoch, self.cfg.keep_last, position)
+        return self.state.save(self.runtime, self.run_dir, FINETUNE_RUN, next_epoch, self.cfg.run.keep_last, position)
 
     def run(self) -> FinetuneResult:
         cfg = self.cfg
@@ -359,9 +359,9 @@ class Finetuner:
         best, best_epoch = -1.0, -1
         try:
             start_epoch, best, best_epoch = self._setup()
-            self.reporter.start(total=cfg.epochs * self.micro_batches_run_per_epoch,
+            self.reporter.start(total=cfg.optim.epochs * self.micro_batches_run_per_epoch,
                                 done=start_epoch * self.micro_batches_run_per_epoch, summary=self.resolved)
-            for epoch in range(start_epoch, cfg.epochs):
+            for epoch in range(start_epoch, cfg.optim.epochs):
                 train_stats = self._train_epoch(epoch)
                 test = self.evaluate()
                 if test["test_top1"] > best:
@@ -373,7 +373,7 @@ class Finetuner:
                 records.append(record)
                 self._save(epoch + 1, best, best_epoch)
                 self.reporter.record(record)
-            epoch = max(cfg.epochs, start_epoch)
+            epoch = max(cfg.optim.epochs, start_epoch)
         finally:
             self.reporter.finish()
             self.runtime.leave()

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from tec_cache.basemodels import resolve_spec
 from tec_cache.dist import DistInfo
 from tec_cache.format.manifest import ManifestError, load_manifest
 from tec_cache.images import open_source
@@ -26,8 +25,8 @@ if TYPE_CHECKING:
 
 def student_geometry(cfg: TrainConfig, default_img: int) -> tuple[int, int]:
     """(img_size, patch_size) of the student: options, else the source's image size and the name's patch."""
-    _, name_patch = parse_model_name(cfg.model)
-    return cfg.img_size or default_img, cfg.patch_size or name_patch
+    _, name_patch = parse_model_name(cfg.student.model)
+    return cfg.student.img_size or default_img, cfg.student.patch_size or name_patch
 
 
 def check_geometry(student: tuple[int, int], targets: tuple[int, int], what: str) -> None:
@@ -45,9 +44,9 @@ def check_geometry(student: tuple[int, int], targets: tuple[int, int], what: str
 
 
 def _model_overrides(cfg: TrainConfig) -> dict[str, Any]:
-    overrides: dict[str, Any] = {"mask_ratio": cfg.mask_ratio}
-    if cfg.depth is not None:
-        overrides["depth"] = cfg.depth
+    overrides: dict[str, Any] = {"mask_ratio": cfg.student.mask_ratio}
+    if cfg.student.depth is not None:
+        overrides["depth"] = cfg.student.depth
     return overrides
 
 
@@ -83,34 +82,33 @@ class TECObjective(Objective):
     terms = ("loss", "loss_fea", "loss_att")
 
     def open_feed(self, cfg: TrainConfig, info: DistInfo, device: torch.device, amp: str) -> TargetFeed:
-        if cfg.cache is not None:
+        if cfg.targets.cache is not None:
             from .cache_loader import check_compatibility
 
             try:
-                manifest = load_manifest(Path(cfg.cache))
+                manifest = load_manifest(Path(cfg.targets.cache))
             except ManifestError as e:
                 raise ValueError(f"--cache: {e}") from None
             img, patch = student_geometry(cfg, manifest.geometry.img_size)
             check_compatibility(manifest, img_size=img, patch_size=patch)
-            return CacheTargetFeed(manifest, batch_size=cfg.batch_size, rank=info.rank, world_size=info.world_size,
-                                   num_workers=cfg.num_workers, seed=cfg.seed, view_order=cfg.view_order,
+            return CacheTargetFeed(manifest, batch_size=cfg.optim.batch_size, rank=info.rank, world_size=info.world_size,
+                                   num_workers=cfg.loader.num_workers, seed=cfg.optim.seed, view_order=cfg.loader.view_order,
                                    pin_memory=device.type == "cuda")
         from .online import OnlineTargetFeed
 
-        spec = resolve_spec(cfg.online_basemodel, arch=cfg.arch, img_size=cfg.img_size, patch_size=cfg.patch_size,
-                            topk=cfg.topk, tau=cfg.tau, last_layers=cfg.last_layers, depth=cfg.base_depth)
+        spec = cfg.targets.recipe(cfg.student.img_size, cfg.student.patch_size).resolve()
         check_geometry(student_geometry(cfg, spec.img_size), (spec.img_size, spec.patch_size), "base model")
-        images = open_source(Path(cfg.data))
-        return OnlineTargetFeed(spec, Path(cfg.checkpoint), images, device=device, batch_size=cfg.batch_size,
-                                rank=info.rank, world_size=info.world_size, num_workers=cfg.num_workers,
-                                seed=cfg.seed, autocast=amp != "off")
+        images = open_source(Path(cfg.targets.data))
+        return OnlineTargetFeed(spec, Path(cfg.targets.checkpoint), images, device=device, batch_size=cfg.optim.batch_size,
+                                rank=info.rank, world_size=info.world_size, num_workers=cfg.loader.num_workers,
+                                seed=cfg.optim.seed, autocast=amp != "off")
 
     def build(self, cfg: TrainConfig, spec: ImageSpec) -> torch.nn.Module:
         if not isinstance(spec, TargetSpec):
             raise ValueError(f"--objective tec: the source gives images only ({spec.origin.get('kind')}), "
                              "no base-model targets; use --objective mae for pixels")
         img, patch = student_geometry(cfg, spec.img_size)
-        return build_student(cfg.model, pred_dim=spec.dim, att_heads=spec.heads, img_size=img, patch_size=patch,
+        return build_student(cfg.student.model, pred_dim=spec.dim, att_heads=spec.heads, img_size=img, patch_size=patch,
                              att_tau=spec.tau, **_model_overrides(cfg))
 
     def forward(self, model: Any, inputs: StepInputs, noise: torch.Tensor) -> Any:
@@ -133,15 +131,15 @@ class MAEObjective(Objective):
 
         img, patch = student_geometry(cfg, 224)
         check_geometry((img, patch), (img, patch), "image size")  # only the divisibility check applies
-        return PixelFeed(open_source(Path(cfg.data)), img_size=img, patch_size=patch, batch_size=cfg.batch_size,
-                         rank=info.rank, world_size=info.world_size, num_workers=cfg.num_workers, seed=cfg.seed,
+        return PixelFeed(open_source(Path(cfg.targets.data)), img_size=img, patch_size=patch, batch_size=cfg.optim.batch_size,
+                         rank=info.rank, world_size=info.world_size, num_workers=cfg.loader.num_workers, seed=cfg.optim.seed,
                          pin_memory=device.type == "cuda")
 
     def build(self, cfg: TrainConfig, spec: ImageSpec) -> torch.nn.Module:
         from .mae import build_mae
 
         img, patch = student_geometry(cfg, spec.img_size)
-        return build_mae(cfg.model, img_size=img, patch_size=patch, **_model_overrides(cfg))
+        return build_mae(cfg.student.model, img_size=img, patch_size=patch, **_model_overrides(cfg))
 
     def forward(self, model: Any, inputs: StepInputs, noise: torch.Tensor) -> Any:
         return model(inputs.images, noise=noise)

@@ -12,6 +12,7 @@ from typing import Any
 
 from tec_cache.basemodels import RECIPE_KEYS, TargetRecipe
 from tec_cache.build_config import CACHE_TABLE_KEYS, BuildConfig
+from tec_cache.config import field_names, flat_fields
 from tec_cache.presets import Pipeline, PipelineError
 
 from .eval_config import DataSubsets, EvalConfig
@@ -31,7 +32,7 @@ def table_keys(table: str) -> set[str]:
     """The keys a pipeline's ``table`` may set."""
     if table == "cache":
         return set(CACHE_TABLE_KEYS)
-    keys = {f.name for f in fields(TABLE_CONFIGS[table])} - _NOT_IN_PRESET
+    keys = set(field_names(TABLE_CONFIGS[table])) - _NOT_IN_PRESET
     return keys | set(REFERENCE_KEYS) if table in ("pretrain", "base", "finetune") else keys
 
 
@@ -64,6 +65,6 @@ def resolved_tables(pipe: Pipeline) -> dict[str, dict[str, Any]]:
                          **{k: v for k, v in table.items() if k not in RECIPE_KEYS}}
             continue
         cls = TABLE_CONFIGS[name]
-        defaults = {f.name: f.default for f in fields(cls) if f.name not in _NOT_IN_PRESET}
+        defaults = {f.name: f.default for f in flat_fields(cls) if f.name not in _NOT_IN_PRESET}
         out[name] = {**defaults, **table}
     return out

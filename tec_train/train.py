@@ -100,7 +100,7 @@ class Trainer:
         cfg.validate(external_source=source is not None)
         self.cfg = cfg
         self.objective = objective_for(cfg.objective)
-        self.runtime = Runtime(cfg.device, cfg.amp)
+        self.runtime = Runtime(cfg.run.device, cfg.run.amp)
         self.info, self.device, self.amp = self.runtime.info, self.runtime.device, self.runtime.amp
         self.reporter = reporter if (reporter is not None and self.info.is_main) else Reporter()
         self.run_dir = Path(cfg.run_dir)
@@ -115,11 +115,11 @@ class Trainer:
             self.source = self.objective.open_feed(cfg, self.info, self.device, self.amp)
         self.micro_batches_per_epoch = self.source.steps_per_epoch
         # An incomplete last accumulation window is not run (spec 8.13): whole windows only.
-        self.micro_batches_run_per_epoch = self.micro_batches_per_epoch // cfg.accum_iter * cfg.accum_iter
+        self.micro_batches_run_per_epoch = self.micro_batches_per_epoch // cfg.optim.accum_iter * cfg.optim.accum_iter
         try:
             if self.micro_batches_run_per_epoch == 0:
-                raise ValueError(f"--accum-iter {cfg.accum_iter} exceeds the {self.micro_batches_per_epoch} micro-batches "
-                                 f"per epoch of each rank (batch {cfg.batch_size} x {self.info.world_size} processes)")
+                raise ValueError(f"--accum-iter {cfg.optim.accum_iter} exceeds the {self.micro_batches_per_epoch} micro-batches "
+                                 f"per epoch of each rank (batch {cfg.optim.batch_size} x {self.info.world_size} processes)")
             if self.resume is not None:
                 self._check_resumable(self.resume.checkpoint)
             # Built here, not in run(): an --init-from checkpoint that does not fit the student is a
@@ -148,18 +148,18 @@ class Trainer:
         self.terms = self.objective.terms
         # The same seed on every rank gives every rank the same initial weights (DDP would also
         # broadcast rank 0's); afterwards each rank draws from its own stream, as the reference.
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.optim.seed)
         self.student: Any = self.objective.build(cfg, spec)
-        seed_rank(cfg.seed, self.info.rank)
-        self.mask_gen = torch.Generator().manual_seed(_mask_seed(cfg.seed, self.info.rank))
-        if self.resume is None and cfg.init_from is not None:
-            _load_strict(self.student, load_tec_checkpoint(cfg.init_from), f"--init-from {cfg.init_from}", cfg.model)
+        seed_rank(cfg.optim.seed, self.info.rank)
+        self.mask_gen = torch.Generator().manual_seed(_mask_seed(cfg.optim.seed, self.info.rank))
+        if self.resume is None and cfg.student.init_from is not None:
+            _load_strict(self.student, load_tec_checkpoint(cfg.student.init_from), f"--init-from {cfg.student.init_from}", cfg.student.model)
         self.student.to(self.device)
-        self.eff_batch = cfg.batch_size * cfg.accum_iter * self.info.world_size
-        self.peak_lr = cfg.lr if cfg.lr is not None else absolute_lr(cfg.blr, self.eff_batch)
+        self.eff_batch = cfg.optim.batch_size * cfg.optim.accum_iter * self.info.world_size
+        self.peak_lr = cfg.optim.lr if cfg.optim.lr is not None else absolute_lr(cfg.optim.blr, self.eff_batch)
         # An extended run builds the schedule of its new total: the lr follows it from the resumed step on.
-        self.schedule = WarmupCosine(self.peak_lr, cfg.min_lr, min(cfg.warmup_epochs, cfg.epochs), cfg.epochs)
-        self.optimizer = torch.optim.AdamW(param_groups(self.student, cfg.weight_decay), lr=self.peak_lr,
+        self.schedule = WarmupCosine(self.peak_lr, cfg.optim.min_lr, min(cfg.optim.warmup_epochs, cfg.optim.epochs), cfg.optim.epochs)
+        self.optimizer = torch.optim.AdamW(param_groups(self.student, cfg.optim.weight_decay), lr=self.peak_lr,
                                            betas=(0.9, 0.95), fused=self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
         self.state = RunState(self.student, self.optimizer, self.scaler, self.mask_gen)
@@ -169,12 +169,12 @@ class Trainer:
             "lr": self.peak_lr,
             "warmup_epochs": self.schedule.warmup_epochs,
             "steps_per_epoch": self.micro_batches_per_epoch,
-            "optimizer_steps_per_epoch": self.micro_batches_run_per_epoch // cfg.accum_iter,
+            "optimizer_steps_per_epoch": self.micro_batches_run_per_epoch // cfg.optim.accum_iter,
             "amp": self.amp,
             "objective": cfg.objective,
             "targets": spec.to_json(),
             "student": {
-                "model": cfg.model, **self.student.encoder_config(), "mask_ratio": cfg.mask_ratio,
+                "model": cfg.student.model, **self.student.encoder_config(), "mask_ratio": cfg.student.mask_ratio,
                 "trainable_params": sum(p.numel() for p in self.student.parameters() if p.requires_grad),
                 **self.objective.describe(self.student, spec),
             },
@@ -207,14 +207,14 @@ class Trainer:
             "log_accum": dict(self.log_accum),
             "config": self._config(),
         }
-        return self.state.save(self.runtime, self.run_dir, PRETRAIN_RUN, global_step, self.cfg.keep_last, position)
+        return self.state.save(self.runtime, self.run_dir, PRETRAIN_RUN, global_step, self.cfg.run.keep_last, position)
 
     def _empty_accum(self) -> dict[str, Any]:
         return {**{t: 0.0 for t in self.terms}, "n": 0}
 
     def _log(self, global_step: int, epoch: int, epoch_f: float, lr: float, timing: dict[str, float]) -> dict[str, Any]:
         n = self.log_accum["n"]
-        images = timing["micro"] * self.cfg.batch_size * self.info.world_size
+        images = timing["micro"] * self.cfg.optim.batch_size * self.info.world_size
         record = {
             "step": global_step,
             "epoch": epoch,
@@ -249,9 +249,9 @@ class Trainer:
         # Every parameter feeds the loss (cls MLP, both decoders), so DDP needs no unused-parameter search.
         self.model: Any = self.runtime.wrap(self.student)
         self.ddp = self.model if self.runtime.distributed else None
-        if cfg.compile and self.device.type == "cuda":
+        if cfg.run.compile and self.device.type == "cuda":
             self.model = torch.compile(self.model)
-        elif cfg.compile:
+        elif cfg.run.compile:
             self.reporter.message(f"--compile ignored on {self.device}: CPU runs eager")
         if self.info.is_main:
             open_run_dir(self.run_dir, PRETRAIN_RUN, global_step, self._config())
@@ -276,16 +276,16 @@ class Trainer:
             bad = [f"{n} = {v}" for n, v in (named[1:] or named) if not math.isfinite(v)]
             if bad:
                 raise NonFiniteLossError(f"non-finite loss at {where}: {', '.join(bad)}")
-            self.scaler.scale(out.loss / self.cfg.accum_iter).backward()
+            self.scaler.scale(out.loss / self.cfg.optim.accum_iter).backward()
         for name, v in named:
             self.log_accum[name] += v
         self.log_accum["n"] += 1
         return losses
 
     def _optimizer_step(self) -> None:
-        if self.cfg.clip_grad is not None:
+        if self.cfg.optim.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.clip_grad)
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.optim.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -300,9 +300,9 @@ class Trainer:
         try:
             epoch, it, global_step = self._setup()
             start_step = global_step
-            stop_at = cfg.epochs * (micro_batches_run // cfg.accum_iter)
-            if cfg.max_steps is not None:
-                stop_at = min(stop_at, cfg.max_steps)
+            stop_at = cfg.optim.epochs * (micro_batches_run // cfg.optim.accum_iter)
+            if cfg.run.max_steps is not None:
+                stop_at = min(stop_at, cfg.run.max_steps)
             self.reporter.start(total=stop_at, done=global_step, summary=self.resolved)
             while global_step < stop_at:
                 self.model.train()
@@ -315,30 +315,30 @@ class Trainer:
                     lr = self.schedule(it / micro_batches + epoch)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
-                    for j in range(cfg.accum_iter):
+                    for j in range(cfg.optim.accum_iter):
                         tw = time.perf_counter()
                         item = next(batches, None)
                         wait += time.perf_counter() - tw
                         if item is None:
                             raise RuntimeError(f"the target feed ended epoch {epoch} after {it} of {micro_batches} micro-batches")
-                        self._micro_step(item, sync=j == cfg.accum_iter - 1,
+                        self._micro_step(item, sync=j == cfg.optim.accum_iter - 1,
                                          where=f"step {global_step + 1} (epoch {epoch}, micro-batch {it})")
                         it += 1
                     self._optimizer_step()
                     global_step += 1
                     dt = time.perf_counter() - t0
                     for acc in (timing, total):
-                        acc["micro"] += cfg.accum_iter
+                        acc["micro"] += cfg.optim.accum_iter
                         acc["step_s"] += dt
                         acc["wait_s"] += wait
                     fault_point("train_step")
                     self.reporter.advance(global_step)
                     epoch_done = it >= micro_batches_run
                     stopping = global_step >= stop_at
-                    if global_step % cfg.log_every == 0 or stopping:
+                    if global_step % cfg.run.log_every == 0 or stopping:
                         last_record = self._log(global_step, epoch, it / micro_batches + epoch, lr, timing)
                         timing = {"micro": 0, "step_s": 0.0, "wait_s": 0.0}
-                    if global_step % cfg.ckpt_every == 0 or epoch_done or stopping:
+                    if global_step % cfg.run.ckpt_every == 0 or epoch_done or stopping:
                         # The position saved is the next micro-batch to run.
                         pos = (epoch + 1, 0) if epoch_done else (epoch, it)
                         last_ckpt = self._save(pos[0], pos[1], global_step) or last_ckpt
@@ -362,7 +362,7 @@ class Trainer:
         return TrainResult(
             run_dir=self.run_dir, global_step=global_step, epoch=epoch, steps_run=global_step - start_step,
             seconds=total["step_s"],
-            images_per_s=total["micro"] * cfg.batch_size * self.info.world_size / max(total["step_s"], 1e-12),
+            images_per_s=total["micro"] * cfg.optim.batch_size * self.info.world_size / max(total["step_s"], 1e-12),
             data_wait_fraction=total["wait_s"] / max(total["step_s"], 1e-12), last_record=last_record,
             checkpoint=last_ckpt or self.resumed_from, resumed_from=self.resumed_from,
             config=self._config(),

@@ -1,17 +1,17 @@
-"""The options of ``tec-train run`` as one dataclass, and their checks.
+"""The options of ``tec-train run``: one component each, and their checks.
 
 Data flow: command-line flags (+ a pipeline's [pretrain] or [base] table, + the run dir's stored
 options on resume) --> **TrainConfig** --> ``validate`` (no model, no data read) --> train.Trainer.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tec_cache.basemodels import TargetRecipe
-from tec_cache.config import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, WORKERS, check_fields, flag_name,
-                              in_range, option, option_like)
+from tec_cache.config import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, WORKERS, check_fields, flag_name, flat_values,
+                              group, in_range, nested_config, option, option_like)
 
 from .harness.runtime import AMP_MODES
 from .student import parse_model_name
@@ -23,15 +23,10 @@ OBJECTIVE_NAMES = ("tec", "mae")
 
 
 @dataclass
-class TrainConfig:
-    """Every option of ``tec-train run``; field ``foo_bar`` is the option ``--foo-bar`` and the key
-    ``foo_bar`` of a pipeline's [pretrain] table. Each field declares its default, bound and help
-    once (tec_cache.config.option); the CLI's help and ``validate`` read them from here."""
+class TargetSource:
+    """Where a step's targets come from: a cache, online (the base model inside the step, from a
+    target recipe as ``tec-cache build`` takes it), or, for the MAE objective, the pixels of --data."""
 
-    run_dir: str = option(help="Run folder: checkpoints, metrics.jsonl, config.json. Re-running resumes it.")
-    # The target source: a cache, online (a target recipe, as tec-cache build takes it), or pixels.
-    objective: str = option("tec", "tec: learn a base model's targets (--cache or online) | mae: plain MAE on "
-                            "--data pixels, to make a base model from scratch", choices=OBJECTIVE_NAMES)
     cache: str | None = option(None, "Stage-1 cache folder to train from.")
     online_basemodel: str | None = option_like(TargetRecipe, "basemodel", "Online mode, the base model run inside the step: ")
     checkpoint: str | None = option(None, "Online mode: the base model's local weights.")
@@ -41,63 +36,20 @@ class TrainConfig:
     tau: float | None = option_like(TargetRecipe, "tau", "Online mode: ")
     last_layers: int | None = option_like(TargetRecipe, "last_layers", "Online mode: ")
     base_depth: int | None = option_like(TargetRecipe, "depth", "Online mode: ")
-    # Student.
-    model: str = option("vit_base_patch16", "Student size, timm-style: vit_tiny_patch16, vit_small_patch16, "
-                        "vit_base_patch16, vit_large_patch16, ...")
-    depth: int | None = option(None, "Override the student's depth (tiny CPU models).", check=POSITIVE_INT)
-    img_size: int | None = option(None, "Image size", check=POSITIVE_INT, default_text="the cache's view size; 224 online")
-    patch_size: int | None = option(None, "Patch size", check=POSITIVE_INT, default_text="the --model name's")
-    mask_ratio: float = option(0.75, "Fraction of patches masked", check=in_range(0.0, 1.0, hi_open=True))
-    init_from: str | None = option(None, "Start from a TEC pretraining checkpoint ({'model': ...}, reference or "
-                                   "ours), loaded strictly.")
-    # Optimisation (spec 4).
-    epochs: int = option(300, "Epochs; may be raised when resuming, to extend the run", check=POSITIVE_INT)
-    warmup_epochs: float = option(40.0, "Linear warm-up epochs, clipped to --epochs", check=NON_NEGATIVE)
-    batch_size: int = option(256, "Micro-batch per process", check=POSITIVE_INT)
-    accum_iter: int = option(1, "Micro-batches per optimizer step", check=POSITIVE_INT)
-    blr: float = option(1.5e-4, "Base lr: lr = blr x effective batch / 256", check=POSITIVE)
-    lr: float | None = option(None, "Absolute peak lr (overrides --blr).", check=POSITIVE)
-    min_lr: float = option(0.0, "Final lr of the cosine", check=NON_NEGATIVE)
-    weight_decay: float = option(0.05, "AdamW weight decay", check=NON_NEGATIVE)
-    clip_grad: float | None = option(None, "Clip the gradient norm to this", check=POSITIVE,
-                                     default_text="off, as the reference")
-    seed: int = option(0, "Seed of initialisation, shuffling and masks", check=SEED)
-    # Loader.
-    num_workers: int = option(4, "Loader worker processes per rank", check=WORKERS)
-    view_order: str = option("cycle", "Which cached view-epoch epoch e reads: cycle (e mod K) | permute",
-                             choices=VIEW_ORDERS)
-    # Run control.
-    ckpt_every: int = option(1000, "Checkpoint every N steps (and at every epoch end)", check=POSITIVE_INT)
-    keep_last: int = option(3, "Checkpoints kept", check=POSITIVE_INT)
-    log_every: int = option(20, "Metrics record every N steps", check=POSITIVE_INT)
-    max_steps: int | None = option(None, "Stop after this many optimizer steps in total.", check=POSITIVE_INT)
-    device: str = option("auto", "auto | cpu | cuda | cuda:N")
-    amp: str = option("auto", "auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off", choices=AMP_MODES)
-    compile: bool = option(False, "torch.compile the student (CUDA only).")
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
     @property
     def online(self) -> bool:
         return self.online_basemodel is not None or self.arch is not None
 
-    def validate(self, external_source: bool = False) -> None:
-        """Option checks that need no model and no data; ValueError names the option."""
-        check_fields(self)
-        try:
-            parse_model_name(self.model)
-        except ValueError as e:
-            raise ValueError(f"--model: {e}") from None
-        if self.init_from is not None and not Path(self.init_from).is_file():
-            raise ValueError(f"--init-from: no such file {self.init_from}")
-        if Path(self.run_dir).exists() and not Path(self.run_dir).is_dir():
-            raise ValueError(f"--run-dir: {self.run_dir} exists and is not a folder")
-        self._validate_mode(external_source)
+    def recipe(self, img_size: int | None, patch_size: int | None) -> TargetRecipe:
+        """Online mode's target recipe (the base model's geometry is the student's)."""
+        return TargetRecipe(basemodel=self.online_basemodel, arch=self.arch, img_size=img_size, patch_size=patch_size,
+                            depth=self.base_depth, topk=self.topk, tau=self.tau, last_layers=self.last_layers)
 
-    def _validate_mode(self, external_source: bool) -> None:
+    def validate(self, objective: str, external_source: bool) -> None:
+        """The options that fit the mode: exactly one source, and no option of another mode."""
         online_only = [n for n in ("checkpoint", "data", "topk", "tau", "last_layers", "base_depth") if getattr(self, n) is not None]
-        if self.objective == "mae" and not external_source:
+        if objective == "mae" and not external_source:
             targets = [n for n in ("cache", "online_basemodel", "arch", "checkpoint", "topk", "tau", "last_layers", "base_depth")
                        if getattr(self, n) is not None]
             if targets:
@@ -123,6 +75,91 @@ class TrainConfig:
             raise ValueError(f"--checkpoint: online mode needs the base model's weights file, got {self.checkpoint!r}")
         if self.data is None or not Path(self.data).exists():
             raise ValueError(f"--data: online mode needs an image folder or .tar shards, got {self.data!r}")
+
+
+@dataclass
+class StudentOptions:
+    """The student ViT and its masking (spec 3)."""
+
+    model: str = option("vit_base_patch16", "Student size, timm-style: vit_tiny_patch16, vit_small_patch16, "
+                        "vit_base_patch16, vit_large_patch16, ...")
+    depth: int | None = option(None, "Override the student's depth (tiny CPU models).", check=POSITIVE_INT)
+    img_size: int | None = option(None, "Image size", check=POSITIVE_INT, default_text="the cache's view size; 224 online")
+    patch_size: int | None = option(None, "Patch size", check=POSITIVE_INT, default_text="the --model name's")
+    mask_ratio: float = option(0.75, "Fraction of patches masked", check=in_range(0.0, 1.0, hi_open=True))
+    init_from: str | None = option(None, "Start from a TEC pretraining checkpoint ({'model': ...}, reference or "
+                                   "ours), loaded strictly.")
+
+
+@dataclass
+class Optimisation:
+    """Schedule, optimiser and seed (spec 4)."""
+
+    epochs: int = option(300, "Epochs; may be raised when resuming, to extend the run", check=POSITIVE_INT)
+    warmup_epochs: float = option(40.0, "Linear warm-up epochs, clipped to --epochs", check=NON_NEGATIVE)
+    batch_size: int = option(256, "Micro-batch per process", check=POSITIVE_INT)
+    accum_iter: int = option(1, "Micro-batches per optimizer step", check=POSITIVE_INT)
+    blr: float = option(1.5e-4, "Base lr: lr = blr x effective batch / 256", check=POSITIVE)
+    lr: float | None = option(None, "Absolute peak lr (overrides --blr).", check=POSITIVE)
+    min_lr: float = option(0.0, "Final lr of the cosine", check=NON_NEGATIVE)
+    weight_decay: float = option(0.05, "AdamW weight decay", check=NON_NEGATIVE)
+    clip_grad: float | None = option(None, "Clip the gradient norm to this", check=POSITIVE,
+                                     default_text="off, as the reference")
+    seed: int = option(0, "Seed of initialisation, shuffling and masks", check=SEED)
+
+
+@dataclass
+class LoaderOptions:
+    num_workers: int = option(4, "Loader worker processes per rank", check=WORKERS)
+    view_order: str = option("cycle", "Which cached view-epoch epoch e reads: cycle (e mod K) | permute",
+                             choices=VIEW_ORDERS)
+
+
+@dataclass
+class RunControl:
+    """How the run is kept and watched: checkpoints, metrics, device, precision."""
+
+    ckpt_every: int = option(1000, "Checkpoint every N steps (and at every epoch end)", check=POSITIVE_INT)
+    keep_last: int = option(3, "Checkpoints kept", check=POSITIVE_INT)
+    log_every: int = option(20, "Metrics record every N steps", check=POSITIVE_INT)
+    max_steps: int | None = option(None, "Stop after this many optimizer steps in total.", check=POSITIVE_INT)
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    amp: str = option("auto", "auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off", choices=AMP_MODES)
+    compile: bool = option(False, "torch.compile the student (CUDA only).")
+
+
+@nested_config
+class TrainConfig:
+    """Every option of ``tec-train run``, one component each (target source, student, optimisation,
+    loader, run control). A field ``foo_bar`` of any component is the option ``--foo-bar``, the key
+    ``foo_bar`` of a pipeline's [pretrain] table and of the run's stored options; each declares its
+    default, bound and help once (tec_cache.config.option)."""
+
+    run_dir: str = option(help="Run folder: checkpoints, metrics.jsonl, config.json. Re-running resumes it.")
+    objective: str = option("tec", "tec: learn a base model's targets (--cache or online) | mae: plain MAE on "
+                            "--data pixels, to make a base model from scratch", choices=OBJECTIVE_NAMES)
+    targets: TargetSource = group(TargetSource)
+    student: StudentOptions = group(StudentOptions)
+    optim: Optimisation = group(Optimisation)
+    loader: LoaderOptions = group(LoaderOptions)
+    run: RunControl = group(RunControl)
+
+    def to_json(self) -> dict[str, Any]:
+        """The flat options a run stores (config.json, checkpoints) and compares on resume."""
+        return flat_values(self)
+
+    def validate(self, external_source: bool = False) -> None:
+        """Option checks that need no model and no data; ValueError names the option."""
+        check_fields(self)
+        try:
+            parse_model_name(self.student.model)
+        except ValueError as e:
+            raise ValueError(f"--model: {e}") from None
+        if self.student.init_from is not None and not Path(self.student.init_from).is_file():
+            raise ValueError(f"--init-from: no such file {self.student.init_from}")
+        if Path(self.run_dir).exists() and not Path(self.run_dir).is_dir():
+            raise ValueError(f"--run-dir: {self.run_dir} exists and is not a folder")
+        self.targets.validate(self.objective, external_source)
 
 
 # Options that may differ when a run dir is resumed: they change where things are or how the run

@@ -20,7 +20,7 @@ from tec_train.augment import finetune_train_transform, posterize_keep_bits
 from tec_train.evaluate import eval_transform
 from tec_train.finetune import MIXUP_MODES, FinetuneConfig
 
-DEFAULT_AA = FinetuneConfig(run_dir="-").aa
+DEFAULT_AA = FinetuneConfig(run_dir="-").augment.aa
 MAX_MAGNITUDE = 10  # timm clips the drawn magnitude to [0, 10]
 FMNIST = fashion_mnist.DEFAULT_DIR
 needs_fmnist = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
@@ -145,7 +145,7 @@ def test_finetune_default_recipe_runs_through_every_extreme(monkeypatch, tmp_pat
     spy = _MagnitudeSpy(monkeypatch)
     cfg = FinetuneConfig(run_dir=str(tmp_path / "ft"), source=str(export), fashion_mnist=str(FMNIST), train_subset=6000,
                          val_subset=200, epochs=1, warmup_epochs=0.5, batch_size=200, num_workers=0, device="cpu")
-    assert cfg.aa == DEFAULT_AA
+    assert cfg.augment.aa == DEFAULT_AA
     res = finetune(cfg)
     assert res.epochs_run == 1 and np.isfinite(_records(tmp_path / "ft")[-1]["train_loss"])
     assert spy.missing_extremes() == []

@@ -10,11 +10,11 @@ The same rules serve ``tec-train run`` and ``tec-train finetune``; a ``RunKind``
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tec_cache.config import flag_name
+from tec_cache.config import field_names, flag_name
 from tec_cache.format.fs import write_json_atomic
 
 from .checkpoints import CheckpointKind, latest_checkpoint, load_checkpoint, remove_stale_temp_files
@@ -99,7 +99,7 @@ def config_for_run_dir(config_type: type[C], run_dir: str, given: dict[str, Any]
         return config_type(**{**given, "run_dir": run_dir})
     stored = read_checkpoint(ckpt, kind)["config"]["options"]
     check_options(stored, given, ckpt, kind)
-    known = {f.name for f in fields(config_type)}  # type: ignore[arg-type]
+    known = set(field_names(config_type))
     return config_type(**{**{k: v for k, v in stored.items() if k in known}, **given, "run_dir": run_dir})
 
 
