@@ -325,6 +325,7 @@ class CacheLoader:
         num_workers: int = 2,
         seed: int = 0,
         view_order: str = "cycle",
+        view_epochs: int | None = None,
         pin_memory: bool = False,
         verify: bool = True,
         shuffle_window: int = 4,
@@ -350,9 +351,18 @@ class CacheLoader:
         # tar reading is plain file I/O and forks safely (and starts faster).
         self.mp_context = mp_context or ("spawn" if self.manifest.format.name == "zarr" else "fork")
 
-        self.num_view_epochs = self.manifest.num_view_epochs
-        if self.num_view_epochs == 0:
+        held = self.manifest.num_view_epochs
+        if held == 0:
             raise ValueError(f"cache {self.manifest.root} lists no view-epochs")
+        if view_epochs is not None:
+            if isinstance(view_epochs, bool) or not isinstance(view_epochs, int) or view_epochs < 1:
+                raise ValueError(f"view_epochs must be a positive integer, got {view_epochs!r}")
+            if view_epochs > held:
+                raise ValueError(f"--view-epochs: the cache {self.manifest.root} holds {held} view-epochs, fewer than "
+                                 f"the {view_epochs} asked for (tec-cache build --views {view_epochs} with the same "
+                                 "options adds the missing ones)")
+        # K: the first view-epochs of the cache this loader cycles through.
+        self.num_view_epochs = view_epochs or held
         sizes = [sum(e.num_samples for e in self.manifest.shards(v)) for v in range(self.num_view_epochs)]
         per_step = world_size * batch_size
         self.steps_per_epoch = min(sizes) // per_step

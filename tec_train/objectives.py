@@ -93,7 +93,7 @@ class TECObjective(Objective):
             check_compatibility(manifest, img_size=img, patch_size=patch)
             return CacheTargetFeed(manifest, batch_size=cfg.optim.batch_size, rank=info.rank, world_size=info.world_size,
                                    num_workers=cfg.loader.num_workers, seed=cfg.optim.seed, view_order=cfg.loader.view_order,
-                                   pin_memory=device.type == "cuda")
+                                   view_epochs=cfg.loader.view_epochs, pin_memory=device.type == "cuda")
         from .online import OnlineTargetFeed
 
         spec = cfg.targets.recipe(cfg.student.img_size, cfg.student.patch_size).resolve()

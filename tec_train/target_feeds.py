@@ -62,7 +62,7 @@ class TargetSpec(ImageSpec):
         return {"dim": self.dim, "heads": self.heads, "topk": self.topk, "tau": self.tau, **super().to_json()}
 
     @staticmethod
-    def from_manifest(manifest: Manifest) -> TargetSpec:
+    def from_manifest(manifest: Manifest, view_epochs: int | None = None) -> TargetSpec:
         t, recipe, geometry = manifest.targets, manifest.views.recipe, manifest.geometry
         return TargetSpec(
             dim=t.dim, heads=t.heads, topk=t.topk, tau=float(t.tau), img_size=geometry.img_size,
@@ -70,7 +70,7 @@ class TargetSpec(ImageSpec):
             origin={
                 "kind": "cache", "path": str(manifest.root), "codec": manifest.codec.name, "format": manifest.format.name,
                 "base_model": manifest.base_model.name, "base_sha256": manifest.base_model.sha256,
-                "view_epochs": manifest.num_view_epochs,
+                "view_epochs": view_epochs or manifest.num_view_epochs, "cache_view_epochs": manifest.num_view_epochs,
             },
         )
 
@@ -105,14 +105,14 @@ class CacheTargetFeed:
     """Batches of cached views; targets decoded on the device from their quantised form."""
 
     def __init__(self, manifest: Manifest, *, batch_size: int, rank: int, world_size: int, num_workers: int,
-                 seed: int, view_order: str, pin_memory: bool) -> None:
+                 seed: int, view_order: str, pin_memory: bool, view_epochs: int | None = None) -> None:
         from .cache_loader import CacheLoader
 
-        self.spec = TargetSpec.from_manifest(manifest)
+        self.spec = TargetSpec.from_manifest(manifest, view_epochs)
         self.codec = manifest.codec.name
         self.loader = CacheLoader(
             manifest, batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
-            seed=seed, view_order=view_order, pin_memory=pin_memory,
+            seed=seed, view_order=view_order, view_epochs=view_epochs, pin_memory=pin_memory,
         )
         self.steps_per_epoch = self.loader.steps_per_epoch
 

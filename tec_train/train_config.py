@@ -113,6 +113,8 @@ class LoaderOptions:
     num_workers: int = option(4, "Loader worker processes per rank", check=WORKERS)
     view_order: str = option("cycle", "Which cached view-epoch epoch e reads: cycle (e mod K) | permute",
                              choices=VIEW_ORDERS)
+    view_epochs: int | None = option(None, "Train from the first K view-epochs of the cache (one cache serves a "
+                                     "study of K)", check=POSITIVE_INT, default_text="all the cache holds")
 
 
 @dataclass
@@ -160,6 +162,9 @@ class TrainConfig:
         if Path(self.run_dir).exists() and not Path(self.run_dir).is_dir():
             raise ValueError(f"--run-dir: {self.run_dir} exists and is not a folder")
         self.targets.validate(self.objective, external_source)
+        if self.loader.view_epochs is not None and self.targets.cache is None:
+            raise ValueError("--view-epochs: takes the first K view-epochs of a --cache; online and pixel "
+                             "sources cut fresh views every epoch")
 
 
 # Options that may differ when a run dir is resumed: they change where things are or how the run

@@ -193,6 +193,21 @@ def test_view_epoch_for(caches):
     assert b.view_epoch == perm[0].view_epoch_for(4)
 
 
+def test_view_epochs_takes_the_first_k_of_the_cache(caches):
+    """--view-epochs K: every epoch reads one of view-epochs 0..K-1 of a cache holding more, in
+    both orders, and the epoch length is that of those K."""
+    man = load_manifest(caches["webdataset"])
+    one = CacheLoader(man, batch_size=2, num_workers=0, view_epochs=1)
+    assert [one.view_epoch_for(e) for e in range(5)] == [0] * 5
+    assert {b.view_epoch for e in (0, 1) for b in one.epoch(e)} == {0}
+    two = CacheLoader(man, batch_size=2, num_workers=0, seed=3, view_order="permute", view_epochs=2)
+    seq = [two.view_epoch_for(e) for e in range(12)]
+    assert set(seq) == {0, 1} and all(sorted(seq[i:i + 2]) == [0, 1] for i in range(0, 12, 2))
+    assert CacheLoader(man, batch_size=2, num_workers=0, view_epochs=VIEWS).view_epoch_for(VIEWS - 1) == VIEWS - 1
+    with pytest.raises(ValueError, match=f"--view-epochs: the cache .* holds {VIEWS} view-epochs, fewer than the {VIEWS + 1}"):
+        CacheLoader(man, batch_size=2, num_workers=0, view_epochs=VIEWS + 1)
+
+
 def test_compatibility_errors_name_both_values(caches, tmp_path):
     man = load_manifest(caches["zarr"])
     check_compatibility(man, img_size=TINY_IMG, patch_size=TINY_PATCH)

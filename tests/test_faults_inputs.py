@@ -523,6 +523,9 @@ RUN_BAD = [
     ("cache", "--objective", "nope", "--objective: expected one of tec, mae, got 'nope'"),
     ("cache", "--arch", TINY_ARCH, "--cache and --online-basemodel/--arch exclude each other"),
     ("cache", "--topk", "3", "--topk: only for online mode"),
+    ("cache", "--view-epochs", "0", "--view-epochs: must be a positive integer, got 0"),
+    ("cache", "--view-epochs", "3", "--view-epochs: the cache {cache} holds 2 view-epochs, fewer than the 3 asked for"),
+    ("online", "--view-epochs", "1", "--view-epochs: takes the first K view-epochs of a --cache"),
     ("none", "--model", "vit_tiny_patch8", "one of --cache CACHE or --online-basemodel NAME"),
     ("online", "--online-basemodel", "nope", "--online-basemodel: expected one of ibot1kbase, mae1k300ep, mae1kbase, mae1klarge, got 'nope'"),
     ("online", "--checkpoint", "{missing}", "--checkpoint: online mode needs the base model's weights file"),
@@ -569,7 +572,7 @@ RUN_BAD = [
 @pytest.mark.parametrize("mode, option, value, says", RUN_BAD, ids=[f"{o}={v}" for _, o, v, _ in RUN_BAD])
 def test_run_bad_option(mode: str, option: str, value: str, says: str, tiny: SimpleNamespace, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    fill = dict(missing=tmp_path / "nope", file=tiny.ckpt, folder=tiny.data, ckpt=tiny.ckpt, data=tiny.data)
+    fill = dict(missing=tmp_path / "nope", file=tiny.ckpt, folder=tiny.data, ckpt=tiny.ckpt, data=tiny.data, cache=tiny.cache)
     base = {"cache": ["--cache", str(tiny.cache)], "online": [a.format(**fill) for a in ONLINE], "none": []}[mode]
     args = _with(["run", "--run-dir", str(run), *base, *TRAIN], option, value.format(**fill))
     r = CliRunner().invoke(train_app, args)

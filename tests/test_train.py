@@ -230,6 +230,23 @@ def test_resume_refuses_changed_settings_and_finished_run_is_a_no_op(tiny, tmp_p
     assert latest_checkpoint(run).stat().st_mtime_ns == before
 
 
+def test_view_epochs_trains_from_the_first_k_and_is_kept_on_resume(tiny, tmp_path: Path) -> None:
+    base = ["--cache", str(tiny.cache), "--model", "vit_tiny_patch8", "--depth", "2", "--batch-size", "4",
+            "--num-workers", "0", "--device", "cpu", "--ckpt-every", "1", "--keep-last", "10", "--epochs", "2",
+            "--view-epochs", "1"]
+    code, out, run = _run_cli(tmp_path, *base)
+    assert code == 0, out
+    config = json.loads((run / "config.json").read_text())
+    assert config["options"]["view_epochs"] == 1
+    assert config["resolved"]["targets"]["origin"]["view_epochs"] == 1
+    assert config["resolved"]["targets"]["origin"]["cache_view_epochs"] == 2
+    # Steps 6-9 are in the second epoch, which read view-epoch 0 again (without --view-epochs: 1).
+    inside = [load_checkpoint(p)["loader"]["view_epoch"] for s, p in list_checkpoints(run) if 5 < s < 10]
+    assert inside == [0, 0, 0, 0]
+    code, out, _ = _run_cli(tmp_path, *base[:-2], "--view-epochs", "2", "--epochs", "3")
+    assert code == 2 and "--view-epochs: the run in" in out and "was started with 1, now 2" in out
+
+
 def test_raised_epochs_extend_the_run_from_its_checkpoint(tiny, tmp_path: Path) -> None:
     base = ["--cache", str(tiny.cache), "--model", "vit_tiny_patch8", "--depth", "3", "--batch-size", "4",
             "--warmup-epochs", "0", "--blr", "1e-3", "--log-every", "1", "--num-workers", "0", "--device", "cpu"]
