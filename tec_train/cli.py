@@ -214,6 +214,8 @@ def run(
     num_workers: Optional[int] = typer.Option(None, "--num-workers", help=_th("num_workers")),
     view_order: Optional[str] = typer.Option(None, "--view-order", help=_th("view_order")),
     view_epochs: Optional[int] = typer.Option(None, "--view-epochs", help=_th("view_epochs")),
+    val_cache: Optional[Path] = typer.Option(None, "--val-cache", help=_th("val_cache")),
+    val_every: Optional[int] = typer.Option(None, "--val-every", help=_th("val_every")),
     ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", help=_th("ckpt_every")),
     keep_last: Optional[int] = typer.Option(None, "--keep-last", help=_th("keep_last")),
     log_every: Optional[int] = typer.Option(None, "--log-every", help=_th("log_every")),

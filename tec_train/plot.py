@@ -29,6 +29,8 @@ PANELS: tuple[tuple[str, str], ...] = (
     ("loss", "loss"),
     ("loss_fea", "feature loss (loss_fea)"),
     ("loss_att", "attention loss (loss_att)"),
+    ("val_loss_fea", "held-out feature loss (val_loss_fea)"),
+    ("val_loss_att", "held-out attention loss (val_loss_att)"),
     ("lr", "learning rate"),
     ("images_per_s", "images/s"),
 )

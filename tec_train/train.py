@@ -32,6 +32,7 @@ from .harness import (PRETRAIN, Reporter, Resume, RunKind, RunState, Runtime, ag
                       find_resume, open_run_dir, run_config, seed_rank)
 from .harness import config_for_run_dir as _config_for_run_dir
 from .harness.errors import NonFiniteLossError, ResumeError
+from .held_out import HeldOutLoss
 from .objectives import check_geometry, objective_for, student_geometry
 from .schedule import WarmupCosine, absolute_lr
 from .student import param_groups
@@ -122,12 +123,17 @@ class Trainer:
                                  f"per epoch of each rank (batch {cfg.optim.batch_size} x {self.info.world_size} processes)")
             if self.resume is not None:
                 self._check_resumable(self.resume.checkpoint)
+            self.held_out = None if cfg.val.val_cache is None else HeldOutLoss(
+                cfg.val.val_cache, self.source.spec, batch_size=cfg.optim.batch_size, rank=self.info.rank,
+                world_size=self.info.world_size, num_workers=cfg.loader.num_workers, seed=cfg.optim.seed)
             # Built here, not in run(): an --init-from checkpoint that does not fit the student is a
             # bad option (exit 2 before any work), not a failure of the run.
             self._build()
         except ValueError:
             if self.owns_source:
                 self.source.close()
+            if getattr(self, "held_out", None) is not None:
+                self.held_out.close()
             raise
 
     def _check_resumable(self, ck: dict[str, Any]) -> None:
@@ -212,7 +218,21 @@ class Trainer:
     def _empty_accum(self) -> dict[str, Any]:
         return {**{t: 0.0 for t in self.terms}, "n": 0}
 
-    def _log(self, global_step: int, epoch: int, epoch_f: float, lr: float, timing: dict[str, float]) -> dict[str, Any]:
+    def _held_out(self, global_step: int, epoch: int, epoch_f: float, log_too: bool) -> dict[str, float]:
+        """The held-out loss terms at this step; written as their own record unless the step logs anyway."""
+        assert self.held_out is not None
+        with torch.random.fork_rng(devices=[]):  # the training's random streams stay as they were
+            values = self.held_out.evaluate(self.objective, self.student, self.terms, self.runtime,
+                                            self.student.num_patches)
+        self.reporter.message(f"held-out loss at step {global_step}: "
+                              + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+        if not log_too and self.info.is_main:
+            append_metrics(self.run_dir, {"step": global_step, "epoch": epoch, "epoch_f": epoch_f, **values,
+                                          "time": time.time()})
+        return values
+
+    def _log(self, global_step: int, epoch: int, epoch_f: float, lr: float, timing: dict[str, float],
+             extra: dict[str, float] | None = None) -> dict[str, Any]:
         n = self.log_accum["n"]
         images = timing["micro"] * self.cfg.optim.batch_size * self.info.world_size
         record = {
@@ -223,6 +243,7 @@ class Trainer:
             "lr": lr,
             "images_per_s": images / max(timing["step_s"], 1e-12),
             "data_wait_fraction": timing["wait_s"] / max(timing["step_s"], 1e-12),
+            **(extra or {}),
             "time": time.time(),
         }
         self.log_accum = self._empty_accum()
@@ -335,8 +356,12 @@ class Trainer:
                     self.reporter.advance(global_step)
                     epoch_done = it >= micro_batches_run
                     stopping = global_step >= stop_at
-                    if global_step % cfg.run.log_every == 0 or stopping:
-                        last_record = self._log(global_step, epoch, it / micro_batches + epoch, lr, timing)
+                    logging = global_step % cfg.run.log_every == 0 or stopping
+                    held_out = None
+                    if self.held_out is not None and (global_step % cfg.val.val_every == 0 or stopping):
+                        held_out = self._held_out(global_step, epoch, it / micro_batches + epoch, logging)
+                    if logging:
+                        last_record = self._log(global_step, epoch, it / micro_batches + epoch, lr, timing, held_out)
                         timing = {"micro": 0, "step_s": 0.0, "wait_s": 0.0}
                     if global_step % cfg.run.ckpt_every == 0 or epoch_done or stopping:
                         # The position saved is the next micro-batch to run.
@@ -358,6 +383,8 @@ class Trainer:
             self.reporter.finish()
             if self.owns_source:
                 self.source.close()
+            if self.held_out is not None:
+                self.held_out.close()
             self.runtime.leave()
         return TrainResult(
             run_dir=self.run_dir, global_step=global_step, epoch=epoch, steps_run=global_step - start_step,

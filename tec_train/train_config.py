@@ -118,6 +118,23 @@ class LoaderOptions:
 
 
 @dataclass
+class Validation:
+    """The held-out target loss (held_out.py)."""
+
+    val_cache: str | None = option(None, "A cache of views the run never trains on, from the same base model: its "
+                                   "loss terms are logged as val_loss_fea and val_loss_att.")
+    val_every: int = option(1000, "Held-out loss every N steps (and at the end of the run)", check=POSITIVE_INT)
+
+    def validate(self, objective: str) -> None:
+        if self.val_cache is None:
+            return
+        if objective != "tec":
+            raise ValueError("--val-cache: the held-out loss compares base-model targets; --objective mae has none")
+        if not Path(self.val_cache).is_dir():
+            raise ValueError(f"--val-cache: no such cache folder {self.val_cache}")
+
+
+@dataclass
 class RunControl:
     """How the run is kept and watched: checkpoints, metrics, device, precision."""
 
@@ -133,7 +150,7 @@ class RunControl:
 @nested_config
 class TrainConfig:
     """Every option of ``tec-train run``, one component each (target source, student, optimisation,
-    loader, run control). A field ``foo_bar`` of any component is the option ``--foo-bar``, the key
+    loader, held-out loss, run control). A field ``foo_bar`` of any component is the option ``--foo-bar``, the key
     ``foo_bar`` of a pipeline's [pretrain] table and of the run's stored options; each declares its
     default, bound and help once (tec_cache.config.option)."""
 
@@ -144,6 +161,7 @@ class TrainConfig:
     student: StudentOptions = group(StudentOptions)
     optim: Optimisation = group(Optimisation)
     loader: LoaderOptions = group(LoaderOptions)
+    val: Validation = group(Validation)
     run: RunControl = group(RunControl)
 
     def to_json(self) -> dict[str, Any]:
@@ -162,6 +180,7 @@ class TrainConfig:
         if Path(self.run_dir).exists() and not Path(self.run_dir).is_dir():
             raise ValueError(f"--run-dir: {self.run_dir} exists and is not a folder")
         self.targets.validate(self.objective, external_source)
+        self.val.validate(self.objective)
         if self.loader.view_epochs is not None and self.targets.cache is None:
             raise ValueError("--view-epochs: takes the first K view-epochs of a --cache; online and pixel "
                              "sources cut fresh views every epoch")
@@ -173,5 +192,5 @@ class TrainConfig:
 # is extended; harness.run_dir), never shrink.
 MUTABLE_ON_RESUME = frozenset({
     "run_dir", "cache", "checkpoint", "data", "init_from", "num_workers", "ckpt_every", "keep_last",
-    "log_every", "max_steps", "device", "compile",
+    "log_every", "max_steps", "device", "compile", "val_cache", "val_every",
 })

@@ -185,6 +185,9 @@ def test_read_metrics_and_panels(tmp_path) -> None:
     mae = read_metrics(_write_run(tmp_path / "mae", 5, mae=True))
     assert panel_keys([mae]) == ["loss", "lr", "images_per_s"]
     assert panel_keys([mae, recs]) == ["loss", "loss_fea", "loss_att", "lr", "images_per_s"]
+    # A held-out record of its own (--val-cache) adds its two panels after the training losses.
+    held = recs + [{"step": 13, "epoch": 1, "epoch_f": 1.0, "val_loss": 1.2, "val_loss_fea": 0.5, "val_loss_att": 0.7}]
+    assert panel_keys([held]) == ["loss", "loss_fea", "loss_att", "val_loss_fea", "val_loss_att", "lr", "images_per_s"]
     np.testing.assert_allclose(smooth_values(np.array([1.0, 3.0, 5.0, 7.0]), 2), [1.0, 2.0, 4.0, 6.0])
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
         read_metrics(tmp_path)

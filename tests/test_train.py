@@ -16,6 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 import tec_train.student as student_mod
+from tec_cache.build import BuildConfig, build_cache
 from tec_cache.format.manifest import load_manifest
 from tec_train.harness.checkpoints import checkpoint_path as ck_path
 from tec_train.harness.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint
@@ -29,7 +30,7 @@ from tec_train.harness.reporting import truncate_metrics
 from tec_train.train import TrainConfig, train
 from tec_cache.images import open_source
 from tec_cache.views import ViewRecipe
-from tests.conftest import TINY_ARCH, TINY_IMG, TINY_PATCH, TINY_TOPK, make_image_folder
+from tests.conftest import TINY_ARCH, TINY_IMG, TINY_PATCH, TINY_TOPK, make_image_folder, tiny_spec, tiny_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT = dict(model="vit_tiny_patch8", depth=3)
@@ -245,6 +246,62 @@ def test_view_epochs_trains_from_the_first_k_and_is_kept_on_resume(tiny, tmp_pat
     assert inside == [0, 0, 0, 0]
     code, out, _ = _run_cli(tmp_path, *base[:-2], "--view-epochs", "2", "--epochs", "3")
     assert code == 2 and "--view-epochs: the run in" in out and "was started with 1, now 2" in out
+
+
+@pytest.fixture(scope="module")
+def held_out(tiny) -> SimpleNamespace:
+    """Validation caches: the same images at other views of the same base model (seed 7), and a
+    cache of another base-model checkpoint."""
+    root = tiny.root / "held-out"
+    same, other = root / "same", root / "other-base"
+    if not same.exists():
+        build_cache(BuildConfig(data=tiny.data, out=same, checkpoint=tiny.ckpt, spec=tiny_spec(), views=1, seed=7,
+                                shard_size=5, batch_size=8, num_workers=0, device="cpu"))
+        ckpt = root / "other.pth"
+        torch.save({"model": tiny_state_dict(seed=1)}, ckpt)
+        build_cache(BuildConfig(data=tiny.data, out=other, checkpoint=ckpt, spec=tiny_spec(), views=1,
+                                shard_size=5, batch_size=8, num_workers=0, device="cpu"))
+    return SimpleNamespace(same=same, other=other)
+
+
+def test_held_out_loss_is_logged_and_leaves_training_unchanged(tiny, held_out, tmp_path: Path) -> None:
+    base = ["--cache", str(tiny.cache), "--model", "vit_tiny_patch8", "--depth", "2", "--batch-size", "4",
+            "--log-every", "1", "--num-workers", "0", "--device", "cpu", "--epochs", "1"]
+    code, out, run = _run_cli(tmp_path / "a", *base, "--val-cache", str(held_out.same), "--val-every", "2")
+    assert code == 0, out
+    records = _records(run)
+    val = [(r["step"], r["val_loss_fea"], r["val_loss_att"]) for r in records if "val_loss_fea" in r]
+    assert [s for s, _, _ in val] == [2, 4, 5]  # every 2 steps and at the end
+    assert all(math.isfinite(f) and math.isfinite(a) and f > 0 and a > 0 for _, f, a in val)
+    assert len({(f, a) for _, f, a in val}) == 3  # the student changes between evaluations
+    assert "held-out loss at step 5: val_loss" in out
+    # Training itself is the same as without --val-cache, step for step and weight for weight.
+    code, out, plain = _run_cli(tmp_path / "b", *base)
+    assert code == 0, out
+    assert _exact(run) == _exact(plain)
+    _assert_same_weights(_final_model(run), _final_model(plain))
+    # Fixed masks and views: the same weights give the same held-out loss.
+    from tec_train.harness.runtime import Runtime
+    from tec_train.held_out import HeldOutLoss
+    from tec_train.objectives import objective_for
+    from tec_train.target_feeds import TargetSpec
+
+    spec = TargetSpec.from_manifest(load_manifest(tiny.cache))
+    tec = objective_for("tec")
+    student = tec.build(TrainConfig(run_dir="-", cache=str(tiny.cache), model="vit_tiny_patch8", depth=2), spec)
+    student.load_state_dict(_final_model(run))
+    loss = HeldOutLoss(str(held_out.same), spec, batch_size=4, rank=0, world_size=1, num_workers=0, seed=0)
+    once = loss.evaluate(tec, student, tec.terms, Runtime("cpu", "off"), student.num_patches)
+    assert once == loss.evaluate(tec, student, tec.terms, Runtime("cpu", "off"), student.num_patches)
+    assert once["val_loss_fea"] == pytest.approx(val[-1][1], rel=1e-5)
+
+
+def test_held_out_cache_of_another_base_model_is_refused(tiny, held_out, tmp_path: Path) -> None:
+    code, out, run = _run_cli(tmp_path, "--cache", str(tiny.cache), "--model", "vit_tiny_patch8", "--depth", "2",
+                              "--batch-size", "4", "--num-workers", "0", "--device", "cpu", "--epochs", "1",
+                              "--val-cache", str(held_out.other))
+    assert code == 2 and "--val-cache:" in out and "base-model checkpoint sha256" in out, out
+    assert not run.exists()
 
 
 def test_raised_epochs_extend_the_run_from_its_checkpoint(tiny, tmp_path: Path) -> None:
