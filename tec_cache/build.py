@@ -110,8 +110,10 @@ def _single_item(batch: list[Any]) -> Any:
 class _ViewJobs(Dataset):
     """Job j: decode image ``jobs[j][0]`` once and cut the view-epochs ``jobs[j][1]``."""
 
-    def __init__(self, source: ImageSource, jobs: list[tuple[int, list[int]]], seed: int, recipe: ViewRecipe):
+    def __init__(self, source: ImageSource, jobs: list[tuple[int, list[int]]], seed: int, recipe: ViewRecipe,
+                 first_view: int = 0):
         self.source, self.jobs, self.seed, self.recipe = source, jobs, seed, recipe
+        self.first_view = first_view  # view-epoch v holds view index first_view + v
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -125,7 +127,8 @@ class _ViewJobs(Dataset):
             return {"index": index, "error": str(e)}
         with naming_sample(f"image {item.key} of {self.source.root}, view-epochs {views}"):
             fault_point("cut_views")
-            return {"index": index, "views": make_views(img, item.key, views, self.seed, self.recipe)}
+            cut = make_views(img, item.key, [self.first_view + v for v in views], self.seed, self.recipe)
+            return {"index": index, "views": [(v - self.first_view, data, pix) for v, data, pix in cut]}
 
 
 class _Stats:
@@ -167,6 +170,7 @@ def _cache_identity(cfg: BuildConfig, source: ImageSource, facts: dict[str, Any]
         "targets.last_layers": cfg.spec.last_layers,
         "targets.num_patches": shape.num_patches,
         "views.seed": cfg.seed,
+        "views.first_view": cfg.first_view,
         "views.recipe.size": cfg.spec.img_size,
         "views.recipe.jpeg_quality": cfg.jpeg_quality,
         "codec.name": cfg.codec,
@@ -175,6 +179,10 @@ def _cache_identity(cfg: BuildConfig, source: ImageSource, facts: dict[str, Any]
         "format.shard_size": cfg.shard_size,
         "source.fingerprint": source_fingerprint(source),
     }
+
+
+# Identity keys a manifest leaves out at their default: caches built before --first-view start at view 0.
+_ABSENT_MEANS = {"views.first_view": 0}
 
 
 def _check_resume(root: Path, expected: dict[str, Any]) -> int:
@@ -186,6 +194,7 @@ def _check_resume(root: Path, expected: dict[str, Any]) -> int:
         obj: Any = man.to_json()
         for part in dotted.split("."):
             obj = obj.get(part) if isinstance(obj, dict) else None
+        obj = _ABSENT_MEANS.get(dotted, obj) if obj is None else obj
         if obj != want:
             raise ManifestError(
                 f"--out {root}: the existing cache was built with {dotted} = {obj!r}, this build asks for {want!r}; "
@@ -376,7 +385,7 @@ class Builder:
             set_total(sum(len(m) * len(self.chunk_images(c)) for c, m in mine))
         self._progress = progress or (lambda n: None)
         loader = DataLoader(
-            _ViewJobs(self.source, jobs, self.cfg.seed, self.recipe),
+            _ViewJobs(self.source, jobs, self.cfg.seed, self.recipe, self.cfg.first_view),
             batch_size=1, collate_fn=_single_item, num_workers=self.cfg.num_workers,
             prefetch_factor=4 if self.cfg.num_workers > 0 else None,
         )
@@ -517,7 +526,7 @@ class Builder:
                                dim=self.shape.dim, heads=self.shape.heads, topk=spec.topk, last_layers=spec.last_layers,
                                tau=spec.tau),
             views=mf.Views(count=self.num_views, seed=self.cfg.seed, recipe=mf.Recipe.of(self.recipe.to_json()),
-                           extra={"image_format": "jpeg"}),
+                           extra={"image_format": "jpeg", **({"first_view": self.cfg.first_view} if self.cfg.first_view else {})}),
             codec=mf.Codec(name=self.codec.name, fields=dict(self.field_specs)),
             format=mf.Format(name=self.cfg.format, compressor=self.cfg.compressor, shard_size=self.cfg.shard_size),
             source=mf.Source.of({**source, "fingerprint": self.identity["source.fingerprint"],

@@ -35,6 +35,9 @@ class BuildConfig:
     compressor: str = option("zstd:3", "zstd:LEVEL | none")
     shard_size: int = option(256, "Views per shard", check=POSITIVE_INT)
     seed: int = option(0, "Seed of the view augmentations", check=SEED)
+    first_view: int = option(0, "View index of view-epoch 0 (view-epoch v holds view first_view + v of every image): a "
+                             "validation cache of the training images at views a training cache of K < first_view "
+                             "view-epochs does not hold", check=SEED)
     batch_size: int = option(64, "Views per base-model forward", check=POSITIVE_INT)
     num_workers: int = option(4, "Decode/crop worker processes", check=WORKERS)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
@@ -44,7 +47,7 @@ class BuildConfig:
 
     def validate(self) -> None:
         """Option checks before any work; ValueError names the option and what it expects."""
-        check_fields(self, ("views", "shard_size", "seed", "batch_size"))
+        check_fields(self, ("views", "shard_size", "seed", "first_view", "batch_size"))
         if not Path(self.data).exists():
             raise ValueError(f"--data: no such file or folder {self.data} (expected an image folder or .tar shards)")
         if not Path(self.checkpoint).is_file():

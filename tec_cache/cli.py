@@ -65,6 +65,7 @@ def build(
     compressor: Optional[str] = typer.Option(None, "--compressor", help=_h("compressor")),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help=_h("shard_size")),
     seed: Optional[int] = typer.Option(None, "--seed", help=_h("seed")),
+    first_view: Optional[int] = typer.Option(None, "--first-view", help=_h("first_view")),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help=_h("batch_size")),
     num_workers: Optional[int] = typer.Option(None, "--num-workers", help=_h("num_workers")),
     device: Optional[str] = typer.Option(None, "--device", help=_h("device")),

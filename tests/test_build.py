@@ -126,6 +126,30 @@ def test_extend_views_adds_only_missing(data_dir, tiny_ckpt, tmp_path, reference
     assert _manifest_sans_stats(out) == _manifest_sans_stats(reference_cache)
 
 
+def test_first_view_builds_the_views_another_cache_does_not_hold(data_dir, tiny_ckpt, tmp_path, reference_cache):
+    """--first-view 1: view-epoch 0 holds view 1 of every image, exactly what view-epoch 1 of a
+    cache built from view 0 holds (same pixels, same targets); the manifest says so, and a resume
+    with another --first-view is refused."""
+    from tec_cache.format import get_format
+
+    out = tmp_path / "cache"
+    build_cache(_cfg(data_dir, out, tiny_ckpt, views=1, first_view=1))
+    man, ref = load_manifest(out), load_manifest(reference_cache)
+    assert man.views.first_view == 1 and ref.views.first_view == 0 and "first_view" not in ref.views.extra
+    fmt = get_format(man.format.name)
+
+    def records(cache, view_epoch):
+        m = load_manifest(cache)
+        return [(r.key, r.image, {k: v.tobytes() for k, v in r.fields.items()})
+                for e in m.shards(view_epoch) for r in fmt.open_reader(cache / e.path, m.fields, m.format.compressor)]
+
+    mine, theirs = records(out, 0), records(reference_cache, 1)
+    assert len(mine) == len(theirs) > 0 and mine == theirs
+    assert records(reference_cache, 0) != theirs  # view 0 is another view
+    with pytest.raises(ValueError, match="views.first_view = 1, this build asks for 0"):
+        build_cache(_cfg(data_dir, out, tiny_ckpt, views=1))
+
+
 def test_changed_settings_refused_on_resume(data_dir, tiny_ckpt, tmp_path, reference_cache):
     out = tmp_path / "cache"
     shutil.copytree(reference_cache, out)

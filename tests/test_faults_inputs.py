@@ -442,6 +442,7 @@ def _with(args: list[str], option: str, value: str | None) -> list[str]:
 # regular file; {folder}: a folder that is not what the option wants; {other}: a finished cache
 # built with other settings.
 BUILD_BAD = [
+    ("--first-view", "-1", "--first-view: must be an integer >= 0, got -1"),
     ("--data", "{missing}", "--data: no such file or folder"),
     ("--data", None, "--data is required: an image folder or a folder of .tar shards"),
     ("--checkpoint", "{missing}", "--checkpoint: no such file"),

@@ -227,6 +227,11 @@ class Views(_Keyed):
     def to_json(self) -> Json:
         return {**self.extra, "count": self.count, "seed": self.seed, "recipe": self.recipe.to_json()}
 
+    @property
+    def first_view(self) -> int:
+        """View index of view-epoch 0 (``tec-cache build --first-view``; 0 when the manifest has none)."""
+        return int(self.extra.get("first_view", 0))
+
 
 @dataclass(frozen=True)
 class Codec(_Keyed):
