@@ -45,6 +45,7 @@ from tec_cache.images import BadImage, ImageSource, decode_image, open_source
 from tec_cache.run_log import naming_sample
 from tec_cache.targets import extract_targets, normalise_images
 from tec_cache.views import ViewRecipe, make_views
+from tec_cache.loader_workers import die_with_parent
 
 
 def _tool_version() -> str:
@@ -387,7 +388,7 @@ class Builder:
         loader = DataLoader(
             _ViewJobs(self.source, jobs, self.cfg.seed, self.recipe, self.cfg.first_view),
             batch_size=1, collate_fn=_single_item, num_workers=self.cfg.num_workers,
-            prefetch_factor=4 if self.cfg.num_workers > 0 else None,
+            prefetch_factor=4 if self.cfg.num_workers > 0 else None, worker_init_fn=die_with_parent(),
         )
         it = iter(loader)
         shards_built = 0

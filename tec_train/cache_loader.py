@@ -52,6 +52,7 @@ from tec_cache.format.manifest import MANIFEST_NAME, Manifest, digest_problem, l
 from tec_cache.format.schema import FieldSpec, ShardError, ShardInfo, ViewRecord
 from tec_cache.run_log import naming_sample
 from tec_cache.views import decode_view
+from tec_cache.loader_workers import die_with_parent
 
 __all__ = ["Batch", "CacheLoader", "CompatibilityError", "check_compatibility", "decode_targets", "epoch_order"]
 
@@ -414,6 +415,7 @@ class CacheLoader:
             batch_size=None,  # the sampler yields whole batches: one dataset call per batch
             collate_fn=_collate,
             num_workers=workers,
+            worker_init_fn=die_with_parent(),
             pin_memory=self.pin_memory,
             multiprocessing_context=self.mp_context if workers else None,
             in_order=True,  # the verification scheme relies on batches arriving in step order

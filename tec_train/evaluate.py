@@ -21,6 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
 
+from tec_cache.loader_workers import die_with_parent
+
 from .eval_config import POOLS, PROBE_OPTIMIZERS, EvalConfig
 from .labelled import Transformed
 
@@ -79,7 +81,7 @@ def extract_features(
     device = torch.device(device)
     tf = transform if transform is not None else eval_transform(model_img_size(model), crop_pct)
     loader = DataLoader(Transformed(dataset, tf), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+                        pin_memory=device.type == "cuda", persistent_workers=False, worker_init_fn=die_with_parent())
     was_training = model.training
     model.eval().to(device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()

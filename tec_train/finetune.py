@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tec_cache.dist import DistInfo
 from tec_cache.faults import fault_point
 from tec_cache.format.fs import write_json_atomic
+from tec_cache.loader_workers import die_with_parent
 
 from .augment import finetune_train_transform
 from .encoder_weights import EncoderWeights, build_vit, load_state_strict, read_encoder_weights
@@ -263,9 +264,10 @@ class Finetuner:
                                           shuffle=True, seed=cfg.optim.seed)
         self.train_loader = DataLoader(self.splits.train, batch_size=cfg.optim.batch_size, sampler=self.sampler,
                                        num_workers=cfg.labelled.num_workers, pin_memory=pin, drop_last=True,
-                                       generator=self.loader_gen, persistent_workers=False)
+                                       generator=self.loader_gen, persistent_workers=False,
+                                       worker_init_fn=die_with_parent())
         self.val_loader = DataLoader(_split_for_rank(self.splits.val, info), batch_size=cfg.optim.batch_size, shuffle=False,
-                                     num_workers=cfg.labelled.num_workers, pin_memory=pin)
+                                     num_workers=cfg.labelled.num_workers, pin_memory=pin, worker_init_fn=die_with_parent())
         if info.is_main:
             # A checkpoint before epoch E has seen the records of epochs up to E - 1.
             open_run_dir(self.run_dir, FINETUNE_RUN, start_epoch - 1, self._config())

@@ -28,6 +28,7 @@ from tec_cache.images import BadImage, ImageSource, decode_image
 from tec_cache.run_log import naming_sample
 from tec_cache.targets import extract_targets, normalise_images
 from tec_cache.views import ViewRecipe, cut_view, view_params, view_rng
+from tec_cache.loader_workers import die_with_parent
 
 from .cache_loader import Batch
 from .target_feeds import StepInputs, TargetSpec
@@ -105,6 +106,7 @@ class OnlineLoader:
         loader = DataLoader(
             dataset, batch_size=None, shuffle=False, num_workers=self.num_workers, pin_memory=self.pin_memory,
             multiprocessing_context=self.mp_context if self.num_workers > 0 else None, generator=torch.Generator(),
+            worker_init_fn=die_with_parent(),
         )
         for images, index in loader:
             yield Batch(images=images, fields={}, image_index=index, view_epoch=epoch)

@@ -5,6 +5,7 @@ finishes what the failed run started."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -109,3 +110,73 @@ def test_finetune_unreadable_image_in_a_worker_is_one_line(tiny, tmp_path: Path)
                                     "--batch-size", "4", "--num-workers", "1", "--device", "cpu"])
     _assert_one_line_failure(r, run / RUN_LOG, f"image {data / 'train' / 'class1' / 'broken.jpg'}",
                              "UnidentifiedImageError")
+
+
+# ---- a main process killed with SIGKILL leaves no worker behind --------------------------------
+
+def _children(pid: int) -> set[int]:
+    """Processes whose parent is ``pid`` (from /proc; Linux only, as the guarantee is)."""
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.add(int(stat.parent.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a dead child nobody reaped yet holds no memory)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("command", ["build", "run"])
+def test_killed_main_process_leaves_no_worker_running(command: str, tiny, tmp_path: Path) -> None:
+    """SIGKILL (the OOM killer, a preempting scheduler) runs no cleanup: the data-loader workers
+    must die with their parent, not live on re-parented to init holding their memory. Without the
+    parent-death signal they outlive it (blocked writing to a queue nobody reads) for minutes; the
+    loader's own watchdog checks only every 5 s, so 3 s tells the two apart."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if command == "build":
+        data = make_image_folder(tmp_path / "data", n_per_class=40, bad=False)
+        args = ["-m", "tec_cache", *build_args(data, tmp_path / "cache", tiny.ckpt, views=8)]
+        args[args.index("--num-workers") + 1] = "2"
+    else:
+        args = ["-m", "tec_train", "run", "--cache", str(tiny.cache), "--run-dir", str(tmp_path / "run"),
+                "--model", "vit_tiny_patch8", "--depth", "2", "--batch-size", "2", "--epochs", "500",
+                "--num-workers", "2", "--device", "cpu"]
+    proc = subprocess.Popen([sys.executable, *args], env=clean_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            workers = _children(proc.pid)
+            time.sleep(0.02)
+        assert len(workers) >= 2, "the command never started its 2 data-loader workers"
+        time.sleep(0.5)  # let them fill their queues
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        t0 = time.monotonic()
+        while any(_running(w) for w in workers) and time.monotonic() - t0 < 3:
+            time.sleep(0.05)
+        left = [w for w in workers if _running(w)]
+        assert not left, f"workers {left} outlived the killed {command} by 3 s"
+    finally:
+        proc.kill()
+        for w in workers:
+            try:
+                os.kill(w, signal.SIGKILL)
+            except OSError:
+                pass
