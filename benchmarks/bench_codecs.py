@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.vitb_targets import vitb_views_and_targets  # noqa: E402
 from tec_cache import format as cache_format  # noqa: E402
-from tec_cache.codecs import TargetShape, fidelity, get_codec, split_fields  # noqa: E402
+from tec_cache.codecs import CODECS, TargetShape, fidelity, get_codec, split_fields  # noqa: E402
 from tec_cache.format.schema import ViewRecord, record_key  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def main() -> None:
     shape = TargetShape(196, 768, 12, 15)
     z = numcodecs.Zstd(level=int(args.compressor.split(":")[1]))
     rows = []
-    for name in ("fp16", "int8"):
+    for name in CODECS:
         codec = get_codec(name)
         specs = codec.field_specs(shape)
         per_view = split_fields(codec.encode(feat, att, idx))
@@ -56,9 +56,12 @@ def main() -> None:
                 row[f"{fmt}_bytes_per_view"] = round(info.nbytes / len(per_view), 1)
         row.update({k: float(v) for k, v in fidelity(codec, feat, att, idx, args.tau).items()})
         rows.append(row)
-    fp16, int8 = rows
+    fp16, int8, coarse = rows
     summary = {"views": len(jpegs), "int8_over_fp16_stored_targets": int8["stored_target_bytes"] / fp16["stored_target_bytes"],
-               "int8_over_fp16_webdataset_view": int8["webdataset_bytes_per_view"] / fp16["webdataset_bytes_per_view"]}
+               "int8_over_fp16_webdataset_view": int8["webdataset_bytes_per_view"] / fp16["webdataset_bytes_per_view"],
+               "coarse_over_int8_webdataset_view": coarse["webdataset_bytes_per_view"] / int8["webdataset_bytes_per_view"],
+               # What a cache of ImageNet-1k (1,281,167 images) takes per view-epoch, in TB.
+               "imagenet_tb_per_view_epoch": {r["codec"]: r["webdataset_bytes_per_view"] * 1_281_167 / 1e12 for r in rows}}
     print(f"ViT-B/16 targets (random weights, {len(jpegs)} real-photo views, L=196 D=768 H=12 k=15, {args.compressor})\n")
     print("| codec | raw target B | stored target B | webdataset B/view | zarr B/view | feature cosine (loss-normalised) | raw cosine | att KL (tau 1.8) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -66,7 +69,9 @@ def main() -> None:
         print(f"| {r['codec']} | {r['raw_target_bytes']:,} | {r['stored_target_bytes']:,.0f} | {r['webdataset_bytes_per_view']:,.0f} | "
               f"{r['zarr_bytes_per_view']:,.0f} | {r['feature_cosine']:.6f} | {r['feature_cosine_raw']:.6f} | {r['att_kl']:.2e} |")
     print(f"\nint8 / fp16 stored target bytes: {summary['int8_over_fp16_stored_targets']:.3f}; "
-          f"whole view (webdataset, JPEG included): {summary['int8_over_fp16_webdataset_view']:.3f}")
+          f"whole view (webdataset, JPEG included): {summary['int8_over_fp16_webdataset_view']:.3f}; "
+          f"int8-coarse / int8 whole view: {summary['coarse_over_int8_webdataset_view']:.3f}")
+    print("ImageNet-1k, TB per view-epoch: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["imagenet_tb_per_view_epoch"].items()))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))

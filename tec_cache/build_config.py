@@ -30,7 +30,8 @@ class BuildConfig:
     checkpoint: Path = option(help="Local base-model weights (MAE, iBOT, DINO, state dict, .safetensors).")
     spec: BaseModelSpec = option(help="The resolved target recipe.")
     views: int = option(1, "View-epochs K to hold (a larger K later adds only the missing ones)", check=POSITIVE_INT)
-    codec: str = option("int8", "fp16 (reference precision) | int8 (half the bytes)")
+    codec: str = option("int8", "fp16 (reference precision) | int8 (half the bytes) | int8-coarse (27% fewer "
+                        "bytes per view than int8, feature cosine 0.993)")
     format: str = option("webdataset", "webdataset | zarr")
     compressor: str = option("zstd:3", "zstd:LEVEL | none")
     shard_size: int = option(256, "Views per shard", check=POSITIVE_INT)

@@ -36,6 +36,9 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+IMAGENET_1K_IMAGES = 1_281_167  # the training split
+
+
 def _h(name: str, extra: str = "") -> str:
     """Help of a build option, from the field that declares it (default included)."""
     from tec_cache.basemodels import TargetRecipe
@@ -119,6 +122,11 @@ def build(
             t.add_column(col, justify="right")
         t.add_row(_size(est["bytes_per_view"] or 0), str(est["views"]), _size(est.get("bytes_needed", 0)), _size(est.get("bytes_free", 0)))
         say(t)
+        if est["bytes_per_view"]:
+            # The number a user weighs K and the codec against: the same recipe over ImageNet-1k.
+            total = est["bytes_per_view"] * IMAGENET_1K_IMAGES * cfg.views
+            say(f"ImageNet-1k ({IMAGENET_1K_IMAGES:,} images) at {cfg.views} view-epochs, codec {cfg.codec}, "
+                f"{_size(est['bytes_per_view'])}/view: about {_size(total)}", highlight=False)
         return
     t = Table(title=f"tec-cache build: {out}")
     t.add_column("item")

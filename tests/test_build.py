@@ -126,6 +126,37 @@ def test_extend_views_adds_only_missing(data_dir, tiny_ckpt, tmp_path, reference
     assert _manifest_sans_stats(out) == _manifest_sans_stats(reference_cache)
 
 
+def test_coarse_codec_keeps_what_the_losses_see_in_fewer_bytes(data_dir, tiny_ckpt, tmp_path, reference_cache):
+    """An int8-coarse cache of the same inputs: verifies, holds the same views, its decoded targets
+    agree with int8's as the losses see them, and its shards are smaller."""
+    import numpy as np
+
+    from tec_cache.verify import verify_cache
+
+    out = tmp_path / "cache"
+    build_cache(_cfg(data_dir, out, tiny_ckpt, codec="int8-coarse"))
+    assert verify_cache(out) == []
+    coarse, fine = load_manifest(out), load_manifest(reference_cache)
+    assert coarse.codec.name == "int8-coarse" and coarse.fields == fine.fields
+    assert coarse.stats.total_bytes < fine.stats.total_bytes  # tiny views: the JPEGs are most of it
+
+    def decoded(man):
+        recs = [r for e in man.shards() for r in man.open_shard(e, verify=True)]
+        fields = {k: torch.from_numpy(np.stack([r.fields[k] for r in recs])) for k in man.fields}
+        return [r.image for r in recs], get_codec(man.codec.name).decode(fields)
+
+    (img_c, (fc, ac, ic)), (img_f, (ff, af, i_f)) = decoded(coarse), decoded(fine)
+    assert img_c == img_f and torch.equal(ic, i_f)
+
+    def norm_tokens(x):
+        return (x - x.mean(1, keepdim=True)) / (x.var(1, keepdim=True) + 1e-6).sqrt()
+
+    cos = torch.nn.functional.cosine_similarity(norm_tokens(fc).flatten(1), norm_tokens(ff).flatten(1), dim=1)
+    assert cos.min() > 0.98, cos.min()
+    lp, lq = torch.log_softmax(af / 1.8, -1), torch.log_softmax(ac / 1.8, -1)
+    assert (lp.exp() * (lp - lq)).sum(-1).mean() < 1e-3
+
+
 def test_first_view_builds_the_views_another_cache_does_not_hold(data_dir, tiny_ckpt, tmp_path, reference_cache):
     """--first-view 1: view-epoch 0 holds view 1 of every image, exactly what view-epoch 1 of a
     cache built from view 0 holds (same pixels, same targets); the manifest says so, and a resume
@@ -170,6 +201,9 @@ def test_dry_run_writes_nothing(data_dir, tiny_ckpt, tmp_path):
     r = runner.invoke(app, _build_args(data_dir, out, tiny_ckpt, "--dry-run"))
     assert r.exit_code == 0, r.output
     assert "bytes/view" in r.output and "views to build" in r.output
+    # The projection to ImageNet-1k for this K (2) and codec: bytes/view x 1,281,167 x 2.
+    line = " ".join(r.output.split())
+    assert "ImageNet-1k (1,281,167 images) at 2 view-epochs, codec int8," in line, line
     assert not out.exists()
 
 

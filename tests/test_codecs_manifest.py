@@ -22,8 +22,9 @@ def _targets(B=4, L=49, D=32, H=4, k=5, seed=0):
     return feat, att, idx
 
 
-@pytest.mark.parametrize("name", ["fp16", "int8"])
-def test_round_trip_shapes_and_fidelity(name):
+@pytest.mark.parametrize("name, least_cosine, most_kl", [("fp16", 0.9995, 1e-4), ("int8", 0.9995, 1e-4),
+                                                      ("int8-coarse", 0.99, 1e-3)])
+def test_round_trip_shapes_and_fidelity(name, least_cosine, most_kl):
     codec = get_codec(name)
     feat, att, idx = _targets()
     specs = codec.field_specs(TargetShape(49, 32, 4, 5))
@@ -31,7 +32,7 @@ def test_round_trip_shapes_and_fidelity(name):
     for k, spec in specs.items():
         assert str(fields[k].dtype) == spec.dtype and fields[k].shape[1:] == spec.shape
     f = fidelity(codec, feat, att, idx, tau=1.8)
-    assert f["feature_cosine"] >= 0.9995 and f["att_kl"] < 1e-4
+    assert f["feature_cosine"] >= least_cosine and f["att_kl"] < most_kl
 
 
 def test_int8_is_half_the_bytes_and_keeps_constant_channels():

@@ -465,7 +465,7 @@ BUILD_BAD = [
     ("--tau", "nan", "--tau: must be a positive number, got nan"),
     ("--views", "-2", "--views: must be a positive integer, got -2"),
     ("--views", "two", "Invalid value for '--views'"),
-    ("--codec", "int4", "--codec: unknown codec 'int4'; expected one of ['fp16', 'int8']"),
+    ("--codec", "int4", "--codec: unknown codec 'int4'; expected one of ['fp16', 'int8', 'int8-coarse']"),
     ("--format", "parquet", "--format: unknown format 'parquet'; expected one of ['webdataset', 'zarr']"),
     ("--compressor", "zstd:99", "--compressor: compressor must be 'none' or 'zstd:LEVEL' (LEVEL in -131072..22)"),
     ("--shard-size", "0", "--shard-size: must be a positive integer, got 0"),
