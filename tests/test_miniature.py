@@ -89,3 +89,69 @@ def test_missing_fashion_mnist_says_how_to_get_it(tmp_path: Path, monkeypatch: p
         runpy.run_path(str(SCRIPT), run_name="__main__")
     assert HOW_TO_GET in " ".join(str(e.value.code).split())
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.pt"))
+
+
+def _study_preset(tmp_path: Path) -> Path:
+    """fmnist-views made tiny: 2 view-epochs, students of 8 epochs, a 1-epoch fine-tune."""
+    path = tmp_path / "fmnist-views-test.toml"
+    path.write_text(f"""extends = "{ROOT / 'pipelines' / 'fmnist-views.toml'}"
+name = "fmnist-views-test"
+[data]
+train_images = 96
+test_images = 64
+[base]
+epochs = 1
+batch_size = 32
+[cache]
+cache_name = "fmnist-views-test"
+views = 2
+[pretrain]
+batch_size = 32
+epochs = 8
+warmup_epochs = 1
+val_every = 10
+[finetune]
+epochs = 1
+warmup_epochs = 0
+batch_size = 32
+train_subset = 96
+val_subset = 64
+[eval]
+epochs = 2
+""")
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DEFAULT_DIR / "train-labels-idx1-ubyte.gz").is_file(), reason="needs Debian's dataset-fashion-mnist")
+def test_views_study_trains_every_model_and_reports(tmp_path: Path) -> None:
+    """scripts/views_study.py end to end at a tiny size: students at K = 1 and 2 of a 2-view cache,
+    online and int8-coarse, each with its held-out loss, every model probed and fine-tuned."""
+    preset = _study_preset(tmp_path)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "views_study.py"), "--pipeline", str(preset), "--ks", "1", "2",
+                        "--seeds", "0", "--out", str(out)], capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    root = out / "fmnist-views-test"
+    res = json.loads((root / "results.json").read_text())
+    ev = res["seeds"]["0"]["eval"]
+    assert set(ev) == {"base", "tec_k1", "tec_k2", "tec_online", "tec_k2_coarse", "mae_more"}
+    for name, e in ev.items():
+        assert 0.0 <= e["knn_top1"] <= 1.0 and 0.0 <= e["linear_top1"] <= 1.0 and 0.0 <= e["finetune_top1"] <= 1.0
+        assert ("val_loss_fea" in e) == name.startswith("tec_"), name  # the students log the held-out loss
+    # The K = 1 student read view-epoch 0 only; the coarse cache is smaller than the int8 one.
+    assert json.loads((root / "seed-0" / "tec_k1" / "config.json").read_text())["options"]["view_epochs"] == 1
+    assert res["seeds"]["0"]["cache_bytes"]["int8-coarse"] < res["seeds"]["0"]["cache_bytes"]["int8"]
+    assert (root / "seed-0" / "heldout.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| tec_k1 |" in (root / "results.md").read_text()
+
+
+def test_views_study_refuses_too_few_epochs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import runpy
+
+    preset = _study_preset(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["views_study.py", "--pipeline", str(preset), "--ks", "1", "4", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / "scripts" / "views_study.py"), run_name="__main__")
+    assert "at least 4 x K_max = 16" in str(e.value.code)
+    assert not (tmp_path / "o").exists()  # refused before any work

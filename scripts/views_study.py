@@ -1,0 +1,199 @@
+"""How many views, how many bits: TEC students trained for many epochs from K cached view-epochs,
+against fresh views every epoch and against a lower-bit codec, on real images.
+
+Data flow, per seed, all through the project's own commands (``--pipeline fmnist-views``):
+    Fashion-MNIST train subset --> tec-train run --objective mae                   (base)
+      --> tec-cache build --views K_max (int8)  and  --codec int8-coarse            (training caches)
+    Fashion-MNIST test subset  --> tec-cache build --views 1                       (held-out views)
+      --> tec-train run --cache C --view-epochs K --val-cache held-out, K in --ks    (tec_k<K>)
+      --> tec-train run --online (fresh views every epoch)                         (tec_online)
+      --> tec-train run --cache C-coarse --view-epochs K_max                        (tec_k<K_max>_coarse)
+      --> tec-train run --objective mae --init-from base, the same epochs           (mae_more)
+    every model --> kNN and linear probe on frozen features, and top-1 after a short fine-tune.
+
+Every student trains E epochs with E >= 4 x K_max, so a cached view is seen E / K times (with a
+fresh mask each time): the point of the study. The held-out loss curves of the students (one line
+per K) go to heldout.png (tec-train plot); the table to results.md and results.json.
+
+    python scripts/views_study.py [--pipeline fmnist-views] [--seeds 0 1] [--out runs/views-study]
+
+Re-running resumes: finished stages are skipped, an interrupted training run resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# The miniature reproduction's stage runner and frozen-feature evaluation, shared.
+_spec = importlib.util.spec_from_file_location("miniature", ROOT / "scripts" / "miniature.py")
+assert _spec is not None and _spec.loader is not None
+miniature = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(miniature)
+
+import numpy as np  # noqa: E402
+from torch.utils.data import Subset  # noqa: E402
+
+from tec_cache.config import check_fields, override  # noqa: E402
+from tec_cache.fashion_mnist import DEFAULT_DIR, HOW_TO_GET, export_image_folder, subset_indices  # noqa: E402
+from tec_cache.presets import load_pipeline  # noqa: E402
+from tec_train.eval_config import DataSubsets, EvalConfig  # noqa: E402
+from tec_train.harness.checkpoints import latest_checkpoint  # noqa: E402
+from tec_train.labelled import FashionMNIST  # noqa: E402
+from tec_train.pipeline_tables import check_pipeline  # noqa: E402
+
+console = miniature.console
+
+
+def student_names(ks: list[int]) -> list[str]:
+    k_max = max(ks)
+    return [*(f"tec_k{k}" for k in ks), "tec_online", f"tec_k{k_max}_coarse"]
+
+
+def run_seed(seed: int, pipe_ref: str, preset: dict[str, Any], data: Path, held_out_images: Path, ks: list[int],
+             out: Path) -> dict[str, Any]:
+    """Every model of one seed (resuming what exists); returns stage times and run dirs."""
+    out.mkdir(parents=True, exist_ok=True)
+    st = miniature.Stages(out)
+    tc = [sys.executable, "-m", "tec_cache"]
+    tt = [sys.executable, "-m", "tec_train"]
+    p = ["--pipeline", pipe_ref, "--seed", str(seed)]
+    log = out / "stages.log"
+    k_max, epochs = max(ks), preset["pretrain"]["epochs"]
+    times: dict[str, float] = {}
+    times["base"] = st.run("base", [*tt, "run", *p, "--objective", "mae", "--data", str(data), "--run-dir", str(out / "base")], log)
+    base_ckpt = latest_checkpoint(out / "base")
+    assert base_ckpt is not None
+    build = [*tc, "build", *p, "--checkpoint", str(base_ckpt)]
+    times["cache_build"] = st.run("cache_build", [*build, "--data", str(data), "--views", str(k_max), "--out", str(out / "cache")], log)
+    times["cache_coarse_build"] = st.run("cache_coarse_build", [*build, "--data", str(data), "--views", str(k_max), "--codec",
+                                                                "int8-coarse", "--out", str(out / "cache-coarse")], log)
+    times["held_out_build"] = st.run("held_out_build", [*build, "--data", str(held_out_images), "--views", "1",
+                                                        "--out", str(out / "held-out")], log)
+    val = ["--val-cache", str(out / "held-out")]
+    runs = {"base": out / "base", "mae_more": out / "mae_more"}
+    for k in ks:
+        runs[f"tec_k{k}"] = out / f"tec_k{k}"
+        times[f"tec_k{k}"] = st.run(f"tec_k{k}", [*tt, "run", *p, "--cache", str(out / "cache"), "--view-epochs", str(k), *val,
+                                                  "--run-dir", str(runs[f"tec_k{k}"])], log)
+    runs["tec_online"] = out / "tec_online"
+    times["tec_online"] = st.run("tec_online", [*tt, "run", *p, "--online", "--checkpoint", str(base_ckpt), "--data", str(data),
+                                                *val, "--run-dir", str(runs["tec_online"])], log)
+    coarse = f"tec_k{k_max}_coarse"
+    runs[coarse] = out / coarse
+    times[coarse] = st.run(coarse, [*tt, "run", *p, "--cache", str(out / "cache-coarse"), *val, "--run-dir", str(runs[coarse])], log)
+    times["mae_more"] = st.run("mae_more", [*tt, "run", *p, "--objective", "mae", "--data", str(data), "--init-from", str(base_ckpt),
+                                            "--epochs", str(epochs), "--warmup-epochs", str(preset["pretrain"]["warmup_epochs"]),
+                                            "--run-dir", str(runs["mae_more"])], log)
+    for name, run in runs.items():  # the paper's own metric, with the spec-6 recipe scaled down ([finetune])
+        times[f"finetune_{name}"] = st.run(f"finetune_{name}", [*tt, "finetune", str(run), "--pipeline", pipe_ref, "--seed", str(seed),
+                                                                "--fashion-mnist", "--run-dir", str(out / f"ft_{name}")], log)
+    times["held_out_curves"] = st.run("held_out_curves", [*tt, "plot", *(str(runs[s]) for s in student_names(ks)),
+                                                          "--out", str(out / "heldout.png")], log)
+    return {"times": times, "runs": {m: str(r) for m, r in runs.items()},
+            "cache_bytes": {"int8": miniature._cache_bytes(out / "cache"), "int8-coarse": miniature._cache_bytes(out / "cache-coarse")}}
+
+
+def held_out_loss(run: Path) -> dict[str, float] | None:
+    """The last held-out loss terms a run logged (None for runs without --val-cache)."""
+    last = None
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "val_loss_fea" in rec:
+            last = {"val_loss_fea": rec["val_loss_fea"], "val_loss_att": rec["val_loss_att"]}
+    return last
+
+
+def summarise(results: dict[str, Any], seeds: list[int], models: list[str], out: Path) -> None:
+    """Mean and half-range over seeds of every metric, per model; results.md."""
+    metrics = ("knn_top1", "linear_top1", "finetune_top1", "val_loss_fea", "val_loss_att")
+    lines = [f"Pipeline `{results['pipeline']}`, seeds {seeds}, {results['epochs']} epochs per student, "
+             f"K_max = {results['k_max']} (mean ± half the range over seeds).", "",
+             "| model | kNN top-1 % | linear top-1 % | fine-tune top-1 % | held-out loss_fea | held-out loss_att | train s |",
+             "|---|---|---|---|---|---|---|"]
+    for m in models:
+        cells = []
+        for k in metrics:
+            vals = [results["seeds"][str(s)]["eval"][m].get(k) for s in seeds]
+            vals = [v for v in vals if v is not None]
+            if not vals:
+                cells.append("-")
+            elif k.endswith("top1"):
+                cells.append(miniature._fmt(vals))
+            else:
+                cells.append(f"{statistics.mean(vals):.4f} ± {(max(vals) - min(vals)) / 2:.4f}")
+        train_s = statistics.mean(results["seeds"][str(s)]["times"][m] for s in seeds)
+        lines.append(f"| {m} | {' | '.join(cells)} | {train_s:.0f} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    console.print("\n".join(lines), highlight=False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pipeline", default="fmnist-views", help="pipeline with [data], [base], [cache], [pretrain], [finetune], [eval]")
+    ap.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8], help="view-epochs K the students train from; the "
+                    "cache holds the largest")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "views-study")
+    ap.add_argument("--fashion-mnist", type=Path, default=DEFAULT_DIR, help="folder with the four idx .gz files")
+    args = ap.parse_args()
+    pipe = load_pipeline(args.pipeline)
+    preset = pipe.raw
+    check_pipeline(pipe)
+    ks = sorted(set(args.ks))
+    epochs = preset["pretrain"]["epochs"]
+    if epochs < 4 * max(ks):
+        sys.exit(f"error: --pipeline {pipe.name}: [pretrain] epochs = {epochs}; the study needs at least 4 x K_max = "
+                 f"{4 * max(ks)} (views seen many times over is the point)")
+    out = args.out / pipe.name
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = override(DataSubsets(), {}, preset.get("data", {}), pipe.where("data"))
+    try:
+        data = export_image_folder(out / "fmnist-train", "train", n=sizes.train_images, root=args.fashion_mnist)
+        held_out_images = export_image_folder(out / "fmnist-held-out", "test", n=sizes.test_images, root=args.fashion_mnist)
+    except FileNotFoundError:
+        sys.exit(f"error: {HOW_TO_GET}")
+    train_ds, test_ds = FashionMNIST("train", args.fashion_mnist), FashionMNIST("test", args.fashion_mnist)
+    splits = (Subset(train_ds, subset_indices(np.asarray(train_ds.targets), sizes.train_images).tolist()),
+              Subset(test_ds, subset_indices(np.asarray(test_ds.targets), sizes.test_images).tolist()))
+    ev = override(EvalConfig(), {}, preset.get("eval", {}), pipe.where("eval"))
+    check_fields(ev)
+    models = ["base", *student_names(ks), "mae_more"]
+    res_path = out / "results.json"
+    results: dict[str, Any] = json.loads(res_path.read_text()) if res_path.is_file() else {}
+    results.update(pipeline=pipe.name, epochs=epochs, k_max=max(ks), ks=ks, train_images=sizes.train_images,
+                   test_images=sizes.test_images)
+    results.setdefault("seeds", {})
+    t_all = time.time()
+    for seed in args.seeds:
+        seed_out = out / f"seed-{seed}"
+        done = results["seeds"].get(str(seed))
+        if done and all(m in done.get("eval", {}) for m in models):
+            console.print(f"seed {seed}: done before")
+            continue
+        r = run_seed(seed, str(pipe.path), preset, data, held_out_images, ks, seed_out)
+        r["eval"] = {}
+        for m in models:
+            e = miniature.evaluate(Path(r["runs"][m]), splits, ev, seed)
+            e.update(held_out_loss(Path(r["runs"][m])) or {})
+            e["finetune_top1"] = json.loads((seed_out / f"ft_{m}" / "result.json").read_text())["last_top1"]
+            r["eval"][m] = e
+            console.print(f"seed {seed} {m}: kNN {100 * e['knn_top1']:.2f}  linear {100 * e['linear_top1']:.2f}  "
+                          f"fine-tune {100 * e['finetune_top1']:.2f}", highlight=False)
+        results["seeds"][str(seed)] = r
+        res_path.write_text(json.dumps(results, indent=1))
+    summarise(results, args.seeds, models, out)
+    console.print(f"held-out loss curves: {out / f'seed-{args.seeds[0]}' / 'heldout.png'}")
+    console.print(f"total wall time of this invocation: {time.time() - t_all:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
