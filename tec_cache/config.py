@@ -77,12 +77,12 @@ def option(default: Any = _MISSING, help: str = "", *, check: Check | None = Non
     return dataclasses.field(default=default, metadata=meta)
 
 
-def group(cls: type, help: str = "") -> Any:
+def group(cls: type) -> Any:
     """A nested component of a config (e.g. the optimiser's options): its own dataclass of
     ``option`` fields, default-constructed. On the command line, in pipeline tables and in a run's
     stored options its fields stay flat (``--epochs``, not ``--optim.epochs``), so field names are
     unique across a config's components."""
-    return dataclasses.field(default_factory=cls, metadata={"group": True, "help": help})
+    return dataclasses.field(default_factory=cls, metadata={"group": True})
 
 
 def is_group(f: dataclasses.Field) -> bool:

@@ -28,14 +28,12 @@ class EncoderSource:
 
     source: str | None = option(None, "The encoder: export folder, run dir, checkpoint-*.pt, reference checkpoint "
                                 "or base-model weights.")
-    # Data: exactly one.
     model: str | None = option(None, "Encoder size of a reference checkpoint, e.g. vit_base_patch16 (ours record it).")
     basemodel: str | None = option(None, "SOURCE (or --checkpoint) is this registry base model's weights",
                                    choices=sorted(REGISTRY))
     arch: str | None = option(None, "SOURCE (or --checkpoint) is the weights of this timm ViT.")
     checkpoint: str | None = option(None, "Base-model weights file (instead of SOURCE), with --basemodel/--arch.")
     mlp_token: bool = option(True, "Keep and train a TEC source's cls MLP as the README runs, or fold it into cls_token.")
-    # Model.
 
     @property
     def path(self) -> str | None:
@@ -71,13 +69,10 @@ class LabelledData:
 
     data: str | None = option(None, "ImageNet-style folder with train/ and val/ class folders.")
     fashion_mnist: str | None = option(None, "Fashion-MNIST idx folder.")
-    # Encoder source details (see encoder_weights.read_encoder_weights).
     train_subset: int | None = option(None, "Train on a seeded class-balanced subset of N images.", check=POSITIVE_INT)
     val_subset: int | None = option(None, "Evaluate on a seeded class-balanced subset of N images.", check=POSITIVE_INT)
-    # Run control.
     crop_pct: float | None = option(None, "Eval centre-crop fraction", check=in_range(0.0, 1.0, lo_open=True),
                                     default_text="0.875 for --data, 1.0 for Fashion-MNIST")
-    # Data subsets for quick runs.
     num_workers: int = option(4, "Loader worker processes per rank", check=WORKERS)
 
     def validate(self) -> None:
@@ -97,7 +92,6 @@ class ClassifierOptions:
     img_size: int | None = option(None, "Fine-tuning resolution; pos_embed is re-sampled", check=POSITIVE_INT,
                                   default_text="the encoder's")
     drop_path: float = option(0.1, "Stochastic depth rate", check=in_range(0.0, 1.0, hi_open=True))
-    # Optimisation.
 
 
 @dataclass
@@ -114,7 +108,6 @@ class FinetuneOptimisation:
     layer_decay: float = option(0.65, "Layer-wise lr decay", check=in_range(0.0, 1.0, lo_open=True))
     weight_decay: float = option(0.05, "AdamW weight decay", check=NON_NEGATIVE)
     clip_grad: float | None = option(None, "Clip the gradient norm", check=POSITIVE, default_text="off, as the reference")
-    # Augmentation and loss.
     seed: int = option(0, "Seed of the head, shuffling, augmentation and subsets", check=SEED)
 
 
