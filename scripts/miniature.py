@@ -206,6 +206,17 @@ def pictures(seed_out: Path) -> None:
         console.print(f"{what}: {seed_out / what}" if ok else f"[red]{what} failed[/] (see {log})")
 
 
+def probe_setup(pipe: Any, root: Path, n_train: int, n_test: int) -> tuple[tuple[Any, Any], EvalConfig]:
+    """The labelled splits the probes use and the pipeline's checked [eval] options. The kNN bank /
+    probe training set is exactly the pretraining subset, with its labels."""
+    train_ds, test_ds = FashionMNIST("train", root), FashionMNIST("test", root)
+    splits = (Subset(train_ds, subset_indices(np.asarray(train_ds.targets), n_train).tolist()),
+              Subset(test_ds, subset_indices(np.asarray(test_ds.targets), n_test).tolist()))
+    ev = override(EvalConfig(), {}, pipe.raw.get("eval", {}), pipe.where("eval"))
+    check_fields(ev)
+    return splits, ev
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pipeline", default="fmnist-mini", help="preset with [data], [base], [cache], [pretrain], [eval]")
@@ -224,12 +235,7 @@ def main() -> None:
         data = export_image_folder(out / "fmnist-train", "train", n=n_train, root=args.fashion_mnist)
     except FileNotFoundError:
         sys.exit(f"error: {HOW_TO_GET}")
-    train_ds, test_ds = FashionMNIST("train", args.fashion_mnist), FashionMNIST("test", args.fashion_mnist)
-    # The kNN bank / probe training set is exactly the pretraining subset, with its labels.
-    splits = (Subset(train_ds, subset_indices(np.asarray(train_ds.targets), n_train).tolist()),
-              Subset(test_ds, subset_indices(np.asarray(test_ds.targets), n_test).tolist()))
-    ev = override(EvalConfig(), {}, preset.get("eval", {}), pipe.where("eval"))
-    check_fields(ev)
+    splits, ev = probe_setup(pipe, args.fashion_mnist, n_train, n_test)
     res_path = out / "results.json"
     results: dict[str, Any] = json.loads(res_path.read_text()) if res_path.is_file() else {}
     results.update(pipeline=pipe.name, test_images=len(splits[1]), train_images=len(splits[0]), pool=ev.pool)

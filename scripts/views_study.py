@@ -39,15 +39,12 @@ assert _spec is not None and _spec.loader is not None
 miniature = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(miniature)
 
-import numpy as np  # noqa: E402
-from torch.utils.data import Subset  # noqa: E402
 
-from tec_cache.config import check_fields, override  # noqa: E402
-from tec_cache.fashion_mnist import DEFAULT_DIR, HOW_TO_GET, export_image_folder, subset_indices  # noqa: E402
+from tec_cache.config import override  # noqa: E402
+from tec_cache.fashion_mnist import DEFAULT_DIR, HOW_TO_GET, export_image_folder  # noqa: E402
 from tec_cache.presets import load_pipeline  # noqa: E402
-from tec_train.eval_config import DataSubsets, EvalConfig  # noqa: E402
+from tec_train.eval_config import DataSubsets  # noqa: E402
 from tec_train.harness.checkpoints import latest_checkpoint  # noqa: E402
-from tec_train.labelled import FashionMNIST  # noqa: E402
 from tec_train.pipeline_tables import check_pipeline  # noqa: E402
 
 console = miniature.console
@@ -161,11 +158,7 @@ def main() -> None:
         held_out_images = export_image_folder(out / "fmnist-held-out", "test", n=sizes.test_images, root=args.fashion_mnist)
     except FileNotFoundError:
         sys.exit(f"error: {HOW_TO_GET}")
-    train_ds, test_ds = FashionMNIST("train", args.fashion_mnist), FashionMNIST("test", args.fashion_mnist)
-    splits = (Subset(train_ds, subset_indices(np.asarray(train_ds.targets), sizes.train_images).tolist()),
-              Subset(test_ds, subset_indices(np.asarray(test_ds.targets), sizes.test_images).tolist()))
-    ev = override(EvalConfig(), {}, preset.get("eval", {}), pipe.where("eval"))
-    check_fields(ev)
+    splits, ev = miniature.probe_setup(pipe, args.fashion_mnist, sizes.train_images, sizes.test_images)
     models = ["base", *student_names(ks), "mae_more"]
     res_path = out / "results.json"
     results: dict[str, Any] = json.loads(res_path.read_text()) if res_path.is_file() else {}
