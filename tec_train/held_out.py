@@ -34,25 +34,19 @@ class HeldOutLoss:
             manifest = load_manifest(Path(path))
         except ManifestError as e:
             raise ValueError(f"--val-cache: {e}") from None
-        spec = TargetSpec.from_manifest(manifest)
         if not isinstance(train_spec, TargetSpec):
             raise ValueError("--val-cache: the held-out loss compares base-model targets; --objective mae has none")
-        theirs, ours = spec.origin.get("base_sha256"), train_spec.origin.get("base_sha256")
-        if theirs != ours:
-            raise ValueError(f"--val-cache: {path} holds targets of base-model checkpoint sha256 {theirs}, the training "
-                             f"targets come from {ours}; a held-out loss compares the same base model's targets")
-        for key in TargetSpec.IDENTITY:
-            if getattr(spec, key) != getattr(train_spec, key):
-                raise ValueError(f"--val-cache: {path} has {key} = {getattr(spec, key)}, the training targets "
-                                 f"{getattr(train_spec, key)}")
-        self.path, self.seed = path, seed
+        changed = train_spec.difference(TargetSpec.from_manifest(manifest).to_json())
+        if changed is not None:
+            raise ValueError(f"--val-cache: {path} does not hold the training targets' kind (from the validation cache "
+                             f"to the training one: {changed}); a held-out loss compares the same base model's targets")
+        self.seed = seed
         # A batch that fits the validation cache: it may be much smaller than the training one.
         views = min(sum(e.num_samples for e in manifest.shards(v)) for v in range(manifest.num_view_epochs))
         batch = max(1, min(batch_size, views // world_size))
         self.feed = CacheTargetFeed(manifest, batch_size=batch, rank=rank, world_size=world_size,
                                     num_workers=num_workers, seed=seed, view_order="cycle", pin_memory=False)
         self.num_view_epochs = manifest.num_view_epochs
-        self.views = self.feed.steps_per_epoch * batch * world_size * self.num_view_epochs
 
     @torch.no_grad()
     def evaluate(self, objective: Any, model: torch.nn.Module, terms: tuple[str, ...], runtime: Runtime,

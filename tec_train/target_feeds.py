@@ -46,6 +46,18 @@ class ImageSpec:
         return {"img_size": self.img_size, "patch_size": self.patch_size, "mean": list(self.mean),
                 "std": list(self.std), "origin": self.origin}
 
+    def difference(self, other: dict[str, Any]) -> str | None:
+        """How targets resolved as ``other`` (a ``to_json``, e.g. a checkpoint's) differ from these
+        in what a run compares them on (IDENTITY, and the base-model checkpoint); None if they don't."""
+        now = self.to_json()
+        for key in self.IDENTITY:
+            if other.get(key) != now[key]:
+                return f"{key} was {other.get(key)}, now {now[key]}"
+        if other.get("origin", {}).get("base_sha256") != now["origin"].get("base_sha256"):
+            return (f"they come from base-model checkpoint sha256 {other.get('origin', {}).get('base_sha256')}, "
+                    f"now {now['origin'].get('base_sha256')}")
+        return None
+
 
 @dataclass(frozen=True, kw_only=True)
 class TargetSpec(ImageSpec):

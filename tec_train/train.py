@@ -138,12 +138,9 @@ class Trainer:
 
     def _check_resumable(self, ck: dict[str, Any]) -> None:
         """The stored run must have used the same targets and epoch length this source gives now."""
-        stored, now = ck["config"]["resolved"]["targets"], self.source.spec.to_json()
-        for key in self.source.spec.IDENTITY:
-            if stored.get(key) != now[key]:
-                raise ResumeError(f"targets changed since the run started: {key} was {stored.get(key)}, now {now[key]}")
-        if stored["origin"].get("base_sha256") != now["origin"].get("base_sha256"):
-            raise ResumeError("targets changed since the run started: they come from a different base-model checkpoint")
+        changed = self.source.spec.difference(ck["config"]["resolved"]["targets"])
+        if changed is not None:
+            raise ResumeError(f"targets changed since the run started: {changed}")
         if ck["loader"]["steps_per_epoch"] != self.micro_batches_per_epoch:
             raise ResumeError(f"the source now gives {self.micro_batches_per_epoch} micro-batches per epoch, the run "
                               f"was started with {ck['loader']['steps_per_epoch']}")
