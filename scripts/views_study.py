@@ -40,11 +40,14 @@ miniature = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(miniature)
 
 
+import torch  # noqa: E402
+
 from tec_cache.config import override  # noqa: E402
 from tec_cache.fashion_mnist import DEFAULT_DIR, HOW_TO_GET, export_image_folder  # noqa: E402
 from tec_cache.presets import load_pipeline  # noqa: E402
 from tec_train.eval_config import DataSubsets  # noqa: E402
 from tec_train.harness.checkpoints import latest_checkpoint  # noqa: E402
+from tec_train.mae import build_mae  # noqa: E402
 from tec_train.pipeline_tables import check_pipeline  # noqa: E402
 
 console = miniature.console
@@ -109,18 +112,47 @@ def held_out_loss(run: Path) -> dict[str, float] | None:
     return last
 
 
-def summarise(results: dict[str, Any], seeds: list[int], models: list[str], out: Path) -> None:
-    """Mean and half-range over seeds of every metric, per model; results.md."""
+def _per_seed(results: dict[str, Any], seeds: list[int], model: str, key: str) -> list[float]:
+    vals = [results["seeds"][str(s)]["eval"][model].get(key) for s in seeds]
+    return [v for v in vals if v is not None]
+
+
+def answers(results: dict[str, Any], seeds: list[int], ks: list[int]) -> list[tuple[str, bool, str]]:
+    """The study's questions, each answered from the numbers: a difference of means against the seed
+    spread (the largest range over seeds of the two models compared), per metric."""
+    k_max = max(ks)
+    checks = [(f"K = {k} within seed noise of online", f"tec_k{k}", "tec_online") for k in ks]
+    checks.append((f"int8-coarse within seed noise of int8 (K = {k_max})", f"tec_k{k_max}_coarse", f"tec_k{k_max}"))
+    out = []
+    for question, a, b in checks:
+        for key, name in (("knn_top1", "kNN"), ("linear_top1", "linear"), ("finetune_top1", "fine-tune")):
+            va, vb = _per_seed(results, seeds, a, key), _per_seed(results, seeds, b, key)
+            spread = max(max(va) - min(va), max(vb) - min(vb))
+            diff = statistics.mean(va) - statistics.mean(vb)
+            out.append((f"{question}: {name}", abs(diff) <= spread and len(seeds) > 1,
+                        f"{100 * diff:+.2f} vs spread {100 * spread:.2f}"))
+    for key, name in (("knn_top1", "kNN"), ("linear_top1", "linear")):
+        base, rnd = statistics.mean(_per_seed(results, seeds, "base", key)), results["random_init"][key]
+        out.append((f"base beats an untrained encoder: {name}", base > rnd, f"{100 * base:.2f} vs {100 * rnd:.2f}"))
+    for key, name in (("knn_top1", "kNN"), ("linear_top1", "linear"), ("finetune_top1", "fine-tune")):
+        tec, base, more = (statistics.mean(_per_seed(results, seeds, m, key)) for m in (f"tec_k{k_max}", "base", "mae_more"))
+        out.append((f"TEC (K = {k_max}) > base: {name}", tec > base, f"{100 * tec:.2f} vs {100 * base:.2f}"))
+        out.append((f"TEC (K = {k_max}) >= MAE for the same epochs: {name}", tec >= more, f"{100 * tec:.2f} vs {100 * more:.2f}"))
+    return out
+
+
+def summarise(results: dict[str, Any], seeds: list[int], models: list[str], ks: list[int], out: Path) -> None:
+    """Mean and half-range over seeds of every metric, per model, and the answers; results.md."""
     metrics = ("knn_top1", "linear_top1", "finetune_top1", "val_loss_fea", "val_loss_att")
     lines = [f"Pipeline `{results['pipeline']}`, seeds {seeds}, {results['epochs']} epochs per student, "
-             f"K_max = {results['k_max']} (mean ± half the range over seeds).", "",
+             f"K_max = {results['k_max']}, {results['train_images']} training and {results['test_images']} test images "
+             "(mean ± half the range over seeds).", "",
              "| model | kNN top-1 % | linear top-1 % | fine-tune top-1 % | held-out loss_fea | held-out loss_att | train s |",
              "|---|---|---|---|---|---|---|"]
     for m in models:
         cells = []
         for k in metrics:
-            vals = [results["seeds"][str(s)]["eval"][m].get(k) for s in seeds]
-            vals = [v for v in vals if v is not None]
+            vals = _per_seed(results, seeds, m, k)
             if not vals:
                 cells.append("-")
             elif k.endswith("top1"):
@@ -129,8 +161,26 @@ def summarise(results: dict[str, Any], seeds: list[int], models: list[str], out:
                 cells.append(f"{statistics.mean(vals):.4f} ± {(max(vals) - min(vals)) / 2:.4f}")
         train_s = statistics.mean(results["seeds"][str(s)]["times"][m] for s in seeds)
         lines.append(f"| {m} | {' | '.join(cells)} | {train_s:.0f} |")
+    for ref in ("random_init", "raw_pixels"):
+        lines.append(f"| reference: {ref.replace('_', ' ')} | {100 * results[ref]['knn_top1']:.2f} | "
+                     f"{100 * results[ref]['linear_top1']:.2f} | - | - | - | - |")
+    seed_s = [sum(results["seeds"][str(s)]["times"].values()) for s in seeds]
+    lines += ["", "Wall time per seed (every stage, evaluation included): "
+              + ", ".join(f"seed {s} {t / 60:.1f} min" for s, t in zip(seeds, seed_s)) + ".", "",
+              "| question | holds | numbers |", "|---|---|---|"]
+    lines += [f"| {q} | {'yes' if ok else '**no**'} | {nums} |" for q, ok, nums in answers(results, seeds, ks)]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     console.print("\n".join(lines), highlight=False)
+
+
+def _merge_seed(path: Path, seed: int, r: dict[str, Any]) -> dict[str, Any]:
+    """Write one seed's results into results.json as it is now: seeds may run side by side."""
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results.setdefault("seeds", {})[str(seed)] = r
+    tmp = path.with_suffix(f".tmp{seed}")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(path)
+    return results
 
 
 def main() -> None:
@@ -181,9 +231,21 @@ def main() -> None:
             r["eval"][m] = e
             console.print(f"seed {seed} {m}: kNN {100 * e['knn_top1']:.2f}  linear {100 * e['linear_top1']:.2f}  "
                           f"fine-tune {100 * e['finetune_top1']:.2f}", highlight=False)
-        results["seeds"][str(seed)] = r
-        res_path.write_text(json.dumps(results, indent=1))
-    summarise(results, args.seeds, models, out)
+        r["times"]["evaluation"] = sum(e["eval_s"] for e in r["eval"].values())
+        results = _merge_seed(res_path, seed, r)
+    results = json.loads(res_path.read_text())
+    results.update(pipeline=pipe.name, epochs=epochs, k_max=max(ks), ks=ks, train_images=sizes.train_images,
+                   test_images=sizes.test_images)
+    if "raw_pixels" not in results:
+        results["raw_pixels"] = miniature.evaluate(None, splits, ev, 0)
+    if "random_init" not in results:
+        # A fresh, untrained encoder of the base model's size: what the base model must clearly beat.
+        base = preset["base"]
+        torch.manual_seed(0)
+        results["random_init"] = miniature.evaluate(build_mae(base["model"], img_size=base["img_size"], depth=base["depth"]),
+                                                    splits, ev, 0)
+    res_path.write_text(json.dumps(results, indent=1))
+    summarise(results, args.seeds, models, ks, out)
     console.print(f"held-out loss curves: {out / f'seed-{args.seeds[0]}' / 'heldout.png'}")
     console.print(f"total wall time of this invocation: {time.time() - t_all:.0f} s")
 
