@@ -19,13 +19,14 @@ from tec_cache.codecs import get_codec
 from tec_cache.config import POSITIVE_INT, SEED, WORKERS, check_fields, in_range, option
 from tec_cache.dist import dist_info, resolve_device
 from tec_cache.format import FORMATS, parse_compressor
+from tec_cache.format.remote import is_remote
 
 
 @dataclass
 class BuildConfig:
     """Every option of ``tec-cache build`` but the target recipe (``spec``, from a TargetRecipe)."""
 
-    data: Path = option(help="ImageNet-style folder or folder of WebDataset .tar shards.")
+    data: Path | str = option(help="ImageNet-style folder, folder of WebDataset .tar shards, or tar URLs (http(s)://, s3://, ...; brace notation train-{000000..001281}.tar; downloaded once into $TEC_DATA_CACHE).")
     out: Path = option(help="Cache folder (created; re-running resumes or extends it).")
     checkpoint: Path = option(help="Local base-model weights (MAE, iBOT, DINO, state dict, .safetensors).")
     spec: BaseModelSpec = option(help="The resolved target recipe.")
@@ -49,7 +50,7 @@ class BuildConfig:
     def validate(self) -> None:
         """Option checks before any work; ValueError names the option and what it expects."""
         check_fields(self, ("views", "shard_size", "seed", "first_view", "batch_size"))
-        if not Path(self.data).exists():
+        if not is_remote(self.data) and not Path(self.data).exists():
             raise ValueError(f"--data: no such file or folder {self.data} (expected an image folder or .tar shards)")
         if not Path(self.checkpoint).is_file():
             raise ValueError(f"--checkpoint: no such file {self.checkpoint} (expected the base model's weights file)")
@@ -100,7 +101,8 @@ def build_config(flags: dict[str, Any], pipeline: str | None = None) -> BuildCon
         raise ValueError("--checkpoint is required: the base model's weights are never downloaded")
     recipe = TargetRecipe(**{k: values.pop(k) for k in RECIPE_KEYS if k in values})
     for key in ("data", "out", "checkpoint"):
-        values[key] = Path(values[key])
+        if not (key == "data" and is_remote(values[key])):
+            values[key] = Path(values[key])
     cfg = BuildConfig(spec=recipe.resolve(), **values)
     cfg.validate()
     return cfg

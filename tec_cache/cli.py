@@ -52,7 +52,7 @@ def _h(name: str, extra: str = "") -> str:
 def build(
     out: Optional[Path] = typer.Option(None, "--out", help=_h("out", " With --pipeline, defaults to caches/<the pipeline's cache_name>.")),
     pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Pipeline name (see `tec-train pipelines`) or .toml file: its cache table gives the defaults; flags override them."),
-    data: Optional[Path] = typer.Option(None, "--data", help=_h("data")),
+    data: Optional[str] = typer.Option(None, "--data", help=_h("data")),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help=_h("checkpoint")),
     basemodel: Optional[str] = typer.Option(None, "--basemodel", help=_h("basemodel")),
     arch: Optional[str] = typer.Option(None, "--arch", help=_h("arch")),
@@ -148,12 +148,17 @@ def build(
         say(f"[yellow]skipped[/] {s['key']}: {s['error']}")
 
 
+CACHE_HELP = ("Cache folder, or its URL (http(s)://, s3://, gs://, ... through fsspec; or 'pipe:COMMAND' with "
+              "{path} where the command takes each file's path): remote shards stream, checked as they arrive.")
+
+
 @app.command()
-def inspect(cache: Path = typer.Argument(..., help="Cache folder.")) -> None:
+def inspect(cache: str = typer.Argument(..., help=CACHE_HELP)) -> None:
     """Print what a cache holds: base model, targets, views, codec, counts, bytes and field statistics."""
     from tec_cache.format.manifest import ManifestError, Stats, load_manifest
+    from tec_cache.format.remote import is_remote
 
-    if not cache.is_dir():
+    if not is_remote(cache) and not Path(cache).is_dir():
         _fail(f"CACHE: no such cache folder {cache} (expected the --out folder of tec-cache build)")
     try:
         man = load_manifest(cache)
@@ -195,12 +200,13 @@ def inspect(cache: Path = typer.Argument(..., help="Cache folder.")) -> None:
 
 
 @app.command()
-def verify(cache: Path = typer.Argument(..., help="Cache folder.")) -> None:
+def verify(cache: str = typer.Argument(..., help=CACHE_HELP)) -> None:
     """Check every shard against its checksum, size, count and schema; exit 1 naming each bad shard."""
     from tec_cache.format.manifest import ManifestError
+    from tec_cache.format.remote import is_remote
     from tec_cache.verify import verify_cache
 
-    if not cache.is_dir():  # a usage error (2); a folder that is not a sound cache is a failed check (1)
+    if not is_remote(cache) and not Path(cache).is_dir():  # a usage error (2); a folder that is not a sound cache is a failed check (1)
         _fail(f"CACHE: no such cache folder {cache} (expected the --out folder of tec-cache build)")
     try:
         problems = verify_cache(cache)
@@ -216,7 +222,7 @@ def verify(cache: Path = typer.Argument(..., help="Cache folder.")) -> None:
 
 @app.command()
 def show(
-    cache: Path = typer.Argument(..., help="Cache folder."),
+    cache: str = typer.Argument(..., help=CACHE_HELP),
     out: Path = typer.Option(Path("views.png"), "--out", help="PNG file to write (its folder is created)."),
     n: int = typer.Option(8, "--n", help="Views to draw, one row each."),
     view_epoch: int = typer.Option(0, "--view-epoch", help="Which cached view-epoch to draw from."),

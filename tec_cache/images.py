@@ -8,19 +8,25 @@ and on every re-run; that is what makes shards resumable and rank-independent.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import tarfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from braceexpand import braceexpand
 from PIL import Image, UnidentifiedImageError
+
+from tec_cache.format.remote import RemoteError, download, is_remote
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 _TAR_IMAGE_SUFFIXES = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 # Images above this many pixels are refused as decompression bombs (PIL's own default is ~89 MP
 # with a warning only); 1.5e8 still admits any real photograph.
 MAX_IMAGE_PIXELS = 150_000_000
+DATA_CACHE_ENV = "TEC_DATA_CACHE"
 
 
 class BadImage(ValueError):
@@ -86,8 +92,11 @@ def decode_image(data: bytes, where: str) -> Image.Image:
             raise BadImage(f"{where}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
-def open_source(path: Path) -> ImageSource:
-    """An image folder (class subfolders, or images directly inside) or WebDataset tar(s)."""
+def open_source(path: Path | str) -> ImageSource:
+    """An image folder (class subfolders, or images directly inside) or WebDataset tar(s), local or
+    given as URLs (``remote_tars``)."""
+    if is_remote(path):
+        return _tar_source(str(path), remote_tars(str(path)))
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--data: no such file or folder {path}")
@@ -99,6 +108,31 @@ def open_source(path: Path) -> ImageSource:
     if tars:
         return _tar_source(str(path), tars)
     return _folder_source(path)
+
+
+def data_dir_for(ref: str) -> Path:
+    """Where the tars of a ``--data`` URL are kept: ``$TEC_DATA_CACHE`` (default ~/.cache/tec-data),
+    one folder per URL pattern."""
+    base = Path(os.environ.get(DATA_CACHE_ENV, "~/.cache/tec-data")).expanduser()
+    return base / hashlib.sha256(ref.encode("utf-8")).hexdigest()[:16]
+
+
+def remote_tars(ref: str) -> list[Path]:
+    """The WebDataset tars of a ``--data`` URL pattern (WebDataset's brace notation,
+    ``https://host/train-{000000..001281}.tar``), each downloaded once into ``data_dir_for(ref)`` and
+    read from there: a source is indexed for random access, which a stream does not give."""
+    urls = list(braceexpand(ref))
+    wrong = [u for u in urls if not u.split("?")[0].endswith(".tar")]
+    if wrong:
+        raise ValueError(f"--data: {wrong[0]} is not a .tar URL (a URL --data names WebDataset tar shards of images)")
+    where = data_dir_for(ref)
+    names = [u.split("?")[0].rsplit("/", 1)[-1] for u in urls]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--data: {ref} names two tars with the same file name")
+    try:
+        return [download(u, where / name) for u, name in zip(urls, names)]
+    except RemoteError as e:
+        raise ValueError(f"--data: {e}") from None
 
 
 def _folder_source(root: Path) -> ImageSource:

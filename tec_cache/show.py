@@ -21,6 +21,7 @@ from matplotlib.patches import Rectangle
 
 from tec_cache.codecs import get_codec, stack_fields
 from tec_cache.figures import DPI, save_png
+from tec_cache.format.remote import is_remote
 from tec_cache.format.fs import prepare_output_file
 from tec_cache.format.manifest import Manifest, ManifestError, load_manifest
 from tec_cache.format.schema import ViewRecord
@@ -82,7 +83,12 @@ def feature_norm_map(feat: np.ndarray | torch.Tensor, grid: tuple[int, int]) -> 
     return np.linalg.norm(f, axis=1).reshape(gh, gw)  # [gh,gw]
 
 
-def _open_cache(cache: Path) -> Manifest:
+def _open_cache(cache: Path | str) -> Manifest:
+    if is_remote(cache):
+        try:
+            return load_manifest(cache)
+        except ManifestError as e:
+            raise ValueError(f"CACHE: {e}") from None
     cache = Path(cache)
     if not cache.exists():
         raise ValueError(f"CACHE: {cache} does not exist")
@@ -107,7 +113,7 @@ def select_records(man: Manifest, view_epoch: int, n: int, seed: int | None = No
     offsets = np.concatenate([[0], np.cumsum([e.num_samples for e in entries], dtype=np.int64)])
     total = int(offsets[-1])
     if total == 0:
-        raise ValueError(f"--view-epoch: view-epoch {view_epoch} of {man.root} holds no views")
+        raise ValueError(f"--view-epoch: view-epoch {view_epoch} of {man.where} holds no views")
     count = min(n, total)
     if seed is None:
         picks = np.arange(count)
@@ -186,7 +192,7 @@ def render_views(
     rows = len(records)
     fig = Figure(figsize=(cols * CELL_IN, rows * CELL_IN + TITLE_IN), dpi=DPI, layout="constrained")
     fig.suptitle(
-        f"{man.root.name}: view-epoch {view_epoch}, tau {tau:g}, k {k}, {head_name}, codec {man.codec.name}, {man.format.name}",
+        f"{man.name}: view-epoch {view_epoch}, tau {tau:g}, k {k}, {head_name}, codec {man.codec.name}, {man.format.name}",
         fontsize=10,
     )
     axes = fig.subplots(rows, cols, squeeze=False)

@@ -12,12 +12,12 @@ from pathlib import Path
 
 from tec_cache.format import Problem, ShardError
 from tec_cache.format.manifest import MANIFEST_NAME, Manifest, ShardEntry, digest_problem, load_manifest
+from tec_cache.format.remote import RemoteMissing
 
 
 def verify_shard(man: Manifest, e: ShardEntry) -> Problem | None:
     """Full check of one shard: checksum, then every record decoded against the schema."""
-    path = man.shard_path(e)
-    if not path.exists():
+    if man.location is None and not man.shard_path(e).exists():
         return Problem(e.path, "missing", "listed in the manifest but not on disk")
     try:
         reader = man.open_shard(e, verify=True)
@@ -28,6 +28,8 @@ def verify_shard(man: Manifest, e: ShardEntry) -> Problem | None:
             n += 1
         if n != e.num_samples:
             return Problem(e.path, "sample count", f"{n} records, manifest lists {e.num_samples}")
+    except RemoteMissing as err:
+        return Problem(e.path, "missing", str(err))
     except ShardError as err:
         return Problem(e.path, "shard", str(err))
     except (OSError, ValueError) as err:
@@ -35,7 +37,7 @@ def verify_shard(man: Manifest, e: ShardEntry) -> Problem | None:
     return None
 
 
-def verify_cache(root: Path, on_shard: Callable[[ShardEntry, Problem | None], None] | None = None) -> list[Problem]:
+def verify_cache(root: Path | str, on_shard: Callable[[ShardEntry, Problem | None], None] | None = None) -> list[Problem]:
     """All problems of the cache at ``root``; raises ManifestError when there is no valid manifest."""
     man = load_manifest(root)
     problems = []

@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from tec_cache.codecs import DecodedTargets, get_codec
 from tec_cache.faults import fault_point
-from tec_cache.format import check_shard_files, open_reader
+from tec_cache.format import check_shard_files, get_format, open_reader
 from tec_cache.format.base import ShardReader
 from tec_cache.format.manifest import MANIFEST_NAME, Manifest, digest_problem, load_manifest
 from tec_cache.format.schema import FieldSpec, ShardError, ShardInfo, ViewRecord
@@ -105,13 +105,13 @@ def check_compatibility(manifest: Manifest, *, img_size: int, patch_size: int) -
         )
     if problems:
         options = " (--model, --img-size, --patch-size)" if len(problems) > cache_problems else ""
-        raise CompatibilityError(f"cache {manifest.root} cannot train this student{options}: " + "; ".join(problems))
+        raise CompatibilityError(f"cache {manifest.where} cannot train this student{options}: " + "; ".join(problems))
     bad = check_shard_files(manifest)
     if bad:
         listed = "; ".join(str(p) for p in bad[:_MAX_LISTED_PROBLEMS])
         more = f" (and {len(bad) - _MAX_LISTED_PROBLEMS} more)" if len(bad) > _MAX_LISTED_PROBLEMS else ""
         raise CompatibilityError(
-            f"cache {manifest.root}: {len(bad)} shard(s) missing or of the wrong size: {listed}{more}; "
+            f"cache {manifest.where}: {len(bad)} shard(s) missing or of the wrong size: {listed}{more}; "
             "run `tec-cache verify` and rebuild the cache"
         )
 
@@ -199,12 +199,14 @@ class _ViewEpochShards(Dataset):
         self.format, self.compressor = man.format.name, man.format.compressor
         self.fields: dict[str, FieldSpec] = man.fields
         self.image_size = man.geometry.img_size
-        self.paths = [man.shard_path(e) for e in entries]
+        self.paths = [man.shard_ref(e) for e in entries]  # where each shard is read from, as messages name it
+        self.rels = [e.path for e in entries]
+        self.location = man.location  # set for a cache read from a URL: shards stream from there
         self.infos: list[ShardInfo] = [e.info for e in entries]
         self.offsets = np.concatenate([[0], np.cumsum([e.num_samples for e in entries], dtype=np.int64)])
         self.cache_size = cache_size
-        self._readers: OrderedDict[Path, ShardReader] = OrderedDict()
-        self._verified: set[Path] = set()
+        self._readers: OrderedDict[str, ShardReader] = OrderedDict()
+        self._verified: set[str] = set()
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -239,7 +241,13 @@ class _ViewEpochShards(Dataset):
             self._readers.move_to_end(path)
             return reader
         expect = self.infos[s] if verify else None
-        reader = open_reader(self.format, path, self.fields, self.compressor, expect=expect)
+        if self.location is not None:
+            # A remote shard is checked as it streams in, whether or not this batch verifies it.
+            data = self.location.fetch_shard(self.rels[s], self.infos[s])
+            reader = get_format(self.format).open_bytes(path, data, self.fields, self.compressor, expect=self.infos[s])
+            verify = True
+        else:
+            reader = open_reader(self.format, Path(path), self.fields, self.compressor, expect=expect)
         if verify:
             self._verified.add(path)
         elif len(reader) != self.infos[s].num_samples:
@@ -332,7 +340,7 @@ class CacheLoader:
         shuffle_window: int = 4,
         mp_context: str | None = None,
     ) -> None:
-        self.manifest = cache if isinstance(cache, Manifest) else load_manifest(Path(cache))
+        self.manifest = cache if isinstance(cache, Manifest) else load_manifest(cache)
         for name, value, least in (("batch_size", batch_size, 1), ("world_size", world_size, 1),
                                    ("num_workers", num_workers, 0), ("seed", seed, 0),
                                    ("shuffle_window", shuffle_window, 1)):
@@ -354,12 +362,12 @@ class CacheLoader:
 
         held = self.manifest.num_view_epochs
         if held == 0:
-            raise ValueError(f"cache {self.manifest.root} lists no view-epochs")
+            raise ValueError(f"cache {self.manifest.where} lists no view-epochs")
         if view_epochs is not None:
             if isinstance(view_epochs, bool) or not isinstance(view_epochs, int) or view_epochs < 1:
                 raise ValueError(f"view_epochs must be a positive integer, got {view_epochs!r}")
             if view_epochs > held:
-                raise ValueError(f"--view-epochs: the cache {self.manifest.root} holds {held} view-epochs, fewer than "
+                raise ValueError(f"--view-epochs: the cache {self.manifest.where} holds {held} view-epochs, fewer than "
                                  f"the {view_epochs} asked for (tec-cache build --views {view_epochs} with the same "
                                  "options adds the missing ones)")
         # K: the first view-epochs of the cache this loader cycles through.
@@ -370,7 +378,7 @@ class CacheLoader:
         if self.steps_per_epoch == 0:
             v = int(np.argmin(sizes))
             raise ValueError(
-                f"cache {self.manifest.root}: view-epoch {v} holds {sizes[v]} views, fewer than one step of "
+                f"cache {self.manifest.where}: view-epoch {v} holds {sizes[v]} views, fewer than one step of "
                 f"world_size * batch_size = {world_size} * {batch_size} = {per_step} (lower --batch-size)"
             )
         self._live: weakref.WeakSet[Generator[Batch, None, None]] = weakref.WeakSet()

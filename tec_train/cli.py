@@ -185,11 +185,12 @@ def run(
     run_dir: Path = typer.Option(..., "--run-dir", help=_th("run_dir")),
     pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Pipeline name (see `tec-train pipelines`) or .toml file: its pretrain table (base with --objective mae) gives the defaults; flags override them. --cache defaults to caches/<the pipeline's cache_name>."),
     objective: Optional[str] = typer.Option(None, "--objective", help=_th("objective")),
-    cache: Optional[Path] = typer.Option(None, "--cache", help=_th("cache")),
+    cache: Optional[str] = typer.Option(None, "--cache", help=_th("cache")),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=_th("cache_dir")),
     online: bool = typer.Option(False, "--online", help="Online mode with the --pipeline's target recipe (its cache table, as tec-cache build takes it): the base model runs inside the step; give --checkpoint and --data."),
     online_basemodel: Optional[str] = typer.Option(None, "--online-basemodel", help=_th("online_basemodel")),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help=_th("checkpoint")),
-    data: Optional[Path] = typer.Option(None, "--data", help=_th("data")),
+    data: Optional[str] = typer.Option(None, "--data", help=_th("data")),
     arch: Optional[str] = typer.Option(None, "--arch", help=_th("arch")),
     topk: Optional[int] = typer.Option(None, "--topk", help=_th("topk")),
     tau: Optional[float] = typer.Option(None, "--tau", help=_th("tau")),
@@ -214,7 +215,7 @@ def run(
     num_workers: Optional[int] = typer.Option(None, "--num-workers", help=_th("num_workers")),
     view_order: Optional[str] = typer.Option(None, "--view-order", help=_th("view_order")),
     view_epochs: Optional[int] = typer.Option(None, "--view-epochs", help=_th("view_epochs")),
-    val_cache: Optional[Path] = typer.Option(None, "--val-cache", help=_th("val_cache")),
+    val_cache: Optional[str] = typer.Option(None, "--val-cache", help=_th("val_cache")),
     val_every: Optional[int] = typer.Option(None, "--val-every", help=_th("val_every")),
     ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", help=_th("ckpt_every")),
     keep_last: Optional[int] = typer.Option(None, "--keep-last", help=_th("keep_last")),
@@ -223,6 +224,7 @@ def run(
     device: Optional[str] = typer.Option(None, "--device", help=_th("device")),
     amp: Optional[str] = typer.Option(None, "--amp", help=_th("amp")),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help=_th("compile")),
+    log_samples: Optional[bool] = typer.Option(None, "--log-samples/--no-log-samples", help=_th("log_samples")),
 ) -> None:
     """Train a TEC student from a cache (or online), or resume the run in --run-dir."""
     options = dict(locals())  # first statement: exactly the options

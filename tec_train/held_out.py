@@ -11,7 +11,6 @@ run's random streams are never touched, so a run with and without --val-cache tr
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +30,7 @@ class HeldOutLoss:
     def __init__(self, path: str, train_spec: ImageSpec, *, batch_size: int, rank: int, world_size: int,
                  num_workers: int, seed: int) -> None:
         try:
-            manifest = load_manifest(Path(path))
+            manifest = load_manifest(path)
         except ManifestError as e:
             raise ValueError(f"--val-cache: {e}") from None
         if not isinstance(train_spec, TargetSpec):

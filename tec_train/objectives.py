@@ -86,7 +86,7 @@ class TECObjective(Objective):
             from .cache_loader import check_compatibility
 
             try:
-                manifest = load_manifest(Path(cfg.targets.cache))
+                manifest = load_manifest(cfg.targets.cache, local_dir=cfg.targets.cache_dir)
             except ManifestError as e:
                 raise ValueError(f"--cache: {e}") from None
             img, patch = student_geometry(cfg, manifest.geometry.img_size)
@@ -98,7 +98,7 @@ class TECObjective(Objective):
 
         spec = cfg.targets.recipe(cfg.student.img_size, cfg.student.patch_size).resolve()
         check_geometry(student_geometry(cfg, spec.img_size), (spec.img_size, spec.patch_size), "base model")
-        images = open_source(Path(cfg.targets.data))
+        images = open_source(cfg.targets.data)
         return OnlineTargetFeed(spec, Path(cfg.targets.checkpoint), images, device=device, batch_size=cfg.optim.batch_size,
                                 rank=info.rank, world_size=info.world_size, num_workers=cfg.loader.num_workers,
                                 seed=cfg.optim.seed, autocast=amp != "off")
@@ -131,7 +131,7 @@ class MAEObjective(Objective):
 
         img, patch = student_geometry(cfg, 224)
         check_geometry((img, patch), (img, patch), "image size")  # only the divisibility check applies
-        return PixelFeed(open_source(Path(cfg.targets.data)), img_size=img, patch_size=patch, batch_size=cfg.optim.batch_size,
+        return PixelFeed(open_source(cfg.targets.data), img_size=img, patch_size=patch, batch_size=cfg.optim.batch_size,
                          rank=info.rank, world_size=info.world_size, num_workers=cfg.loader.num_workers, seed=cfg.optim.seed,
                          pin_memory=device.type == "cuda")
 

@@ -80,7 +80,7 @@ class TargetSpec(ImageSpec):
             dim=t.dim, heads=t.heads, topk=t.topk, tau=float(t.tau), img_size=geometry.img_size,
             patch_size=geometry.patch_size, mean=tuple(recipe.mean), std=tuple(recipe.std),
             origin={
-                "kind": "cache", "path": str(manifest.root), "codec": manifest.codec.name, "format": manifest.format.name,
+                "kind": "cache", "path": manifest.where, "codec": manifest.codec.name, "format": manifest.format.name,
                 "base_model": manifest.base_model.name, "base_sha256": manifest.base_model.sha256,
                 "view_epochs": view_epochs or manifest.num_view_epochs, "cache_view_epochs": manifest.num_view_epochs,
             },

@@ -7,17 +7,21 @@ progress / checkpoint-<step>.pt in the run dir (through the run harness, ``harne
 
 Steps count optimizer updates. A run dir is resumed from its latest complete checkpoint, which
 holds the model, optimizer, scaler, the loader position (epoch, micro-batch), every rank's RNG
-states (mask generator included), the metrics interval in progress and the resolved config, so
-a killed and resumed run takes exactly the steps an uninterrupted one takes. A larger --epochs on
-resume extends the run from its checkpoint; the schedule then follows the new total.
+states, the metrics interval in progress and the resolved config, so a killed and resumed run takes
+exactly the steps an uninterrupted one takes. A larger --epochs on resume extends the run from its
+checkpoint; the schedule then follows the new total. A run may also resume on another number of
+processes (``elastic``): the effective batch, the epoch's sample position, the schedule and the step
+count carry over; mask noise is drawn per (seed, step, rank, micro-batch), so it is defined for any
+process count (runs started before that scheme continue their checkpointed mask stream).
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,9 @@ from .student_to_timm import load_tec_checkpoint
 from .harness import (PRETRAIN, Reporter, Resume, RunKind, RunState, Runtime, agree_on_position, append_metrics,
                       find_resume, open_run_dir, run_config, seed_rank)
 from .harness import config_for_run_dir as _config_for_run_dir
+from .elastic import Layout, fit_layout, micro_batch_after
 from .harness.errors import NonFiniteLossError, ResumeError
+from .harness.reporting import truncate_metrics
 from .held_out import HeldOutLoss
 from .objectives import check_geometry, objective_for, student_geometry
 from .schedule import WarmupCosine, absolute_lr
@@ -45,8 +51,12 @@ PRETRAIN_RUN = RunKind(
     checkpoints=PRETRAIN, label="run", mutable=MUTABLE_ON_RESUME,
     fresh_start="use a new --run-dir, or --init-from {ckpt}",
     world_size_needs="the loader position and per-rank RNG states need the same number",
-    progress_key="step",
+    progress_key="step", elastic=frozenset({"batch_size", "accum_iter"}),
 )
+# Mask noise: "per-step" draws each micro-batch's from (seed, step, rank, micro-batch); "stream" (runs
+# started before it) from one checkpointed generator per rank, which has no meaning on another count.
+MASK_PER_STEP, MASK_STREAM = "per-step", "stream"
+SAMPLES_LOG = "samples-rank{rank}.jsonl"
 
 
 def config_for_run_dir(run_dir: str, given: dict[str, Any]) -> TrainConfig:
@@ -90,8 +100,9 @@ def _load_strict(student: torch.nn.Module, state: dict[str, torch.Tensor], where
     student.load_state_dict(state, strict=True)
 
 
-def _mask_seed(seed: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, rank, _MASK_TAG]).generate_state(1, np.uint64)[0])
+def _mask_seed(seed: int, rank: int, *position: int) -> int:
+    """A 64-bit seed from (seed, rank[, step, micro-batch]); one stream per rank without a position."""
+    return int(np.random.SeedSequence([seed, rank, _MASK_TAG, *position]).generate_state(1, np.uint64)[0])
 
 
 class Trainer:
@@ -115,6 +126,10 @@ class Trainer:
         else:
             self.source = self.objective.open_feed(cfg, self.info, self.device, self.amp)
         self.micro_batches_per_epoch = self.source.steps_per_epoch
+        self.layout = Layout(self.info.world_size, cfg.optim.batch_size, cfg.optim.accum_iter)
+        self.saved_layout = self.layout
+        if self.resume is not None:
+            self.cfg = cfg = self._fit_layout(self.resume.checkpoint)
         # An incomplete last accumulation window is not run (spec 8.13): whole windows only.
         self.micro_batches_run_per_epoch = self.micro_batches_per_epoch // cfg.optim.accum_iter * cfg.optim.accum_iter
         try:
@@ -136,14 +151,27 @@ class Trainer:
                 self.held_out.close()
             raise
 
+    def _fit_layout(self, ck: dict[str, Any]) -> TrainConfig:
+        """This launch's config with the accumulation that keeps the checkpoint's effective batch."""
+        opts = ck["config"]["options"]
+        self.saved_layout = Layout(ck["world_size"], opts["batch_size"], opts["accum_iter"])
+        self.layout = fit_layout(self.saved_layout, self.layout, str(self.run_dir))
+        if self.layout.accum_iter == self.cfg.optim.accum_iter:
+            return self.cfg
+        return replace(self.cfg, optim=replace(self.cfg.optim, accum_iter=self.layout.accum_iter))
+
     def _check_resumable(self, ck: dict[str, Any]) -> None:
         """The stored run must have used the same targets and epoch length this source gives now."""
         changed = self.source.spec.difference(ck["config"]["resolved"]["targets"])
         if changed is not None:
             raise ResumeError(f"targets changed since the run started: {changed}")
-        if ck["loader"]["steps_per_epoch"] != self.micro_batches_per_epoch:
+        if self.layout == self.saved_layout and ck["loader"]["steps_per_epoch"] != self.micro_batches_per_epoch:
             raise ResumeError(f"the source now gives {self.micro_batches_per_epoch} micro-batches per epoch, the run "
                               f"was started with {ck['loader']['steps_per_epoch']}")
+        steps = self.micro_batches_run_per_epoch // self.layout.accum_iter
+        if steps != ck["config"]["resolved"]["optimizer_steps_per_epoch"]:
+            raise ResumeError(f"the source now gives {steps} optimizer steps per epoch ({self.layout.describe()}), the "
+                              f"run was started with {ck['config']['resolved']['optimizer_steps_per_epoch']}")
 
     # ---- setup -------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -166,6 +194,7 @@ class Trainer:
                                            betas=(0.9, 0.95), fused=self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
         self.state = RunState(self.student, self.optimizer, self.scaler, self.mask_gen)
+        self._schedule_position()
         self.resolved = {
             "world_size": self.info.world_size,
             "eff_batch": self.eff_batch,
@@ -173,6 +202,9 @@ class Trainer:
             "warmup_epochs": self.schedule.warmup_epochs,
             "steps_per_epoch": self.micro_batches_per_epoch,
             "optimizer_steps_per_epoch": self.micro_batches_run_per_epoch // cfg.optim.accum_iter,
+            "epoch_samples": self.epoch_samples,
+            "mask_noise": self.mask_noise,
+            "layouts": self.layouts,
             "amp": self.amp,
             "objective": cfg.objective,
             "targets": spec.to_json(),
@@ -184,15 +216,55 @@ class Trainer:
         }
         self.extended: list[dict[str, int]] = []
 
+    def _schedule_position(self) -> None:
+        """What the run keeps across layouts: the samples an epoch fraction is counted in, the mask
+        scheme, and the layouts it ran with (from which step)."""
+        fresh = {"epoch_samples": self.micro_batches_per_epoch * self.layout.per_micro_step, "mask_noise": MASK_PER_STEP,
+                 "layouts": [{"from_step": 0, **self._layout_json()}]}
+        if self.resume is None:
+            stored = fresh
+        else:
+            ck = self.resume.checkpoint
+            res = ck["config"]["resolved"]
+            stored = {
+                # Runs from before elastic resume count an epoch in their own layout's micro-batches.
+                "epoch_samples": res.get("epoch_samples", ck["loader"]["steps_per_epoch"] * self.saved_layout.per_micro_step),
+                "mask_noise": res.get("mask_noise", MASK_STREAM),
+                "layouts": list(res.get("layouts", [{"from_step": 0, **self._layout_json(self.saved_layout)}])),
+            }
+            if self.layout != self.saved_layout:
+                stored["layouts"].append({"from_step": ck["global_step"], **self._layout_json()})
+                if self.layout.world_size != self.saved_layout.world_size:
+                    stored["mask_noise"] = MASK_PER_STEP  # a per-rank stream has no meaning on another count
+        self.epoch_samples: int = stored["epoch_samples"]
+        self.mask_noise: str = stored["mask_noise"]
+        self.layouts: list[dict[str, int]] = stored["layouts"]
+
+    def _layout_json(self, layout: Layout | None = None) -> dict[str, int]:
+        lay = layout or self.layout
+        return {"world_size": lay.world_size, "batch_size": lay.batch_size, "accum_iter": lay.accum_iter}
+
+    def _epoch_f(self, epoch: int, micro_batch: int) -> float:
+        """Epochs done at this micro-batch, as the schedule and the metrics count them: the reference's
+        ``micro_batch / micro_batches_per_epoch + epoch``, counted in samples so that it carries over
+        to another layout (the same float in the run's own layout: both are one correctly rounded
+        division of the same rational number)."""
+        return micro_batch * self.layout.per_micro_step / self.epoch_samples + epoch
+
     def _restore(self) -> tuple[int, int, int]:
         """Load the resumed checkpoint into the built objects; returns (epoch, micro-batch, global step)."""
         if self.resume is None:
             self.log_accum = self._empty_accum()
             return 0, 0, 0
         ck = self.resume.checkpoint
-        self.state.restore(ck, self.info.rank)
+        same_world = ck["world_size"] == self.info.world_size
+        self.state.restore(ck, self.info.rank, rng=same_world)
+        epoch, global_step = ck["epoch"], ck["global_step"]
+        if not same_world:
+            # Every rank's streams anew, from (seed, step, rank): defined for any process count.
+            seed_rank(_mask_seed(self.cfg.optim.seed, self.info.rank, global_step) % 2**31, 0)
         self.log_accum = dict(ck["log_accum"])
-        epoch, it, global_step = ck["epoch"], ck["step_in_epoch"], ck["global_step"]
+        it = micro_batch_after(self.saved_layout, ck["step_in_epoch"], self.layout)
         self.extended = self.resume.history(global_step, epoch)
         self.resume.release()  # everything is copied out; let the mapped file go
         return epoch, it, global_step
@@ -262,6 +334,10 @@ class Trainer:
         """Restore, join the process group, wrap; returns the position (epoch, micro-batch, step)."""
         cfg = self.cfg
         epoch, it, global_step = self._restore()
+        if self.info.is_main and self.resume is not None:
+            # Sample records past the checkpoint are redone (by whichever ranks exist now).
+            for path in self.run_dir.glob(SAMPLES_LOG.format(rank="*")):
+                truncate_metrics(path, "step", global_step)
         self.runtime.join()
         agree_on_position(self.runtime, global_step, "steps")
         # Every parameter feeds the loss (cls MLP, both decoders), so DDP needs no unused-parameter search.
@@ -275,14 +351,20 @@ class Trainer:
             open_run_dir(self.run_dir, PRETRAIN_RUN, global_step, self._config())
             if self.resume is not None:
                 self.reporter.message(f"resuming {self.resume.path.name}: epoch {epoch}, micro-batch {it}, step {global_step}")
+                if self.layout != self.saved_layout:
+                    self.reporter.message(f"layout changed: {self.saved_layout.describe()} -> {self.layout.describe()}; "
+                                          "the effective batch, the epoch's sample position and the schedule carry over")
                 if self.resume.extension is not None:
                     self.reporter.message(self.resume.extension.notice(global_step, epoch))
         return epoch, it, global_step
 
-    def _micro_step(self, item: Any, sync: bool, where: str) -> list[float]:
-        """Forward and backward of one micro-batch; gradients are all-reduced only when ``sync``."""
+    def _micro_step(self, item: Any, sync: bool, where: str, step: int, micro: int) -> list[float]:
+        """Forward and backward of micro-batch ``micro`` of optimizer step ``step`` (1-based);
+        gradients are all-reduced only when ``sync``."""
         inputs: StepInputs = self.source.prepare(item, self.device)
         b = inputs.images.shape[0]
+        if self.mask_noise == MASK_PER_STEP:
+            self.mask_gen.manual_seed(_mask_seed(self.cfg.optim.seed, self.info.rank, step, micro))
         noise = torch.rand(b, self.student.num_patches, generator=self.mask_gen).to(self.device, non_blocking=True)  # [B, L]
         no_sync = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
         with no_sync:
@@ -299,6 +381,16 @@ class Trainer:
             self.log_accum[name] += v
         self.log_accum["n"] += 1
         return losses
+
+    def _log_samples(self, item: Any, step: int, epoch: int, micro_batch: int) -> None:
+        """One line per micro-batch in this rank's samples log: which (view-epoch, image) it trains on."""
+        index = getattr(item, "image_index", None)
+        if index is None:
+            return  # an in-memory feed has no sample identity
+        rec = {"step": step, "epoch": epoch, "micro_batch": micro_batch, "view_epoch": int(item.view_epoch),
+               "image_index": index.tolist()}
+        with open(self.run_dir / SAMPLES_LOG.format(rank=self.info.rank), "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
 
     def _optimizer_step(self) -> None:
         if self.cfg.optim.clip_grad is not None:
@@ -330,7 +422,7 @@ class Trainer:
                     t0 = time.perf_counter()
                     wait = 0.0
                     # The reference sets the lr at the start of each accumulation window.
-                    lr = self.schedule(it / micro_batches + epoch)
+                    lr = self.schedule(self._epoch_f(epoch, it))
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                     for j in range(cfg.optim.accum_iter):
@@ -339,8 +431,11 @@ class Trainer:
                         wait += time.perf_counter() - tw
                         if item is None:
                             raise RuntimeError(f"the target feed ended epoch {epoch} after {it} of {micro_batches} micro-batches")
+                        if cfg.run.log_samples:
+                            self._log_samples(item, global_step + 1, epoch, it)
                         self._micro_step(item, sync=j == cfg.optim.accum_iter - 1,
-                                         where=f"step {global_step + 1} (epoch {epoch}, micro-batch {it})")
+                                         where=f"step {global_step + 1} (epoch {epoch}, micro-batch {it})",
+                                         step=global_step + 1, micro=j)
                         it += 1
                     self._optimizer_step()
                     global_step += 1
@@ -356,9 +451,9 @@ class Trainer:
                     logging = global_step % cfg.run.log_every == 0 or stopping
                     held_out = None
                     if self.held_out is not None and (global_step % cfg.val.val_every == 0 or stopping):
-                        held_out = self._held_out(global_step, epoch, it / micro_batches + epoch, logging)
+                        held_out = self._held_out(global_step, epoch, self._epoch_f(epoch, it), logging)
                     if logging:
-                        last_record = self._log(global_step, epoch, it / micro_batches + epoch, lr, timing, held_out)
+                        last_record = self._log(global_step, epoch, self._epoch_f(epoch, it), lr, timing, held_out)
                         timing = {"micro": 0, "step_s": 0.0, "wait_s": 0.0}
                     if global_step % cfg.run.ckpt_every == 0 or epoch_done or stopping:
                         # The position saved is the next micro-batch to run.

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tec_cache.basemodels import TargetRecipe
+from tec_cache.format.remote import is_remote
 from tec_cache.config import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, WORKERS, check_fields, flag_name, flat_values,
                               group, in_range, nested_config, option, option_like)
 
@@ -27,10 +28,14 @@ class TargetSource:
     """Where a step's targets come from: a cache, online (the base model inside the step, from a
     target recipe as ``tec-cache build`` takes it), or, for the MAE objective, the pixels of --data."""
 
-    cache: str | None = option(None, "Stage-1 cache folder to train from.")
+    cache: str | None = option(None, "Stage-1 cache to train from: a folder, or its URL (http(s)://, s3://, "
+                               "gs://, ... through fsspec; 'pipe:COMMAND' with {path}); remote shards stream, each "
+                               "checked against its sha256 as it arrives.")
+    cache_dir: str | None = option(None, "Read-through folder for a remote --cache: shards are kept there once "
+                                   "fetched (and checked again when read back).", default_text="none: stream only")
     online_basemodel: str | None = option_like(TargetRecipe, "basemodel", "Online mode, the base model run inside the step: ")
     checkpoint: str | None = option(None, "Online mode: the base model's local weights.")
-    data: str | None = option(None, "Online mode and --objective mae: ImageNet-style folder or folder of WebDataset .tar shards.")
+    data: str | None = option(None, "Online mode and --objective mae: ImageNet-style folder, folder of WebDataset .tar shards, or tar URLs (http(s)://, s3://, ...; brace notation train-{000000..001281}.tar; downloaded once into $TEC_DATA_CACHE).")
     arch: str | None = option_like(TargetRecipe, "arch", "Online mode: ")
     topk: int | None = option_like(TargetRecipe, "topk", "Online mode: ")
     tau: float | None = option_like(TargetRecipe, "tau", "Online mode: ")
@@ -54,7 +59,7 @@ class TargetSource:
                        if getattr(self, n) is not None]
             if targets:
                 raise ValueError(f"{flag_name(targets[0])}: --objective mae learns from pixels; it takes --data only, no base model or cache")
-            if self.data is None or not Path(self.data).exists():
+            if self.data is None or not (is_remote(self.data) or Path(self.data).exists()):
                 raise ValueError(f"--data: --objective mae needs an image folder or .tar shards, got {self.data!r}")
             return
         if external_source:
@@ -68,12 +73,16 @@ class TargetSource:
         if self.cache is not None:
             if online_only:
                 raise ValueError(f"{flag_name(online_only[0])}: only for online mode (--online-basemodel), not with --cache")
-            if not Path(self.cache).is_dir():
+            if not is_remote(self.cache) and not Path(self.cache).is_dir():
                 raise ValueError(f"--cache: no such cache folder {self.cache}")
+            if self.cache_dir is not None and not is_remote(self.cache):
+                raise ValueError("--cache-dir: the read-through folder is for a remote --cache (a URL)")
             return
+        if self.cache_dir is not None:
+            raise ValueError("--cache-dir: the read-through folder is for a remote --cache (a URL)")
         if self.checkpoint is None or not Path(self.checkpoint).is_file():
             raise ValueError(f"--checkpoint: online mode needs the base model's weights file, got {self.checkpoint!r}")
-        if self.data is None or not Path(self.data).exists():
+        if self.data is None or not (is_remote(self.data) or Path(self.data).exists()):
             raise ValueError(f"--data: online mode needs an image folder or .tar shards, got {self.data!r}")
 
 
@@ -130,7 +139,7 @@ class Validation:
             return
         if objective != "tec":
             raise ValueError("--val-cache: the held-out loss compares base-model targets; --objective mae has none")
-        if not Path(self.val_cache).is_dir():
+        if not is_remote(self.val_cache) and not Path(self.val_cache).is_dir():
             raise ValueError(f"--val-cache: no such cache folder {self.val_cache}")
 
 
@@ -145,6 +154,8 @@ class RunControl:
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     amp: str = option("auto", "auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off", choices=AMP_MODES)
     compile: bool = option(False, "torch.compile the student (CUDA only).")
+    log_samples: bool = option(False, "Write which samples each rank trains on, per micro-batch, to "
+                               "samples-rank<R>.jsonl in the run dir (to audit a resume).")
 
 
 @nested_config
@@ -191,6 +202,6 @@ class TrainConfig:
 # what they hold is compared through the resolved target spec instead. --epochs may grow (the run
 # is extended; harness.run_dir), never shrink.
 MUTABLE_ON_RESUME = frozenset({
-    "run_dir", "cache", "checkpoint", "data", "init_from", "num_workers", "ckpt_every", "keep_last",
-    "log_every", "max_steps", "device", "compile", "val_cache", "val_every",
+    "run_dir", "cache", "cache_dir", "checkpoint", "data", "init_from", "num_workers", "ckpt_every", "keep_last",
+    "log_every", "max_steps", "device", "compile", "val_cache", "val_every", "log_samples",
 })

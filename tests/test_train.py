@@ -225,7 +225,9 @@ def test_resume_refuses_changed_settings_and_finished_run_is_a_no_op(tiny, tmp_p
     assert code == 0, out
     before = latest_checkpoint(run).stat().st_mtime_ns
     code, out, _ = _run_cli(tmp_path, *base[:-6], "--batch-size", "5")
-    assert code == 2 and "--batch-size: the run in" in out and "was started with 4, now 5" in out
+    # The micro-batch may change only with an accumulation that keeps the effective batch; the error says which.
+    assert code == 2 and "effective batch: the run in" in out and "batch 4 x accumulation 1 = 4" in out, out
+    assert "--batch-size 2 --accum-iter 2" in out, out
     code, out, _ = _run_cli(tmp_path, "--log-every", "2")  # a mutable option, on a finished run
     assert code == 0 and re.search(r"steps this run\W+0\W", out) and "resuming checkpoint-00000005.pt" in out
     assert latest_checkpoint(run).stat().st_mtime_ns == before
@@ -340,7 +342,9 @@ def test_raised_epochs_extend_the_run_from_its_checkpoint(tiny, tmp_path: Path) 
     with pytest.raises(ResumeError, match="--epochs"):
         train(_cfg(run, tiny.cache, epochs=1))
     code, out, _ = _run_cli(tmp_path, "--epochs", "3", "--batch-size", "5")
-    assert code == 2 and "--batch-size: the run in" in out and "was started with 4, now 5" in out
+    # The micro-batch may change only with an accumulation that keeps the effective batch; the error says which.
+    assert code == 2 and "effective batch: the run in" in out and "batch 4 x accumulation 1 = 4" in out, out
+    assert "--batch-size 2 --accum-iter 2" in out, out
     assert latest_checkpoint(run) == ck_path(run, 10)
 
     # --run-dir alone keeps the stored 2 epochs and the record; a second extension adds to it.

@@ -101,8 +101,8 @@ class ShardReader:
 
     fmt: str = ""
 
-    def __init__(self, path: Path, fields: dict[str, FieldSpec]) -> None:
-        self.path = path
+    def __init__(self, path: Path | str, fields: dict[str, FieldSpec]) -> None:
+        self.path = path  # a str for a shard streamed from a URL
         self.fields = fields
         self._keys: list[str] = []
 
@@ -166,6 +166,13 @@ class ShardFormat(ABC):
         verified before this returns.
         """
         return self._reader(Path(path), check_specs(fields), parse_compressor(compressor), expect)
+
+    def open_bytes(self, name: str, data: bytes, fields: dict[str, FieldSpec], compressor: str = "zstd:3",
+                   expect: ShardInfo | None = None) -> ShardReader:
+        """A reader over a whole shard already in memory (streamed from a remote cache); ``name``
+        names it in messages. Formats whose shard is one file implement it."""
+        raise ShardError(f"{name}: a {self.name} shard is a folder tree and cannot be streamed: read {self.name} "
+                         "caches from a local or mounted folder")
 
     @abstractmethod
     def _writer(self, path: Path, fields: dict[str, FieldSpec], level: int | None) -> ShardWriter: ...

@@ -23,6 +23,7 @@ from typing import Any
 
 
 from tec_cache.format.base import ShardFormat, ShardReader
+from tec_cache.format.remote import RemoteCache, RemoteError, RemoteMissing, is_remote
 from tec_cache.format.registry import FORMATS, get_format
 from tec_cache.format.schema import FieldSpec, ShardInfo, check_specs, parse_compressor
 
@@ -420,6 +421,9 @@ class Manifest:
     stats: Stats | None = None
     manifest_sha256: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # e.g. "tool": the tec-cache version that wrote it
+    # Set for a cache read from a URL (remote.py): shards stream from there; ``root`` is then only the
+    # read-through folder (or "."). Not part of the manifest's JSON.
+    location: RemoteCache | None = field(default=None, compare=False, repr=False)
 
     # ---- reading --------------------------------------------------------------------------------
     @property
@@ -439,11 +443,30 @@ class Manifest:
         """Shard entries of one view-epoch, or of all in order."""
         return [s for ve in self.view_epochs if view_epoch is None or ve.index == view_epoch for s in ve.shards]
 
+    @property
+    def where(self) -> str:
+        """The cache as messages name it: its folder, or its URL."""
+        return self.location.ref if self.location is not None else str(self.root)
+
+    @property
+    def name(self) -> str:
+        """The cache folder's name (the URL's last segment for a remote cache)."""
+        return self.location.name if self.location is not None else self.root.name
+
     def shard_path(self, entry: ShardEntry) -> Path:
         return self.root / entry.path
 
+    def shard_ref(self, entry: ShardEntry) -> str:
+        """Where a listed shard is read from: its path, or its URL."""
+        return self.location.url(entry.path) if self.location is not None else str(self.shard_path(entry))
+
     def open_shard(self, entry: ShardEntry, *, verify: bool = False) -> ShardReader:
-        """A reader of a listed shard; with ``verify`` its size, sha256 and count are checked first."""
+        """A reader of a listed shard; with ``verify`` its size, sha256 and count are checked first
+        (always for a remote shard, as it streams in)."""
+        if self.location is not None:
+            data = self.location.fetch_shard(entry.path, entry.info)
+            return self.format.shards.open_bytes(self.shard_ref(entry), data, self.fields, self.format.compressor,
+                                                 expect=entry.info)
         return self.format.shards.open_reader(self.shard_path(entry), self.fields, self.format.compressor,
                                               expect=entry.info if verify else None)
 
@@ -607,14 +630,37 @@ def digest_problem(man: Manifest) -> str | None:
     return None
 
 
-def load_manifest(root: Path) -> Manifest:
-    """Read and check ``root/manifest.json``; ManifestError says what is wrong."""
+def load_manifest(root: Path | str, local_dir: Path | str | None = None) -> Manifest:
+    """Read and check ``root/manifest.json``; ManifestError says what is wrong. ``root`` may be a URL
+    or a ``pipe:`` command (remote.py); ``local_dir`` is then an optional read-through folder."""
+    if is_remote(root):
+        return _load_remote(str(root), local_dir)
     root = Path(root)
     path = root / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"{root} is not a cache: no {MANIFEST_NAME} (an interrupted build writes it last; re-run the build)")
+    return _parse_manifest(path.read_bytes(), root, str(path))
+
+
+def _load_remote(ref: str, local_dir: Path | str | None) -> Manifest:
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        loc = RemoteCache.open(ref, local_dir)
+        raw = loc.read(MANIFEST_NAME)
+    except RemoteMissing as e:
+        raise ManifestError(f"{ref} is not a cache: {e}") from None
+    except (RemoteError, ValueError) as e:  # their messages name the URL or the command
+        raise ManifestError(str(e)) from None
+    man = _parse_manifest(raw, Path(local_dir or "."), loc.url(MANIFEST_NAME))
+    if man.format.name not in ("webdataset",):
+        raise ManifestError(f"{ref}: a {man.format.name} cache cannot be streamed (its shards are folder trees): "
+                            "read it from a local or mounted folder, or build the cache with --format webdataset")
+    return dataclasses.replace(man, location=loc)
+
+
+def _parse_manifest(data: bytes, root: Path, where: str) -> Manifest:
+    path = where
+    try:
+        raw = json.loads(data.decode("utf-8"))
     except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, an integer of more than 4300 digits
         raise ManifestError(f"{path}: not valid JSON ({e})") from None
     except RecursionError:

@@ -26,7 +26,8 @@ import webdataset
 
 from tec_cache.format.base import ShardFormat, ShardReader, ShardWriter, verify_count, verify_digest
 from tec_cache.format.payload import decode_field, encode_targets, make_codec, split_targets
-from tec_cache.format.schema import META_TYPES, FieldSpec, ShardError, ShardInfo, ViewRecord
+from tec_cache.format.schema import (META_TYPES, FieldSpec, ShardError, ShardInfo, ViewRecord, check_specs,
+                                     parse_compressor)
 
 __all__ = ["TarFormat", "TarReader", "TarWriter", "scan_ustar"]
 
@@ -58,6 +59,10 @@ class TarFormat(ShardFormat):
     def _reader(self, path: Path, fields: dict[str, FieldSpec], level: int | None,
                 expect: ShardInfo | None) -> TarReader:
         return TarReader(path, fields, level, expect)
+
+    def open_bytes(self, name: str, data: bytes, fields: dict[str, FieldSpec], compressor: str = "zstd:3",
+                   expect: ShardInfo | None = None) -> TarReader:
+        return TarReader(name, check_specs(fields), parse_compressor(compressor), expect, data=data)
 
 
 class _HashingSink:
@@ -111,7 +116,10 @@ class TarWriter(ShardWriter):
 class TarReader(ShardReader):
     """Tar shard; an in-memory member index (offsets into the file) gives random access."""
 
-    def __init__(self, path: Path, fields: dict[str, FieldSpec], level: int | None, expect: ShardInfo | None) -> None:
+    def __init__(self, path: Path | str, fields: dict[str, FieldSpec], level: int | None, expect: ShardInfo | None,
+                 data: bytes | None = None) -> None:
+        """``data``: the shard's bytes, already in memory (a streamed remote shard; ``path`` then only
+        names it in messages)."""
         super().__init__(path, fields)
         self._codec = make_codec(level)
         self._ext = ".bin" if level is None else ".zst"
@@ -119,10 +127,12 @@ class TarReader(ShardReader):
         # With expect the whole file is read once, verified, and every record is parsed from those
         # verified bytes (reading the file again could see different bytes).
         self._data: bytes | None = None
-        if expect is not None:
+        if data is None and expect is not None:
             with _open_shard_file(path) as f:
                 data = f.read()
-            verify_digest(path, len(data), hashlib.sha256(data).hexdigest(), expect)
+        if data is not None:
+            if expect is not None:
+                verify_digest(path, len(data), hashlib.sha256(data).hexdigest(), expect)
             self._data = data
             self._members = self._build_index(io.BytesIO(data))
         else:

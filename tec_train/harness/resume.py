@@ -79,14 +79,15 @@ class Resume:
 
 
 def find_resume(run_dir: Path, kind: RunKind, options: dict[str, Any], world_size: int) -> Resume | None:
-    """The run dir's latest complete checkpoint, checked against this run's options and process count;
-    None for a fresh run. ResumeError names the option (or the world size) that differs."""
+    """The run dir's latest complete checkpoint, checked against this run's options and process count
+    (unless the run kind is elastic: its loop fits the position to the new count); None for a fresh
+    run. ResumeError names the option (or the world size) that differs."""
     path = latest_checkpoint(run_dir, kind.checkpoints)
     if path is None:
         return None
     ck = read_checkpoint(path, kind)
     extension = check_options(ck["config"]["options"], options, path, kind)
-    if ck["world_size"] != world_size:
+    if ck["world_size"] != world_size and not kind.elastic:
         raise ResumeError(f"world size: the run in {run_dir} was started with {ck['world_size']} processes, "
                           f"now {world_size}; {kind.world_size_needs}")
     return Resume(path, ck, extension, list(ck["config"].get("extended", [])))

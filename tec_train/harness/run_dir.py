@@ -40,6 +40,10 @@ class RunKind:
     fresh_start: str  # how to start over instead, in messages; "{ckpt}" is the latest checkpoint
     world_size_needs: str  # what depends on the process count, in messages
     progress_key: str  # the metrics.jsonl field a checkpoint's position is counted in
+    # Options that may change together with the process count, as long as the loop keeps what they
+    # make together (pretraining: batch x accumulation x processes, the effective batch). Empty: the
+    # run resumes only on the process count it was started with.
+    elastic: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ def check_options(stored: dict[str, Any], current: dict[str, Any], ckpt: Path, k
     changed setting. A raised --epochs is allowed and returned as an Extension; a lowered one is not."""
     extension = None
     for name, value in current.items():
-        if name in kind.mutable or name not in stored or stored[name] == value:
+        if name in kind.mutable or name in kind.elastic or name not in stored or stored[name] == value:
             continue
         if name == EXTENDABLE:
             if value > stored[name]:

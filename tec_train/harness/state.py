@@ -29,13 +29,15 @@ class RunState:
     scaler: torch.amp.GradScaler
     generator: torch.Generator  # the run's own stream, checkpointed with the process RNGs
 
-    def restore(self, ck: dict[str, Any], rank: int) -> None:
-        """Load a checkpoint's parts and ``rank``'s RNG states."""
+    def restore(self, ck: dict[str, Any], rank: int, rng: bool = True) -> None:
+        """Load a checkpoint's parts and (unless ``rng`` is false: a run resumed on another process
+        count seeds its streams anew) ``rank``'s RNG states."""
         self.model.load_state_dict(ck["model"], strict=True)
         self.optimizer.load_state_dict(ck["optimizer"])
         if ck["scaler"] is not None:
             self.scaler.load_state_dict(ck["scaler"])
-        restore_rng(ck["rng"][rank], self.generator)
+        if rng:
+            restore_rng(ck["rng"][rank], self.generator)
 
     def save(self, runtime: Runtime, run_dir: Path, kind: RunKind, number: int, keep_last: int,
              position: dict[str, Any]) -> Path | None:
