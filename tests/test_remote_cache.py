@@ -125,6 +125,20 @@ def test_training_over_http_takes_the_same_steps_as_from_disk(tiny_cache: Simple
     assert len(runs["http"]) == 10  # 2 epochs of 20 views in batches of 4
 
 
+def test_inspect_and_show_read_a_cache_over_http(server: _Server, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tec_cache.cli import app
+
+    r = CliRunner().invoke(app, ["inspect", server.url])
+    assert r.exit_code == 0 and "view-epochs" in r.output and "webdataset" in r.output, r.output
+    png = tmp_path / "views.png"
+    r = CliRunner().invoke(app, ["show", server.url, "--out", str(png), "--n", "2", "--view-epoch", "1"])
+    assert r.exit_code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", r.output
+    r = CliRunner().invoke(app, ["inspect", server.url + "/nothing"])
+    assert r.exit_code == 2 and "/nothing is not a cache" in r.output, r.output
+
+
 def test_a_shard_changed_in_transit_is_refused_naming_it(server: _Server) -> None:
     man = load_manifest(server.url)
     bad = man.shards(1)[0].path
