@@ -131,6 +131,13 @@ def answers(results: dict[str, Any], seeds: list[int], ks: list[int]) -> list[tu
             diff = statistics.mean(va) - statistics.mean(vb)
             out.append((f"{question}: {name}", abs(diff) <= spread and len(seeds) > 1,
                         f"{100 * diff:+.2f} vs spread {100 * spread:.2f}"))
+    for question, a, b in checks:  # the held-out target loss, the most direct measure of what was learnt
+        for key in ("val_loss_fea", "val_loss_att"):
+            va, vb = _per_seed(results, seeds, a, key), _per_seed(results, seeds, b, key)
+            spread = max(max(va) - min(va), max(vb) - min(vb))
+            diff = statistics.mean(va) - statistics.mean(vb)
+            out.append((f"{question}: held-out {key[4:]}", abs(diff) <= spread and len(seeds) > 1,
+                        f"{diff:+.4f} vs spread {spread:.4f}"))
     for key, name in (("knn_top1", "kNN"), ("linear_top1", "linear")):
         base, rnd = statistics.mean(_per_seed(results, seeds, "base", key)), results["random_init"][key]
         out.append((f"base beats an untrained encoder: {name}", base > rnd, f"{100 * base:.2f} vs {100 * rnd:.2f}"))
@@ -171,6 +178,34 @@ def summarise(results: dict[str, Any], seeds: list[int], models: list[str], ks: 
     lines += [f"| {q} | {'yes' if ok else '**no**'} | {nums} |" for q, ok, nums in answers(results, seeds, ks)]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     console.print("\n".join(lines), highlight=False)
+
+
+def held_out_figure(results: dict[str, Any], seeds: list[int], ks: list[int], out: Path) -> Path:
+    """heldout-vs-epoch.png: each student's held-out loss_fea and loss_att against the epoch, mean
+    over seeds, one line per K (and online, and the lower-bit codec)."""
+    from matplotlib.figure import Figure
+
+    from tec_cache.figures import save_png
+
+    fig = Figure(figsize=(11, 4), dpi=100, layout="constrained")
+    axes = fig.subplots(1, 2)
+    for i, name in enumerate(student_names(ks)):
+        curves = []
+        for s in seeds:
+            recs = [json.loads(line) for line in (Path(results["seeds"][str(s)]["runs"][name]) / "metrics.jsonl")
+                    .read_text().splitlines()]
+            curves.append({r["epoch_f"]: r for r in recs if "val_loss_fea" in r})
+        epochs = sorted(set.intersection(*(set(c) for c in curves)))
+        for ax, key in zip(axes, ("val_loss_fea", "val_loss_att")):
+            ax.plot(epochs, [statistics.mean(c[e][key] for c in curves) for e in epochs], color=f"C{i}", label=name,
+                    linestyle="--" if name == "tec_online" else "-")
+    for ax, key in zip(axes, ("held-out loss_fea", "held-out loss_att")):
+        ax.set_xlabel("epoch")
+        ax.set_title(key, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"TEC students from K cached view-epochs, {results['epochs']} epochs, mean over seeds {seeds}", fontsize=10)
+    return save_png(fig, out / "heldout-vs-epoch.png", "--out")
 
 
 def _merge_seed(path: Path, seed: int, r: dict[str, Any]) -> dict[str, Any]:
@@ -246,7 +281,7 @@ def main() -> None:
                                                     splits, ev, 0)
     res_path.write_text(json.dumps(results, indent=1))
     summarise(results, args.seeds, models, ks, out)
-    console.print(f"held-out loss curves: {out / f'seed-{args.seeds[0]}' / 'heldout.png'}")
+    console.print(f"held-out loss against the epoch: {held_out_figure(results, args.seeds, ks, out)}")
     console.print(f"total wall time of this invocation: {time.time() - t_all:.0f} s")
 
 

@@ -210,3 +210,68 @@ def test_rank_that_never_joins_is_bounded_by_the_timeout(ref: SimpleNamespace, t
     assert code == 1 and seconds < 60, (code, seconds, text[-2000:])
     assert "rank 0 of 2: lost another rank while joining the process group (waits up to 4 s, TEC_DIST_TIMEOUT)" in text, text[-2000:]
     assert not out.exists()
+
+
+def _mount(args: list[str]) -> str | None:
+    """Run mount/umount; None when it worked, else why not (the test then skips, saying so)."""
+    import subprocess
+
+    try:
+        r = subprocess.run(args, capture_output=True, text=True, timeout=30)
+    except OSError as e:
+        return str(e)
+    return None if r.returncode == 0 else (r.stderr.strip() or f"exit {r.returncode}")
+
+
+def _fill(disk: Path) -> Path:
+    """Write a file until the disk is full: the space the build is still counting on is gone."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(bytes(1 << 16))
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_real_full_disk_stops_the_build_clearly_and_the_rerun_ends_identical(ref: SimpleNamespace, tmp_path: Path) -> None:
+    """On a tmpfs mounted for the test, another writer fills the disk once the build has written its
+    first shard: the build stops naming the file and the bytes still needed and publishes nothing
+    partial; a re-run while the disk is full is refused before any work, naming the bytes needed;
+    once the space is freed, the same command finishes byte-identical to a build that never ran out."""
+    import subprocess
+    import sys
+    import time
+
+    need = sum(p.stat().st_size for p in ref.wds.rglob("*") if p.is_file())
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    why = _mount(["mount", "-t", "tmpfs", "-o", f"size={4 * need // 4096 * 4096}", "tmpfs", str(disk)])
+    if why is not None:
+        pytest.skip(f"cannot mount a tmpfs here ({why}); the ENOSPC fault tests above cover the code path")
+    try:
+        out = disk / "cache"
+        argv = [sys.executable, "-m", "tec_cache", *build_args(ref.data, out, ref.ckpt)]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env(COLUMNS="200"))
+        first = out / "ve000" / "shard-000000.tar"
+        while not first.exists() and proc.poll() is None:
+            time.sleep(0.005)
+        filler = _fill(disk)
+        text = " ".join(proc.communicate(timeout=300)[0].split())
+        assert proc.returncode == 1 and "error: disk full (ENOSPC) while writing " in text, text
+        assert str(out) in text and "is free on" in text and "more is needed for the" in text, text
+        assert "re-run the same command to resume" in text, text
+        assert not (out / MANIFEST_NAME).exists()
+        assert not [p for p in out.rglob("*") if is_temporary(p.name)]
+        assert_no_partial_shard_accepted(out, ref.wds)
+        r = CliRunner().invoke(app, build_args(ref.data, out, ref.ckpt))  # still full: refused up front
+        text = " ".join(r.output.split())
+        assert r.exit_code == 1 and f"--out {out}: not enough disk: the" in text and "views still to build need about" in text, text
+        filler.unlink()
+        r = CliRunner().invoke(app, build_args(ref.data, out, ref.ckpt))
+        assert r.exit_code == 0, r.output
+        assert_same_cache(out, ref.wds)
+    finally:
+        _mount(["umount", "-l", str(disk)])

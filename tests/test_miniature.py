@@ -143,7 +143,12 @@ def test_views_study_trains_every_model_and_reports(tmp_path: Path) -> None:
     assert json.loads((root / "seed-0" / "tec_k1" / "config.json").read_text())["options"]["view_epochs"] == 1
     assert res["seeds"]["0"]["cache_bytes"]["int8-coarse"] < res["seeds"]["0"]["cache_bytes"]["int8"]
     assert (root / "seed-0" / "heldout.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| tec_k1 |" in (root / "results.md").read_text()
+    assert (root / "heldout-vs-epoch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (root / "results.md").read_text()
+    assert "| tec_k1 |" in md and "| reference: random init |" in md
+    # Every question is answered from the numbers (one seed has no spread: "within noise" cannot hold).
+    assert "| K = 1 within seed noise of online: held-out loss_fea | **no** |" in md
+    assert "| base beats an untrained encoder: kNN |" in md
 
 
 def test_views_study_refuses_too_few_epochs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
