@@ -206,6 +206,17 @@ def pictures(seed_out: Path) -> None:
         console.print(f"{what}: {seed_out / what}" if ok else f"[red]{what} failed[/] (see {log})")
 
 
+def add_references(results: dict[str, Any], preset: dict[str, Any], splits: tuple[Any, Any], ev: EvalConfig) -> None:
+    """The probes' floors, once per results file: raw pixels, and a fresh, untrained encoder of the
+    base model's size (what every pretraining must clearly beat)."""
+    if "raw_pixels" not in results:
+        results["raw_pixels"] = evaluate(None, splits, ev, 0)
+    if "random_init" not in results:
+        base = preset["base"]
+        torch.manual_seed(0)
+        results["random_init"] = evaluate(build_mae(base["model"], img_size=base["img_size"], depth=base["depth"]), splits, ev, 0)
+
+
 def probe_setup(pipe: Any, root: Path, n_train: int, n_test: int) -> tuple[tuple[Any, Any], EvalConfig]:
     """The labelled splits the probes use and the pipeline's checked [eval] options. The kNN bank /
     probe training set is exactly the pretraining subset, with its labels."""
@@ -257,13 +268,7 @@ def main() -> None:
         r["seed_wall_s_this_invocation"] = time.time() - t_seed
         results["seeds"][str(seed)] = r
         res_path.write_text(json.dumps(results, indent=1))
-    if "raw_pixels" not in results:
-        results["raw_pixels"] = evaluate(None, splits, ev, 0)
-    if "random_init" not in results:
-        # A fresh, untrained encoder of the base model's size: the floor every pretraining must clear.
-        base = preset["base"]
-        torch.manual_seed(0)
-        results["random_init"] = evaluate(build_mae(base["model"], img_size=base["img_size"], depth=base["depth"]), splits, ev, 0)
+    add_references(results, preset, splits, ev)
     res_path.write_text(json.dumps(results, indent=1))
     summarise(results, args.seeds, out, pipe.name)
     pictures(out / f"seed-{args.seeds[0]}")

@@ -20,13 +20,14 @@ from tec_cache.config import POSITIVE_INT, SEED, WORKERS, check_fields, in_range
 from tec_cache.dist import dist_info, resolve_device
 from tec_cache.format import FORMATS, parse_compressor
 from tec_cache.format.remote import is_remote
+from tec_cache.images import SOURCE_HELP
 
 
 @dataclass
 class BuildConfig:
     """Every option of ``tec-cache build`` but the target recipe (``spec``, from a TargetRecipe)."""
 
-    data: Path | str = option(help="ImageNet-style folder, folder of WebDataset .tar shards, or tar URLs (http(s)://, s3://, ...; brace notation train-{000000..001281}.tar; downloaded once into $TEC_DATA_CACHE).")
+    data: Path | str = option(help=SOURCE_HELP)
     out: Path = option(help="Cache folder (created; re-running resumes or extends it).")
     checkpoint: Path = option(help="Local base-model weights (MAE, iBOT, DINO, state dict, .safetensors).")
     spec: BaseModelSpec = option(help="The resolved target recipe.")

@@ -27,6 +27,9 @@ _TAR_IMAGE_SUFFIXES = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 # with a warning only); 1.5e8 still admits any real photograph.
 MAX_IMAGE_PIXELS = 150_000_000
 DATA_CACHE_ENV = "TEC_DATA_CACHE"
+# What --data takes, wherever it is an option (tec-cache build, tec-train run online and --objective mae).
+SOURCE_HELP = ("ImageNet-style folder, folder of WebDataset .tar shards, or tar URLs (http(s)://, s3://, ...; brace "
+               "notation train-{000000..001281}.tar; downloaded once into $TEC_DATA_CACHE).")
 
 
 class BadImage(ValueError):

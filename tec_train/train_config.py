@@ -11,6 +11,7 @@ from typing import Any
 
 from tec_cache.basemodels import TargetRecipe
 from tec_cache.format.remote import is_remote
+from tec_cache.images import SOURCE_HELP
 from tec_cache.config import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, WORKERS, check_fields, flag_name, flat_values,
                               group, in_range, nested_config, option, option_like)
 
@@ -35,7 +36,7 @@ class TargetSource:
                                    "fetched (and checked again when read back).", default_text="none: stream only")
     online_basemodel: str | None = option_like(TargetRecipe, "basemodel", "Online mode, the base model run inside the step: ")
     checkpoint: str | None = option(None, "Online mode: the base model's local weights.")
-    data: str | None = option(None, "Online mode and --objective mae: ImageNet-style folder, folder of WebDataset .tar shards, or tar URLs (http(s)://, s3://, ...; brace notation train-{000000..001281}.tar; downloaded once into $TEC_DATA_CACHE).")
+    data: str | None = option(None, "Online mode and --objective mae: " + SOURCE_HELP)
     arch: str | None = option_like(TargetRecipe, "arch", "Online mode: ")
     topk: int | None = option_like(TargetRecipe, "topk", "Online mode: ")
     tau: float | None = option_like(TargetRecipe, "tau", "Online mode: ")
@@ -66,6 +67,8 @@ class TargetSource:
             if self.cache is not None or self.online or online_only:
                 raise ValueError("a target feed was passed in: --cache and the online options must not be set")
             return
+        if self.cache_dir is not None and not (self.cache is not None and is_remote(self.cache)):
+            raise ValueError("--cache-dir: the read-through folder is for a remote --cache (a URL)")
         if self.cache is not None and self.online:
             raise ValueError("--cache and --online-basemodel/--arch exclude each other: train from a cache or online")
         if self.cache is None and not self.online:
@@ -75,11 +78,7 @@ class TargetSource:
                 raise ValueError(f"{flag_name(online_only[0])}: only for online mode (--online-basemodel), not with --cache")
             if not is_remote(self.cache) and not Path(self.cache).is_dir():
                 raise ValueError(f"--cache: no such cache folder {self.cache}")
-            if self.cache_dir is not None and not is_remote(self.cache):
-                raise ValueError("--cache-dir: the read-through folder is for a remote --cache (a URL)")
             return
-        if self.cache_dir is not None:
-            raise ValueError("--cache-dir: the read-through folder is for a remote --cache (a URL)")
         if self.checkpoint is None or not Path(self.checkpoint).is_file():
             raise ValueError(f"--checkpoint: online mode needs the base model's weights file, got {self.checkpoint!r}")
         if self.data is None or not (is_remote(self.data) or Path(self.data).exists()):

@@ -169,8 +169,10 @@ class ShardFormat(ABC):
 
     def open_bytes(self, name: str, data: bytes, fields: dict[str, FieldSpec], compressor: str = "zstd:3",
                    expect: ShardInfo | None = None) -> ShardReader:
-        """A reader over a whole shard already in memory (streamed from a remote cache); ``name``
-        names it in messages. Formats whose shard is one file implement it."""
+        """A reader over a whole shard already in memory (streamed from a remote cache), whose size
+        and sha256 were checked as it was read (``remote.RemoteCache.fetch_shard``); with ``expect``
+        the record count is checked here. ``name`` names it in messages. Formats whose shard is one
+        file implement it."""
         raise ShardError(f"{name}: a {self.name} shard is a folder tree and cannot be streamed: read {self.name} "
                          "caches from a local or mounted folder")
 

@@ -118,8 +118,9 @@ class TarReader(ShardReader):
 
     def __init__(self, path: Path | str, fields: dict[str, FieldSpec], level: int | None, expect: ShardInfo | None,
                  data: bytes | None = None) -> None:
-        """``data``: the shard's bytes, already in memory (a streamed remote shard; ``path`` then only
-        names it in messages)."""
+        """``data``: the shard's bytes, already in memory, their size and sha256 checked where they
+        were read (a streamed remote shard; ``path`` then only names it in messages); with
+        ``expect`` only the record count is checked here."""
         super().__init__(path, fields)
         self._codec = make_codec(level)
         self._ext = ".bin" if level is None else ".zst"
@@ -130,9 +131,8 @@ class TarReader(ShardReader):
         if data is None and expect is not None:
             with _open_shard_file(path) as f:
                 data = f.read()
+            verify_digest(path, len(data), hashlib.sha256(data).hexdigest(), expect)
         if data is not None:
-            if expect is not None:
-                verify_digest(path, len(data), hashlib.sha256(data).hexdigest(), expect)
             self._data = data
             self._members = self._build_index(io.BytesIO(data))
         else:
