@@ -41,10 +41,10 @@ from tec_cache.format import manifest as mf
 from tec_cache.format.fs import is_temporary, write_json_atomic
 from tec_cache.format.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, ManifestError, load_manifest
 from tec_cache.format.schema import ShardInfo, ViewRecord, record_key
-from tec_cache.images import BadImage, ImageSource, decode_image, open_source
+from tec_cache.images import BadImage, ImageSource, open_source
 from tec_cache.run_log import naming_sample
 from tec_cache.targets import extract_targets, normalise_images
-from tec_cache.views import ViewRecipe, make_views
+from tec_cache.views import DEVICE_RESIZE, TORCH_F32, WORKER_RESIZE, DeviceViews, ViewRecipe, load_source, make_views, source_for_device
 from tec_cache.loader_workers import die_with_parent
 
 
@@ -109,12 +109,14 @@ def _single_item(batch: list[Any]) -> Any:
 
 
 class _ViewJobs(Dataset):
-    """Job j: decode image ``jobs[j][0]`` once and cut the view-epochs ``jobs[j][1]``."""
+    """Job j: decode image ``jobs[j][0]`` once and cut the view-epochs ``jobs[j][1]``; with
+    ``on_device`` only read it (and decode what is not a JPEG): the main process cuts on the device."""
 
     def __init__(self, source: ImageSource, jobs: list[tuple[int, list[int]]], seed: int, recipe: ViewRecipe,
-                 first_view: int = 0):
+                 first_view: int = 0, on_device: bool = False):
         self.source, self.jobs, self.seed, self.recipe = source, jobs, seed, recipe
         self.first_view = first_view  # view-epoch v holds view index first_view + v
+        self.on_device = on_device
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -122,8 +124,12 @@ class _ViewJobs(Dataset):
     def __getitem__(self, j: int) -> dict[str, Any]:
         index, views = self.jobs[j]
         item = self.source.items[index]
+        where = item.path if item.offset < 0 else f"{item.path}:{item.key}"
         try:
-            img = decode_image(self.source.read_bytes(index), item.path if item.offset < 0 else f"{item.path}:{item.key}")
+            data = self.source.read_bytes(index)
+            if self.on_device:
+                return {"index": index, "where": where, "source": source_for_device(data, where, self.recipe), "views": views}
+            img = load_source(data, where, self.recipe)
         except (BadImage, OSError) as e:
             return {"index": index, "error": str(e)}
         with naming_sample(f"image {item.key} of {self.source.root}, view-epochs {views}"):
@@ -162,7 +168,8 @@ def merge_stats(items: list[dict[str, list[float]]]) -> dict[str, dict[str, floa
     return out
 
 
-def _cache_identity(cfg: BuildConfig, source: ImageSource, facts: dict[str, Any], shape: TargetShape) -> dict[str, Any]:
+def _cache_identity(cfg: BuildConfig, source: ImageSource, facts: dict[str, Any], shape: TargetShape,
+                    recipe: ViewRecipe) -> dict[str, Any]:
     """What must not change between a build and its resume/extension."""
     return {
         "base_model.sha256": facts["sha256"],
@@ -174,6 +181,7 @@ def _cache_identity(cfg: BuildConfig, source: ImageSource, facts: dict[str, Any]
         "views.first_view": cfg.first_view,
         "views.recipe.size": cfg.spec.img_size,
         "views.recipe.jpeg_quality": cfg.jpeg_quality,
+        "views.recipe.resize": recipe.resize,
         "codec.name": cfg.codec,
         "format.name": cfg.format,
         "format.compressor": cfg.compressor,
@@ -182,8 +190,22 @@ def _cache_identity(cfg: BuildConfig, source: ImageSource, facts: dict[str, Any]
     }
 
 
-# Identity keys a manifest leaves out at their default: caches built before --first-view start at view 0.
-_ABSENT_MEANS = {"views.first_view": 0}
+# Identity keys a manifest leaves out at their default: caches built before --first-view start at
+# view 0, those built before the resizer was recorded were resized by PIL.
+_ABSENT_MEANS = {"views.first_view": 0, "views.recipe.resize": mf.LEGACY_RESIZE}
+
+
+def _view_placement(cfg: BuildConfig, device: torch.device) -> tuple[str, bool]:
+    """(resizer, views cut on the device?) of a build: an existing cache keeps its own resizer."""
+    existing = load_manifest(cfg.out).views.recipe.resize if (cfg.out / MANIFEST_NAME).exists() else None
+    want_device = cfg.view_device == "device" or (cfg.view_device == "auto" and device.type == "cuda")
+    resize = cfg.resize if cfg.resize != "auto" else existing or (DEVICE_RESIZE if want_device else WORKER_RESIZE)
+    on_device = cfg.view_device == "device" or (want_device and resize == TORCH_F32)
+    if on_device and resize != TORCH_F32:
+        why = f"the cache at --out {cfg.out} was resized with it" if cfg.resize == "auto" else "--resize asks for it"
+        raise ValueError(f"--view-device device: views cut on the device are resized with {TORCH_F32}, but {why}: "
+                         f"{resize}; use --view-device workers")
+    return resize, on_device
 
 
 def _check_resume(root: Path, expected: dict[str, Any]) -> int:
@@ -277,13 +299,15 @@ class Builder:
         self.cfg, self.info, self.log = cfg, info, log
         self.device = resolve_device(cfg.device, info)
         self.source = open_source(cfg.data)
-        self.recipe = ViewRecipe(size=cfg.spec.img_size, jpeg_quality=cfg.jpeg_quality)
+        resize, self.on_device = _view_placement(cfg, self.device)
+        self.recipe = ViewRecipe(size=cfg.spec.img_size, jpeg_quality=cfg.jpeg_quality, resize=resize)
+        self.device_views = DeviceViews(self.device, self.recipe, cfg.num_workers) if self.on_device else None
         self.codec = get_codec(cfg.codec)
         self.model, self.facts = load_base_model(cfg.spec, cfg.checkpoint, self.device)
         grid = cfg.spec.img_size // cfg.spec.patch_size
         self.shape = TargetShape(grid * grid, self.model.embed_dim, self.model.blocks[-1].attn.num_heads, cfg.spec.topk)
         self.field_specs = self.codec.field_specs(self.shape)
-        self.identity = _cache_identity(cfg, self.source, self.facts, self.shape)
+        self.identity = _cache_identity(cfg, self.source, self.facts, self.shape, self.recipe)
         old_views = _check_resume(cfg.out, self.identity)
         self.num_views = max(cfg.views, old_views)
         if old_views > cfg.views:
@@ -386,7 +410,7 @@ class Builder:
             set_total(sum(len(m) * len(self.chunk_images(c)) for c, m in mine))
         self._progress = progress or (lambda n: None)
         loader = DataLoader(
-            _ViewJobs(self.source, jobs, self.cfg.seed, self.recipe, self.cfg.first_view),
+            _ViewJobs(self.source, jobs, self.cfg.seed, self.recipe, self.cfg.first_view, self.on_device),
             batch_size=1, collate_fn=_single_item, num_workers=self.cfg.num_workers,
             prefetch_factor=4 if self.cfg.num_workers > 0 else None, worker_init_fn=die_with_parent(),
         )
@@ -433,6 +457,8 @@ class Builder:
         and queue its writes, then the remainders; True when a dry run has its estimate."""
         for _ in self.chunk_images(chunk.chunk):
             job = next(jobs)
+            if "source" in job:
+                job = self._cut_on_device(job)
             if "error" in job:
                 if self.cfg.strict:
                     raise BadImage(f"--strict: {job['error']}")
@@ -443,6 +469,20 @@ class Builder:
                 if self._compute(chunk, v, self.cfg.batch_size):
                     return True
         return any(self._compute(chunk, v, n) for v, n in chunk.remainders())
+
+    def _cut_on_device(self, job: dict[str, Any]) -> dict[str, Any]:
+        """A worker's source, cut into its views on the device (``on_device`` builds)."""
+        assert self.device_views is not None
+        item = self.source.items[job["index"]]
+        try:
+            img = self.device_views.source(job["source"], job["where"])
+        except BadImage as e:
+            return {"index": job["index"], "error": str(e)}
+        first = self.cfg.first_view
+        with naming_sample(f"image {item.key} of {self.source.root}, view-epochs {job['views']}"):
+            fault_point("cut_views")
+            cut = self.device_views.make(img, item.key, [first + v for v in job["views"]], self.cfg.seed)
+        return {"index": job["index"], "views": [(v - first, data, pix) for v, data, pix in cut]}
 
     def _compute(self, chunk: _ChunkBuild, v: int, n: int) -> bool:
         """Targets of the first n pending views of view-epoch v, queued for writing; the first batch
@@ -465,7 +505,7 @@ class Builder:
 
     def _targets(self, batch: list[tuple[int, int, bytes, torch.Tensor]], stats: _Stats) -> list[ViewRecord]:
         pixels = torch.stack([b[3] for b in batch])  # [B,3,S,S] uint8
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not pixels.is_cuda:
             pixels = pixels.pin_memory().to(self.device, non_blocking=True)
         images = normalise_images(pixels.to(self.device), self.recipe.mean, self.recipe.std)
         feat, att, idx = extract_targets(self.model, images, topk=self.cfg.spec.topk, last_layers=self.cfg.spec.last_layers)
@@ -538,7 +578,8 @@ class Builder:
                            bytes_per_view=total_bytes / max(total_samples, 1),
                            build={"seconds": round(seconds, 3), "views_this_run": views_this_run,
                                   "views_per_s": round(views_this_run / max(seconds, 1e-9), 2),
-                                  "world_size": self.info.world_size, "device": str(self.device)}),
+                                  "world_size": self.info.world_size, "device": str(self.device),
+                                  "views_cut_on": "device" if self.on_device else "workers"}),
             extra={"tool": TOOL_VERSION},
         )
         self.remove_leftovers()
@@ -557,6 +598,8 @@ class Builder:
 
     def close(self) -> None:
         self.writer_pool.shutdown(wait=True)
+        if self.device_views is not None:
+            self.device_views.close()
 
 
 

@@ -21,6 +21,9 @@ from tec_cache.dist import dist_info, resolve_device
 from tec_cache.format import FORMATS, parse_compressor
 from tec_cache.format.remote import is_remote
 from tec_cache.images import SOURCE_HELP
+from tec_cache.views import RESIZERS
+
+VIEW_DEVICES = ("auto", "workers", "device")
 
 
 @dataclass
@@ -47,6 +50,12 @@ class BuildConfig:
     strict: bool = option(False, "Fail on the first unreadable image instead of skipping it.")
     dry_run: bool = option(False, "Print the size estimate and write nothing.")
     jpeg_quality: int = option(95, "Quality of the stored view JPEGs", check=in_range(1, 100))
+    view_device: str = option("auto", "Where views are cut and JPEG round-tripped: workers (CPU processes) | device "
+                              "(the base model's device, batched; on a GPU with nvJPEG) | auto (device on CUDA, "
+                              "else workers)")
+    resize: str = option("auto", "How views are resized: torch-bicubic-u8 (CPU) | torch-bicubic-f32 (any device) | "
+                         "pil-bicubic (caches built before the resizer was recorded) | auto (an existing cache's own; "
+                         "else u8 in workers, f32 on the device)")
 
     def validate(self) -> None:
         """Option checks before any work; ValueError names the option and what it expects."""
@@ -57,6 +66,10 @@ class BuildConfig:
             raise ValueError(f"--checkpoint: no such file {self.checkpoint} (expected the base model's weights file)")
         resolve_device(self.device, dist_info())  # --device: a name this machine has
         check_fields(self, ("num_workers", "jpeg_quality"))
+        if self.view_device not in VIEW_DEVICES:
+            raise ValueError(f"--view-device: expected one of {list(VIEW_DEVICES)}, got {self.view_device!r}")
+        if self.resize != "auto" and self.resize not in RESIZERS:
+            raise ValueError(f"--resize: expected auto or one of {list(RESIZERS)}, got {self.resize!r}")
         if self.format not in FORMATS:
             raise ValueError(f"--format: unknown format {self.format!r}; expected one of {list(FORMATS)}")
         try:

@@ -73,6 +73,8 @@ def build(
     num_workers: Optional[int] = typer.Option(None, "--num-workers", help=_h("num_workers")),
     device: Optional[str] = typer.Option(None, "--device", help=_h("device")),
     jpeg_quality: Optional[int] = typer.Option(None, "--jpeg-quality", help=_h("jpeg_quality")),
+    view_device: Optional[str] = typer.Option(None, "--view-device", help=_h("view_device")),
+    resize: Optional[str] = typer.Option(None, "--resize", help=_h("resize")),
     strict: bool = typer.Option(False, "--strict", help=_h("strict")),
     dry_run: bool = typer.Option(False, "--dry-run", help=_h("dry_run")),
 ) -> None:

@@ -1,18 +1,20 @@
 """Image sources for stage 1: an ImageNet-style folder or WebDataset tars of images.
 
 Data flow: --data --open_source--> a sorted, indexed list of images (key, label, where its bytes
-are) --read_bytes + decode_image--> RGB PIL image --> views.py.
+are) --read_bytes--> views.load_source (decode_image: RGB PIL image, or torchvision's JPEG decode) --> views.py.
 
 The list is sorted and fixed before any work, so image index i means the same file on every rank
 and on every re-run; that is what makes shards resumable and rank-independent.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import tarfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,21 +71,23 @@ class ImageSource:
         return {"path": self.root, "kind": self.kind, "num_images": len(self.items), "classes": self.classes}
 
 
-def decode_image(data: bytes, where: str) -> Image.Image:
-    """Decode and convert any mode (L, P, RGBA, CMYK, I;16, ...) to RGB; BadImage names ``where``."""
+def _open_checked(data: bytes, where: str) -> Image.Image:
+    """PIL's lazy open (header only) with the empty-file and pixel-count checks."""
     if not data:
         raise BadImage(f"{where}: empty file")
+    img = Image.open(io.BytesIO(data))
+    if img.width * img.height > MAX_IMAGE_PIXELS:
+        raise BadImage(f"{where}: {img.width}x{img.height} pixels exceeds the limit of {MAX_IMAGE_PIXELS}")
+    return img
+
+
+@contextlib.contextmanager
+def _naming(where: str) -> Iterator[None]:
+    """PIL's many exception types for broken files, as one BadImage naming ``where``."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(data))
-            if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise BadImage(f"{where}: {img.width}x{img.height} pixels exceeds the limit of {MAX_IMAGE_PIXELS}")
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                # 16-bit and float greyscale: scale to 8 bits before RGB, else convert() clips.
-                img = img.point(lambda v: v / 256).convert("L") if img.mode.startswith("I;16") else img.convert("L")
-            return img.convert("RGB")
+            yield
         except BadImage:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -93,6 +97,24 @@ def decode_image(data: bytes, where: str) -> Image.Image:
             raise BadImage(f"{where}: not a recognised image format") from e
         except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
             raise BadImage(f"{where}: cannot decode image ({type(e).__name__}: {e})") from e
+
+
+def check_image_header(data: bytes, where: str) -> str:
+    """The file's format as PIL names it ("JPEG", "PNG", ...), after the checks ``decode_image``
+    makes before decoding (empty, unrecognised, too many pixels); reads the header only."""
+    with _naming(where):
+        return str(_open_checked(data, where).format)
+
+
+def decode_image(data: bytes, where: str) -> Image.Image:
+    """Decode and convert any mode (L, P, RGBA, CMYK, I;16, ...) to RGB; BadImage names ``where``."""
+    with _naming(where):
+        img = _open_checked(data, where)
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            # 16-bit and float greyscale: scale to 8 bits before RGB, else convert() clips.
+            img = img.point(lambda v: v / 256).convert("L") if img.mode.startswith("I;16") else img.convert("L")
+        return img.convert("RGB")
 
 
 def open_source(path: Path | str) -> ImageSource:

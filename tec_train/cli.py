@@ -98,7 +98,8 @@ def _preset_options(pipe: Any, table: str, given: dict[str, Any], world_size: in
 # The pipeline's target recipe ([cache], as tec-cache build takes it) as online-mode options of
 # tec-train run: the base model's depth is --base-depth there, --depth being the student's.
 _ONLINE_FROM_RECIPE = {"basemodel": "online_basemodel", "arch": "arch", "depth": "base_depth", "topk": "topk",
-                       "tau": "tau", "last_layers": "last_layers", "img_size": "img_size", "patch_size": "patch_size"}
+                       "tau": "tau", "last_layers": "last_layers", "img_size": "img_size", "patch_size": "patch_size",
+                       "resize": "resize"}
 
 
 def _with_preset(name: str, given: dict[str, Any], world_size: int, online: bool = False) -> dict[str, Any]:
@@ -196,6 +197,7 @@ def run(
     tau: Optional[float] = typer.Option(None, "--tau", help=_th("tau")),
     last_layers: Optional[int] = typer.Option(None, "--last-layers", help=_th("last_layers")),
     base_depth: Optional[int] = typer.Option(None, "--base-depth", help=_th("base_depth")),
+    resize: Optional[str] = typer.Option(None, "--resize", help=_th("resize")),
     model: Optional[str] = typer.Option(None, "--model", help=_th("model")),
     depth: Optional[int] = typer.Option(None, "--depth", help=_th("depth")),
     img_size: Optional[int] = typer.Option(None, "--img-size", help=_th("img_size")),

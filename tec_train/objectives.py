@@ -101,7 +101,7 @@ class TECObjective(Objective):
         images = open_source(cfg.targets.data)
         return OnlineTargetFeed(spec, Path(cfg.targets.checkpoint), images, device=device, batch_size=cfg.optim.batch_size,
                                 rank=info.rank, world_size=info.world_size, num_workers=cfg.loader.num_workers,
-                                seed=cfg.optim.seed, autocast=amp != "off")
+                                seed=cfg.optim.seed, autocast=amp != "off", resize=cfg.targets.resize)
 
     def build(self, cfg: TrainConfig, spec: ImageSpec) -> torch.nn.Module:
         if not isinstance(spec, TargetSpec):

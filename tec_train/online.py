@@ -19,15 +19,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from tec_cache.basemodels import BaseModelSpec, load_base_model
 from tec_cache.faults import fault_point
-from tec_cache.images import BadImage, ImageSource, decode_image
+from tec_cache.images import BadImage, ImageSource
 from tec_cache.run_log import naming_sample
 from tec_cache.targets import extract_targets, normalise_images
-from tec_cache.views import ViewRecipe, cut_view, view_params, view_rng
+from tec_cache.views import WORKER_RESIZE, SourceImage, ViewRecipe, cut_view, image_size, load_source, view_params, view_rng
 from tec_cache.loader_workers import die_with_parent
 
 from .cache_loader import Batch
@@ -52,12 +51,12 @@ class _EpochBatches(Dataset):
             item = self.source.items[index]
             with naming_sample(f"image {item.key} of {self.source.root}, view {self.epoch}"):
                 fault_point("cut_view")
-                params = view_params(img.width, img.height, view_rng(self.seed, item.key, self.epoch), self.recipe)
+                params = view_params(*image_size(img), view_rng(self.seed, item.key, self.epoch), self.recipe)
                 views.append(cut_view(img, params, self.recipe))  # [3, S, S] uint8
             used.append(index)
         return torch.stack(views), torch.tensor(used, dtype=torch.int64)  # [B,3,S,S], [B]
 
-    def _decodable(self, index: int) -> tuple[int, Image.Image]:
+    def _decodable(self, index: int) -> tuple[int, SourceImage]:
         """The image at ``index``, or, when that file is unreadable, the next readable one: a bad
         file must not end a training run (stage 1 skips it the same way), and the stand-in is a
         pure function of the index, so the run stays reproducible."""
@@ -65,7 +64,7 @@ class _EpochBatches(Dataset):
         for k in range(n):
             j = (index + k) % n
             try:
-                img = decode_image(self.source.read_bytes(j), self.source.items[j].key)
+                img = load_source(self.source.read_bytes(j), self.source.items[j].key, self.recipe)
             except (BadImage, OSError) as e:
                 warnings.warn(f"online mode: skipping unreadable image: {e}", stacklevel=1)
                 continue
@@ -119,16 +118,18 @@ class OnlineTargetFeed:
     """OnlineLoader batches plus the frozen base model that turns them into targets on the device."""
 
     def __init__(self, spec: BaseModelSpec, checkpoint: Path, source: ImageSource, *, device: torch.device,
-                 batch_size: int, rank: int, world_size: int, num_workers: int, seed: int, autocast: bool) -> None:
+                 batch_size: int, rank: int, world_size: int, num_workers: int, seed: int, autocast: bool,
+                 resize: str | None = None) -> None:
         self.base_spec = spec
         self.model, facts = load_base_model(spec, Path(checkpoint), device)
         self.autocast = autocast
-        recipe = ViewRecipe(size=spec.img_size)
+        # The compared cache's resizer (its manifest's views.recipe.resize); by default a CPU build's.
+        recipe = ViewRecipe(size=spec.img_size, resize=WORKER_RESIZE if resize in (None, "auto") else resize)
         self.spec = TargetSpec(
             dim=int(self.model.embed_dim), heads=int(self.model.blocks[-1].attn.num_heads), topk=spec.topk,
             tau=spec.tau, img_size=spec.img_size, patch_size=spec.patch_size, mean=recipe.mean, std=recipe.std,
             origin={"kind": "online", "base_model": spec.name, "arch": spec.arch, "base_sha256": facts["sha256"],
-                    "data": str(source.root), "last_layers": spec.last_layers},
+                    "data": str(source.root), "last_layers": spec.last_layers, "resize": recipe.resize},
         )
         self.loader = OnlineLoader(source, batch_size=batch_size, recipe=recipe, rank=rank, world_size=world_size,
                                    num_workers=num_workers, seed=seed, pin_memory=device.type == "cuda")

@@ -12,6 +12,7 @@ from typing import Any
 from tec_cache.basemodels import TargetRecipe
 from tec_cache.format.remote import is_remote
 from tec_cache.images import SOURCE_HELP
+from tec_cache.views import RESIZERS
 from tec_cache.config import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, WORKERS, check_fields, flag_name, flat_values,
                               group, in_range, nested_config, option, option_like)
 
@@ -42,6 +43,10 @@ class TargetSource:
     tau: float | None = option_like(TargetRecipe, "tau", "Online mode: ")
     last_layers: int | None = option_like(TargetRecipe, "last_layers", "Online mode: ")
     base_depth: int | None = option_like(TargetRecipe, "depth", "Online mode: ")
+    resize: str | None = option(None, "Online mode: how views are resized, as the cache compared with was (its "
+                                "views.recipe.resize, which `tec-cache inspect` shows): torch-bicubic-u8 | "
+                                "torch-bicubic-f32 | pil-bicubic (caches built before the resizer was recorded) | auto",
+                                default_text="torch-bicubic-u8")
 
     @property
     def online(self) -> bool:
@@ -54,10 +59,11 @@ class TargetSource:
 
     def validate(self, objective: str, external_source: bool) -> None:
         """The options that fit the mode: exactly one source, and no option of another mode."""
-        online_only = [n for n in ("checkpoint", "data", "topk", "tau", "last_layers", "base_depth") if getattr(self, n) is not None]
-        if objective == "mae" and not external_source:
-            targets = [n for n in ("cache", "online_basemodel", "arch", "checkpoint", "topk", "tau", "last_layers", "base_depth")
+        online_only = [n for n in ("checkpoint", "data", "topk", "tau", "last_layers", "base_depth", "resize")
                        if getattr(self, n) is not None]
+        if objective == "mae" and not external_source:
+            targets = [n for n in ("cache", "online_basemodel", "arch", "checkpoint", "topk", "tau", "last_layers", "base_depth",
+                                   "resize") if getattr(self, n) is not None]
             if targets:
                 raise ValueError(f"{flag_name(targets[0])}: --objective mae learns from pixels; it takes --data only, no base model or cache")
             if self.data is None or not (is_remote(self.data) or Path(self.data).exists()):
@@ -83,6 +89,8 @@ class TargetSource:
             raise ValueError(f"--checkpoint: online mode needs the base model's weights file, got {self.checkpoint!r}")
         if self.data is None or not (is_remote(self.data) or Path(self.data).exists()):
             raise ValueError(f"--data: online mode needs an image folder or .tar shards, got {self.data!r}")
+        if self.resize is not None and self.resize != "auto" and self.resize not in RESIZERS:
+            raise ValueError(f"--resize: expected auto or one of {list(RESIZERS)}, got {self.resize!r}")
 
 
 @dataclass

@@ -247,3 +247,32 @@ def test_inspect_and_verify(reference_cache, tmp_path):
     r = runner.invoke(app, ["verify", str(reference_cache)])
     assert r.exit_code == 0 and "ok" in r.output
     # Damaged caches: tests/test_faults_inputs.py.
+
+
+def test_views_cut_on_the_device_equal_the_same_recipe_cut_in_workers(data_dir, tiny_ckpt, tmp_path):
+    """--view-device device (a GPU build's path: the source's JPEG decode, crop, resize, flip and the
+    views' JPEG encode where the base model runs), here on CPU tensors: the same shards, byte for
+    byte, as workers cutting with the same resizer; the manifest names the resizer and where views
+    were cut; odd sources (PNG, palette, CMYK, unreadable) take the same paths."""
+    on_device, in_workers = tmp_path / "device", tmp_path / "workers"
+    build_cache(_cfg(data_dir, on_device, tiny_ckpt, view_device="device"))
+    build_cache(_cfg(data_dir, in_workers, tiny_ckpt, view_device="workers", resize="torch-bicubic-f32", num_workers=2))
+    assert _tree(on_device) == _tree(in_workers)
+    man = json.loads((on_device / "manifest.json").read_text())
+    assert man["views"]["recipe"]["resize"] == "torch-bicubic-f32"
+    assert man["stats"]["build"]["views_cut_on"] == "device"
+    assert {s["key"] for s in man["source"]["skipped"]} == BAD
+    build_cache(_cfg(data_dir, tmp_path / "default", tiny_ckpt, views=1))
+    default = json.loads((tmp_path / "default" / "manifest.json").read_text())
+    assert default["views"]["recipe"]["resize"] == "torch-bicubic-u8"  # a CPU build's default
+    assert default["stats"]["build"]["views_cut_on"] == "workers"
+
+
+def test_a_resizer_that_cannot_run_where_views_are_cut_is_refused(data_dir, tiny_ckpt, tmp_path):
+    with pytest.raises(ValueError, match="--view-device device: views cut on the device are resized with "
+                                         "torch-bicubic-f32, but --resize asks for it: torch-bicubic-u8"):
+        build_cache(_cfg(data_dir, tmp_path / "c", tiny_ckpt, view_device="device", resize="torch-bicubic-u8"))
+    build_cache(_cfg(data_dir, tmp_path / "u8", tiny_ckpt, views=1))
+    with pytest.raises(ValueError, match="the cache at --out .*u8 was resized with it: torch-bicubic-u8"):
+        build_cache(_cfg(data_dir, tmp_path / "u8", tiny_ckpt, views=2, view_device="device"))
+    assert not (tmp_path / "c").exists()

@@ -443,6 +443,8 @@ def _with(args: list[str], option: str, value: str | None) -> list[str]:
 # built with other settings.
 BUILD_BAD = [
     ("--first-view", "-1", "--first-view: must be an integer >= 0, got -1"),
+    ("--view-device", "gpu", "--view-device: expected one of ['auto', 'workers', 'device'], got 'gpu'"),
+    ("--resize", "lanczos", "--resize: expected auto or one of ['pil-bicubic', 'torch-bicubic-u8', 'torch-bicubic-f32'], got 'lanczos'"),
     ("--data", "{missing}", "--data: no such file or folder"),
     ("--data", None, "--data is required: an image folder or a folder of .tar shards"),
     ("--checkpoint", "{missing}", "--checkpoint: no such file"),
@@ -542,6 +544,8 @@ RUN_BAD = [
     ("online", "--tau", "nan", "--tau: must be a positive number, got nan"),
     ("online", "--last-layers", "99", "--last-layers 99 exceeds the model depth 12"),
     ("online", "--base-depth", "0", "--base-depth: must be a positive integer, got 0"),
+    ("online", "--resize", "lanczos", "--resize: expected auto or one of ['pil-bicubic', 'torch-bicubic-u8', 'torch-bicubic-f32'], got 'lanczos'"),
+    ("cache", "--resize", "pil-bicubic", "--resize: only for online mode"),
     ("cache", "--model", "vit_gigantic_patch8", "--model: unknown student model 'vit_gigantic_patch8'"),
     ("cache", "--model", "vit_tiny_patch4",
      "cannot train this student (--model, --img-size, --patch-size): student patch size 4 does not match the cache's 8"),

@@ -83,7 +83,8 @@ def test_todays_build_writes_the_legacy_bytes(name: str, tmp_path: Path) -> None
     r, _ = run_module("tec_cache", ["build", "--data", str(data), "--out", str(out), "--checkpoint", str(ckpt),
                                     "--arch", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8", "--topk", "3",
                                     "--views", "2", "--format", fmt, "--codec", codec, "--shard-size", "6",
-                                    "--batch-size", "8", "--num-workers", "0", "--device", "cpu"])
+                                    "--batch-size", "8", "--num-workers", "0", "--device", "cpu",
+                                    "--resize", "pil-bicubic"])  # those caches' resizer, which they do not name
     assert r.returncode == 0, r.stderr[-3000:]
     # Shards byte for byte on the CPU that wrote them; on another CPU the base model's float
     # results can round differently in the last bit, which moves a few quantised target values by
@@ -117,5 +118,30 @@ def test_todays_build_writes_the_legacy_bytes(name: str, tmp_path: Path) -> None
             for shard in ve["shards"]:
                 if shard["path"] in changed:
                     del shard["sha256"], shard["nbytes"]
+    assert new["views"]["recipe"].pop("resize") == "pil-bicubic"  # now recorded
     for key in ("targets", "views", "codec", "format", "view_epochs"):
         assert new[key] == old[key], key
+
+
+@pytest.mark.slow
+def test_extending_a_legacy_cache_keeps_cutting_its_views_with_pil(tmp_path: Path) -> None:
+    """More --views on a cache that names no resizer: the new view-epoch is cut with PIL's bicubic,
+    as its first ones were (byte-identical to a build that names pil-bicubic), and the manifest now
+    says so; naming another resizer for it is refused before any work."""
+    data = make_image_folder(tmp_path / "data", n_per_class=5, classes=2, bad=True)
+    ckpt = tmp_path / "mae_tiny.pth"
+    torch.save({"model": tiny_state_dict()}, ckpt)
+    args = ["build", "--data", str(data), "--checkpoint", str(ckpt), "--arch", "vit_tiny_patch16_224", "--img-size",
+            "32", "--patch-size", "8", "--topk", "3", "--views", "3", "--format", "webdataset", "--codec", "int8",
+            "--shard-size", "6", "--batch-size", "8", "--num-workers", "0", "--device", "cpu"]
+    extended = _copy("webdataset-int8", tmp_path)
+    r, _ = run_module("tec_cache", [*args, "--out", str(extended), "--resize", "torch-bicubic-u8"])
+    assert r.returncode != 0 and "views.recipe.resize = 'pil-bicubic', this build asks for 'torch-bicubic-u8'" in r.stderr
+    r, _ = run_module("tec_cache", [*args, "--out", str(extended)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    fresh = tmp_path / "fresh"
+    r, _ = run_module("tec_cache", [*args, "--out", str(fresh), "--resize", "pil-bicubic"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    new = {rel: h for rel, h in tree(extended).items() if rel.startswith("ve002/") and not rel.endswith(".json")}
+    assert new and new == {rel: h for rel, h in tree(fresh).items() if rel in new}
+    assert json.loads((extended / "manifest.json").read_text())["views"]["recipe"]["resize"] == "pil-bicubic"

@@ -189,6 +189,11 @@ class Targets(_Keyed):
                 "dim": self.dim, "heads": self.heads, "topk": self.topk, "last_layers": self.last_layers, "tau": self.tau}
 
 
+# How the views of a manifest without views.recipe.resize were resized: every cache built before
+# the resizer was recorded used PIL's bicubic (tec_cache.views names the others).
+LEGACY_RESIZE = "pil-bicubic"
+
+
 @dataclass(frozen=True)
 class Recipe(_Keyed):
     """The view recipe as far as readers need it (``extra``: the rest of what decided the pixels)."""
@@ -209,6 +214,11 @@ class Recipe(_Keyed):
     def to_json(self) -> Json:
         return {**self.extra, "size": self.size, "scale": list(self.scale), "jpeg_quality": self.jpeg_quality,
                 "mean": list(self.mean), "std": list(self.std)}
+
+    @property
+    def resize(self) -> str:
+        """The resizer the views were cut with (``LEGACY_RESIZE`` when the manifest names none)."""
+        return str(self.extra.get("resize", LEGACY_RESIZE))
 
 
 @dataclass(frozen=True)
