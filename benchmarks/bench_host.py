@@ -1,33 +1,50 @@
-"""Stage-1 host-side throughput per CPU core: everything but the base-model forward.
+"""Stage-1 host-side cost per view and per CPU core: everything a build does but the base-model
+forward, stage by stage, held against the limit its unavoidable work sets.
 
-One process, one torch thread: decode each source image once, cut K views (RandomResizedCrop +
-flip, PIL bicubic as the reference), JPEG-encode them, decode them back (the pixels the base
-model sees), quantise ViT-B-shaped targets with the int8 codec, compress and write webdataset
-shards with the project's writer. Reports ms/view per stage and views/s per core, with the
-quantisation on the CPU and without it (a CUDA build quantises on the GPU).
+One process, one torch thread, ViT-B-shaped int8 targets, K views per source image (500-px JPEG
+photos from scikit-image). Three measurements, each over the same views in the same run:
 
-    python benchmarks/bench_host.py --images 64 --views 4 --out benchmarks/results/host.json
+- ``limit``: crop+resize, JPEG encode and JPEG decode of each view, timed alone (one loop doing
+  only those three) with the resizer of the path.
+- ``cpu path`` (a build without a GPU, views cut in worker processes): source read and decode,
+  crop+resize, JPEG encode, JPEG decode, quantisation, the per-view field copies, then the shard
+  writer: zstd per field, tar members, sha256 and file writes. Its rate over the limit's is the
+  ratio the host path is held to.
+- ``device host share`` (``--view-device device`` on a GPU: the source decode, crop, resize, the
+  views' JPEG encode and the quantisation run on the GPU): what is left to the host, timed
+  exactly: reading the source file and checking its header, decoding the views' JPEGs on the CPU
+  (as stage 2 decodes them, so the base model sees the stored bytes' pixels), the per-view field
+  copies and records, and the shard writer.
+
+    python benchmarks/bench_host.py --images 96 --views 4 --out benchmarks/results/host.json
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.vitb_targets import photos, vitb_views_and_targets  # noqa: E402
 from tec_cache import format as cache_format  # noqa: E402
 from tec_cache.codecs import TargetShape, get_codec, split_fields  # noqa: E402
-from tec_cache.format.schema import ViewRecord, record_key  # noqa: E402
-from tec_cache.images import decode_image  # noqa: E402
-from tec_cache.views import ViewRecipe, cut_view, decode_view, encode_view, view_params, view_rng  # noqa: E402
+from tec_cache.format.payload import encode_targets, make_codec  # noqa: E402
+from tec_cache.format.schema import ViewRecord, parse_compressor, record_key  # noqa: E402
+from tec_cache.views import (ViewRecipe, cut_view, decode_view, encode_view, image_size, load_source,  # noqa: E402
+                             source_for_device, view_params, view_rng)
+
+VIT_B = TargetShape(196, 768, 12, 15)
 
 
 def source_jpegs() -> list[bytes]:
@@ -42,13 +59,166 @@ def source_jpegs() -> list[bytes]:
     return out
 
 
+class Clock:
+    """Accumulates seconds per stage name."""
+
+    def __init__(self) -> None:
+        self.t: dict[str, float] = defaultdict(float)
+
+    def __call__(self, stage: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        out = fn()
+        self.t[stage] += time.perf_counter() - t0
+        return out
+
+    def per_view(self, n: int) -> dict[str, float]:
+        return {k: round(v / n * 1e3, 4) for k, v in self.t.items()}
+
+
+def time_limit(sources: list[bytes], images: int, k: int, recipe: ViewRecipe) -> float:
+    """ms per view of crop+resize, JPEG encode and JPEG decode alone (sources decoded beforehand)."""
+    decoded = [load_source(s, "bench", recipe) for s in sources]
+    jobs = [(decoded[i % len(decoded)], f"img{i}", v) for i in range(images) for v in range(k)]
+    params = [view_params(*image_size(img), view_rng(0, key, v), recipe) for img, key, v in jobs]
+    t0 = time.perf_counter()
+    for (img, _, _), p in zip(jobs, params):
+        decode_view(encode_view(cut_view(img, p, recipe), recipe.jpeg_quality))
+    return (time.perf_counter() - t0) / len(jobs) * 1e3
+
+
+class ShardSink:
+    """The stage-1 shard writer, rolling over every ``shard_size`` records, timed as one stage."""
+
+    def __init__(self, root: Path, specs: dict, compressor: str, shard_size: int, clock: Clock, stage: str) -> None:
+        self.root, self.specs, self.compressor, self.shard_size = root, specs, compressor, shard_size
+        self.clock, self.stage = clock, stage
+        self.writer, self.shard, self.count = None, 0, 0
+
+    def write(self, rec: ViewRecord) -> None:
+        def go() -> None:
+            if self.writer is None:
+                self.writer = cache_format.open_writer("webdataset", self.root / f"shard-{self.shard:06d}.tar",
+                                                       self.specs, self.compressor)
+            self.writer.write(rec)
+            self.count += 1
+            if self.count == self.shard_size:
+                self.close()
+        self.clock(self.stage, go)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer, self.shard, self.count = None, self.shard + 1, 0
+
+
+def _split_writer_stage(clock: Clock, records: list[ViewRecord], specs: dict, compressor: str, stage: str) -> None:
+    """Split the writer's time into its zstd share (the same records compressed again, alone) and the
+    rest (tar members, sha256, file writes)."""
+    codec = make_codec(parse_compressor(compressor))
+    t0 = time.perf_counter()
+    for r in records:
+        encode_targets(r.fields, specs, codec)
+    zstd = time.perf_counter() - t0 if codec is not None else 0.0
+    total = clock.t.pop(stage)
+    clock.t["writer: zstd"] = zstd
+    clock.t["writer: tar + sha256 + file writes"] = max(total - zstd, 0.0)
+
+
+def run_cpu_path(sources: list[bytes], targets: tuple, args: argparse.Namespace, recipe: ViewRecipe,
+                 tmp: Path) -> dict[str, float]:
+    """A worker-cut build's host work, stage by stage (ms per view)."""
+    feat, att, idx = targets
+    codec = get_codec(args.codec)
+    specs = codec.field_specs(VIT_B)
+    clock = Clock()
+    sink = ShardSink(tmp, specs, args.compressor, args.shard_size, clock, "writer")
+    pending: list[tuple[int, int, bytes]] = []
+    written: list[ViewRecord] = []
+
+    def flush() -> None:
+        n = len(pending)
+        if not n:
+            return
+        enc = clock("quantize", lambda: codec.encode(feat[:n], att[:n], idx[:n]))
+        fields = clock("records (field copies, bookkeeping)", lambda: split_fields(enc))
+        for (i, v, data), f in zip(pending, fields):
+            rec = ViewRecord(record_key(i * args.views + v), i, v, -1, f"img{i}", data, f)
+            sink.write(rec)
+            written.append(rec)
+        pending.clear()
+
+    for i in range(args.images):
+        src = sources[i % len(sources)]
+        img = clock("source read + decode", lambda: load_source(src, "bench", recipe))
+        for v in range(args.views):
+            p = view_params(*image_size(img), view_rng(0, f"img{i}", v), recipe)
+            pix = clock("crop+resize", lambda: cut_view(img, p, recipe))
+            data = clock("jpeg encode", lambda: encode_view(pix, recipe.jpeg_quality))
+            clock("jpeg decode", lambda: decode_view(data))
+            pending.append((i, v, data))
+            if len(pending) == args.batch:
+                flush()
+    flush()
+    clock("writer", sink.close)
+    _split_writer_stage(clock, written, specs, args.compressor, "writer")
+    return clock.per_view(len(written))
+
+
+def run_device_host_share(sources: list[bytes], targets: tuple, args: argparse.Namespace, recipe: ViewRecipe,
+                          tmp: Path) -> dict[str, float]:
+    """What a --view-device device build leaves to the host (ms per view). The device's work (the
+    source decode, cut, views' JPEG encode, quantisation) is done before timing starts."""
+    feat, att, idx = targets
+    codec = get_codec(args.codec)
+    specs = codec.field_specs(VIT_B)
+    n_views = args.images * args.views
+    # The device's output, computed untimed: each view's JPEG bytes and the batches' int8 codes
+    # (on a GPU these arrive in host memory with one copy per batch).
+    jpegs = []
+    for i in range(args.images):
+        img = load_source(sources[i % len(sources)], "bench", recipe)
+        for v in range(args.views):
+            jpegs.append(encode_view(cut_view(img, view_params(*image_size(img), view_rng(0, f"img{i}", v), recipe),
+                                              recipe), recipe.jpeg_quality))
+    codes = [codec.encode(feat[:args.batch], att[:args.batch], idx[:args.batch])
+             for _ in range(-(-n_views // args.batch))]
+    clock = Clock()
+    sink = ShardSink(tmp, specs, args.compressor, args.shard_size, clock, "writer")
+    written: list[ViewRecord] = []
+    for i in range(args.images):
+        clock("source read + header check", lambda: source_for_device(sources[i % len(sources)], "bench", recipe))
+    for b, enc in enumerate(codes):
+        lo = b * args.batch
+        batch = jpegs[lo:lo + args.batch]
+        clock("views' jpeg decode (CPU)", lambda: [decode_view(d) for d in batch])
+        fields = clock("records (field copies, bookkeeping)", lambda: split_fields({k: a[:len(batch)] for k, a in enc.items()}))
+        for j, (data, f) in enumerate(zip(batch, fields)):
+            rec = ViewRecord(record_key(lo + j), (lo + j) // args.views, 0, -1, f"img{lo + j}", data, f)
+            sink.write(rec)
+            written.append(rec)
+    clock("writer", sink.close)
+    _split_writer_stage(clock, written, specs, args.compressor, "writer")
+    return clock.per_view(len(written))
+
+
+def table(title: str, per_view: dict[str, float]) -> str:
+    total = sum(per_view.values())
+    lines = [f"\n{title}\n", "| stage | ms/view |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in per_view.items()]
+    lines.append(f"| **total** | **{total:.3f}** ({1e3 / total:.0f} views/s per core) |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=64, help="source images processed")
+    ap.add_argument("--images", type=int, default=96, help="source images processed")
     ap.add_argument("--views", type=int, default=4, help="views cut from each decoded image (K)")
     ap.add_argument("--batch", type=int, default=64, help="views per quantise call (one base-model batch)")
     ap.add_argument("--shard-size", type=int, default=256)
     ap.add_argument("--codec", default="int8")
+    ap.add_argument("--compressor", default="zstd:3")
+    ap.add_argument("--resizers", nargs="+", default=["pil-bicubic", "torch-bicubic-u8"],
+                    help="the CPU path's resizers to time (pil-bicubic: builds before the resizer was recorded)")
     ap.add_argument("--targets-cache", type=Path, default=Path(tempfile.gettempdir()) / "tec_bench_vitb_targets.pt")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -56,79 +226,44 @@ def main() -> None:
     _, feat, att, idx = vitb_views_and_targets(32, args.targets_cache)
     # One batch worth of targets, laid out as the base model returns them (contiguous).
     sel = torch.arange(args.batch) % len(feat)
-    feat, att, idx = feat[sel].contiguous(), att[sel].contiguous(), idx[sel].contiguous()
-    codec = get_codec(args.codec)
-    specs = codec.field_specs(TargetShape(196, 768, 12, 15))
+    targets = (feat[sel].contiguous(), att[sel].contiguous(), idx[sel].contiguous())
     sources = source_jpegs()
-    recipe = ViewRecipe()
-    t: dict[str, float] = defaultdict(float)
-    n_views = 0
-    pending: list[tuple[int, int, bytes]] = []
+    res: dict[str, Any] = {"views": args.images * args.views, "images": args.images, "views_per_image": args.views,
+                           "codec": args.codec, "compressor": args.compressor, "cpu_path": {}}
+    print(f"stage-1 host side, 1 core, {args.images} images x {args.views} views, codec {args.codec}, "
+          f"{args.compressor}")
+    for resize in args.resizers:
+        recipe = ViewRecipe(resize=resize)
+        with tempfile.TemporaryDirectory() as tmp:
+            stages = run_cpu_path(sources, targets, args, recipe, Path(tmp))
+        limit = time_limit(sources, args.images, args.views, recipe)
+        total = sum(stages.values())
+        row = {"ms_per_view": stages, "total_ms": round(total, 4), "views_per_s_per_core": round(1e3 / total, 1),
+               "limit_ms": round(limit, 4), "limit_views_per_s": round(1e3 / limit, 1),
+               "ratio_to_limit": round(limit / total, 3)}
+        res["cpu_path"][resize] = row
+        print(table(f"CPU path, resize {resize}", stages))
+        print(f"limit (crop+resize, JPEG encode, JPEG decode alone): {limit:.3f} ms/view = {1e3 / limit:.0f} views/s; "
+              f"the path runs at {row['ratio_to_limit']:.0%} of it")
+    recipe = ViewRecipe(resize="torch-bicubic-f32")
     with tempfile.TemporaryDirectory() as tmp:
-        writer, shard_no, in_shard = None, 0, 0
-
-        def flush() -> None:
-            nonlocal writer, shard_no, in_shard
-            if not pending:
-                return
-            n = len(pending)
-            t0 = time.perf_counter()
-            fields = split_fields(codec.encode(feat[:n], att[:n], idx[:n]))
-            t["quantize"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for (i, v, data), f in zip(pending, fields):
-                if writer is None:
-                    writer = cache_format.open_writer("webdataset", Path(tmp) / f"shard-{shard_no:06d}.tar", specs, "zstd:3")
-                writer.write(ViewRecord(record_key(i * args.views + v), i, v, -1, f"img{i}", data, f))
-                in_shard += 1
-                if in_shard == args.shard_size:
-                    writer.close()
-                    writer, shard_no, in_shard = None, shard_no + 1, 0
-            t["compress+write"] += time.perf_counter() - t0
-            pending.clear()
-
-        wall0 = time.perf_counter()
-        for i in range(args.images):
-            t0 = time.perf_counter()
-            img = decode_image(sources[i % len(sources)], "bench")
-            t["source decode"] += time.perf_counter() - t0
-            for v in range(args.views):
-                t0 = time.perf_counter()
-                p = view_params(img.width, img.height, view_rng(0, f"img{i}", v), recipe)
-                pix = cut_view(img, p, recipe)
-                t1 = time.perf_counter()
-                data = encode_view(pix, recipe.jpeg_quality)
-                t2 = time.perf_counter()
-                decode_view(data)
-                t3 = time.perf_counter()
-                t["crop+resize"] += t1 - t0
-                t["jpeg encode"] += t2 - t1
-                t["jpeg decode"] += t3 - t2
-                pending.append((i, v, data))
-                n_views += 1
-                if len(pending) == args.batch:
-                    flush()
-        flush()
-        if writer is not None:
-            t0 = time.perf_counter()
-            writer.close()
-            t["compress+write"] += time.perf_counter() - t0
-        wall = time.perf_counter() - wall0
-    per_view = {k: v / n_views * 1e3 for k, v in t.items()}
-    total = sum(per_view.values())
-    no_q = total - per_view["quantize"]
-    res = {"views": n_views, "images": args.images, "views_per_image": args.views, "codec": args.codec,
-           "ms_per_view": {k: round(v, 4) for k, v in per_view.items()},
-           "views_per_s_per_core": round(1e3 / total, 1),
-           "views_per_s_per_core_quantize_on_gpu": round(1e3 / no_q, 1),
-           "wall_views_per_s": round(n_views / wall, 1)}
-    print(f"host-side stage 1, 1 core, {n_views} views ({args.images} images x {args.views} views), codec {args.codec}\n")
-    print("| stage | ms/view |\n|---|---|")
-    for k, v in per_view.items():
-        print(f"| {k} | {v:.3f} |")
-    print(f"| **total** | **{total:.3f}** |")
-    print(f"\nviews/s per core: {res['views_per_s_per_core']} (quantising on the CPU); "
-          f"{res['views_per_s_per_core_quantize_on_gpu']} when the GPU quantises (CUDA builds)")
+        share = run_device_host_share(sources, targets, args, recipe, Path(tmp))
+    total = sum(share.values())
+    res["device_host_share"] = {"ms_per_view": share, "total_ms": round(total, 4),
+                                "views_per_s_per_core": round(1e3 / total, 1)}
+    print(table("--view-device device: the host's share", share))
+    blob = np.random.default_rng(0).integers(0, 255, 46 << 20, dtype=np.uint8).tobytes()
+    t0 = time.perf_counter()
+    hashlib.sha256(blob).digest()
+    whole = time.perf_counter() - t0
+    per = len(blob) // 256
+    t0 = time.perf_counter()
+    for i in range(256):
+        hashlib.sha256(blob[i * per:(i + 1) * per]).digest()
+    records = time.perf_counter() - t0
+    res["sha256_46MB_shard_ms"] = {"whole_shard": round(whole * 1e3, 2), "per_record_256": round(records * 1e3, 2)}
+    print(f"\nsha256 of a 46 MB shard: {whole * 1e3:.1f} ms whole, {records * 1e3:.1f} ms as 256 per-record digests "
+          "(each slice copied, as a per-record digest needs its bytes apart)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=1))

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -39,7 +40,8 @@ from tec_cache.codecs import TargetShape, get_codec, split_fields  # noqa: E402
 from tec_cache.format.fs import write_json_atomic  # noqa: E402
 from tec_cache.format.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest  # noqa: E402
 from tec_cache.format.schema import ViewRecord, record_key  # noqa: E402
-from tec_cache.views import ViewRecipe, make_views  # noqa: E402
+from tec_cache.format.manifest import load_manifest  # noqa: E402
+from tec_cache.views import ViewRecipe, decode_view, make_views  # noqa: E402
 from tec_train.cache_loader import CacheLoader  # noqa: E402
 
 VIT_B = TargetShape(num_patches=196, dim=768, heads=12, topk=15)
@@ -165,6 +167,49 @@ def time_loader(root: Path, *, num_workers: int, batch_size: int, epochs: int, v
             "views_per_s_per_worker": round(views / wall / max(num_workers, 1), 1)}
 
 
+def decode_only(root: Path) -> float:
+    """Views per second of one thread doing nothing but decode the cache's view JPEGs (the limit the
+    loader is held to): the JPEG bytes are read out of the shards first, untimed."""
+    man = load_manifest(root)
+    jpegs = [r.image for e in man.shards() for r in man.open_shard(e)]
+    decode_view(jpegs[0])
+    t0 = time.process_time()
+    for data in jpegs:
+        decode_view(data)
+    return len(jpegs) / (time.process_time() - t0)
+
+
+def loader_stages(root: Path, batch_size: int) -> dict[str, float]:
+    """ms per view of each step a worker takes on a first pass (tar shards), timed one by one in this
+    process: reading a shard's file, its sha256, indexing its members, parsing the records and
+    decoding their fields (zstd and raw), decoding the JPEGs, and stacking a batch into the tensors
+    that go to the main process."""
+    man = load_manifest(root)
+    fmt = cache_format.get_format(man.format.name)
+    t: dict[str, float] = {k: 0.0 for k in ("shard file read", "sha256", "tar index", "records + field decode",
+                                             "jpeg decode", "batch stacking (to shared memory in a worker)")}
+    views = 0
+
+    def clock(stage: str, fn: Any) -> Any:
+        c0 = time.process_time()
+        out = fn()
+        t[stage] += time.process_time() - c0
+        return out
+
+    for e in man.shards():
+        path = man.shard_path(e)
+        data = clock("shard file read", path.read_bytes)
+        clock("sha256", lambda: hashlib.sha256(data).hexdigest())
+        reader = clock("tar index", lambda: fmt.open_bytes(str(path), data, man.fields, man.format.compressor))
+        for lo in range(0, len(reader), batch_size):
+            recs = clock("records + field decode", lambda: reader.read_many(range(lo, min(lo + batch_size, len(reader)))))
+            images = clock("jpeg decode", lambda: [decode_view(r.image) for r in recs])
+            clock("batch stacking (to shared memory in a worker)", lambda: (
+                torch.stack(images), {k: torch.from_numpy(np.stack([r.fields[k] for r in recs])) for k in recs[0].fields}))
+            views += len(recs)
+    return {k: round(v / views * 1e3, 4) for k, v in t.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="JSON results path")
@@ -184,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # one core per process: the number is per worker process
 
     with tempfile.TemporaryDirectory(dir=args.cache_dir) as tmp:
-        rows = []
+        rows, limits = [], {}
         for fmt in args.formats:
             for codec in args.codecs:
                 t0 = time.perf_counter()
@@ -193,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                 build_s = time.perf_counter() - t0
                 man = json.loads((root / MANIFEST_NAME).read_text())
                 bpv = man["stats"]["total_bytes"] / man["stats"]["total_views"]
+                if fmt == "webdataset":
+                    limits[codec] = {"decode_only_views_per_s": round(decode_only(root), 1),
+                                     "stages_ms_per_view": loader_stages(root, args.batch_size)}
                 for verify in args.verify:
                     for nw in args.workers:
                         r = time_loader(root, num_workers=nw, batch_size=args.batch_size, epochs=args.epochs,
@@ -209,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "platform": platform.platform(),
                     "python": platform.python_version(), "torch": torch.__version__},
         "rows": rows,
+        "limits": limits,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
@@ -219,6 +268,18 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"| {r['format']} | {r['codec']} | {r['bytes_per_view']:,} | {r['verify']} "
               f"| {r['num_workers'] or '0 (in-process)'} | {r['views_per_cpu_s']:,.0f} | {r['views_per_s_per_worker']:,.0f} |")
+    for codec, lim in limits.items():
+        rate = lim["decode_only_views_per_s"]
+        print(f"\nwebdataset {codec}: JPEG decode alone {rate:,.0f} views/s per core; a worker's first pass, stage by stage:")
+        print("| stage | ms/view |\n|---|---:|")
+        for stage, ms in lim["stages_ms_per_view"].items():
+            print(f"| {stage} | {ms:.3f} |")
+        total = sum(lim["stages_ms_per_view"].values())
+        print(f"| **total** | **{total:.3f}** ({1e3 / total:,.0f} views/s, {1e3 / total / rate:.0%} of decode alone) |")
+        for r in rows:
+            if (r["format"], r["codec"], r["verify"], r["num_workers"]) == ("webdataset", codec, "first-pass", 1):
+                print(f"loader, 1 worker, first pass: {r['views_per_cpu_s']:,.0f} views per worker CPU-s = "
+                      f"{r['views_per_cpu_s'] / rate:.0%} of decode alone")
     return 0
 
 

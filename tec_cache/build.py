@@ -195,9 +195,9 @@ def _cache_identity(cfg: BuildConfig, source: ImageSource, facts: dict[str, Any]
 _ABSENT_MEANS = {"views.first_view": 0, "views.recipe.resize": mf.LEGACY_RESIZE}
 
 
-def _view_placement(cfg: BuildConfig, device: torch.device) -> tuple[str, bool]:
+def _view_placement(cfg: BuildConfig, device: torch.device, built: Manifest | None) -> tuple[str, bool]:
     """(resizer, views cut on the device?) of a build: an existing cache keeps its own resizer."""
-    existing = load_manifest(cfg.out).views.recipe.resize if (cfg.out / MANIFEST_NAME).exists() else None
+    existing = built.views.recipe.resize if built is not None else None
     want_device = cfg.view_device == "device" or (cfg.view_device == "auto" and device.type == "cuda")
     resize = cfg.resize if cfg.resize != "auto" else existing or (DEVICE_RESIZE if want_device else WORKER_RESIZE)
     on_device = cfg.view_device == "device" or (want_device and resize == TORCH_F32)
@@ -208,11 +208,10 @@ def _view_placement(cfg: BuildConfig, device: torch.device) -> tuple[str, bool]:
     return resize, on_device
 
 
-def _check_resume(root: Path, expected: dict[str, Any]) -> int:
+def _check_resume(root: Path, man: Manifest | None, expected: dict[str, Any]) -> int:
     """Existing manifest must match this build; returns its view-epoch count (0 when none)."""
-    if not (root / MANIFEST_NAME).exists():
+    if man is None:
         return 0
-    man = load_manifest(root)
     for dotted, want in expected.items():
         obj: Any = man.to_json()
         for part in dotted.split("."):
@@ -299,16 +298,19 @@ class Builder:
         self.cfg, self.info, self.log = cfg, info, log
         self.device = resolve_device(cfg.device, info)
         self.source = open_source(cfg.data)
-        resize, self.on_device = _view_placement(cfg, self.device)
+        built = load_manifest(cfg.out) if (cfg.out / MANIFEST_NAME).exists() else None  # a cache to resume or extend
+        resize, self.on_device = _view_placement(cfg, self.device, built)
         self.recipe = ViewRecipe(size=cfg.spec.img_size, jpeg_quality=cfg.jpeg_quality, resize=resize)
         self.device_views = DeviceViews(self.device, self.recipe, cfg.num_workers) if self.on_device else None
         self.codec = get_codec(cfg.codec)
         self.model, self.facts = load_base_model(cfg.spec, cfg.checkpoint, self.device)
         grid = cfg.spec.img_size // cfg.spec.patch_size
         self.shape = TargetShape(grid * grid, self.model.embed_dim, self.model.blocks[-1].attn.num_heads, cfg.spec.topk)
-        self.field_specs = self.codec.field_specs(self.shape)
+        # An existing cache keeps its fields as they are stored (caches built before the per-field
+        # compress flags compress every field).
+        self.field_specs = built.fields if built is not None else self.codec.field_specs(self.shape)
         self.identity = _cache_identity(cfg, self.source, self.facts, self.shape, self.recipe)
-        old_views = _check_resume(cfg.out, self.identity)
+        old_views = _check_resume(cfg.out, built, self.identity)
         self.num_views = max(cfg.views, old_views)
         if old_views > cfg.views:
             log(f"the cache already holds {old_views} view-epochs; keeping all of them")

@@ -18,7 +18,13 @@ Three codecs:
   to a byte was measured too: zstd then finds less to compress, and the bytes end up larger at a
   worse cosine.
 
-Byte compression is the shard format's job (zstd via numcodecs), not the codec's.
+Byte compression is the shard format's job (zstd via numcodecs), not the codec's; the codec only
+says which of its fields zstd is worth its time on (``FieldSpec.compress``), as measured on
+ViT-B-shaped targets (benchmarks/bench_fields.py): a field is compressed when zstd saves at least
+5% of it and 1 KB per view. So the feature codes (20% saved for int8, 49% for int8-coarse) and fp16's
+feature and logit arrays (8%) are compressed; int8's logit codes (1.4%, at sigma/64 they are close
+to incompressible) are not, int8-coarse's (20%) are; the per-slice offsets and steps (under 300
+bytes saved for 0.04 ms per view, write and read) and the indices (zstd makes them longer) never.
 """
 from __future__ import annotations
 
@@ -57,7 +63,7 @@ class Fp16Codec:
         return {
             "feat": FieldSpec("float16", (L, D)),
             "att": FieldSpec("float16", (k + 1, H, L)),
-            "idx": FieldSpec(_index_dtype(L), (k,)),
+            "idx": FieldSpec(_index_dtype(L), (k,), compress=False),
         }
 
     def encode(self, feat: torch.Tensor, att: torch.Tensor, idx: torch.Tensor) -> dict[str, np.ndarray]:
@@ -106,7 +112,9 @@ def _affine_quantize(x: torch.Tensor, dim: int, resolution: float) -> tuple[torc
     step = torch.where(step > 0, step, torch.ones_like(step))
     inv = 1.0 / step
     # floor(x/step - lo/step + 0.5) = round((x - lo)/step): one fused pass instead of four.
-    q = torch.addcmul(0.5 - lo * inv, x, inv).clamp_(0.0, 255.0).to(torch.uint8)
+    # float -> uint8 directly is several times slower on the CPU than through int16 (same
+    # truncation, values already in [0, 255]).
+    q = torch.addcmul(0.5 - lo * inv, x, inv).clamp_(0.0, 255.0).to(torch.int16).to(torch.uint8)
     return q, lo.to(torch.float16).squeeze(dim), step.to(torch.float16).squeeze(dim)
 
 
@@ -122,20 +130,21 @@ class Int8Codec:
     """
 
     def __init__(self, name: str = "int8", feature_resolution: float = FEATURE_RESOLUTION,
-                 logit_resolution: float = LOGIT_RESOLUTION) -> None:
+                 logit_resolution: float = LOGIT_RESOLUTION, compress_logits: bool = False) -> None:
         self.name = name
         self.feature_resolution, self.logit_resolution = feature_resolution, logit_resolution
+        self.compress_logits = compress_logits
 
     def field_specs(self, shape: TargetShape) -> dict[str, FieldSpec]:
         L, D, H, k = shape.num_patches, shape.dim, shape.heads, shape.topk
         return {
             "feat_q": FieldSpec("uint8", (L, D)),
-            "feat_lo": FieldSpec("float16", (D,)),
-            "feat_step": FieldSpec("float16", (D,)),
-            "att_q": FieldSpec("uint8", (k + 1, H, L)),
-            "att_lo": FieldSpec("float16", (k + 1, H)),
-            "att_step": FieldSpec("float16", (k + 1, H)),
-            "idx": FieldSpec(_index_dtype(L), (k,)),
+            "feat_lo": FieldSpec("float16", (D,), compress=False),
+            "feat_step": FieldSpec("float16", (D,), compress=False),
+            "att_q": FieldSpec("uint8", (k + 1, H, L), compress=self.compress_logits),
+            "att_lo": FieldSpec("float16", (k + 1, H), compress=False),
+            "att_step": FieldSpec("float16", (k + 1, H), compress=False),
+            "idx": FieldSpec(_index_dtype(L), (k,), compress=False),
         }
 
     def encode(self, feat: torch.Tensor, att: torch.Tensor, idx: torch.Tensor) -> dict[str, np.ndarray]:
@@ -166,7 +175,7 @@ COARSE_LOGIT_RESOLUTION = 16.0
 CODECS: dict[str, Fp16Codec | Int8Codec] = {
     "fp16": Fp16Codec(),
     "int8": Int8Codec(),
-    "int8-coarse": Int8Codec("int8-coarse", COARSE_FEATURE_RESOLUTION, COARSE_LOGIT_RESOLUTION),
+    "int8-coarse": Int8Codec("int8-coarse", COARSE_FEATURE_RESOLUTION, COARSE_LOGIT_RESOLUTION, compress_logits=True),
 }
 
 

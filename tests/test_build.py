@@ -137,7 +137,10 @@ def test_coarse_codec_keeps_what_the_losses_see_in_fewer_bytes(data_dir, tiny_ck
     build_cache(_cfg(data_dir, out, tiny_ckpt, codec="int8-coarse"))
     assert verify_cache(out) == []
     coarse, fine = load_manifest(out), load_manifest(reference_cache)
-    assert coarse.codec.name == "int8-coarse" and coarse.fields == fine.fields
+    # The same arrays; zstd is worth it on the coarse logit codes only (benchmarks/bench_fields.py).
+    assert coarse.codec.name == "int8-coarse"
+    assert {k: (f.dtype, f.shape) for k, f in coarse.fields.items()} == {k: (f.dtype, f.shape) for k, f in fine.fields.items()}
+    assert [k for k in coarse.fields if coarse.fields[k].compress != fine.fields[k].compress] == ["att_q"]
     assert coarse.stats.total_bytes < fine.stats.total_bytes  # tiny views: the JPEGs are most of it
 
     def decoded(man):

@@ -86,6 +86,8 @@ def _valid_manifest():
         (lambda m: m.__setitem__("manifest_sha256", 7), "'manifest_sha256' is int 7, expected 64 hex digits"),
         (lambda m: m["codec"]["fields"]["feat"].__setitem__("dtype", "object!"), "codec.fields.feat"),
         (lambda m: m["view_epochs"][0].__setitem__("index", 3), "has index 3"),
+        (lambda m: m["codec"]["fields"]["feat"].__setitem__("compress", True), "with 'compress': false for a field stored"),
+        (lambda m: m["codec"]["fields"]["feat"].__setitem__("compress", "no"), "codec.fields.feat"),
     ],
 )
 def test_manifest_errors_name_the_field(edit, match):
@@ -97,3 +99,12 @@ def test_manifest_errors_name_the_field(edit, match):
 
 
 # Any edit of a real manifest (hypothesis): tests/test_faults_inputs.py.
+
+
+def test_a_field_stored_uncompressed_round_trips_through_the_manifest():
+    m = _valid_manifest()
+    assert Manifest.from_json(copy.deepcopy(m), Path("."), "m").fields["feat"].compress  # no flag: compressed
+    m["codec"]["fields"]["feat"]["compress"] = False
+    man = Manifest.from_json(copy.deepcopy(m), Path("."), "m")
+    assert not man.fields["feat"].compress
+    assert man.to_json()["codec"]["fields"] == m["codec"]["fields"]

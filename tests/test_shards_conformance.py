@@ -527,3 +527,42 @@ def test_zarr_corrupt_chunk_without_expect(tmp_path: Path) -> None:
     reader = open_reader("zarr", path, SPECS)
     with pytest.raises(ShardError, match="array data"):
         reader[2]
+
+
+# --- per-field compression ------------------------------------------------------------------------
+
+
+def test_fields_marked_uncompressed_are_stored_raw_and_read_back(fmt: str, tmp_path: Path) -> None:
+    """A codec's ``compress: false`` fields are stored as their raw bytes under a zstd compressor
+    (a tar record's frame is the field itself; a zarr array has no zstd codec) and read back equal;
+    a tar reader given the all-compressed specs of older caches refuses them naming the field."""
+    specs = {**SPECS, "att_q": dataclasses.replace(SPECS["att_q"], compress=False),
+             "idx": dataclasses.replace(SPECS["idx"], compress=False)}
+    recs = make_records(12)
+    path = shard_path(tmp_path, fmt)
+    with open_writer(fmt, path, specs, "zstd:3") as w:
+        for r in recs:
+            w.write(r)
+        info = w.close()
+    reader = open_reader(fmt, path, specs, "zstd:3", expect=info)
+    for got, want in zip(reader, recs):
+        assert_same(got, want)
+    if fmt == "webdataset":
+        with tarfile.open(path) as tar:
+            payload = tar.extractfile(f"{recs[0].key}.targets.zst").read()
+        names = sorted(specs)
+        lengths = np.frombuffer(payload[:4 * len(names)], "<u4").tolist()
+        frames, start = {}, 4 * len(names)
+        for name, n in zip(names, lengths):
+            frames[name], start = payload[start:start + n], start + n
+        assert frames["att_q"] == recs[0].fields["att_q"].tobytes() and frames["idx"] == recs[0].fields["idx"].tobytes()
+        assert frames["feat_q"][:4] == b"\x28\xb5\x2f\xfd"  # a zstd frame
+    else:
+        meta = json.loads((path / "att_q" / "zarr.json").read_text())
+        inner = [c["name"] for c in meta["codecs"][0]["configuration"]["codecs"]]
+        assert inner == ["bytes"]
+    if fmt == "webdataset":
+        with pytest.raises(ShardError, match="field (att_q|idx)"):
+            list(open_reader(fmt, path, SPECS, "zstd:3"))
+    else:  # each zarr array names its own codecs
+        assert_same(open_reader(fmt, path, SPECS, "zstd:3")[0], recs[0])

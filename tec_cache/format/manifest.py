@@ -543,10 +543,12 @@ def _field_specs(raw: Json, where: str) -> dict[str, FieldSpec]:
             specs[name] = fs = FieldSpec.from_json(spec)
         except Exception as e:  # noqa: BLE001 - numpy raises many types for a bad dtype
             raise ManifestError(f"{where}: codec.fields.{name} is not a valid dtype/shape ({e})") from None
-        if fs.dtype != spec["dtype"] or set(spec) != {"dtype", "shape"}:
+        if fs.dtype != spec["dtype"] or not {"dtype", "shape"} <= set(spec) <= {"dtype", "shape", "compress"} or \
+                spec.get("compress", False) is not False:
             # An alias ("f2") or another key would not survive to_json unchanged, and the build never writes one.
             raise ManifestError(f"{where}: codec.fields.{name} is {_describe(spec)}, expected exactly "
-                                f"{{'dtype': {fs.dtype!r}, 'shape': [ints]}}")
+                                f"{{'dtype': {fs.dtype!r}, 'shape': [ints]}}, with 'compress': false for a field "
+                                "stored uncompressed")
         if any(s <= 0 for s in fs.shape):
             raise ManifestError(f"{where}: codec.fields.{name} has a non-positive size {list(fs.shape)}")
     try:

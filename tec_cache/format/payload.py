@@ -4,8 +4,9 @@ Data flow: tar writer -> ``encode_targets`` -> ``{key}.targets.zst|.bin`` member
 ``split_targets`` -> ``decode_field`` per field. Each field is its raw little-endian C-order bytes;
 compressed, each is its own zstd frame (separate frames compress 5% better than one: each field has
 its own statistics), the frames in sorted field-name order behind a header of their lengths (uint32
-LE each). Uncompressed, the raw bytes are concatenated in the same order with no header (the
-specs give the sizes).
+LE each); a field whose spec says ``compress: false`` is its raw bytes in that place (zstd buys it
+nothing worth its time). Uncompressed, the raw bytes are concatenated in the same order with no
+header (the specs give the sizes).
 """
 from __future__ import annotations
 
@@ -31,12 +32,13 @@ def le_bytes(arr: np.ndarray) -> bytes:
     return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
 
 
-def encode_targets(fields: dict[str, np.ndarray], names: list[str], codec: Any) -> bytes:
-    """One record's target payload: the fields ``names`` (sorted) framed as the module docstring says."""
+def encode_targets(fields: dict[str, np.ndarray], specs: dict[str, FieldSpec], codec: Any) -> bytes:
+    """One record's target payload: the fields of ``specs`` (sorted) framed as the module docstring says."""
+    names = sorted(specs)
     raws = [le_bytes(fields[name]) for name in names]
     if codec is None:
         return b"".join(raws)
-    frames = [codec.encode(raw) for raw in raws]
+    frames = [codec.encode(raw) if specs[name].compress else raw for name, raw in zip(names, raws)]
     return np.array([len(fr) for fr in frames], dtype="<u4").tobytes() + b"".join(frames)
 
 
@@ -65,7 +67,7 @@ def split_targets(payload: bytes, specs: dict[str, FieldSpec], compressed: bool,
 def decode_field(payload: bytes, name: str, spec: FieldSpec, codec: Any, where: str) -> np.ndarray:
     """One field's payload back to its array (``spec.shape``, ``spec.dtype``), size-checked first."""
     expected = spec.nbytes()
-    if codec is None:
+    if codec is None or not spec.compress:
         if len(payload) != expected:
             raise ShardError(f"{where}: field {name} size: {len(payload)} bytes, expected {expected}")
         buf = np.frombuffer(bytearray(payload), np.uint8)  # bytearray: the array must be writable

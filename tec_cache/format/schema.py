@@ -43,20 +43,26 @@ class ShardError(ValueError):
 
 @dataclass(frozen=True)
 class FieldSpec:
-    """dtype and per-view shape of one encoded target array, as written in the manifest."""
+    """dtype and per-view shape of one encoded target array, as written in the manifest.
+
+    ``compress``: whether the cache's compressor applies to this field (the codec decides per field,
+    by measurement: benchmarks/bench_fields.py); manifests that name no flag compressed every field."""
 
     dtype: str
     shape: tuple[int, ...]
+    compress: bool = True
 
     def nbytes(self) -> int:
         return int(np.dtype(self.dtype).itemsize * int(np.prod(self.shape, dtype=np.int64)))
 
     def to_json(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "shape": list(self.shape)}
+        # The flag is written only when off, so the manifests of fully compressed caches are unchanged.
+        return {"dtype": self.dtype, "shape": list(self.shape), **({} if self.compress else {"compress": False})}
 
     @staticmethod
     def from_json(obj: dict[str, Any]) -> FieldSpec:
-        return FieldSpec(dtype=str(np.dtype(obj["dtype"])), shape=tuple(int(s) for s in obj["shape"]))
+        return FieldSpec(dtype=str(np.dtype(obj["dtype"])), shape=tuple(int(s) for s in obj["shape"]),
+                         compress=bool(obj.get("compress", True)))
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ class ZarrWriter(ShardWriter):
         for name, spec in self.fields.items():
             column = self._columns.pop(name)  # free each column as soon as it is on disk
             data = np.stack(column) if n else np.empty((0, *spec.shape), spec.dtype)
-            self._write_array(grp, name, data, (1, *spec.shape), shards=(max(n, 1), *spec.shape))
+            self._write_array(grp, name, data, (1, *spec.shape), shards=(max(n, 1), *spec.shape), compress=spec.compress)
         offsets = np.zeros(n + 1, np.int64)
         offsets[1:] = np.cumsum([len(img) for img in self._images])
         self._write_array(grp, "image_offsets", offsets, (n + 1,))
