@@ -581,7 +581,10 @@ class Builder:
                            build={"seconds": round(seconds, 3), "views_this_run": views_this_run,
                                   "views_per_s": round(views_this_run / max(seconds, 1e-9), 2),
                                   "world_size": self.info.world_size, "device": str(self.device),
-                                  "views_cut_on": "device" if self.on_device else "workers"}),
+                                  "views_cut_on": "device" if self.on_device else "workers",
+                                  **({"views_decoded_on": self.device_views.decoded_on,
+                                      "device_decoder_checked_views": self.device_views.checked}
+                                     if self.device_views is not None else {})}),
             extra={"tool": TOOL_VERSION},
         )
         self.remove_leftovers()

@@ -209,20 +209,29 @@ def source_for_device(data: bytes, where: str, recipe: ViewRecipe) -> tuple[bool
     return False, load_source(data, where, recipe)
 
 
+# Views whose device decode is compared with the CPU's before the device's decoder is trusted.
+DECODER_CHECK_VIEWS = 256
+
+
 class DeviceViews:
     """Views cut where the base model runs (a GPU build's ``--view-device device``): the source's
     JPEG decode (nvJPEG on a GPU), crop, resize (``torch-bicubic-f32``), flip and the views' JPEG
-    encode run on ``device``; the same code runs on CPU tensors.
+    encode and decode run on ``device``; the same code runs on CPU tensors.
 
-    The views' JPEGs are decoded on the CPU, as stage 2 decodes them, so the base model sees the
-    stored bytes' pixels exactly (a GPU's JPEG decoder may round otherwise); ``threads`` threads
-    share that decode (libjpeg releases the GIL)."""
+    The base model must see the stored bytes' pixels exactly as stage 2 will decode them (on the
+    CPU). So the views' JPEGs are decoded on the device only once its decoder has given the CPU's
+    pixels for the first ``DECODER_CHECK_VIEWS`` views (each decoded both ways); at the first view
+    where it does not, the build decodes views on the CPU from then on, in ``threads`` threads
+    (libjpeg releases the GIL). ``decoded_on`` says which ("device" while still checking)."""
 
     def __init__(self, device: torch.device, recipe: ViewRecipe, threads: int) -> None:
         if recipe.resize != TORCH_F32:
             raise ValueError(f"views cut on the device are resized with {TORCH_F32!r}, the recipe asks for {recipe.resize!r}")
         self.device, self.recipe = device, recipe
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="tec-view-decode")
+        # A CPU "device" decodes with the CPU's own decoder: nothing to check.
+        self.decoded_on = "cpu" if device.type == "cpu" else "device"
+        self.checked = 0  # views whose device decode equalled the CPU's
 
     def source(self, handed: tuple[bool, torch.Tensor], where: str) -> torch.Tensor:
         """A worker's ``source_for_device`` result as uint8 [3,H,W] on the device (BadImage names
@@ -241,8 +250,25 @@ class DeviceViews:
         r = self.recipe
         cut = [cut_view(img, view_params(w, h, view_rng(seed, image_key, v), r), r) for v in views]
         datas = encode_views(cut, r.jpeg_quality)
-        pixels = list(self._pool.map(decode_view, datas))
-        return [(v, data, pix.to(self.device)) for v, data, pix in zip(views, datas, pixels)]
+        return [(v, data, pix) for v, data, pix in zip(views, datas, self.decode(datas))]
+
+    def decode(self, datas: list[bytes]) -> list[torch.Tensor]:
+        """The views' pixels on the device, equal to the CPU's decode of ``datas``."""
+        if self.decoded_on == "cpu":
+            return [p.to(self.device) for p in self._pool.map(decode_view, datas)]
+        on_device = self.device_decode(datas)
+        if self.checked >= DECODER_CHECK_VIEWS:
+            return on_device
+        on_cpu = list(self._pool.map(decode_view, datas))
+        if all(torch.equal(a.cpu(), b) for a, b in zip(on_device, on_cpu)):
+            self.checked += len(datas)
+            return on_device
+        self.decoded_on = "cpu"
+        return [p.to(self.device) for p in on_cpu]
+
+    def device_decode(self, datas: list[bytes]) -> list[torch.Tensor]:
+        """The device's JPEG decoder (nvJPEG on a GPU), all views in one call."""
+        return decode_jpeg([torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas], device=self.device)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

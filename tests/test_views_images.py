@@ -10,7 +10,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from tec_cache.images import BadImage, decode_image, open_source
-from tec_cache.views import ViewRecipe, cut_view, decode_view, load_source, make_views, view_params, view_rng
+from tec_cache.views import DeviceViews, ViewRecipe, cut_view, decode_view, load_source, make_views, view_params, view_rng
 from tests.conftest import add_skimage_photos, make_image_folder
 
 
@@ -187,3 +187,44 @@ def test_missing_and_empty_data(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
         open_source(tmp_path / "empty")
+
+
+class _FakeDeviceDecoder(DeviceViews):
+    """A device whose JPEG decoder is simulated on the CPU: exact, or one grey level off from the
+    ``off_from``-th view on (as a GPU decoder that rounds otherwise would be)."""
+
+    def __init__(self, off_from: int | None) -> None:
+        super().__init__(torch.device("cpu"), ViewRecipe(size=48, resize="torch-bicubic-f32"), threads=2)
+        self.decoded_on, self.off_from, self.seen = "device", off_from, 0
+
+    def device_decode(self, datas):
+        out = []
+        for d in datas:
+            pix = decode_view(d)
+            if self.off_from is not None and self.seen >= self.off_from:
+                pix = pix ^ 1  # flips the lowest bit: one grey level
+            out.append(pix)
+            self.seen += 1
+        return out
+
+
+@pytest.mark.parametrize("off_from", [None, 6])
+def test_device_views_are_the_stored_bytes_pixels_as_the_cpu_decodes_them(off_from):
+    """Views cut by DeviceViews decode (CPU, as stage 2 does) to exactly the pixels handed to the base
+    model: a device decoder that agrees is trusted after the check, one that does not is dropped at
+    its first difference and the CPU decodes from then on."""
+    from tec_cache import views as views_mod
+
+    dv = _FakeDeviceDecoder(off_from)
+    src = T.functional.pil_to_tensor(_photo())
+    n = 0
+    for i in range(0, 40, 4):
+        for v, data, pix in dv.make(src, f"img{i}", [0, 1, 2, 3], seed=0):
+            assert torch.equal(pix, decode_view(data))
+            n += 1
+    dv.close()
+    if off_from is None:
+        assert dv.decoded_on == "device" and dv.checked == n  # fewer than DECODER_CHECK_VIEWS: still checking
+        assert n < views_mod.DECODER_CHECK_VIEWS
+    else:
+        assert dv.decoded_on == "cpu" and dv.checked == 4  # the first batch agreed, the second did not

@@ -255,14 +255,16 @@ class TarReader(ShardReader):
         where = f"{self.path} record {key}"
         blob = lambda suffix: self._read(f, *members[suffix], where)  # noqa: E731
         meta = _decode_meta(blob("json"), where)
-        payloads = split_targets(blob("targets" + self._ext), self.fields, self._codec is not None, where)
+        targets = blob("targets" + self._ext)
+        # Cut the fields out of a view of the member, not copies: each field is copied once, when decoded.
+        payloads = split_targets(memoryview(targets), self.fields, self._codec is not None, where)
         fields = {name: decode_field(payloads[name], name, self.fields[name], self._codec, where) for name in payloads}
         return ViewRecord(key=key, image=blob("jpg"), fields=fields, **meta)
 
     def _read(self, f: BinaryIO | None, offset: int, size: int, where: str) -> bytes:
         if f is None:
             assert self._data is not None
-            data = self._data[offset : offset + size]
+            data = self._data[offset : offset + size]  # a copy: a record must not pin the shard's bytes
         else:
             f.seek(offset)
             data = f.read(size)
