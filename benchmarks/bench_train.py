@@ -133,6 +133,11 @@ def main() -> None:
     res["build_views_per_s"] = n_img / (time.perf_counter() - t0)
     man = load_manifest(cache)
     res["bytes_per_view"] = man.stats.bytes_per_view
+    # Where the build cut its views and which resizer it recorded (a CUDA build cuts on the GPU and
+    # decodes the views there only if its decoder gave the CPU's pixels on the first views).
+    build = dict(man.stats.build or {})
+    res["views"] = {"resize": man.views.recipe.resize, "cut_on": build.get("views_cut_on"),
+                    "decoded_on": build.get("views_decoded_on"), "device_decoder_checked_views": build.get("device_decoder_checked_views")}
 
     # 3. the loader alone
     loader = CacheLoader(man, batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=device.type == "cuda")
@@ -170,6 +175,7 @@ def main() -> None:
               "cache_images_per_s", "in_memory_images_per_s", "ceiling_in_memory_over_online",
               "speedup_cache_over_online", "cache_over_in_memory", "bytes_per_view"):
         print(f"| {k} | {res[k]:.3f} |")
+    print(f"| views | {res['views']} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=1))

@@ -175,8 +175,10 @@ def inspect(cache: str = typer.Argument(..., help=CACHE_HELP)) -> None:
     t.add_row("checkpoint", f"{bm.extra.get('checkpoint')} sha256 {bm.sha256[:16]}...")
     t.add_row("targets", f"L={tg.num_patches} grid {list(tg.grid)}, top-k {tg.topk}, last_layers {tg.last_layers}, tau {tg.tau}")
     rc = man.views.recipe
-    t.add_row("views", f"K={man.views.count} view-epochs, seed {man.views.seed}, {rc.size} px, scale {list(rc.scale)}, jpeg q{rc.jpeg_quality}")
-    t.add_row("codec", f"{man.codec.name}: " + ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in man.codec.fields.items()))
+    t.add_row("views", f"K={man.views.count} view-epochs, seed {man.views.seed}, {rc.size} px, scale {list(rc.scale)}, "
+              f"resize {rc.resize}, jpeg q{rc.jpeg_quality}")
+    t.add_row("codec", f"{man.codec.name}: " + ", ".join(f"{k} {v.dtype}{list(v.shape)}{'' if v.compress else ' (stored raw)'}"
+                                                      for k, v in man.codec.fields.items()))
     t.add_row("format", f"{man.format.name}, {man.format.compressor}, {man.format.shard_size} views/shard")
     src = man.source
     t.add_row("source", f"{src.path} ({src.kind}): {src.num_images} images, {len(src.classes or ())} classes, {len(src.skipped or ())} skipped")

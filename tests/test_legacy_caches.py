@@ -38,6 +38,7 @@ def test_legacy_cache_verifies_inspects_and_trains(name: str, tmp_path: Path) ->
     assert r.exit_code == 0 and "ok: every shard" in r.output, r.output[-2000:]
     r = runner.invoke(cache_app, ["inspect", str(cache)])
     assert r.exit_code == 0, r.output[-2000:]
+    assert "pil-bicubic" in r.output and "stored raw" not in r.output  # what a manifest naming neither means
     run = tmp_path / "run"
     r = runner.invoke(train_app, ["run", "--cache", str(cache), "--run-dir", str(run), "--model", "vit_tiny_patch8",
                                   "--depth", "2", "--batch-size", "4", "--epochs", "3", "--warmup-epochs", "0",
