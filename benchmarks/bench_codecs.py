@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tec_cache.build_config import DEFAULT_COMPRESSOR  # noqa: E402
 from benchmarks.vitb_targets import vitb_views_and_targets  # noqa: E402
 from tec_cache import format as cache_format  # noqa: E402
 from tec_cache.codecs import CODECS, TargetShape, fidelity, get_codec, split_fields  # noqa: E402
@@ -30,7 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--views", type=int, default=32)
     ap.add_argument("--tau", type=float, default=1.8)
-    ap.add_argument("--compressor", default="zstd:3")
+    ap.add_argument("--compressor", default=DEFAULT_COMPRESSOR)
     ap.add_argument("--targets-cache", type=Path, default=Path(tempfile.gettempdir()) / "tec_bench_vitb_targets.pt")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tec_cache.build_config import DEFAULT_COMPRESSOR  # noqa: E402
+from tec_cache.format.schema import parse_compressor  # noqa: E402
 from benchmarks.vitb_targets import vitb_views_and_targets  # noqa: E402
 from tec_cache.codecs import CODECS, TargetShape, split_fields  # noqa: E402
 
@@ -41,7 +43,7 @@ def _ms(fn, items: list, repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--level", type=int, default=3, help="zstd level (the caches' default zstd:3)")
+    ap.add_argument("--level", type=int, default=parse_compressor(DEFAULT_COMPRESSOR), help="zstd level (default: the builds')")
     ap.add_argument("--repeats", type=int, default=5, help="timing repeats; the fastest is kept")
     ap.add_argument("--targets-cache", type=Path, default=Path(tempfile.gettempdir()) / "tec_bench_vitb_targets.pt")
     ap.add_argument("--out", type=Path, default=None)

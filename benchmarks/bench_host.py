@@ -27,6 +27,7 @@ import argparse
 import hashlib
 import io
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tec_cache.build_config import DEFAULT_COMPRESSOR  # noqa: E402
 from benchmarks.vitb_targets import photos, vitb_views_and_targets  # noqa: E402
 from tec_cache import format as cache_format  # noqa: E402
 from tec_cache.codecs import TargetShape, get_codec, split_fields  # noqa: E402
@@ -206,6 +208,17 @@ def run_device_host_share(sources: list[bytes], targets: tuple, args: argparse.N
     return clock.per_view(len(written))
 
 
+def in_scratch(fn: Callable[[Path], dict[str, float]]) -> dict[str, float]:
+    """``fn`` run with a scratch folder for its shards, removed afterwards."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return fn(Path(tmp))
+
+
+def median_stages(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Per stage, the median over repeated runs (this machine is shared and noisy)."""
+    return {k: round(statistics.median(r[k] for r in runs), 4) for k in runs[0]}
+
+
 def table(title: str, per_view: dict[str, float]) -> str:
     total = sum(per_view.values())
     lines = [f"\n{title}\n", "| stage | ms/view |", "|---|---|"]
@@ -221,9 +234,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="views per quantise call (one base-model batch)")
     ap.add_argument("--shard-size", type=int, default=256)
     ap.add_argument("--codec", default="int8")
-    ap.add_argument("--compressor", default="zstd:3")
+    ap.add_argument("--compressor", default=DEFAULT_COMPRESSOR, help="the builds' default")
     ap.add_argument("--resizers", nargs="+", default=["pil-bicubic", "torch-bicubic-u8"],
                     help="the CPU path's resizers to time (pil-bicubic: builds before the resizer was recorded)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each measurement; per stage the median is kept")
     ap.add_argument("--targets-cache", type=Path, default=Path(tempfile.gettempdir()) / "tec_bench_vitb_targets.pt")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -239,9 +253,9 @@ def main() -> None:
           f"{args.compressor}")
     for resize in args.resizers:
         recipe = ViewRecipe(resize=resize)
-        with tempfile.TemporaryDirectory() as tmp:
-            stages = run_cpu_path(sources, targets, args, recipe, Path(tmp))
-        limit = time_limit(sources, args.images, args.views, recipe)
+        stages = median_stages([in_scratch(lambda d: run_cpu_path(sources, targets, args, recipe, d))
+                                for _ in range(args.repeats)])
+        limit = statistics.median(time_limit(sources, args.images, args.views, recipe) for _ in range(args.repeats))
         total = sum(stages.values())
         row = {"ms_per_view": stages, "total_ms": round(total, 4), "views_per_s_per_core": round(1e3 / total, 1),
                "limit_ms": round(limit, 4), "limit_views_per_s": round(1e3 / limit, 1),
@@ -251,8 +265,8 @@ def main() -> None:
         print(f"limit (crop+resize, JPEG encode, JPEG decode alone): {limit:.3f} ms/view = {1e3 / limit:.0f} views/s; "
               f"the path runs at {row['ratio_to_limit']:.0%} of it")
     recipe = ViewRecipe(resize="torch-bicubic-f32")
-    with tempfile.TemporaryDirectory() as tmp:
-        share = run_device_host_share(sources, targets, args, recipe, Path(tmp))
+    share = median_stages([in_scratch(lambda d: run_device_host_share(sources, targets, args, recipe, d))
+                           for _ in range(args.repeats)])
     total = sum(share.values())
     gpu_decodes = total - share[CPU_DECODE]
     res["device_host_share"] = {"ms_per_view": share, "total_ms": round(total, 4),

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tec_cache.build_config import DEFAULT_COMPRESSOR  # noqa: E402
 from benchmarks.vitb_targets import photos  # noqa: E402
 from tec_cache import format as cache_format  # noqa: E402
 from tec_cache.build import shard_relpath  # noqa: E402
@@ -71,7 +72,7 @@ def synthetic_targets(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def build_bench_cache(root: Path, *, fmt: str, codec_name: str, num_images: int, shard_size: int,
-                      compressor: str = "zstd:3", seed: int = 0) -> Path:
+                      compressor: str = DEFAULT_COMPRESSOR, seed: int = 0) -> Path:
     """Write a one-view-epoch cache of ``num_images`` ViT-B-shaped views at ``root``."""
     codec = get_codec(codec_name)
     specs = codec.field_specs(VIT_B)

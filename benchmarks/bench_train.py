@@ -76,11 +76,10 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def step_rate(run_dir: Path, warmup: int) -> float:
-    """Median steps/s over the logged steps after ``warmup`` (one metrics record per step)."""
+def step_rates(run_dir: Path, warmup: int) -> list[float]:
+    """images/s of each logged step after ``warmup`` (one metrics record per step)."""
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["images_per_s"] for r in recs if r["step"] > warmup]
-    return statistics.median(rates)
+    return [r["images_per_s"] for r in recs if r["step"] > warmup]
 
 
 def main() -> None:
@@ -96,6 +95,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=None, help="source images (default: enough for the steps)")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per mode")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1, help="turns of the three training modes (interleaved)")
     ap.add_argument("--num-workers", type=int, default=2)
     ap.add_argument("--codec", default="int8")
     ap.add_argument("--format", default="webdataset")
@@ -152,19 +152,23 @@ def main() -> None:
     common = dict(model=args.model, depth=args.depth, img_size=args.img_size, patch_size=patch,
                   epochs=1000, warmup_epochs=1.0, batch_size=args.batch_size, max_steps=args.warmup + args.steps,
                   log_every=1, ckpt_every=10**9, keep_last=1, num_workers=args.num_workers, device=str(device), seed=0)
-    online = TrainConfig(run_dir=str(work / "run-online"), arch=args.arch, checkpoint=str(ckpt), data=str(data),
-                         topk=args.topk, base_depth=args.base_depth, **common)
-    train(online)
-    res["online_images_per_s"] = step_rate(work / "run-online", args.warmup)
-    from_cache = TrainConfig(run_dir=str(work / "run-cache"), cache=str(cache), **common)
-    train(from_cache)
-    res["cache_images_per_s"] = step_rate(work / "run-cache", args.warmup)
     src = CacheTargetFeed(man, batch_size=args.batch_size, rank=0, world_size=1, num_workers=args.num_workers, seed=0,
                             view_order="cycle", pin_memory=device.type == "cuda")
     mem = InMemoryTargetFeed.from_source(src, args.warmup + args.steps, device)
-    in_memory = TrainConfig(run_dir=str(work / "run-memory"), **common)
-    train(in_memory, source=mem)
-    res["in_memory_images_per_s"] = step_rate(work / "run-memory", args.warmup)
+    rates: dict[str, list[float]] = {"online": [], "cache": [], "in_memory": []}
+    # The three modes take turns, round after round, so a slow spell of a shared machine falls on
+    # all of them; each rate is the median over every timed step of every round.
+    for r in range(args.rounds):
+        train(TrainConfig(run_dir=str(work / f"run-online-{r}"), arch=args.arch, checkpoint=str(ckpt), data=str(data),
+                          topk=args.topk, base_depth=args.base_depth, **common))
+        rates["online"] += step_rates(work / f"run-online-{r}", args.warmup)
+        train(TrainConfig(run_dir=str(work / f"run-cache-{r}"), cache=str(cache), **common))
+        rates["cache"] += step_rates(work / f"run-cache-{r}", args.warmup)
+        train(TrainConfig(run_dir=str(work / f"run-memory-{r}"), **common), source=mem)
+        rates["in_memory"] += step_rates(work / f"run-memory-{r}", args.warmup)
+    for mode, values in rates.items():
+        res[f"{mode}_images_per_s"] = statistics.median(values)
+    res["rounds"] = args.rounds
     res["ceiling_in_memory_over_online"] = res["in_memory_images_per_s"] / res["online_images_per_s"]
     res["speedup_cache_over_online"] = res["cache_images_per_s"] / res["online_images_per_s"]
     res["cache_over_in_memory"] = res["cache_images_per_s"] / res["in_memory_images_per_s"]

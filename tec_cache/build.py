@@ -31,7 +31,7 @@ from rich import filesize
 from torch.utils.data import DataLoader, Dataset
 
 from tec_cache.basemodels import load_base_model
-from tec_cache.build_config import BuildConfig
+from tec_cache.build_config import DEFAULT_COMPRESSOR, BuildConfig
 from tec_cache.codecs import TargetShape, get_codec, split_fields
 from tec_cache.dist import (DistInfo, all_reduce_sum, barrier, destroy_process_group, dist_info, init_process_group,
                             lost_rank_guard, resolve_device)
@@ -169,7 +169,7 @@ def merge_stats(items: list[dict[str, list[float]]]) -> dict[str, dict[str, floa
 
 
 def _cache_identity(cfg: BuildConfig, source: ImageSource, facts: dict[str, Any], shape: TargetShape,
-                    recipe: ViewRecipe) -> dict[str, Any]:
+                    recipe: ViewRecipe, compressor: str) -> dict[str, Any]:
     """What must not change between a build and its resume/extension."""
     return {
         "base_model.sha256": facts["sha256"],
@@ -184,7 +184,7 @@ def _cache_identity(cfg: BuildConfig, source: ImageSource, facts: dict[str, Any]
         "views.recipe.resize": recipe.resize,
         "codec.name": cfg.codec,
         "format.name": cfg.format,
-        "format.compressor": cfg.compressor,
+        "format.compressor": compressor,
         "format.shard_size": cfg.shard_size,
         "source.fingerprint": source_fingerprint(source),
     }
@@ -309,7 +309,9 @@ class Builder:
         # An existing cache keeps its fields as they are stored (caches built before the per-field
         # compress flags compress every field).
         self.field_specs = built.fields if built is not None else self.codec.field_specs(self.shape)
-        self.identity = _cache_identity(cfg, self.source, self.facts, self.shape, self.recipe)
+        self.compressor = cfg.compressor if cfg.compressor != "auto" else (
+            built.format.compressor if built is not None else DEFAULT_COMPRESSOR)
+        self.identity = _cache_identity(cfg, self.source, self.facts, self.shape, self.recipe, self.compressor)
         old_views = _check_resume(cfg.out, built, self.identity)
         self.num_views = max(cfg.views, old_views)
         if old_views > cfg.views:
@@ -351,7 +353,7 @@ class Builder:
         """Measured, not modelled: the first batch written as a real shard in a scratch folder."""
         with tempfile.TemporaryDirectory(prefix="tec-estimate-") as tmp:
             path = Path(tmp) / f"estimate{get_format(self.cfg.format).suffix}"
-            with open_writer(self.cfg.format, path, self.field_specs, self.cfg.compressor) as w:
+            with open_writer(self.cfg.format, path, self.field_specs, self.compressor) as w:
                 for r in records:
                     w.write(r)
                 info = w.close()
@@ -523,7 +525,7 @@ class Builder:
     def _open(self, v: int, c: int, writers: dict[int, Any]) -> Any:
         path = self.shard_path(v, c)
         path.parent.mkdir(parents=True, exist_ok=True)
-        writers[v] = open_writer(self.cfg.format, path, self.field_specs, self.cfg.compressor)
+        writers[v] = open_writer(self.cfg.format, path, self.field_specs, self.compressor)
         fault_point("shard_opened")
         return writers[v]
 
@@ -571,7 +573,7 @@ class Builder:
             views=mf.Views(count=self.num_views, seed=self.cfg.seed, recipe=mf.Recipe.of(self.recipe.to_json()),
                            extra={"image_format": "jpeg", **({"first_view": self.cfg.first_view} if self.cfg.first_view else {})}),
             codec=mf.Codec(name=self.codec.name, fields=dict(self.field_specs)),
-            format=mf.Format(name=self.cfg.format, compressor=self.cfg.compressor, shard_size=self.cfg.shard_size),
+            format=mf.Format(name=self.cfg.format, compressor=self.compressor, shard_size=self.cfg.shard_size),
             source=mf.Source.of({**source, "fingerprint": self.identity["source.fingerprint"],
                                  "skipped": [{"key": k, "error": e} for k, e in sorted(skipped.items())]}),
             view_epochs=tuple(view_epochs),

@@ -268,6 +268,7 @@ def test_views_cut_on_the_device_equal_the_same_recipe_cut_in_workers(data_dir, 
     build_cache(_cfg(data_dir, tmp_path / "default", tiny_ckpt, views=1))
     default = json.loads((tmp_path / "default" / "manifest.json").read_text())
     assert default["views"]["recipe"]["resize"] == "torch-bicubic-u8"  # a CPU build's default
+    assert default["format"]["compressor"] == "zstd:1"  # a new cache's
     assert default["stats"]["build"]["views_cut_on"] == "workers"
 
 

@@ -141,9 +141,10 @@ def test_todays_build_writes_the_legacy_bytes(name: str, tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_extending_a_legacy_cache_keeps_cutting_its_views_with_pil(tmp_path: Path) -> None:
-    """More --views on a cache that names no resizer: the new view-epoch is cut with PIL's bicubic,
-    as its first ones were (byte-identical to a build that names pil-bicubic), and the manifest now
-    says so; naming another resizer for it is refused before any work."""
+    """More --views on a cache that names no resizer: the new view-epoch is cut with PIL's bicubic
+    and compressed at the cache's own zstd level, as its first ones were (the same records as a build
+    that names pil-bicubic), and the manifest now says so; naming another resizer for it is refused
+    before any work."""
     data = make_image_folder(tmp_path / "data", n_per_class=5, classes=2, bad=True)
     ckpt = tmp_path / "mae_tiny.pth"
     torch.save({"model": tiny_state_dict()}, ckpt)
@@ -161,4 +162,5 @@ def test_extending_a_legacy_cache_keeps_cutting_its_views_with_pil(tmp_path: Pat
     new = {rel for rel in tree(extended) if rel.startswith("ve002/") and not rel.endswith(".json")}
     assert new
     _same_records_up_to_float_rounding(extended, fresh, new)  # the same machine: in fact equal
-    assert json.loads((extended / "manifest.json").read_text())["views"]["recipe"]["resize"] == "pil-bicubic"
+    extended_man = json.loads((extended / "manifest.json").read_text())
+    assert extended_man["views"]["recipe"]["resize"] == "pil-bicubic" and extended_man["format"]["compressor"] == "zstd:3"
