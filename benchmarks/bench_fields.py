@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tec_cache.build_config import DEFAULT_COMPRESSOR  # noqa: E402
 from tec_cache.format.schema import parse_compressor  # noqa: E402
-from benchmarks.vitb_targets import vitb_views_and_targets  # noqa: E402
+from benchmarks.vitb_targets import DEFAULT_TARGETS_CACHE, vitb_views_and_targets  # noqa: E402
 from tec_cache.codecs import CODECS, TargetShape, split_fields  # noqa: E402
 
 VIT_B = TargetShape(196, 768, 12, 15)
@@ -45,7 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--level", type=int, default=parse_compressor(DEFAULT_COMPRESSOR), help="zstd level (default: the builds')")
     ap.add_argument("--repeats", type=int, default=5, help="timing repeats; the fastest is kept")
-    ap.add_argument("--targets-cache", type=Path, default=Path(tempfile.gettempdir()) / "tec_bench_vitb_targets.pt")
+    ap.add_argument("--targets-cache", type=Path, default=DEFAULT_TARGETS_CACHE)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)

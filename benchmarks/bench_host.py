@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tec_cache.build_config import DEFAULT_COMPRESSOR  # noqa: E402
-from benchmarks.vitb_targets import photos, vitb_views_and_targets  # noqa: E402
+from benchmarks.vitb_targets import DEFAULT_TARGETS_CACHE, photos, vitb_views_and_targets  # noqa: E402
 from tec_cache import format as cache_format  # noqa: E402
 from tec_cache.codecs import TargetShape, get_codec, split_fields  # noqa: E402
 from tec_cache.format.payload import encode_targets, make_codec  # noqa: E402
@@ -238,7 +238,7 @@ def main() -> None:
     ap.add_argument("--resizers", nargs="+", default=["pil-bicubic", "torch-bicubic-u8"],
                     help="the CPU path's resizers to time (pil-bicubic: builds before the resizer was recorded)")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each measurement; per stage the median is kept")
-    ap.add_argument("--targets-cache", type=Path, default=Path(tempfile.gettempdir()) / "tec_bench_vitb_targets.pt")
+    ap.add_argument("--targets-cache", type=Path, default=DEFAULT_TARGETS_CACHE)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)

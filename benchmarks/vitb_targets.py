@@ -6,6 +6,7 @@ the shapes (L 196, D 768, H 12, k 15) and the code path are the real ones.
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ from PIL import Image
 from tec_cache.targets import extract_targets, normalise_images
 from tec_cache.views import ViewRecipe, make_views
 
+# Where the stage-1 benchmarks keep the ViT-B targets between runs (computing them takes a minute).
+DEFAULT_TARGETS_CACHE = Path(tempfile.gettempdir()) / "tec_bench_vitb_targets.pt"
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry", "hubble_deep_field", "coins")
 
 
