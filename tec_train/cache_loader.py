@@ -17,9 +17,12 @@ rank ``b % world_size``. Every rank therefore runs exactly ``steps_per_epoch`` s
 shard count, so DDP never waits on a short rank. Inside a rank, torch's DataLoader hands whole
 batches round-robin to its workers, in order.
 
-A worker reads a batch with one ``read_many`` per shard, decodes its JPEGs and stacks its fields
-(one dataset call per batch, not per sample). Readers are opened lazily in the worker and kept in
-a small LRU keyed by path.
+A worker reads a batch with one ``read_into`` per shard (one dataset call per batch, not per
+sample): each record's fields are decoded straight into the batch's buffer and its JPEG decoded and
+copied beside them. Readers are opened lazily in the worker and kept in a small LRU keyed by path;
+a verified tar reader reads its shard into the memory of the reader it replaces. The batch buffer
+is shared memory that the worker reuses once the main process has copied the batch out of it
+(``_BatchSlots``): filling fresh shared memory cost a worker more than all its decoding but the JPEGs.
 
 Verification (``verify``): each rank checks each shard's size and sha256 once per run, in the worker
 that reads the first batch (in this rank's order) touching that shard, before that worker reads
@@ -42,7 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from tec_cache.codecs import DecodedTargets, get_codec
 from tec_cache.faults import fault_point
@@ -129,6 +132,9 @@ class Batch:
     fields: dict[str, torch.Tensor]
     image_index: torch.Tensor
     view_epoch: int
+    # (worker, slot) of the shared buffer holding the tensors, while the loader still has to hand
+    # it back to that worker (the loader's own bookkeeping; batches it yields carry None).
+    slot: tuple[int, int] | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
         """The batch on ``device`` (non-blocking copies are only asynchronous from pinned memory)."""
@@ -139,6 +145,11 @@ class Batch:
             fields={name: move(t) for name, t in self.fields.items()},
             image_index=move(self.image_index),
         )
+
+    def private(self) -> Batch:
+        """The batch copied into memory of this process's own."""
+        return replace(self, images=self.images.clone(), fields={name: t.clone() for name, t in self.fields.items()},
+                       image_index=self.image_index.clone())
 
     def pin_memory(self) -> Batch:
         """Page-locked copy; torch's DataLoader calls this from its pinning thread."""
@@ -177,13 +188,45 @@ def epoch_order(sizes: Sequence[int], *, seed: int, epoch: int, shuffle_window: 
 # worker side
 
 
-@dataclass
-class _Records:
-    """What a worker read for one batch, in batch order; ``_collate`` turns it into a ``Batch``."""
+_ALIGN = 64  # bytes: every tensor of a batch buffer starts on a cache line
 
-    records: list[ViewRecord]
-    view_epoch: int
-    image_size: int
+
+class _BatchSlots:
+    """Shared-memory batch buffers that the loader's workers reuse.
+
+    A batch crosses from a worker to the main process in shared memory, and a fresh segment costs
+    far more than filling it (tmpfs pages allocated and zeroed on first touch: 30 ms for a 64-view
+    ViT-B batch of 21 MB here, against 3 ms for private memory; benchmarks/bench_loader.py). So each
+    worker keeps up to ``per_worker`` segments and fills one that the main process has handed back.
+    The main process copies a batch out of its segment (or has it pinned) before handing the
+    segment back, so a segment is never written while anything reads it; with all its segments
+    out, a worker takes a fresh one, as torch's own collate does. ``free[w, s]`` is 1 while
+    segment s of worker w is free, in shared memory both sides see.
+    """
+
+    def __init__(self, num_workers: int, per_worker: int) -> None:
+        self.free = torch.ones(max(num_workers, 1), per_worker, dtype=torch.uint8).share_memory_()
+        self._mine: dict[int, torch.UntypedStorage] = {}  # this worker's segments
+
+    def take(self, nbytes: int) -> tuple[torch.UntypedStorage, tuple[int, int] | None]:
+        """Memory for one batch and the slot to hand back (None: nothing to hand back)."""
+        info = get_worker_info()
+        if info is None:  # in the main process: private memory, nothing crosses
+            return torch.UntypedStorage(nbytes), None
+        row = self.free[info.id].numpy()
+        for s in np.flatnonzero(row).tolist():
+            storage = self._mine.get(s)
+            if storage is None or storage.nbytes() != nbytes:
+                storage = self._mine[s] = torch.UntypedStorage._new_shared(nbytes)
+            row[s] = 0
+            return storage, (info.id, s)
+        return torch.UntypedStorage._new_shared(nbytes), None
+
+    def give_back(self, slot: tuple[int, int]) -> None:
+        self.free[slot] = 1
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"free": self.free, "_mine": {}}
 
 
 class _ViewEpochShards(Dataset):
@@ -193,7 +236,7 @@ class _ViewEpochShards(Dataset):
     in each worker on first use and kept in a per-worker LRU keyed by path.
     """
 
-    def __init__(self, man: Manifest, view_epoch: int, *, cache_size: int) -> None:
+    def __init__(self, man: Manifest, view_epoch: int, *, cache_size: int, slots: _BatchSlots) -> None:
         entries = man.shards(view_epoch)
         self.view_epoch = view_epoch
         self.format, self.compressor = man.format.name, man.format.compressor
@@ -205,34 +248,73 @@ class _ViewEpochShards(Dataset):
         self.infos: list[ShardInfo] = [e.info for e in entries]
         self.offsets = np.concatenate([[0], np.cumsum([e.num_samples for e in entries], dtype=np.int64)])
         self.cache_size = cache_size
+        self.slots = slots
         self._readers: OrderedDict[str, ShardReader] = OrderedDict()
         self._verified: set[str] = set()
+        self._spare: list[bytearray] = []  # the shard buffer of the last reader released
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def __getitem__(self, item: tuple[np.ndarray, frozenset[int]]) -> _Records:
+    def __getitem__(self, item: tuple[np.ndarray, frozenset[int]]) -> Batch:
         """Read one batch: its sample ids, and the shards this batch must verify before reading."""
         ids, verify = item
         with naming_sample(f"view-epoch {self.view_epoch}, samples {_id_range(ids)}", keep=(ShardError,)):
             fault_point("read_batch")
             return self._read(ids, verify)
 
-    def _read(self, ids: np.ndarray, verify: frozenset[int]) -> _Records:
+    def _layout(self, n: int) -> tuple[list[tuple[str, int, tuple[int, ...], np.dtype]], int]:
+        """Where each tensor of an ``n``-view batch lies in its buffer: (name, byte offset, shape,
+        dtype), and the buffer's size."""
+        S = self.image_size
+        parts = [("images", (n, 3, S, S), np.dtype(np.uint8)), ("image_index", (n,), np.dtype(np.int64))]
+        parts += [(name, (n, *spec.shape), np.dtype(spec.dtype)) for name, spec in self.fields.items()]
+        layout, offset = [], 0
+        for name, shape, dtype in parts:
+            offset = -(-offset // _ALIGN) * _ALIGN
+            layout.append((name, offset, shape, dtype))
+            offset += dtype.itemsize * int(np.prod(shape))
+        return layout, offset
+
+    def _read(self, ids: np.ndarray, verify: frozenset[int]) -> Batch:
+        layout, nbytes = self._layout(len(ids))
+        storage, slot = self.slots.take(nbytes)
+        try:
+            buf = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,))
+            parts = {name: buf[off : off + dtype.itemsize * int(np.prod(shape))]
+                     .view(torch.from_numpy(np.empty(0, dtype)).dtype).view(shape)
+                     for name, off, shape, dtype in layout}
+            images, image_index = parts.pop("images"), parts.pop("image_index")  # [B,3,S,S] uint8, [B] int64
+            self._fill(ids, verify, images, image_index.numpy(), {name: t.numpy() for name, t in parts.items()})
+        except BaseException:
+            if slot is not None:
+                self.slots.give_back(slot)
+            raise
+        return Batch(images=images, fields=parts, image_index=image_index, view_epoch=self.view_epoch, slot=slot)
+
+    def _fill(self, ids: np.ndarray, verify: frozenset[int], images: torch.Tensor, image_index: np.ndarray,
+              fields: dict[str, np.ndarray]) -> None:
         shard_of = np.searchsorted(self.offsets, ids, side="right") - 1
-        records: list[ViewRecord | None] = [None] * len(ids)
+        expected = (3, self.image_size, self.image_size)
         # One read per shard, in order of first appearance, so the LRU sees window order.
         for s in dict.fromkeys(shard_of.tolist()):
-            where = np.flatnonzero(shard_of == s)
-            recs = self._reader(s, verify=s in verify).read_many((ids[where] - self.offsets[s]).tolist())
-            for j, rec in zip(where.tolist(), recs):
+            rows = np.flatnonzero(shard_of == s).tolist()
+            reader = self._reader(s, verify=s in verify)
+            records = reader.read_into((ids[rows] - self.offsets[s]).tolist(), fields, rows)
+            for j, rec in zip(rows, records):
                 if rec.view_epoch != self.view_epoch:
                     raise ShardError(
                         f"{self.paths[s]}: view epoch: record {rec.key} belongs to view-epoch {rec.view_epoch}, "
                         f"the manifest lists the shard under {self.view_epoch}"
                     )
-                records[j] = rec
-        return _Records(records, self.view_epoch, self.image_size)  # type: ignore[arg-type]
+                img = decode_view(rec.image)  # while the reader holds the bytes rec.image may view
+                if tuple(img.shape) != expected:
+                    raise ShardError(
+                        f"view-epoch {self.view_epoch} record {rec.key} ({rec.image_key}): view image is "
+                        f"{'x'.join(map(str, img.shape))}, the manifest's view size is {'x'.join(map(str, expected))}"
+                    )
+                images[j].copy_(img)
+                image_index[j] = rec.image_index
 
     def _reader(self, s: int, *, verify: bool) -> ShardReader:
         path = self.paths[s]
@@ -240,6 +322,10 @@ class _ViewEpochShards(Dataset):
         if reader is not None and (path in self._verified or not verify):
             self._readers.move_to_end(path)
             return reader
+        if reader is not None:  # opened unverified before; this batch verifies it
+            self._drop(path)
+        while len(self._readers) >= self.cache_size:
+            self._drop(next(iter(self._readers)))
         expect = self.infos[s] if verify else None
         if self.location is not None:
             # A remote shard is checked as it streams in, whether or not this batch verifies it.
@@ -247,48 +333,31 @@ class _ViewEpochShards(Dataset):
             reader = get_format(self.format).open_bytes(path, data, self.fields, self.compressor, expect=self.infos[s])
             verify = True
         else:
-            reader = open_reader(self.format, Path(path), self.fields, self.compressor, expect=expect)
+            buffer = (self._spare.pop() if self._spare else bytearray()) if verify else None
+            reader = open_reader(self.format, Path(path), self.fields, self.compressor, expect=expect, buffer=buffer)
         if verify:
             self._verified.add(path)
         elif len(reader) != self.infos[s].num_samples:
             raise ShardError(f"{path}: sample count: {len(reader)} records, manifest says {self.infos[s].num_samples}")
         self._readers[path] = reader
-        self._readers.move_to_end(path)
-        while len(self._readers) > self.cache_size:
-            self._readers.popitem(last=False)
         return reader
+
+    def _drop(self, path: str) -> None:
+        """Close the reader of ``path``; its shard buffer serves the next reader."""
+        buffer = self._readers.pop(path).release()
+        if buffer is not None and not self._spare:
+            self._spare.append(buffer)
 
     def __getstate__(self) -> dict[str, Any]:
         # Readers belong to the process that opened them (file handles, zarr state, verified bytes).
         state = self.__dict__.copy()
-        state["_readers"], state["_verified"] = OrderedDict(), set()
+        state["_readers"], state["_verified"], state["_spare"] = OrderedDict(), set(), []
         return state
 
 
-def _collate(raw: _Records) -> Batch:
-    """Decode the batch's JPEGs and stack its fields (runs in the worker).
-
-    Stacking goes through torch's ``default_collate``, which inside a worker writes the stacked
-    tensors straight into shared memory; stacked privately, every byte would be copied once more
-    into shared memory on its way to the main process (about 5% of a worker's CPU time).
-    """
-    images = [decode_view(r.image) for r in raw.records]
-    expected = (3, raw.image_size, raw.image_size)
-    for r, img in zip(raw.records, images):
-        if tuple(img.shape) != expected:
-            raise ShardError(
-                f"view-epoch {raw.view_epoch} record {r.key} ({r.image_key}): view image is "
-                f"{'x'.join(map(str, img.shape))}, the manifest's view size is {'x'.join(map(str, expected))}"
-            )
-    fields = {
-        name: default_collate([torch.from_numpy(r.fields[name]) for r in raw.records]) for name in raw.records[0].fields
-    }
-    return Batch(
-        images=default_collate(images),
-        fields=fields,
-        image_index=torch.tensor([r.image_index for r in raw.records], dtype=torch.int64),
-        view_epoch=raw.view_epoch,
-    )
+def _as_is(batch: Batch) -> Batch:
+    """The DataLoader's collate step: the dataset already returns whole batches."""
+    return batch
 
 
 class _RankBatches(Sampler):
@@ -401,7 +470,10 @@ class CacheLoader:
         if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step must be in 0..{self.steps_per_epoch} (steps_per_epoch), got {start_step!r}")
         view_epoch = self.view_epoch_for(epoch)
-        dataset = _ViewEpochShards(self.manifest, view_epoch, cache_size=self.shuffle_window)
+        # Up to prefetch_factor (2) batches of a worker wait for the main process, and one is being
+        # copied out: three segments each keep a worker on reused memory.
+        slots = _BatchSlots(self.num_workers, per_worker=3)
+        dataset = _ViewEpochShards(self.manifest, view_epoch, cache_size=self.shuffle_window, slots=slots)
         sizes = [e.num_samples for e in self.manifest.shards(view_epoch)]
         order = epoch_order(sizes, seed=self.seed, epoch=epoch, shuffle_window=self.shuffle_window)
         shard_of = np.searchsorted(dataset.offsets, order, side="right") - 1
@@ -421,7 +493,7 @@ class CacheLoader:
             dataset,
             sampler=_RankBatches(batches, verify),
             batch_size=None,  # the sampler yields whole batches: one dataset call per batch
-            collate_fn=_collate,
+            collate_fn=_as_is,
             num_workers=workers,
             worker_init_fn=die_with_parent(),
             pin_memory=self.pin_memory,
@@ -431,7 +503,7 @@ class CacheLoader:
             # whose state checkpoints record (a resumed run would otherwise record another state).
             generator=torch.Generator(),
         )
-        gen = _iterate(loader, verify, verified)
+        gen = _iterate(loader, verify, verified, slots)
         self._live.add(gen)
         return gen
 
@@ -448,15 +520,32 @@ class CacheLoader:
         self.close()
 
 
-def _iterate(loader: DataLoader, verify: list[frozenset[int]], verified: set[int]) -> Generator[Batch, None, None]:
-    """Yield the loader's batches; once a batch is out, the shards it verified count as verified."""
+def _iterate(loader: DataLoader, verify: list[frozenset[int]], verified: set[int],
+             slots: _BatchSlots) -> Generator[Batch, None, None]:
+    """Yield the loader's batches; once a batch is out, the shards it verified count as verified.
+
+    A batch that arrives in a worker's reusable segment is copied out of it first (a pinned batch
+    already was, by the pinning thread, which torch skips where no accelerator is found) and the
+    segment handed back to its worker."""
     # Holding the DataLoader iterator here ties its workers' lifetime to this generator: closing
     # it (CacheLoader.close, or breaking out and dropping it) shuts them down.
     it = iter(loader)
     try:
         for batch, checked in zip(it, verify):
+            if batch.slot is not None:
+                slot = batch.slot
+                batch = replace(batch if batch.images.is_pinned() else batch.private(), slot=None)
+                slots.give_back(slot)
             verified |= checked
             yield batch
+    except BaseException:
+        # An error's traceback holds the DataLoader iterator (torch's frames), so dropping our
+        # reference would leave its workers running until a garbage collection: stop them now.
+        # (GeneratorExit, from close(), comes here too.)
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        raise
     finally:
         del it
 

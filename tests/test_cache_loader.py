@@ -258,7 +258,8 @@ def test_each_shard_is_verified_once_per_rank(caches, monkeypatch):
     man = load_manifest(caches["webdataset"])
     opened = []
     original = data_mod.open_reader
-    monkeypatch.setattr(data_mod, "open_reader", lambda *a, expect=None: opened.append((a[1], expect)) or original(*a, expect=expect))
+    monkeypatch.setattr(data_mod, "open_reader",
+                        lambda *a, expect=None, **kw: opened.append((a[1], expect)) or original(*a, expect=expect, **kw))
     loader = CacheLoader(man, batch_size=2, world_size=2, rank=0, num_workers=0, shuffle_window=1)
     list(loader.epoch(0))
     checked = [path for path, expect in opened if expect is not None]
@@ -300,6 +301,78 @@ def test_workers_give_the_same_batches(fmt, caches):
     with CacheLoader(man, num_workers=2, **kw) as loader:
         assert loader.mp_context == ("spawn" if fmt == "zarr" else "fork")
         assert _same_batches(list(loader.epoch(1)), inline)
+
+
+def test_a_worker_reuses_its_batch_buffers_and_held_batches_stay_intact(caches):
+    # 14 one-view batches through one worker: more batches than its 3 reusable segments, all held
+    # until the end. Each must still be the batch it was when yielded (it was copied out of the
+    # segment the worker then refilled) and equal the in-process loader's.
+    man = load_manifest(caches["webdataset"])
+    inline = list(CacheLoader(man, batch_size=1, num_workers=0, seed=3).epoch(0))
+    with CacheLoader(man, batch_size=1, num_workers=1, seed=3) as loader:
+        held = list(loader.epoch(0))
+    assert len(held) == 14 and _same_batches(held, inline)
+    assert all(b.slot is None for b in held)
+
+
+def test_batch_slots_hand_out_free_segments_and_take_them_back(monkeypatch):
+    slots = data_mod._BatchSlots(num_workers=2, per_worker=2)
+    monkeypatch.setattr(data_mod, "get_worker_info", lambda: type("Info", (), {"id": 1})())
+    a, slot_a = slots.take(1000)
+    b, slot_b = slots.take(1000)
+    c, slot_c = slots.take(1000)
+    assert (slot_a, slot_b, slot_c) == ((1, 0), (1, 1), None)  # both out: a fresh segment, nothing to give back
+    assert a.is_shared() and b.is_shared() and c.is_shared()
+    assert slots.free.tolist() == [[1, 1], [0, 0]]
+    slots.give_back(slot_b)
+    again, slot = slots.take(1000)
+    assert slot == (1, 1) and again.data_ptr() == b.data_ptr()  # the same memory, not a new segment
+    slots.give_back(slot_a)
+    bigger, slot = slots.take(2000)
+    assert slot == (1, 0) and bigger.nbytes() == 2000  # a batch of another size gets a segment of its size
+    monkeypatch.setattr(data_mod, "get_worker_info", lambda: None)
+    private, slot = slots.take(1000)
+    assert slot is None and not private.is_shared()  # in the main process nothing crosses
+
+
+def test_tar_reader_reads_into_a_reused_buffer_and_refuses_reads_once_released(caches):
+    man = load_manifest(caches["webdataset"])
+    first, second = man.shards(0)[:2]
+    fmt = cache_format.get_format("webdataset")
+    reader = fmt.open_reader(man.shard_path(first), man.fields, man.format.compressor, expect=first.info,
+                             buffer=bytearray())
+    assert _same_records(reader, man.open_shard(first))
+    buffer = reader.release()
+    assert isinstance(buffer, bytearray) and len(buffer) >= first.info.nbytes
+    with pytest.raises(cache_format.ShardError, match="released"):
+        reader[0]
+    again = fmt.open_reader(man.shard_path(second), man.fields, man.format.compressor, expect=second.info,
+                            buffer=buffer)
+    assert again.buffer is buffer  # large enough: read in place
+    assert _same_records(again, man.open_shard(second))
+
+
+def _same_records(a: Iterator[ViewRecord], b: Iterator[ViewRecord]) -> bool:
+    a, b = list(a), list(b)
+    return len(a) == len(b) and all(
+        (x.key, x.image_index, x.image) == (y.key, y.image_index, y.image)
+        and x.fields.keys() == y.fields.keys() and all(np.array_equal(x.fields[k], y.fields[k]) for k in x.fields)
+        for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_read_into_writes_the_fields_into_the_given_rows(fmt, caches):
+    man = load_manifest(caches[fmt])
+    e = man.shards(1)[0]
+    reader = man.open_shard(e)
+    out = {name: np.zeros((4, *spec.shape), spec.dtype) for name, spec in man.fields.items()}
+    got = reader.read_into([2, 0], out, [3, 1])
+    for rec, i, row in zip(got, [2, 0], [3, 1]):
+        want = reader[i]
+        assert (rec.key, rec.image_index, bytes(rec.image)) == (want.key, want.image_index, want.image)
+        assert all(np.array_equal(out[k][row], want.fields[k]) and np.shares_memory(rec.fields[k], out[k])
+                   for k in man.fields)
+    assert all(not out[k][[0, 2]].any() for k in man.fields)  # rows not asked for are untouched
 
 
 def test_close_stops_an_unfinished_epoch(caches):

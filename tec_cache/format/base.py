@@ -17,6 +17,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tec_cache.faults import fault_point
 from tec_cache.format.fs import publish, remove
 from tec_cache.format.schema import (FieldSpec, ShardError, ShardInfo, ViewRecord, check_record, check_specs,
@@ -119,6 +121,22 @@ class ShardReader:
         shard with one call, which is what makes the zarr format fast enough to train from."""
         return [self[i] for i in indices]
 
+    def read_into(self, indices: Sequence[int], out: dict[str, np.ndarray], rows: Sequence[int]) -> list[ViewRecord]:
+        """``read_many``, each record's fields written into ``out[name][row]`` (the loader's batch
+        buffer) for ``row`` in ``rows``; the returned records' ``fields`` are those rows. Formats
+        that can decode straight into the rows override it; this one copies."""
+        records = self.read_many(indices)
+        for rec, row in zip(records, rows):
+            for name, arr in rec.fields.items():
+                out[name][row] = arr
+            rec.fields = {name: out[name][row] for name in rec.fields}
+        return records
+
+    def release(self) -> bytearray | None:
+        """Give up what the reader holds in memory; returns a buffer the next reader may reuse (None
+        for formats that hold none)."""
+        return None
+
     def __getitem__(self, i: int) -> ViewRecord:
         raise NotImplementedError
 
@@ -158,14 +176,15 @@ class ShardFormat(ABC):
         return self._writer(Path(path), check_specs(fields), parse_compressor(compressor))
 
     def open_reader(self, path: Path, fields: dict[str, FieldSpec], compressor: str = "zstd:3",
-                    expect: ShardInfo | None = None) -> ShardReader:
+                    expect: ShardInfo | None = None, buffer: bytearray | None = None) -> ShardReader:
         """Open a finished shard; its structure is validated here, each record's payload when read.
 
         ``compressor`` must be the one it was written with (zarr arrays describe their own codecs,
         so there it is only validated). With ``expect``, size, sha256 and record count are
-        verified before this returns.
+        verified before this returns. ``buffer``: memory a format that reads whole shards may read
+        into (``ShardReader.release`` gives it back for the next reader); others ignore it.
         """
-        return self._reader(Path(path), check_specs(fields), parse_compressor(compressor), expect)
+        return self._reader(Path(path), check_specs(fields), parse_compressor(compressor), expect, buffer)
 
     def open_bytes(self, name: str, data: bytes, fields: dict[str, FieldSpec], compressor: str = "zstd:3",
                    expect: ShardInfo | None = None) -> ShardReader:
@@ -181,7 +200,7 @@ class ShardFormat(ABC):
 
     @abstractmethod
     def _reader(self, path: Path, fields: dict[str, FieldSpec], level: int | None,
-                expect: ShardInfo | None) -> ShardReader: ...
+                expect: ShardInfo | None, buffer: bytearray | None = None) -> ShardReader: ...
 
 
 def verify_digest(path: Path, nbytes: int, digest: str, expect: ShardInfo) -> None:

@@ -10,6 +10,7 @@ header (the specs give the sizes).
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numcodecs
@@ -17,7 +18,7 @@ import numpy as np
 
 from tec_cache.format.schema import FieldSpec, ShardError
 
-__all__ = ["decode_field", "encode_targets", "le_bytes", "make_codec", "split_targets", "zstd_content_size"]
+__all__ = ["decode_field", "decode_field_into", "encode_targets", "le_bytes", "make_codec", "split_targets", "zstd_content_size"]
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -66,11 +67,24 @@ def split_targets(payload: bytes, specs: dict[str, FieldSpec], compressed: bool,
 
 def decode_field(payload: bytes, name: str, spec: FieldSpec, codec: Any, where: str) -> np.ndarray:
     """One field's payload back to its array (``spec.shape``, ``spec.dtype``), size-checked first."""
+    out = np.empty(spec.shape, np.dtype(spec.dtype))
+    decode_field_into(payload, name, spec, codec, where, out)
+    return out
+
+
+def decode_field_into(payload: bytes | memoryview, name: str, spec: FieldSpec, codec: Any, where: str,
+                      out: np.ndarray) -> None:
+    """Decode one field's payload straight into ``out`` (C-contiguous, ``spec.nbytes()`` bytes: a
+    row of the loader's batch buffer), size-checked first. Raw payloads are copied once; zstd
+    frames are decompressed in place."""
     expected = spec.nbytes()
+    dest = out.reshape(-1).view(np.uint8)  # a view: out is contiguous
+    if dest.size != expected:
+        raise ValueError(f"{where}: field {name}: output buffer holds {dest.size} bytes, expected {expected}")
     if codec is None or not spec.compress:
         if len(payload) != expected:
             raise ShardError(f"{where}: field {name} size: {len(payload)} bytes, expected {expected}")
-        buf = np.frombuffer(bytearray(payload), np.uint8)  # bytearray: the array must be writable
+        dest[:] = np.frombuffer(payload, np.uint8)
     else:
         # Decompress only into a buffer of exactly the spec's size, and only a frame that declares
         # that size: numcodecs fills `out` without reporting a shorter result, and the size cap is
@@ -78,12 +92,12 @@ def decode_field(payload: bytes, name: str, spec: FieldSpec, codec: Any, where: 
         declared = zstd_content_size(payload)
         if declared != expected:
             raise ShardError(f"{where}: field {name} size: zstd frame declares {declared} bytes, expected {expected}")
-        buf = np.empty(expected, np.uint8)
         try:
-            codec.decode(payload, out=buf)
+            codec.decode(payload, out=dest)
         except (RuntimeError, ValueError) as e:
             raise ShardError(f"{where}: field {name} data: zstd decode failed: {e}") from e
-    return buf.view(np.dtype(spec.dtype).newbyteorder("<")).reshape(spec.shape).astype(spec.dtype, copy=False)
+    if sys.byteorder != "little":  # the stored bytes are little-endian
+        out.byteswap(inplace=True)
 
 
 def zstd_content_size(frame: bytes) -> int | None:

@@ -32,6 +32,6 @@ def open_writer(fmt: str, path: Path, fields: dict[str, FieldSpec], compressor: 
 
 
 def open_reader(fmt: str, path: Path, fields: dict[str, FieldSpec], compressor: str = "zstd:3",
-                expect: ShardInfo | None = None) -> ShardReader:
+                expect: ShardInfo | None = None, buffer: bytearray | None = None) -> ShardReader:
     """``get_format(fmt).open_reader(...)``: open a finished shard, verified against ``expect`` if given."""
-    return get_format(fmt).open_reader(path, fields, compressor, expect)
+    return get_format(fmt).open_reader(path, fields, compressor, expect, buffer)

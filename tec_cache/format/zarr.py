@@ -55,8 +55,8 @@ class ZarrFormat(ShardFormat):
         return ZarrWriter(path, fields, level)
 
     def _reader(self, path: Path, fields: dict[str, FieldSpec], level: int | None,
-                expect: ShardInfo | None) -> ZarrReader:
-        return ZarrReader(path, fields, expect)
+                expect: ShardInfo | None, buffer: bytearray | None = None) -> ZarrReader:
+        return ZarrReader(path, fields, expect)  # reads per chunk, never a whole shard: no buffer
 
 
 class ZarrWriter(ShardWriter):
