@@ -266,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verify", nargs="+", choices=["first-pass", "off"], default=["first-pass", "off"],
                     help="first-pass: every timed epoch checks every shard's sha256 (a run's first pass over a "
                          "view-epoch); off: no checks (also every later pass of a verifying run)")
+    ap.add_argument("--before", type=Path, default=None,
+                    help="results JSON of this benchmark run by an earlier version just before, on the same machine: "
+                         "printed and stored side by side, row by row")
+    ap.add_argument("--before-label", default="before", help="what --before was run with (a commit)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # one core per process: the number is per worker process
 
@@ -301,15 +305,27 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "limits": limits,
     }
+    before = {}
+    if args.before is not None:
+        old = json.loads(args.before.read_text())
+        before = {_row_key(r): r for r in old["rows"]}
+        result["before"] = {"label": args.before_label, "rows": old["rows"], "limits": old.get("limits", {})}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"batch {args.batch_size}, shards of {args.shard_size}, {args.images} views/epoch, {args.epochs} timed epochs; "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
-    print("| format | codec | bytes/view | verify | workers | views per worker CPU-s | views/s per worker (wall) |")
-    print("|---|---|---:|---|---:|---:|---:|")
+    label = f" ({args.before_label})" if before else ""
+    print("| format | codec | bytes/view | verify | workers | views per worker CPU-s"
+          + (f" | before{label} | speed-up" if before else "") + " | views/s per worker (wall) | main process ms/view |")
+    print("|---|---|---:|---|---:|---:|" + ("---:|---:|" if before else "") + "---:|---:|")
     for r in rows:
+        old = before.get(_row_key(r))
+        then = (f" | {old['views_per_cpu_s']:,.0f} | {r['views_per_cpu_s'] / old['views_per_cpu_s']:.2f}x"
+                if old else " | - | -") if before else ""
+        main_ms = "-" if r["main_cpu_ms_per_view"] is None else f"{r['main_cpu_ms_per_view']:.3f}"
         print(f"| {r['format']} | {r['codec']} | {r['bytes_per_view']:,} | {r['verify']} "
-              f"| {r['num_workers'] or '0 (in-process)'} | {r['views_per_cpu_s']:,.0f} | {r['views_per_s_per_worker']:,.0f} |")
+              f"| {r['num_workers'] or '0 (in-process)'} | {r['views_per_cpu_s']:,.0f}{then} "
+              f"| {r['views_per_s_per_worker']:,.0f} | {main_ms} |")
     for codec, lim in limits.items():
         rate = lim["decode_only_views_per_s"]
         print(f"\nwebdataset {codec}: JPEG decode alone {rate:,.0f} views/s per core; a worker's first pass, stage by stage:")
@@ -327,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"loader, 1 worker, first pass: {r['views_per_cpu_s']:,.0f} views per worker CPU-s = "
                       f"{r['views_per_cpu_s'] / rate:.0%} of decode alone")
     return 0
+
+
+def _row_key(r: dict[str, Any]) -> tuple[str, str, str, int]:
+    return r["format"], r["codec"], r["verify"], r["num_workers"]
 
 
 if __name__ == "__main__":

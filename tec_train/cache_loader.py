@@ -208,11 +208,14 @@ class _BatchSlots:
         self.free = torch.ones(max(num_workers, 1), per_worker, dtype=torch.uint8).share_memory_()
         self._mine: dict[int, torch.UntypedStorage] = {}  # this worker's segments
 
-    def take(self, nbytes: int) -> tuple[torch.UntypedStorage, tuple[int, int] | None]:
-        """Memory for one batch and the slot to hand back (None: nothing to hand back)."""
+    def take(self, nbytes: int) -> tuple[torch.UntypedStorage | None, tuple[int, int] | None]:
+        """Shared memory for one batch and the slot to hand back (None: nothing to hand back); no
+        storage in the main process, where nothing crosses and each tensor is allocated on its own
+        (one block per batch would exceed the size up to which malloc recycles freed memory, 32 MB
+        for 64 fp16 ViT-B views, and then every batch would fault in fresh pages)."""
         info = get_worker_info()
-        if info is None:  # in the main process: private memory, nothing crosses
-            return torch.UntypedStorage(nbytes), None
+        if info is None:
+            return None, None
         row = self.free[info.id].numpy()
         for s in np.flatnonzero(row).tolist():
             storage = self._mine.get(s)
@@ -280,10 +283,13 @@ class _ViewEpochShards(Dataset):
         layout, nbytes = self._layout(len(ids))
         storage, slot = self.slots.take(nbytes)
         try:
-            buf = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,))
-            parts = {name: buf[off : off + dtype.itemsize * int(np.prod(shape))]
-                     .view(torch.from_numpy(np.empty(0, dtype)).dtype).view(shape)
-                     for name, off, shape, dtype in layout}
+            if storage is None:
+                parts = {name: torch.from_numpy(np.empty(shape, dtype)) for name, _, shape, dtype in layout}
+            else:
+                buf = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,))
+                parts = {name: buf[off : off + dtype.itemsize * int(np.prod(shape))]
+                         .view(torch.from_numpy(np.empty(0, dtype)).dtype).view(shape)
+                         for name, off, shape, dtype in layout}
             images, image_index = parts.pop("images"), parts.pop("image_index")  # [B,3,S,S] uint8, [B] int64
             self._fill(ids, verify, images, image_index.numpy(), {name: t.numpy() for name, t in parts.items()})
         except BaseException:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -183,6 +184,17 @@ class ZarrReader(ShardReader):
             for j, (i, image) in enumerate(zip(positions, images))
         ]
 
+    def read_into(self, indices: Sequence[int], out: dict[str, np.ndarray], rows: Sequence[int]) -> list[ViewRecord]:
+        positions = [self._index(i) for i in indices]
+        files = self._shard_files() if positions else None
+        if files is None or sys.byteorder != "little":  # zarr-python, or stored bytes that need swapping
+            return super().read_into(indices, out, rows)
+        for name in self.fields:
+            files[name].read_rows_into(positions, out[name], rows)
+        images = files["image_bytes"].read_spans([(int(self._offsets[i]), int(self._offsets[i + 1])) for i in positions])
+        return [self._record(i, image, {name: out[name][row] for name in self.fields})
+                for i, image, row in zip(positions, images, rows)]
+
     def __iter__(self) -> Iterator[ViewRecord]:
         arrays = self._handles()
         for lo in range(0, len(self), _ITER_BLOCK):
@@ -346,11 +358,18 @@ class ShardFile:
     def read_rows(self, rows: Sequence[int]) -> np.ndarray:
         """Rows (one chunk each) stacked: ``[len(rows), *row_shape]``."""
         out = np.empty((len(rows), *self.row_shape), self.dtype)
-        flat = out.view(np.uint8).reshape(len(rows), -1)
-        with self._open() as f:
-            for j, row in enumerate(rows):
-                self._decode(f, row, flat[j])
+        self.read_rows_into(rows, out, range(len(rows)))
         return out.astype(self.dtype.newbyteorder("="), copy=False)
+
+    def read_rows_into(self, rows: Sequence[int], out: np.ndarray, at: Sequence[int]) -> None:
+        """Rows (one chunk each) decoded into ``out[at[j]]`` (C-contiguous rows of this array's size;
+        the chunks' little-endian bytes as they are)."""
+        with self._open() as f:
+            for row, j in zip(rows, at):
+                dest = out[j].reshape(-1).view(np.uint8)
+                if dest.size != self.chunk_nbytes:
+                    raise ValueError(f"{self.where}: output row of {dest.size} bytes for chunks of {self.chunk_nbytes}")
+                self._decode(f, row, dest)
 
     def read_spans(self, spans: Sequence[tuple[int, int]]) -> list[bytes]:
         """Byte ranges ``[start, stop)`` of a 1-D uint8 array (the ragged images)."""
