@@ -222,7 +222,8 @@ def loader_stages(root: Path, batch_size: int) -> dict[str, float]:
             n = min(batch_size, len(reader) - lo)
             layout, nbytes = dataset._layout(n)
             out = {name: np.empty(shape, dtype) for name, _, shape, dtype in layout}
-            images = torch.from_numpy(out.pop("images"))
+            images = torch.from_numpy(out.pop("~images"))
+            out.pop("~image_index")
             recs = clock("fields into the batch buffer", lambda: reader.read_into(range(lo, lo + n), out, range(n)))
             decoded = clock("jpeg decode", lambda: [decode_view(r.image) for r in recs])
             clock("image copy into the batch buffer", lambda: [images[j].copy_(img) for j, img in enumerate(decoded)])

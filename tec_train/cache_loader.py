@@ -270,7 +270,8 @@ class _ViewEpochShards(Dataset):
         """Where each tensor of an ``n``-view batch lies in its buffer: (name, byte offset, shape,
         dtype), and the buffer's size."""
         S = self.image_size
-        parts = [("images", (n, 3, S, S), np.dtype(np.uint8)), ("image_index", (n,), np.dtype(np.int64))]
+        # "~" keeps the two apart from any field name (schema.FIELD_NAME_RE has none)
+        parts = [("~images", (n, 3, S, S), np.dtype(np.uint8)), ("~image_index", (n,), np.dtype(np.int64))]
         parts += [(name, (n, *spec.shape), np.dtype(spec.dtype)) for name, spec in self.fields.items()]
         layout, offset = [], 0
         for name, shape, dtype in parts:
@@ -290,7 +291,7 @@ class _ViewEpochShards(Dataset):
                 parts = {name: buf[off : off + dtype.itemsize * int(np.prod(shape))]
                          .view(torch.from_numpy(np.empty(0, dtype)).dtype).view(shape)
                          for name, off, shape, dtype in layout}
-            images, image_index = parts.pop("images"), parts.pop("image_index")  # [B,3,S,S] uint8, [B] int64
+            images, image_index = parts.pop("~images"), parts.pop("~image_index")  # [B,3,S,S] uint8, [B] int64
             self._fill(ids, verify, images, image_index.numpy(), {name: t.numpy() for name, t in parts.items()})
         except BaseException:
             if slot is not None:
