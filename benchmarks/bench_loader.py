@@ -228,7 +228,6 @@ def loader_stages(root: Path, batch_size: int) -> dict[str, float]:
             decoded = clock("jpeg decode", lambda: [decode_view(r.image) for r in recs])
             clock("image copy into the batch buffer", lambda: [images[j].copy_(img) for j, img in enumerate(decoded)])
             views += n
-        del reader, data
     return {k: round(v / views * 1e3, 4) for k, v in t.items()}
 
 

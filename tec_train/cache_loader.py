@@ -52,7 +52,7 @@ from tec_cache.faults import fault_point
 from tec_cache.format import check_shard_files, get_format, open_reader
 from tec_cache.format.base import ShardReader
 from tec_cache.format.manifest import MANIFEST_NAME, Manifest, digest_problem, load_manifest
-from tec_cache.format.schema import FieldSpec, ShardError, ShardInfo, ViewRecord
+from tec_cache.format.schema import FieldSpec, ShardError, ShardInfo
 from tec_cache.run_log import naming_sample
 from tec_cache.views import decode_view
 from tec_cache.loader_workers import die_with_parent

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import re
@@ -332,8 +331,8 @@ class TarReader(ShardReader):
 
 
 class _ViewFile:
-    """The two calls the header scan makes (seek, read) over bytes in memory, without copying them
-    all into a BytesIO first (a 46 MB copy per shard)."""
+    """The file calls the header scan and tarfile make (seek, tell, read) over bytes in memory,
+    without copying them all into a BytesIO first (a 46 MB copy per shard)."""
 
     def __init__(self, view: memoryview) -> None:
         self.view, self.pos = view, 0
