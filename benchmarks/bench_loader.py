@@ -42,6 +42,7 @@ from tec_cache.codecs import TargetShape, get_codec, split_fields  # noqa: E402
 from tec_cache.format.fs import write_json_atomic  # noqa: E402
 from tec_cache.format.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest  # noqa: E402
 from tec_cache.format.schema import ViewRecord, record_key  # noqa: E402
+from tec_cache.format.tar import read_shard_into  # noqa: E402
 from tec_cache.format.manifest import load_manifest  # noqa: E402
 from tec_cache.views import ViewRecipe, decode_view, make_views  # noqa: E402
 from tec_train.cache_loader import CacheLoader, _BatchSlots, _ViewEpochShards  # noqa: E402
@@ -206,12 +207,8 @@ def loader_stages(root: Path, batch_size: int) -> dict[str, float]:
 
     def read(path: Path) -> memoryview:
         nonlocal buffer
-        with open(path, "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            buffer = buffer if len(buffer) >= size else bytearray(size)
-            view = memoryview(buffer)[:size]
-            f.readinto(view)
-            return view
+        view, buffer = read_shard_into(path, buffer)
+        return view
 
     for e in man.shards():
         path = man.shard_path(e)

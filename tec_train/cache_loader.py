@@ -254,7 +254,7 @@ class _ViewEpochShards(Dataset):
         self.slots = slots
         self._readers: OrderedDict[str, ShardReader] = OrderedDict()
         self._verified: set[str] = set()
-        self._spare: list[bytearray] = []  # the shard buffer of the last reader released
+        self._spare: bytearray | None = None  # the shard buffer of the last reader released
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -340,7 +340,9 @@ class _ViewEpochShards(Dataset):
             reader = get_format(self.format).open_bytes(path, data, self.fields, self.compressor, expect=self.infos[s])
             verify = True
         else:
-            buffer = (self._spare.pop() if self._spare else bytearray()) if verify else None
+            buffer = None
+            if verify:  # read whole, into the memory of the reader released last
+                buffer, self._spare = self._spare or bytearray(), None
             reader = open_reader(self.format, Path(path), self.fields, self.compressor, expect=expect, buffer=buffer)
         if verify:
             self._verified.add(path)
@@ -351,14 +353,12 @@ class _ViewEpochShards(Dataset):
 
     def _drop(self, path: str) -> None:
         """Close the reader of ``path``; its shard buffer serves the next reader."""
-        buffer = self._readers.pop(path).release()
-        if buffer is not None and not self._spare:
-            self._spare.append(buffer)
+        self._spare = self._readers.pop(path).release() or self._spare
 
     def __getstate__(self) -> dict[str, Any]:
         # Readers belong to the process that opened them (file handles, zarr state, verified bytes).
         state = self.__dict__.copy()
-        state["_readers"], state["_verified"], state["_spare"] = OrderedDict(), set(), []
+        state["_readers"], state["_verified"], state["_spare"] = OrderedDict(), set(), None
         return state
 
 

@@ -1,7 +1,7 @@
 """Per-record target payload framing: one blob per view holding every target field.
 
 Data flow: tar writer -> ``encode_targets`` -> ``{key}.targets.zst|.bin`` member -> tar reader ->
-``split_targets`` -> ``decode_field`` per field. Each field is its raw little-endian C-order bytes;
+``split_targets`` -> ``decode_field_into`` per field. Each field is its raw little-endian C-order bytes;
 compressed, each is its own zstd frame (separate frames compress 5% better than one: each field has
 its own statistics), the frames in sorted field-name order behind a header of their lengths (uint32
 LE each); a field whose spec says ``compress: false`` is its raw bytes in that place (zstd buys it
@@ -18,7 +18,7 @@ import numpy as np
 
 from tec_cache.format.schema import FieldSpec, ShardError
 
-__all__ = ["decode_field", "decode_field_into", "encode_targets", "le_bytes", "make_codec", "split_targets", "zstd_content_size"]
+__all__ = ["decode_field_into", "encode_targets", "le_bytes", "make_codec", "split_targets", "zstd_content_size"]
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -62,13 +62,6 @@ def split_targets(payload: bytes, specs: dict[str, FieldSpec], compressed: bool,
     for name, n in zip(names, lengths):
         out[name] = payload[start:start + n]
         start += n
-    return out
-
-
-def decode_field(payload: bytes, name: str, spec: FieldSpec, codec: Any, where: str) -> np.ndarray:
-    """One field's payload back to its array (``spec.shape``, ``spec.dtype``), size-checked first."""
-    out = np.empty(spec.shape, np.dtype(spec.dtype))
-    decode_field_into(payload, name, spec, codec, where, out)
     return out
 
 

@@ -28,11 +28,11 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from tec_cache.format.base import ShardFormat, ShardReader, ShardWriter, verify_count, verify_digest
-from tec_cache.format.payload import decode_field, decode_field_into, encode_targets, make_codec, split_targets
+from tec_cache.format.payload import decode_field_into, encode_targets, make_codec, split_targets
 from tec_cache.format.schema import (META_TYPES, FieldSpec, ShardError, ShardInfo, ViewRecord, check_specs,
                                      parse_compressor)
 
-__all__ = ["TarFormat", "TarReader", "TarWriter", "scan_ustar"]
+__all__ = ["TarFormat", "TarReader", "TarWriter", "read_shard_into", "scan_ustar"]
 
 _MEMBER_RE = re.compile(r"([0-9]{9})\.(.+)")
 _TAR_USER = "tec"
@@ -164,18 +164,11 @@ class TarReader(ShardReader):
             verify_count(path, len(self._keys), expect)
 
     def _read_whole(self, path: Path | str, buffer: bytearray | None) -> bytes | memoryview:
-        with _open_shard_file(path) as f:
-            if buffer is None:
+        if buffer is None:
+            with _open_shard_file(path) as f:
                 return f.read()
-            size = os.fstat(f.fileno()).st_size
-            if len(buffer) < size:
-                buffer = bytearray(size)
-            self.buffer = buffer
-            view = memoryview(buffer)[:size]
-            got = 0
-            while got < size and (n := f.readinto(view[got:])):
-                got += n
-            return view[:got]
+        data, self.buffer = read_shard_into(path, buffer)
+        return data
 
     def release(self) -> bytearray | None:
         """Give up the shard's bytes: returns the buffer passed in (or grown), for the next reader;
@@ -293,15 +286,10 @@ class TarReader(ShardReader):
             raise ShardError(f"{self.path}: missing member: record {key} lacks {missing}")
 
     def _decode(self, i: int, f: BinaryIO | None) -> ViewRecord:
-        key, members = self._members[i]
-        where = f"{self.path} record {key}"
-        blob = lambda suffix: bytes(self._read(f, *members[suffix], where))  # noqa: E731
-        meta = _decode_meta(blob("json"), where)
-        targets = blob("targets" + self._ext)
-        # Cut the fields out of a view of the member, not copies: each field is copied once, when decoded.
-        payloads = split_targets(memoryview(targets), self.fields, self._codec is not None, where)
-        fields = {name: decode_field(payloads[name], name, self.fields[name], self._codec, where) for name in payloads}
-        return ViewRecord(key=key, image=blob("jpg"), fields=fields, **meta)
+        out = {name: np.empty((1, *spec.shape), spec.dtype) for name, spec in self.fields.items()}
+        rec = self._decode_into(i, f, out, 0)
+        rec.image = bytes(rec.image)  # a copy: a record must not pin the shard's bytes
+        return rec
 
     def _decode_into(self, i: int, f: BinaryIO | None, out: dict[str, np.ndarray], row: int) -> ViewRecord:
         key, members = self._members[i]
@@ -328,6 +316,20 @@ class TarReader(ShardReader):
         if len(data) != size:
             raise ShardError(f"{where}: truncated member data ({len(data)} of {size} bytes)")
         return data
+
+
+def read_shard_into(path: Path | str, buffer: bytearray) -> tuple[memoryview, bytearray]:
+    """The shard file at ``path`` read into ``buffer`` (or into a new bytearray when it is too
+    small): a view of its bytes and the bytearray holding them."""
+    with _open_shard_file(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if len(buffer) < size:
+            buffer = bytearray(size)
+        view = memoryview(buffer)[:size]
+        got = 0
+        while got < size and (n := f.readinto(view[got:])):
+            got += n
+        return view[:got], buffer
 
 
 class _ViewFile:

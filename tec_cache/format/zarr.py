@@ -177,12 +177,7 @@ class ZarrReader(ShardReader):
         if files is None:  # a layout the direct path does not know: let zarr-python read it
             return [self[i] for i in positions]
         blocks = {name: files[name].read_rows(positions) for name in self.fields}
-        spans = [(int(self._offsets[i]), int(self._offsets[i + 1])) for i in positions]
-        images = files["image_bytes"].read_spans(spans)
-        return [
-            self._record(i, image, {name: block[j] for name, block in blocks.items()})
-            for j, (i, image) in enumerate(zip(positions, images))
-        ]
+        return self._direct_records(files, positions, blocks, range(len(positions)))
 
     def read_into(self, indices: Sequence[int], out: dict[str, np.ndarray], rows: Sequence[int]) -> list[ViewRecord]:
         positions = [self._index(i) for i in indices]
@@ -191,8 +186,13 @@ class ZarrReader(ShardReader):
             return super().read_into(indices, out, rows)
         for name in self.fields:
             files[name].read_rows_into(positions, out[name], rows)
+        return self._direct_records(files, positions, out, rows)
+
+    def _direct_records(self, files: dict[str, ShardFile], positions: list[int], arrays: dict[str, np.ndarray],
+                        rows: Sequence[int]) -> list[ViewRecord]:
+        """The records at ``positions``, fields ``arrays[name][rows[j]]``, images read in one pass."""
         images = files["image_bytes"].read_spans([(int(self._offsets[i]), int(self._offsets[i + 1])) for i in positions])
-        return [self._record(i, image, {name: out[name][row] for name in self.fields})
+        return [self._record(i, image, {name: arrays[name][row] for name in self.fields})
                 for i, image, row in zip(positions, images, rows)]
 
     def __iter__(self) -> Iterator[ViewRecord]:
