@@ -14,16 +14,31 @@ from typer.testing import CliRunner
 from tec_cache.cli import app as cache_app
 from tec_cache.format import get_format
 from tec_train.cli import app as train_app
-from tests.conftest import make_image_folder, tiny_state_dict
 from tests.faultkit import run_module, tree
 
 LEGACY = Path(__file__).parent / "data" / "legacy-1304b71"
 CACHES = sorted(p.name for p in LEGACY.iterdir() if p.is_dir())
+# The images and the base checkpoint those caches were built from, shipped rather than regenerated:
+# random init rounds differently on CPUs with other vector units, so a checkpoint made from the same
+# seed on another machine has another sha256 and the build (rightly) refuses to extend the caches.
+INPUTS = Path(__file__).parent / "data" / "legacy-1304b71-inputs"
 
 
 def _copy(name: str, tmp_path: Path) -> Path:
     """A writable copy: the checked-in files must stay exactly as the old release wrote them."""
     return Path(shutil.copytree(LEGACY / name, tmp_path / name))
+
+
+def _inputs(tmp_path: Path) -> tuple[Path, Path]:
+    """The shipped image folder (copied: the sidecars quote its path) and base checkpoint."""
+    return Path(shutil.copytree(INPUTS / "data", tmp_path / "data")), INPUTS / "mae_tiny.pth"
+
+
+def test_the_shipped_checkpoint_is_the_one_the_caches_name() -> None:
+    import hashlib
+
+    recorded = {json.loads((LEGACY / name / "manifest.json").read_text())["base_model"]["sha256"] for name in CACHES}
+    assert recorded == {hashlib.sha256((INPUTS / "mae_tiny.pth").read_bytes()).hexdigest()}
 
 
 def test_there_are_legacy_caches_of_both_formats() -> None:
@@ -81,9 +96,7 @@ def test_todays_build_writes_the_legacy_bytes(name: str, tmp_path: Path) -> None
     writes that cache's bytes: its resizer and its field framing come from its manifest. A fresh
     build with the same options (and the resizer those caches used) holds the same records; only
     the fields today's codec leaves uncompressed are framed otherwise."""
-    data = make_image_folder(tmp_path / "data", n_per_class=5, classes=2, bad=True)
-    ckpt = tmp_path / "mae_tiny.pth"
-    torch.save({"model": tiny_state_dict()}, ckpt)
+    data, ckpt = _inputs(tmp_path)
     fmt, codec = name.split("-")
     args = ["build", "--data", str(data), "--checkpoint", str(ckpt), "--arch", "vit_tiny_patch16_224", "--img-size",
             "32", "--patch-size", "8", "--topk", "3", "--views", "2", "--format", fmt, "--codec", codec,
@@ -145,9 +158,7 @@ def test_extending_a_legacy_cache_keeps_cutting_its_views_with_pil(tmp_path: Pat
     and compressed at the cache's own zstd level, as its first ones were (the same records as a build
     that names pil-bicubic), and the manifest now says so; naming another resizer for it is refused
     before any work."""
-    data = make_image_folder(tmp_path / "data", n_per_class=5, classes=2, bad=True)
-    ckpt = tmp_path / "mae_tiny.pth"
-    torch.save({"model": tiny_state_dict()}, ckpt)
+    data, ckpt = _inputs(tmp_path)
     args = ["build", "--data", str(data), "--checkpoint", str(ckpt), "--arch", "vit_tiny_patch16_224", "--img-size",
             "32", "--patch-size", "8", "--topk", "3", "--views", "3", "--format", "webdataset", "--codec", "int8",
             "--shard-size", "6", "--batch-size", "8", "--num-workers", "0", "--device", "cpu"]
