@@ -90,7 +90,7 @@ def run_seed(seed: int, pipe_ref: str, preset: dict[str, Any], data: Path, held_
     times["mae_more"] = st.run("mae_more", [*tt, "run", *p, "--objective", "mae", "--data", str(data), "--init-from", str(base_ckpt),
                                             "--epochs", str(epochs), "--warmup-epochs", str(preset["pretrain"]["warmup_epochs"]),
                                             "--run-dir", str(runs["mae_more"])], log)
-    for name, run in runs.items():  # the paper's own metric, with the spec-6 recipe scaled down ([finetune])
+    for name, run in runs.items():  # the paper's own metric, with the recipe of method.md 6 scaled down ([finetune])
         times[f"finetune_{name}"] = st.run(f"finetune_{name}", [*tt, "finetune", str(run), "--pipeline", pipe_ref, "--seed", str(seed),
                                                                 "--fashion-mnist", "--run-dir", str(out / f"ft_{name}")], log)
     times["held_out_curves"] = st.run("held_out_curves", [*tt, "plot", *(str(runs[s]) for s in student_names(ks)),

@@ -23,7 +23,7 @@ from tec_cache.config import POSITIVE, POSITIVE_INT, option
 
 @dataclass(frozen=True)
 class BaseModelSpec:
-    """A base model and the target recipe the reference uses with it (spec 4.1)."""
+    """A base model and the target recipe the reference uses with it (method.md 4.1)."""
 
     name: str
     arch: str

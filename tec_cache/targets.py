@@ -1,4 +1,4 @@
-"""Patch-relation enhanced targets from a frozen base ViT (spec section 2.3).
+"""Patch-relation enhanced targets from a frozen base ViT (method.md 2.3).
 
 Data flow: normalised view batch --> base model forward --> (feature target, attention-logit rows,
 top-k indices) --> codec. Stage 2's online mode calls the same function inside its step.

@@ -1,4 +1,4 @@
-"""The fine-tuning train transform (spec 6, MAE's build_transform), built from timm's parts.
+"""The fine-tuning train transform (method.md 6, MAE's build_transform), built from timm's parts.
 
 Data flow: labelled (RGB PIL image, label) --> **RandomResizedCrop + flip, RandAugment, to tensor,
 ImageNet mean/std, random erasing** --> finetune.py (Mixup/CutMix follow on the batch there).

@@ -1,6 +1,6 @@
 """Stage-2 loader: cached shards --> batches of (images the base model saw, quantised targets).
 
-Data flow (design.md, stage 2):
+Data flow (docs/method.md 10 and the README, stage 2):
 
     manifest --check_compatibility--> CacheLoader.epoch(e) --DataLoader workers--> Batch (CPU)
     Batch.to(device) --decode_targets (on the device)--> float targets --> student + losses

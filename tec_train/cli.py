@@ -420,7 +420,7 @@ def finetune(
     amp: Optional[str] = typer.Option(None, "--amp", help=_fh("amp")),
     keep_last: Optional[int] = typer.Option(None, "--keep-last", help=_fh("keep_last")),
 ) -> None:
-    """Fine-tune an encoder end to end with the reference recipe (spec 6), or resume the run in --run-dir."""
+    """Fine-tune an encoder end to end with the reference recipe (docs/method.md 6), or resume the run in --run-dir."""
     options = dict(locals())  # first statement: exactly the options
     from .finetune import Finetuner, finetune_config_for_run_dir
     from .harness.errors import NonFiniteLossError, ResumeError

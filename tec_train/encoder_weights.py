@@ -309,7 +309,7 @@ def load_encoder(
     weights = read_encoder_weights(source, model=model, basemodel=basemodel, arch=arch, img_size=img_size,
                                    patch_size=patch_size, depth=depth)
     vit = build_vit(weights.config)
-    # The reference's converted releases (spec 5.3) carry no norm.*: that route alone may lack it.
+    # The reference's converted releases (method.md 5.3) carry no norm.*: that route alone may lack it.
     allow = ("norm.",) if weights.facts["kind"] == "reference" else ()
     initialised = load_state_strict(vit, weights.state, str(source), allow_missing=allow)
     if initialised:

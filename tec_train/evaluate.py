@@ -31,7 +31,7 @@ _DEFAULTS = EvalConfig()  # the library functions' defaults are the options' def
 
 def eval_transform(img_size: int, crop_pct: float = 0.875) -> Callable:
     """The reference's eval transform: bicubic resize of the shorter side to img_size / crop_pct,
-    centre crop img_size, ImageNet mean/std (spec 6: 256 -> 224 at crop_pct 0.875)."""
+    centre crop img_size, ImageNet mean/std (method.md 6: 256 -> 224 at crop_pct 0.875)."""
     if not 0 < crop_pct <= 1:
         raise ValueError(f"--crop-pct: must be in (0, 1], got {crop_pct}")
     return T.Compose([

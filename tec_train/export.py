@@ -1,4 +1,4 @@
-"""Turn a TEC pretraining checkpoint into a plain timm ViT (spec 5.3).
+"""Turn a TEC pretraining checkpoint into a plain timm ViT (method.md 5.3).
 
 Data flow: checkpoint -> **export** -> downstream (finetune | knn | linear probe). The student's
 pretraining-only parts (encoder adaptor, both decoders, decoder_pos_embed) are dropped and the

@@ -1,4 +1,4 @@
-"""End-to-end fine-tuning with the reference recipe (spec 6, MAE's main_finetune), on timm parts.
+"""End-to-end fine-tuning with the reference recipe (method.md 6, MAE's main_finetune), on timm parts.
 
 Data flow: encoder source (encoder_weights.read_encoder_weights) --> timm ViT with a new head
 (global-pool + fc_norm, or cls token + norm) --> labelled data (labelled.open_labelled) with
@@ -64,7 +64,7 @@ def finetune_config_for_run_dir(run_dir: str, given: dict[str, Any]) -> Finetune
 
 # ---- model ------------------------------------------------------------------------------------
 class FinetuneViT(VisionTransformer):
-    """timm ViT with the reference's optional input adaptor: cls = cls_token_mlp(cls_token) (spec 6)."""
+    """timm ViT with the reference's optional input adaptor: cls = cls_token_mlp(cls_token) (method.md 6)."""
 
     def __init__(self, *, mlp_token: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -98,7 +98,7 @@ def build_finetune_model(weights: EncoderWeights, num_classes: int, *, global_po
     if global_pool:
         state = {k: v for k, v in state.items() if not k.startswith("norm.")}
     # The new parts: head and (avg mode) fc_norm keep their fresh values; everything else must load,
-    # except norm.* of the reference's converted releases, which have none (spec 5.3).
+    # except norm.* of the reference's converted releases, which have none (method.md 5.3).
     new = ("head.", "fc_norm.", *(("norm.",) if weights.facts.get("kind") == "reference" else ()))
     load_state_strict(model, state, str(weights.facts.get("path")), allow_missing=new)
     with torch.no_grad():
@@ -109,7 +109,7 @@ def build_finetune_model(weights: EncoderWeights, num_classes: int, *, global_po
 
 
 def layer_id_for_vit(name: str, num_layers: int) -> int:
-    """The reference's layer id (spec 6): patch_embed/pos_embed 0, blocks.j j+1, everything else num_layers.
+    """The reference's layer id (method.md 6): patch_embed/pos_embed 0, blocks.j j+1, everything else num_layers.
 
     cls_token gets -1, which indexes the last scale (1.0): TEC's quirk, kept on purpose.
     """

@@ -96,7 +96,7 @@ class ClassifierOptions:
 
 @dataclass
 class FinetuneOptimisation:
-    """Schedule, optimiser with layer-wise lr decay, and seed (spec 6)."""
+    """Schedule, optimiser with layer-wise lr decay, and seed (method.md 6)."""
 
     epochs: int = option(100, "Epochs; may be raised when resuming, to extend the run", check=POSITIVE_INT)
     warmup_epochs: float = option(5.0, "Linear warm-up epochs", check=NON_NEGATIVE)
@@ -151,7 +151,7 @@ class FinetuneConfig:
     """Every option of ``tec-train finetune``, one component each (encoder source, labelled data,
     classifier, optimisation, augmentation, run control). A field ``foo_bar`` of any component is
     the option ``--foo-bar`` and the key ``foo_bar`` of a pipeline's [finetune] table. Defaults are
-    the reference recipe (spec 6, README ViT-B row); each field declares its default, bound and help once."""
+    the reference recipe (method.md 6, README ViT-B row); each field declares its default, bound and help once."""
 
     run_dir: str = option(help="Run folder: finetune-<epoch>.pt, metrics.jsonl, config.json, result.json. "
                           "Re-running resumes it.")

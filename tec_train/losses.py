@@ -1,4 +1,4 @@
-"""TEC pretraining losses (spec 3.8).
+"""TEC pretraining losses (method.md 3.8).
 
 Data flow: cache -> loader -> student + adapter -> **losses** -> step. Both functions take the
 cached targets as they come out of the loader (possibly fp16) and compute in float32, so the
@@ -19,7 +19,7 @@ def normalize_feature_target(target: torch.Tensor) -> torch.Tensor:
     """Normalise each image's target per channel over the token axis (dim 1), unbiased variance.
 
     This is TEC's patch-axis normalisation, not MAE's per-token one; the eps is added to the
-    variance, not to the standard deviation (spec 8.3).
+    variance, not to the standard deviation (method.md 8.3).
     """
     target = target.float()  # [B, L, D]
     mean = target.mean(dim=1, keepdim=True)  # [B, 1, D]
@@ -42,7 +42,7 @@ def attention_loss(target: torch.Tensor, pred: torch.Tensor, tau: float) -> torc
 
     target, pred: [B, k+1, H, L] (cls key column already dropped, so both distributions are over
     patch keys only). Averaged over every (image, query row, head); the mask is deliberately not
-    used, as in the reference (spec 8.4).
+    used, as in the reference (method.md 8.4).
     """
     p = F.softmax(target.float() / tau, dim=-1)  # [B, k+1, H, L]
     log_q = F.log_softmax(pred.float(), dim=-1)  # [B, k+1, H, L]

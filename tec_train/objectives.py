@@ -76,7 +76,7 @@ class Objective:
 
 
 class TECObjective(Objective):
-    """Predict a base model's features and attention of the masked image (spec 3), from a cache or online."""
+    """Predict a base model's features and attention of the masked image (method.md 3), from a cache or online."""
 
     name = "tec"
     terms = ("loss", "loss_fea", "loss_att")

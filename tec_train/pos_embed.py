@@ -1,4 +1,4 @@
-"""Fixed 2-D sin-cos position embeddings (spec 3.2).
+"""Fixed 2-D sin-cos position embeddings (method.md 3.2).
 
 Data flow: cache -> loader -> **student** (pos_embed / decoder_pos_embed are built here once,
 frozen) -> losses -> step. Identical to MAE's table so that reference TEC checkpoints, whose frozen

@@ -1,4 +1,4 @@
-"""Learning-rate rule and schedule of TEC pretraining (spec 4).
+"""Learning-rate rule and schedule of TEC pretraining (method.md 4).
 
 Data flow: loader position (epoch, micro-batch) --> fractional epoch --> **lr** --> every AdamW
 param group, set at the start of each accumulation window as the reference does. The absolute lr

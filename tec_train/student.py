@@ -1,4 +1,4 @@
-"""The TEC student: a masked ViT encoder with the conditional adapter and two decoders (spec 3).
+"""The TEC student: a masked ViT encoder with the conditional adapter and two decoders (method.md 3).
 
 Data flow: cache -> loader -> **student + adapter** -> losses -> step. The loader hands over the
 images the base model saw and its cached targets (feature [B, L, D], attention logits
@@ -6,7 +6,7 @@ images the base model saw and its cached targets (feature [B, L, D], attention l
 fuses all encoder layers through the encoder adaptor and predicts both targets. D and H are the
 base model's and only size the prediction heads, so one cache trains students of any width/depth.
 
-Parameter names follow the reference ``TECViT`` (spec 5.2) so its checkpoints load strictly.
+Parameter names follow the reference ``TECViT`` (method.md 5.2) so its checkpoints load strictly.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from .losses import attention_loss, feature_loss
 from .pos_embed import sincos_pos_embed
 
 # Every block norm in the reference uses eps 1e-6; only the encoder adaptor keeps nn.LayerNorm's
-# default 1e-5 (spec 8.5).
+# default 1e-5 (method.md 8.5).
 BlockNorm = partial(nn.LayerNorm, eps=1e-6)
 ADAPTOR_LN_EPS = 1e-5
 
@@ -47,7 +47,7 @@ class StudentOutput:
 def random_masking(
     x: torch.Tensor, noise: torch.Tensor, mask_ratio: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MAE masking, shared by the TEC student and the plain MAE objective (spec 3.3).
+    """MAE masking, shared by the TEC student and the plain MAE objective (method.md 3.3).
 
     x: [B, L, C]; noise: [B, L]. Keeps the int(L * (1 - mask_ratio)) patches with the smallest
     noise; returns kept tokens [B, len_keep, C], mask [B, L] (1 = removed, in original patch
@@ -66,7 +66,7 @@ def random_masking(
 
 
 def init_linear_and_norm(module: nn.Module) -> None:
-    """MAE's final initialisation pass (spec 3.9): xavier-uniform Linear weights, zero biases,
+    """MAE's final initialisation pass (method.md 3.9): xavier-uniform Linear weights, zero biases,
     LayerNorm weight 1 and bias 0, over every submodule."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
@@ -91,7 +91,7 @@ class MaskedEncoderMixin:
     norm: nn.LayerNorm
 
     def _init_tables_and_embeddings(self, grid_h: int, grid_w: int, decoder_embed_dim: int) -> None:
-        """Sin-cos pos embeds, xavier patch embedding, N(0, 0.02) cls token (spec 3.9), in this order."""
+        """Sin-cos pos embeds, xavier patch embedding, N(0, 0.02) cls token (method.md 3.9), in this order."""
         with torch.no_grad():
             self.pos_embed.copy_(sincos_pos_embed(self.embed_dim, grid_h, grid_w).unsqueeze(0))
             self.decoder_pos_embed.copy_(sincos_pos_embed(decoder_embed_dim, grid_h, grid_w).unsqueeze(0))
@@ -130,7 +130,7 @@ class FeatureAdaptor(nn.Module):
 
     The depth*C input is layer-normalised as a whole, cut into ``num_adap`` consecutive chunks
     (each holding depth/num_adap layers), each chunk is projected to C and refined by a residual
-    MLP, and the chunk results are summed and normalised (spec 3.5).
+    MLP, and the chunk results are summed and normalised (method.md 3.5).
     """
 
     def __init__(self, embed_dim: int, depth: int, num_adap: int, mlp_hidden: int) -> None:
@@ -193,7 +193,7 @@ class _DecoderStem(nn.Module):
 
 
 class FeatureDecoder(_DecoderStem):
-    """Predicts the base model's (normalised) feature target for every patch (spec 3.6)."""
+    """Predicts the base model's (normalised) feature target for every patch (method.md 3.6)."""
 
     def __init__(self, embed_dim: int, decoder_embed_dim: int, pred_dim: int) -> None:
         super().__init__(embed_dim, decoder_embed_dim)
@@ -207,7 +207,7 @@ class FeatureDecoder(_DecoderStem):
 
 
 class AttentionDecoder(_DecoderStem):
-    """Predicts the base model's last-block attention logits for the cls and top-k query rows (spec 3.7)."""
+    """Predicts the base model's last-block attention logits for the cls and top-k query rows (method.md 3.7)."""
 
     def __init__(self, embed_dim: int, decoder_embed_dim: int, pred_dim: int, att_heads: int) -> None:
         super().__init__(embed_dim, decoder_embed_dim)
@@ -215,7 +215,7 @@ class AttentionDecoder(_DecoderStem):
             raise ValueError(f"attention decoder: pred_dim {pred_dim} is not divisible by att_heads {att_heads}")
         self.pred_dim = pred_dim
         self.att_heads = att_heads
-        # The reference scales by the full pred_dim, not the head dim (spec 8.2); kept for parity.
+        # The reference scales by the full pred_dim, not the head dim (method.md 8.2); kept for parity.
         self.scale = pred_dim**-0.5
         self.decoder_qk = nn.Linear(decoder_embed_dim, 2 * pred_dim)
 
@@ -320,7 +320,7 @@ class TECStudent(MaskedEncoderMixin, nn.Module):
     def random_masking(
         self, x: torch.Tensor, noise: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """MAE masking: keep the len_keep patches with the smallest noise (spec 3.3).
+        """MAE masking: keep the len_keep patches with the smallest noise (method.md 3.3).
 
         x: [B, L, C]; noise: [B, L]. Returns kept tokens [B, len_keep, C], mask [B, L]
         (1 = removed, in original patch order) and ids_restore [B, L].
@@ -333,7 +333,7 @@ class TECStudent(MaskedEncoderMixin, nn.Module):
         """Encode the visible tokens; returns (stacked layer outputs [B, 1+keep, depth*C], mask, ids_restore).
 
         The stack holds the raw outputs of blocks 0..depth-2 and norm(last block), cls included
-        (spec 3.4/8.6).
+        (method.md 3.4/8.6).
         """
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:]  # [B, L, C]
         x, mask, ids_restore = self.random_masking(x, noise)  # [B, keep, C]
@@ -421,7 +421,7 @@ class ModelSize:
 
 
 MODEL_SIZES: dict[str, ModelSize] = {
-    # Decoders for B and L are the reference's (spec 3.1); ti/s/h keep its head dim of 32-64.
+    # Decoders for B and L are the reference's (method.md 3.1); ti/s/h keep its head dim of 32-64.
     # ViT-H's 32 layers are not a multiple of 3, so its adaptor fuses 8 groups of 4 layers.
     "tiny": ModelSize(192, 12, 3, 128, 2, 4, 16),
     "small": ModelSize(384, 12, 6, 256, 2, 8, 16),
@@ -479,6 +479,6 @@ def build_student(
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups (spec 4): 1-D and ``.bias`` params get no decay, every other trainable tensor
+    """AdamW groups (method.md 4): 1-D and ``.bias`` params get no decay, every other trainable tensor
     (cls_token and mask tokens included) gets ``weight_decay``; frozen pos embeds are left out."""
     return param_groups_weight_decay(model, weight_decay)

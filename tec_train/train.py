@@ -130,7 +130,7 @@ class Trainer:
         self.saved_layout = self.layout
         if self.resume is not None:
             self.cfg = cfg = self._fit_layout(self.resume.checkpoint)
-        # An incomplete last accumulation window is not run (spec 8.13): whole windows only.
+        # An incomplete last accumulation window is not run (method.md 8.13): whole windows only.
         self.micro_batches_run_per_epoch = self.micro_batches_per_epoch // cfg.optim.accum_iter * cfg.optim.accum_iter
         try:
             if self.micro_batches_run_per_epoch == 0:
@@ -463,7 +463,7 @@ class Trainer:
                 getattr(batches, "close", lambda: None)()
                 if it >= micro_batches_run:
                     # The micro-batches of an incomplete last window are not run: the reference runs
-                    # them and then discards their gradient at the next epoch's zero_grad (spec 8.13).
+                    # them and then discards their gradient at the next epoch's zero_grad (method.md 8.13).
                     epoch, it = epoch + 1, 0
         except (RuntimeError, OSError) as e:
             # A peer rank that died mid-collective: one clear line, not a gloo/NCCL traceback.

@@ -95,7 +95,7 @@ class TargetSource:
 
 @dataclass
 class StudentOptions:
-    """The student ViT and its masking (spec 3)."""
+    """The student ViT and its masking (method.md 3)."""
 
     model: str = option("vit_base_patch16", "Student size, timm-style: vit_tiny_patch16, vit_small_patch16, "
                         "vit_base_patch16, vit_large_patch16, ...")
@@ -109,7 +109,7 @@ class StudentOptions:
 
 @dataclass
 class Optimisation:
-    """Schedule, optimiser and seed (spec 4)."""
+    """Schedule, optimiser and seed (method.md 4)."""
 
     epochs: int = option(300, "Epochs; may be raised when resuming, to extend the run", check=POSITIVE_INT)
     warmup_epochs: float = option(40.0, "Linear warm-up epochs, clipped to --epochs", check=NON_NEGATIVE)

@@ -1,4 +1,4 @@
-"""Base-model registry and strict checkpoint loading in every layout users bring (spec 5.1)."""
+"""Base-model registry and strict checkpoint loading in every layout users bring (method.md 5.1)."""
 from __future__ import annotations
 
 import argparse

@@ -182,7 +182,7 @@ def test_load_encoder_from_reference_checkpoint(tmp_path: Path) -> None:
     torch.testing.assert_close(_features(vit, imgs), _features(student, imgs), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="--model"):
         load_encoder(path)
-    # weight_convert.py's output (spec 5.3): bare, cls folded, no norm.*; the norm starts as identity.
+    # weight_convert.py's output (method.md 5.3): bare, cls folded, no norm.*; the norm starts as identity.
     converted = {k: v for k, v in export_state_dict(student.state_dict()).items() if not k.startswith("norm.")}
     torch.save(converted, tmp_path / "converted.pth")
     vit2, facts2 = load_encoder(tmp_path / "converted.pth", model="vit_tiny_patch4")
@@ -365,7 +365,7 @@ def test_layer_decay_scales_match_the_spec() -> None:
     assert scales["blocks.0.attn.qkv.weight"] == pytest.approx(0.65**12) == pytest.approx(0.005688, abs=1e-6)
     assert scales["blocks.11.mlp.fc2.bias"] == pytest.approx(0.65)
     for name in ("head.weight", "fc_norm.weight", "cls_token", "cls_token_mlp.fc1.weight"):
-        assert scales[name] == 1.0, name  # cls_token: the quirk of spec 6
+        assert scales[name] == 1.0, name  # cls_token: the quirk of method.md 6
     assert "pos_embed" not in scales  # frozen, as the reference
     groups = param_groups_layer_decay(model, 0.05, 0.65)
     decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
@@ -380,7 +380,7 @@ def test_finetune_model_keeps_or_folds_the_cls_mlp(tiny) -> None:
     weights = read_encoder_weights(tiny.run)
     assert weights.cls_mlp is not None
     vit, _ = load_encoder(tiny.run)
-    vit.norm = torch.nn.Identity()  # global-pool mode drops the pretrained norm (spec 5.3/6)
+    vit.norm = torch.nn.Identity()  # global-pool mode drops the pretrained norm (method.md 5.3/6)
     expected = _features(vit, tiny.imgs)
     for keep in (True, False):
         model, facts = build_finetune_model(weights, 7, global_pool=True, drop_path=0.0, mlp_token=keep)

@@ -1,4 +1,4 @@
-"""Export (spec 5.3 / 9.9): cls MLP folding, strict load into timm, identical features, file
+"""Export (method.md 5.3 / 9.9): cls MLP folding, strict load into timm, identical features, file
 round-trips, and loading reference-style checkpoints."""
 from __future__ import annotations
 

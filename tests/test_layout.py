@@ -1,4 +1,4 @@
-"""The direction of imports (design.md, Layout): the format core imports nothing of either
+"""The direction of imports (docs/development.md): the format core imports nothing of either
 application; stage 2 imports the format core and the shared image/view/target code, never the
 stage-1 application; nothing imports a CLI; stage 1 never imports stage 2; the run harness imports no
 loop of stage 2."""

@@ -22,7 +22,7 @@ def feature_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _wrong_feature_loss(target: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, variant: str) -> float:
-    """The easy mistakes of spec 8.3, written out so the test shows they give other numbers."""
+    """The easy mistakes of method.md 8.3, written out so the test shows they give other numbers."""
     t = target.double()  # [B, L, D]
     if variant == "biased_var":
         t = (t - t.mean(1, keepdim=True)) / (t.var(1, unbiased=False, keepdim=True) + 1e-6).sqrt()

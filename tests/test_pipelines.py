@@ -59,14 +59,14 @@ def test_preset_options_are_valid(path: Path, tmp_path: Path):
         check_fields(override(DataSubsets(), {}, p["data"], pipe.where("data")))
     _, patch = parse_model_name(pre["model"])
     assert spec.img_size % patch == 0 and spec.img_size // patch == spec.img_size // spec.patch_size
-    if "expected_top1" in p:  # the paper's rows: spec 4.1 and 9.8, through the resolved preset
+    if "expected_top1" in p:  # the paper's rows: method.md 4.1 and 9.8, through the resolved preset
         assert pre["blr"] * pre["batch_size"] * pre["accum_iter"] * world / 256 == pytest.approx(2.4e-3)
         assert (pre["warmup_epochs"], pre["mask_ratio"], spec.last_layers) == (40, 0.75, 2)
         ft = p["finetune"]
         assert ft["batch_size"] * ft["accum_iter"] * ft["world_size"] == 1024
 
 
-# The paper's rows (spec 4.1 and 6, the reference's README): what each resolved preset must hold.
+# The paper's rows (method.md 4.1 and 6, the reference's README): what each resolved preset must hold.
 PAPER = {
     "mae300ep-vitb-100ep": dict(basemodel="mae1k300ep", topk=15, tau=1.8, model="vit_base_patch16", epochs=100, ft_epochs=100, warmup=5, layer_decay=0.65, top1=83.9),
     "mae-vitb-300ep": dict(basemodel="mae1kbase", topk=15, tau=1.8, model="vit_base_patch16", epochs=300, ft_epochs=100, warmup=20, layer_decay=0.65, top1=84.7),

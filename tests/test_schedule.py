@@ -1,4 +1,4 @@
-"""Pretraining lr rule and schedule against the reference's numbers (spec 9.8)."""
+"""Pretraining lr rule and schedule against the reference's numbers (method.md 9.8)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""TEC student: pos embeds (spec 9.1), bookkeeping (9.7), masking (3.3), an independent
+"""TEC student: pos embeds (method.md 9.1), bookkeeping (9.7), masking (3.3), an independent
 re-implementation of the forward (3.4-3.7) and gradient flow (9.6). Tiny CPU models except the
 ViT-B/L bookkeeping, which runs on the meta device."""
 from __future__ import annotations
@@ -41,7 +41,7 @@ def vit_b() -> TECStudent:
         return build_student("mae_vit_base_patch16", pred_dim=768, att_heads=12, img_size=224)
 
 
-# ---------------------------------------------------------------- spec 9.1: sin-cos pos embed
+# ---------------------------------------------------------------- method.md 9.1: sin-cos pos embed
 
 
 @pytest.mark.parametrize(
@@ -80,7 +80,7 @@ def test_student_pos_embeds_are_frozen_sincos() -> None:
     assert {"pos_embed", "decoder_pos_embed"} <= set(s.state_dict())
 
 
-# ---------------------------------------------------------------- spec 9.7: bookkeeping
+# ---------------------------------------------------------------- method.md 9.7: bookkeeping
 
 
 def _count(module: torch.nn.Module) -> int:
@@ -110,7 +110,7 @@ def test_vit_l_trainable_parameter_count() -> None:
 
 
 def _expected_reference_keys(depth: int, decoder_depth: int, num_adap: int) -> set[str]:
-    """The reference TECViT state-dict names (spec 5.2), written out independently of the module."""
+    """The reference TECViT state-dict names (method.md 5.2), written out independently of the module."""
     wb = ("weight", "bias")
     block = [f"{m}.{p}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2") for p in wb]
     keys = {"cls_token", "pos_embed", "decoder_pos_embed", "forward_fea_decoder.mask_token",
@@ -209,7 +209,7 @@ def test_without_attention_or_cls_mlp(batch) -> None:
     torch.testing.assert_close(s.cls_embed(), s.cls_token + s.pos_embed[:, :1])
 
 
-# ---------------------------------------------------------------- spec 3.3: masking
+# ---------------------------------------------------------------- method.md 3.3: masking
 
 
 def test_random_masking(batch) -> None:
@@ -244,7 +244,7 @@ def test_default_noise_is_torch_rand(batch) -> None:
     assert torch.equal(drawn.mask, replay.mask) and drawn.loss.item() == replay.loss.item()
 
 
-# ---------------------------------------------------------------- spec 3.4-3.7: independent re-implementation
+# ---------------------------------------------------------------- method.md 3.4-3.7: independent re-implementation
 
 
 def _ref_encoder(s: TECStudent, imgs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -340,7 +340,7 @@ def test_attention_query_rows_follow_idx_order(batch) -> None:
     torch.testing.assert_close(flipped.pred_att[:, 1:], out.pred_att[:, 1:].flip(1))
 
 
-# ---------------------------------------------------------------- spec 9.6: gradients
+# ---------------------------------------------------------------- method.md 9.6: gradients
 
 
 def test_gradients_reach_every_part_and_both_branches_share_blocks(batch) -> None:

@@ -1,4 +1,4 @@
-"""Teacher targets against an independent hook-based computation on a stock timm ViT (spec 9.4)."""
+"""Teacher targets against an independent hook-based computation on a stock timm ViT (method.md 9.4)."""
 from __future__ import annotations
 
 import pytest
