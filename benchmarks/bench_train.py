@@ -158,14 +158,20 @@ def main() -> None:
     rates: dict[str, list[float]] = {"online": [], "cache": [], "in_memory": []}
     # The three modes take turns, round after round, so a slow spell of a shared machine falls on
     # all of them; each rate is the median over every timed step of every round.
+    peaks: dict[str, float] = {}
     for r in range(args.rounds):
-        train(TrainConfig(run_dir=str(work / f"run-online-{r}"), arch=args.arch, checkpoint=str(ckpt), data=str(data),
-                          topk=args.topk, base_depth=args.base_depth, **common))
-        rates["online"] += step_rates(work / f"run-online-{r}", args.warmup)
-        train(TrainConfig(run_dir=str(work / f"run-cache-{r}"), cache=str(cache), **common))
-        rates["cache"] += step_rates(work / f"run-cache-{r}", args.warmup)
-        train(TrainConfig(run_dir=str(work / f"run-memory-{r}"), **common), source=mem)
-        rates["in_memory"] += step_rates(work / f"run-memory-{r}", args.warmup)
+        runs = {"online": (TrainConfig(run_dir=str(work / f"run-online-{r}"), arch=args.arch, checkpoint=str(ckpt),
+                                       data=str(data), topk=args.topk, base_depth=args.base_depth, **common), None),
+                "cache": (TrainConfig(run_dir=str(work / f"run-cache-{r}"), cache=str(cache), **common), None),
+                "in_memory": (TrainConfig(run_dir=str(work / f"run-memory-{r}"), **common), mem)}
+        for mode, (cfg, source) in runs.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            train(cfg, source=source) if source is not None else train(cfg)
+            rates[mode] += step_rates(Path(cfg.run_dir), args.warmup)
+            if device.type == "cuda":  # peak device memory of the mode's step, GiB
+                peaks[mode] = max(peaks.get(mode, 0.0), torch.cuda.max_memory_allocated(device) / 2**30)
+    res["peak_gib"] = peaks or None
     for mode, values in rates.items():
         res[f"{mode}_images_per_s"] = statistics.median(values)
     res["rounds"] = args.rounds

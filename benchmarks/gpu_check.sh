@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The one prepared device check for stage 2 (and stage 1 on a GPU): in at most ~8 minutes on one
 # GPU, install the carried wheels (no network there), then measure ViT-B/16 at 224 in bf16: the
-# base-model forward alone, a stage-1 build, the loader, and training from the cache against
-# online mode and targets in memory. `--tiny` runs the same steps with tiny sizes on CPU, so the
-# script is known to work before it first meets a GPU.
+# base-model forward alone, a stage-1 build by both view paths (views/s against the bare forward,
+# host CPU per view), the loader with pinning, training from the cache against online mode and
+# targets in memory, one fine-tune slice, the largest ViT-B and ViT-L student batch, and the peak
+# GPU memory of each. `--tiny` runs the same steps with tiny sizes on CPU, so the script is known
+# to work before it first meets a GPU.
 #
 #   bash benchmarks/fetch_gpu_wheels.sh      # here, once: fills .whl/
 #   bash benchmarks/gpu_check.sh             # there (device run with carry [".whl"])
@@ -20,9 +22,12 @@ mkdir -p "$OUTDIR"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 if [ "${1:-}" = "--tiny" ]; then
   timeout 600 python3 benchmarks/bench_train.py --device cpu --steps 4 --warmup 1 --out "$OUTDIR/check_tiny.json"
+  timeout 600 python3 benchmarks/bench_gpu.py --tiny --out "$OUTDIR/check_tiny_extra.json"
 else
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-  timeout 420 python3 benchmarks/bench_train.py --arch vit_base_patch16_224 --base-depth 0 --model vit_base_patch16 \
+  timeout 280 python3 benchmarks/bench_train.py --arch vit_base_patch16_224 --base-depth 0 --model vit_base_patch16 \
     --img-size 224 --batch-size 128 --images 3072 --steps 12 --warmup 3 --num-workers 12 --device cuda \
-    --out "$OUTDIR/gpu_vitb.json"
+    --out "$OUTDIR/gpu_vitb.json" || echo "bench_train failed or timed out (rc $?)"
+  timeout 180 python3 benchmarks/bench_gpu.py --device cuda --images 3072 --batch-size 256 --num-workers 12 \
+    --out "$OUTDIR/gpu_extra.json" || echo "bench_gpu failed or timed out (rc $?)"
 fi
