@@ -85,11 +85,13 @@ def build(
     resize: Optional[str] = typer.Option(None, "--resize", help=_h("resize")),
     strict: bool = typer.Option(False, "--strict", help=_h("strict")),
     dry_run: bool = typer.Option(False, "--dry-run", help=_h("dry_run")),
-    log_seconds: float = typer.Option(30.0, "--log-seconds", min=0.0, help="Where output is not a terminal (a job's log file): a progress line every N seconds (0: after every batch of views), and one at the end."),
+    log_seconds: float = typer.Option(30.0, "--log-seconds", help="Where output is not a terminal (a job's log file): a progress line every N seconds (0: after every batch of views), and one at the end."),
 ) -> None:
     """Run the base model over K augmented views of every image and write its targets to shards."""
     options = dict(locals())  # first statement: exactly the options
     options.pop("log_seconds")
+    if not log_seconds >= 0:
+        _fail(f"--log-seconds: must be a number >= 0, got {log_seconds:g}")
     from tec_cache.build import BuildOptionError, build_cache
     from tec_cache.build_config import build_config
 
