@@ -105,6 +105,10 @@ class PlainFinetuneReporter(PlainReporter):
     """``tec-train finetune`` where output is not a terminal: a line every --log-every optimizer steps
     (running loss of the epoch, lr, rate, data wait), and one per epoch with its evaluation."""
 
+    def __init__(self, out: Console) -> None:
+        super().__init__(out)
+        self.done = 0
+
     def summary(self, summary: dict[str, Any]) -> str:
         return _finetune_summary(summary)
 
@@ -121,11 +125,10 @@ class PlainFinetuneReporter(PlainReporter):
 
     def record(self, record: dict[str, Any]) -> None:
         # Comes right after the epoch's last micro-batch was counted by advance().
-        done = getattr(self, "done", 0)
-        self.lines.line(done, _line_fields(record), self._position(done, record["step"]))
+        self.lines.line(self.done, _line_fields(record), self._position(self.done, record["step"]))
 
 
-class RichReporter:
+class RichReporter(Reporter):
     """Progress bar over optimizer steps with the latest losses and throughput; rank 0 only (the trainer
     sees to that). Implements harness.Reporter."""
 
@@ -400,7 +403,7 @@ def _dataset_dir(data: Optional[Path], fashion_mnist: bool, fashion_mnist_dir: O
     return (str(data) if data is not None else None), fm
 
 
-class RichFinetuneReporter:
+class RichFinetuneReporter(Reporter):
     """Progress bar over micro-batches with the last epoch's accuracy; rank 0 only (the finetuner sees to
     that). Implements harness.Reporter."""
 
@@ -419,6 +422,9 @@ class RichFinetuneReporter:
 
     def advance(self, done: int) -> None:
         self.progress.update(self.task, completed=done)
+
+    def status(self, done: int, stats: dict[str, Any]) -> None:
+        self.progress.update(self.task, stats=f"epoch {stats['epoch']} loss {stats['train_loss']:.4f} lr {stats['lr']:.2e}")
 
     def record(self, record: dict[str, Any]) -> None:
         stats = (f"epoch {record['epoch']} loss {record['train_loss']:.4f} top-1 {record['test_top1']:.2%} "

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from tec_cache.fashion_mnist import DEFAULT_DIR
 from tec_cache.plain_log import LogConsole, PlainProgress, duration, eta
+from tec_train.harness.reporting import Reporter
 from tests.conftest import TINY_ARCH, TINY_IMG, TINY_PATCH, TINY_TOPK, make_image_folder
 from tests.faultkit import ROOT, clean_env
 
@@ -113,3 +114,39 @@ def test_build_run_and_finetune_write_plain_lines_to_a_log_file(tiny_ckpt: Path,
         assert re.match(r"step \d+/16 epoch \d train_loss \S+ lr \S+ ", ln) and re.search(r" images_per_s \S+ data_wait \S+% ", ln), ln
     assert all(re.search(ELAPSED_ETA, ln) for ln in steps) and sum("test_top1" in ln for ln in steps) == 2
     assert str(ft / "result.json") in text and "…" not in text and "fine-tuning" not in text
+
+
+def test_a_terminal_keeps_the_live_bar(tiny_cache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tec_train.cli as cli
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "console", LogConsole(file=screen, force_terminal=True, width=100, soft_wrap=True))
+    r = CliRunner().invoke(cli.app, ["run", "--run-dir", str(tmp_path / "run"), "--cache", str(tiny_cache.cache), "--model",
+                                     "vit_tiny_patch8", "--depth", "2", "--batch-size", "4", "--max-steps", "2",
+                                     "--num-workers", "0", "--log-every", "1", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    text = screen.getvalue()
+    assert "training" in text and "━" in text  # rich's bar
+    assert not re.search(r"^step \d+/\d+ ", text, re.M)  # no plain lines on a terminal
+    # Both terminal reporters take every hook a loop calls.
+    for reporter in (cli.RichReporter, cli.RichFinetuneReporter, cli.PlainReporter, cli.PlainFinetuneReporter):
+        assert issubclass(reporter, Reporter)
+
+
+def test_finetune_reporters_take_the_running_status(tmp_path: Path) -> None:
+    from tec_train.cli import PlainFinetuneReporter, RichFinetuneReporter
+
+    summary = {"encoder": {"kind": "export", "model_name": "vit_tiny_patch8", "depth": 2, "embed_dim": 192},
+               "data": {"kind": "image_folder", "train_images": 64, "val_images": 20, "num_classes": 2},
+               "img_size": 32, "eff_batch": 8, "lr": 1e-3, "optimizer_steps_per_epoch": 4, "amp": "off"}
+    stats = {"step": 2, "epoch": 0, "train_loss": 0.7, "lr": 1e-3, "images_per_s": 50.0, "data_wait_fraction": 0.25}
+    for terminal, kind in ((True, RichFinetuneReporter), (False, PlainFinetuneReporter)):
+        buf = io.StringIO()
+        rep = kind(LogConsole(file=buf, force_terminal=terminal, width=100))
+        rep.start(total=16, done=0, summary=summary)  # 2 epochs of 4 steps of 2 micro-batches
+        rep.advance(4)
+        rep.status(4, stats)
+        rep.finish()
+        if not terminal:
+            assert re.search(r"^step 2/8 epoch 0 train_loss 0.7 lr 0.001 images_per_s 50 data_wait 25.0% " + ELAPSED_ETA,
+                             buf.getvalue(), re.M), buf.getvalue()
