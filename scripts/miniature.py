@@ -71,7 +71,7 @@ class Stages:
         console.print(f"[bold]{name}[/]: {' '.join(argv[2:])}", highlight=False, soft_wrap=True)
         t0 = time.time()
         with open(log, "a", encoding="utf-8") as f:
-            proc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "120"})
+            proc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT)  # plain lines, tables whole
         if proc.returncode != 0:
             tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:])
             sys.exit(f"error: stage {name} failed (exit {proc.returncode}); log {log}:\n{tail}")

@@ -21,8 +21,9 @@ LOG_WIDTH = 1000
 
 class LogConsole(Console):
     """A rich Console that, when its output is not a terminal, is :data:`LOG_WIDTH` columns wide
-    instead of rich's 80, so tables and paths are never cut or ellipsised. Whether it is a terminal
-    is asked at each use: a test runner may swap stderr after the console was made."""
+    instead of rich's 80, so tables and paths are never cut or ellipsised (a COLUMNS the user
+    exported still sets the width, as rich reads it). Whether it is a terminal is asked at each
+    use: a test runner may swap stderr after the console was made."""
 
     @property
     def size(self) -> ConsoleDimensions:
