@@ -129,6 +129,8 @@ class WandbTracker:
         self.id = run_id
 
     def log(self, step: int, values: dict[str, float]) -> None:
+        if step < self.run.step:
+            return  # logged by the launch before this resume; W&B would refuse it with a warning
         self.run.log({k: v for k, v in values.items() if math.isfinite(v)}, step=step)
 
     def close(self) -> None:
