@@ -71,7 +71,7 @@ class Stages:
         console.print(f"[bold]{name}[/]: {' '.join(argv[2:])}", highlight=False, soft_wrap=True)
         t0 = time.time()
         with open(log, "a", encoding="utf-8") as f:
-            proc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "120"})
+            proc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT)  # plain lines, tables whole
         if proc.returncode != 0:
             tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:])
             sys.exit(f"error: stage {name} failed (exit {proc.returncode}); log {log}:\n{tail}")
@@ -144,20 +144,56 @@ def _fmt(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} ± {100 * (max(values) - min(values)) / 2:.2f}"
 
 
-def summarise(results: dict[str, Any], seeds: list[int], out: Path, pipe_name: str) -> None:
-    """Table per model (mean ± half-range over seeds), the three claims checked, results.md/json."""
+# A claim's verdict: True (holds), False (does not hold), or None: not tested, because a check
+# against the seed spread needs at least two seeds (with one, the spread is 0 by construction).
+Verdict = bool | None
+NOT_TESTED = "not tested (one seed)"
+
+
+def verdict_text(ok: Verdict, *, markdown: bool = False) -> str:
+    if ok is None:
+        return NOT_TESTED
+    return "yes" if ok else ("**no**" if markdown else "no")
+
+
+def verdict_line(ok: Verdict) -> str:
+    """The console's word for a verdict (rich markup)."""
+    if ok is None:
+        return f"[yellow]{NOT_TESTED}[/]"
+    return "[green]holds[/]" if ok else "[red]does not hold[/]"
+
+
+def denominator(n: int, spread: float | None = None, scale: float = 100, digits: int = 2) -> str:
+    """What a claim's numbers stand on: how many seeds the means are over, and their spread."""
+    if n < 2:
+        return "1 seed, no spread"
+    return f"means of {n} seeds" + ("" if spread is None else f", seed spread {scale * spread:.{digits}f}")
+
+
+def claims(results: dict[str, Any], seeds: list[int]) -> list[tuple[str, Verdict, str]]:
+    """The paper's three claims, per probe, from the means over ``seeds``; each with its verdict and
+    numbers that state their denominator. The seed-noise claim is not tested with one seed."""
     per = {m: {k: [results["seeds"][str(s)]["eval"][m][k] for s in seeds] for k in ("knn_top1", "linear_top1")} for m in MODELS}
     spread = {k: max(max(per[m][k]) - min(per[m][k]) for m in MODELS) for k in ("knn_top1", "linear_top1")}
     mean = {m: {k: statistics.mean(v) for k, v in per[m].items()} for m in MODELS}
-    claims = []
+    n = len(seeds)
+    out: list[tuple[str, Verdict, str]] = []
     for k, name in (("knn_top1", "kNN"), ("linear_top1", "linear")):
         c, b, o, mm = (mean[x][k] for x in ("tec_cache", "base", "tec_online", "mae_more"))
-        claims += [
-            (f"{name}: A_tec_cache > A_base", c > b, f"{100 * c:.2f} vs {100 * b:.2f}"),
-            (f"{name}: A_tec_cache >= A_mae_more", c >= mm, f"{100 * c:.2f} vs {100 * mm:.2f}"),
-            (f"{name}: abs(A_tec_cache - A_tec_online) <= seed spread", abs(c - o) <= spread[k] or len(seeds) < 2,
-             f"{100 * abs(c - o):.2f} vs spread {100 * spread[k]:.2f}" + (" (one seed: no spread)" if len(seeds) < 2 else "")),
+        of = denominator(n, spread[k])
+        out += [
+            (f"{name}: A_tec_cache > A_base", c > b, f"{100 * c:.2f} vs {100 * b:.2f} ({of})"),
+            (f"{name}: A_tec_cache >= A_mae_more", c >= mm, f"{100 * c:.2f} vs {100 * mm:.2f} ({of})"),
+            (f"{name}: abs(A_tec_cache - A_tec_online) <= seed spread", abs(c - o) <= spread[k] if n > 1 else None,
+             f"{100 * abs(c - o):.2f} vs spread {100 * spread[k]:.2f} ({of})"),
         ]
+    return out
+
+
+def summarise(results: dict[str, Any], seeds: list[int], out: Path, pipe_name: str) -> None:
+    """Table per model (mean ± half-range over seeds), the three claims checked, results.md/json."""
+    per = {m: {k: [results["seeds"][str(s)]["eval"][m][k] for s in seeds] for k in ("knn_top1", "linear_top1")} for m in MODELS}
+    checked = claims(results, seeds)
     times = {k: statistics.mean(results["seeds"][str(s)]["times"][k] for s in seeds)
              for k in results["seeds"][str(seeds[0])]["times"]}
     cache_bytes = statistics.mean(results["seeds"][str(s)]["cache_bytes"] for s in seeds)
@@ -175,18 +211,19 @@ def summarise(results: dict[str, Any], seeds: list[int], out: Path, pipe_name: s
                   f"(verify {times['cache_verify']:.0f} s). Wall time per seed: "
                   f"{sum(times.values()):.0f} s including evaluation ({times['evaluation']:.0f} s).", "",
               "| claim | holds | numbers |", "|---|---|---|"]
-    lines += [f"| {c} | {'yes' if ok else '**no**'} | {nums} |" for c, ok, nums in claims]
+    lines += [f"| {c} | {verdict_text(ok, markdown=True)} | {nums} |" for c, ok, nums in checked]
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({**results, "claims": [{"claim": c, "holds": ok, "numbers": n} for c, ok, n in claims]}, indent=1))
+    (out / "results.json").write_text(json.dumps({**results, "claims": [{"claim": c, "holds": ok, "verdict": verdict_text(ok), "numbers": n}
+                                                            for c, ok, n in checked]}, indent=1))
     t = Table(title=f"miniature reproduction ({pipe_name}, seeds {seeds})")
     for col in ("model", "kNN top-1 %", "linear top-1 %", "train s"):
         t.add_column(col)
     for m in MODELS:
         t.add_row(LABELS[m], _fmt(per[m]["knn_top1"]), _fmt(per[m]["linear_top1"]), f"{times[m]:.0f}")
     console.print(t)
-    for c, ok, nums in claims:
-        console.print(f"{'[green]holds[/]' if ok else '[red]does not hold[/]'}  {c}  ({nums})", highlight=False)
+    for c, ok, nums in checked:
+        console.print(f"{verdict_line(ok)}  {c}  ({nums})", highlight=False)
     console.print(f"results: {out / 'results.md'}")
 
 

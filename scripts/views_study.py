@@ -114,9 +114,10 @@ def _per_seed(results: dict[str, Any], seeds: list[int], model: str, key: str) -
     return [v for v in vals if v is not None]
 
 
-def answers(results: dict[str, Any], seeds: list[int], ks: list[int]) -> list[tuple[str, bool, str]]:
+def answers(results: dict[str, Any], seeds: list[int], ks: list[int]) -> list[tuple[str, miniature.Verdict, str]]:
     """The study's questions, each answered from the numbers: a difference of means against the seed
-    spread (the largest range over seeds of the two models compared), per metric."""
+    spread (the largest range over seeds of the two models compared), per metric; not tested where
+    fewer than two seeds have the metric. Every line's numbers say how many seeds they are means of."""
     k_max = max(ks)
     checks = [(f"K = {k} within seed noise of online", f"tec_k{k}", "tec_online") for k in ks]
     checks.append((f"int8-coarse within seed noise of int8 (K = {k_max})", f"tec_k{k_max}_coarse", f"tec_k{k_max}"))
@@ -129,16 +130,27 @@ def answers(results: dict[str, Any], seeds: list[int], ks: list[int]) -> list[tu
             va, vb = _per_seed(results, seeds, a, key), _per_seed(results, seeds, b, key)
             spread = max(max(va) - min(va), max(vb) - min(vb))
             diff = statistics.mean(va) - statistics.mean(vb)
-            out.append((f"{question}: {name}", abs(diff) <= spread and len(seeds) > 1,
-                        f"{scale * diff:+.{digits}f} vs spread {scale * spread:.{digits}f}"))
+            n = min(len(va), len(vb))
+            out.append((f"{question}: {name}", abs(diff) <= spread if n > 1 else None,
+                        f"{scale * diff:+.{digits}f} vs spread {scale * spread:.{digits}f} "
+                        f"({miniature.denominator(n, spread, scale, digits)})"))
     for key, name in (("knn_top1", "kNN"), ("linear_top1", "linear")):
-        base, rnd = statistics.mean(_per_seed(results, seeds, "base", key)), results["random_init"][key]
-        out.append((f"base beats an untrained encoder: {name}", base > rnd, f"{100 * base:.2f} vs {100 * rnd:.2f}"))
+        vals = _per_seed(results, seeds, "base", key)
+        base, rnd = statistics.mean(vals), results["random_init"][key]
+        out.append((f"base beats an untrained encoder: {name}", base > rnd,
+                    f"{100 * base:.2f} vs {100 * rnd:.2f} ({miniature.denominator(len(vals), _spread(vals))})"))
     for key, name in (("knn_top1", "kNN"), ("linear_top1", "linear"), ("finetune_top1", "fine-tune")):
-        tec, base, more = (statistics.mean(_per_seed(results, seeds, m, key)) for m in (f"tec_k{k_max}", "base", "mae_more"))
-        out.append((f"TEC (K = {k_max}) > base: {name}", tec > base, f"{100 * tec:.2f} vs {100 * base:.2f}"))
-        out.append((f"TEC (K = {k_max}) >= MAE for the same epochs: {name}", tec >= more, f"{100 * tec:.2f} vs {100 * more:.2f}"))
+        per = [_per_seed(results, seeds, m, key) for m in (f"tec_k{k_max}", "base", "mae_more")]
+        tec, base, more = (statistics.mean(v) for v in per)
+        of = miniature.denominator(min(len(v) for v in per), max(_spread(v) for v in per))
+        out.append((f"TEC (K = {k_max}) > base: {name}", tec > base, f"{100 * tec:.2f} vs {100 * base:.2f} ({of})"))
+        out.append((f"TEC (K = {k_max}) >= MAE for the same epochs: {name}", tec >= more,
+                    f"{100 * tec:.2f} vs {100 * more:.2f} ({of})"))
     return out
+
+
+def _spread(values: list[float]) -> float:
+    return max(values) - min(values)
 
 
 def summarise(results: dict[str, Any], seeds: list[int], models: list[str], ks: list[int], out: Path) -> None:
@@ -168,7 +180,7 @@ def summarise(results: dict[str, Any], seeds: list[int], models: list[str], ks: 
     lines += ["", "Wall time per seed (every stage, evaluation included): "
               + ", ".join(f"seed {s} {t / 60:.1f} min" for s, t in zip(seeds, seed_s)) + ".", "",
               "| question | holds | numbers |", "|---|---|---|"]
-    lines += [f"| {q} | {'yes' if ok else '**no**'} | {nums} |" for q, ok, nums in answers(results, seeds, ks)]
+    lines += [f"| {q} | {miniature.verdict_text(ok, markdown=True)} | {nums} |" for q, ok, nums in answers(results, seeds, ks)]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     console.print("\n".join(lines), highlight=False)
 

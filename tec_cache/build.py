@@ -20,8 +20,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
@@ -46,17 +44,10 @@ from tec_cache.run_log import naming_sample
 from tec_cache.targets import extract_targets, normalise_images
 from tec_cache.views import DEVICE_RESIZE, TORCH_F32, WORKER_RESIZE, DeviceViews, ViewRecipe, load_source, make_views, source_for_device
 from tec_cache.loader_workers import die_with_parent
+from tec_cache.version import installed_version
 
 
-def _tool_version() -> str:
-    """``tec-cache <version>`` of the installed distribution, recorded in every manifest."""
-    try:
-        return f"tec-cache {package_version('tec-pretrain')}"
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "tec-cache 0+unknown"
-
-
-TOOL_VERSION = _tool_version()
+TOOL_VERSION = f"tec-cache {installed_version()}"  # recorded in every manifest
 # Disk estimate safety factor: shard sizes vary with image content.
 DISK_MARGIN = 1.10
 _RESUME = "complete shards are kept: re-run the same command to resume"

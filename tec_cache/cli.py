@@ -13,17 +13,25 @@ from typing import Optional
 
 import typer
 from rich import filesize
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from tec_cache.config import help_for
 from tec_cache.dist import dist_info
+from tec_cache.plain_log import PlainProgress, log_console
 from tec_cache.run_log import BUILD_LOG, SampleError, failure_line, from_worker
+from tec_cache.version import version_callback
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Stage 1 of TEC: cache a frozen base model's targets.")
-console = Console(stderr=True, soft_wrap=True)  # errors stay on one greppable line
+# Errors stay on one greppable line; where no terminal is, tables and paths print at full width.
+console = log_console()
+
+
+@app.callback()
+def _main(version: Optional[bool] = typer.Option(None, "--version", callback=version_callback("tec-cache"), is_eager=True,
+                                                 help="Print the installed version and exit.")) -> None:
+    """Stage 1 of TEC: cache a frozen base model's targets."""
 
 
 def _size(n: float) -> str:
@@ -77,9 +85,13 @@ def build(
     resize: Optional[str] = typer.Option(None, "--resize", help=_h("resize")),
     strict: bool = typer.Option(False, "--strict", help=_h("strict")),
     dry_run: bool = typer.Option(False, "--dry-run", help=_h("dry_run")),
+    log_seconds: float = typer.Option(30.0, "--log-seconds", help="Where output is not a terminal (a job's log file): a progress line every N seconds (0: after every batch of views), and one at the end."),
 ) -> None:
     """Run the base model over K augmented views of every image and write its targets to shards."""
     options = dict(locals())  # first statement: exactly the options
+    options.pop("log_seconds")
+    if not log_seconds >= 0:
+        _fail(f"--log-seconds: must be a number >= 0, got {log_seconds:g}")
     from tec_cache.build import BuildOptionError, build_cache
     from tec_cache.build_config import build_config
 
@@ -91,19 +103,33 @@ def build(
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     out = cfg.out
+    # A terminal gets the live bar; a log file plain lines (the bar would print once, at the end, cut).
+    plain = not console.is_terminal
     progress = Progress(TextColumn("[bold]building"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not info.is_main or dry_run)
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                        disable=plain or not info.is_main or dry_run)
     task = progress.add_task("views", total=None, rate="")
+    lines = PlainProgress(console, "views", every_s=log_seconds)
+    show_lines = plain and info.is_main and not dry_run
     t0 = time.time()
     done = [0]
 
     def advance(n: int) -> None:
         done[0] += n
-        progress.update(task, advance=n, rate=f"{done[0] / max(time.time() - t0, 1e-9):.1f} views/s")
+        rate = done[0] / max(time.time() - t0, 1e-9)
+        progress.update(task, advance=n, rate=f"{rate:.1f} views/s")
+        if show_lines and (lines.due() or done[0] == lines.total):
+            lines.line(done[0], {"views/s": round(rate, 1)})
+
+    def set_total(n: int) -> None:
+        progress.update(task, total=n)
+        lines.start(n)
+        if show_lines:
+            lines.line(0, {})
 
     try:
         with progress:
-            result = build_cache(cfg, log=say, progress=advance, set_total=lambda n: progress.update(task, total=n))
+            result = build_cache(cfg, log=say, progress=advance, set_total=set_total)
     except BuildOptionError as e:  # found before any work: a usage error
         _fail(str(e))
     except Exception as e:  # noqa: BLE001
@@ -166,7 +192,7 @@ def inspect(cache: str = typer.Argument(..., help=CACHE_HELP)) -> None:
         man = load_manifest(cache)
     except ManifestError as e:
         _fail(str(e))
-    out = Console(markup=False)  # manifest strings are data: a "[/]" in one must print, not parse
+    out = log_console(stderr=False, markup=False)  # manifest strings are data: a "[/]" in one must print, not parse
     t = Table(title=f"cache {cache}")
     t.add_column("section")
     t.add_column("value")
@@ -221,7 +247,7 @@ def verify(cache: str = typer.Argument(..., help=CACHE_HELP)) -> None:
             console.print(f"[bold red]BAD[/] {escape(str(p))}")
         console.print(f"[bold red]{len(problems)} bad shard(s)[/] in {escape(str(cache))}")
         raise typer.Exit(1)
-    Console().print(f"[green]ok[/]: every shard of {escape(str(cache))} matches its checksum and schema")
+    log_console(stderr=False).print(f"[green]ok[/]: every shard of {escape(str(cache))} matches its checksum and schema")
 
 
 @app.command()
@@ -244,7 +270,7 @@ def show(
         _fail(f"{e}; run `tec-cache verify {cache}`", 1)
     except ValueError as e:  # messages start with the option they concern
         _fail(str(e))
-    Console().print(f"wrote {path}", highlight=False)
+    log_console(stderr=False).print(f"wrote {path}", highlight=False)
 
 
 def main() -> None:

@@ -19,11 +19,22 @@ from rich.table import Table
 
 from tec_cache.config import help_for
 from tec_cache.dist import dist_info
+from tec_cache.plain_log import PlainProgress, log_console
+from tec_cache.version import version_callback
 from tec_cache.run_log import RUN_LOG, SampleError, failure_line, from_worker
+
+from .harness.reporting import Reporter
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Stage 2 of TEC: train a student from cached (or online) base-model targets, and export it.")
-console = Console(stderr=True, soft_wrap=True)  # errors stay on one greppable line
+# Errors stay on one greppable line; where no terminal is, tables and paths print at full width.
+console = log_console()
+
+
+@app.callback()
+def _main(version: Optional[bool] = typer.Option(None, "--version", callback=version_callback("tec-train"), is_eager=True,
+                                                 help="Print the installed version and exit.")) -> None:
+    """Stage 2 of TEC: train a student from cached (or online) base-model targets, and export it."""
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -42,7 +53,82 @@ def _run_failure(e: Exception, run_dir: Path, rank: int, known: tuple[type[Excep
                         resume="re-running the same command resumes from the last checkpoint")
 
 
-class RichReporter:
+def _run_summary(summary: dict[str, Any]) -> str:
+    s = summary["student"]
+    return (f"student {s['model']} (depth {s['depth']}, {s['trainable_params']:,} trainable params) on "
+            f"{summary['targets']['origin'].get('kind')} targets; effective batch {summary['eff_batch']}, lr {summary['lr']:.3g}, "
+            f"{summary['optimizer_steps_per_epoch']} steps/epoch, amp {summary['amp']}")
+
+
+def _finetune_summary(summary: dict[str, Any]) -> str:
+    enc, data = summary["encoder"], summary["data"]
+    return (f"encoder {enc['kind']} {enc['model_name']} (depth {enc['depth']}, width {enc['embed_dim']}, img {summary['img_size']}) "
+            f"on {data['kind']} ({data['train_images']} train / {data['val_images']} val images, {data['num_classes']} classes); "
+            f"effective batch {summary['eff_batch']}, lr {summary['lr']:.3g}, {summary['optimizer_steps_per_epoch']} steps/epoch, "
+            f"amp {summary['amp']}")
+
+
+def _line_fields(record: dict[str, Any], skip: tuple[str, ...] = ("step", "time", "epoch_f")) -> dict[str, Any]:
+    """A record's fields for a log line, in its own order; the data wait as a percentage."""
+    out: dict[str, Any] = {}
+    for k, v in record.items():
+        if k in skip or isinstance(v, (list, dict)):
+            continue
+        out["data_wait" if k == "data_wait_fraction" else k] = f"{v:.1%}" if k == "data_wait_fraction" else v
+    return out
+
+
+class PlainReporter(Reporter):
+    """Where output is not a terminal (a job's log file): the summary, then one whole line per
+    metrics record (every --log-every steps) with the loss terms, lr, rate, data wait, elapsed time
+    and ETA; notices as their own lines. Implements harness.Reporter for ``tec-train run``."""
+
+    def __init__(self, out: Console) -> None:
+        self.out = out
+        self.lines = PlainProgress(out, "step")
+
+    def summary(self, summary: dict[str, Any]) -> str:
+        return _run_summary(summary)
+
+    def start(self, *, total: int, done: int, summary: dict[str, Any]) -> None:
+        self.out.print(self.summary(summary), markup=False, highlight=False)
+        self.lines.start(total, done)
+
+    def record(self, record: dict[str, Any]) -> None:
+        self.lines.line(record["step"], _line_fields(record))
+
+    def message(self, text: str) -> None:
+        self.out.print(text, markup=False, highlight=False)
+
+
+class PlainFinetuneReporter(PlainReporter):
+    """``tec-train finetune`` where output is not a terminal: a line every --log-every optimizer steps
+    (running loss of the epoch, lr, rate, data wait), and one per epoch with its evaluation."""
+
+    def __init__(self, out: Console) -> None:
+        super().__init__(out)
+        self.done = 0
+
+    def summary(self, summary: dict[str, Any]) -> str:
+        return _finetune_summary(summary)
+
+    def _position(self, done: int, step: int) -> str:
+        # Progress counts micro-batches; the line counts optimizer steps (done = step x accum-iter).
+        total = self.lines.total
+        return f"step {step}/{'?' if total is None or step <= 0 else total // (done // step)}"
+
+    def advance(self, done: int) -> None:
+        self.done = done
+
+    def status(self, done: int, stats: dict[str, Any]) -> None:
+        self.lines.line(done, _line_fields(stats), self._position(done, stats["step"]))
+
+    def record(self, record: dict[str, Any]) -> None:
+        # Comes right after the epoch's last micro-batch was counted by advance().
+        self.lines.line(self.done, _line_fields(record), self._position(self.done, record["step"]))
+
+
+class RichReporter(Reporter):
     """Progress bar over optimizer steps with the latest losses and throughput; rank 0 only (the trainer
     sees to that). Implements harness.Reporter."""
 
@@ -55,13 +141,7 @@ class RichReporter:
         self.task = self.progress.add_task("steps", total=None, stats="")
 
     def start(self, *, total: int, done: int, summary: dict[str, Any]) -> None:
-        s = summary["student"]
-        self.out.print(
-            f"student {s['model']} (depth {s['depth']}, {s['trainable_params']:,} trainable params) on "
-            f"{summary['targets']['origin'].get('kind')} targets; effective batch {summary['eff_batch']}, lr {summary['lr']:.3g}, "
-            f"{summary['optimizer_steps_per_epoch']} steps/epoch, amp {summary['amp']}",
-            highlight=False,
-        )
+        self.out.print(_run_summary(summary), highlight=False)
         self.progress.update(self.task, total=total, completed=done)
         self.progress.start()
 
@@ -227,6 +307,8 @@ def run(
     amp: Optional[str] = typer.Option(None, "--amp", help=_th("amp")),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help=_th("compile")),
     log_samples: Optional[bool] = typer.Option(None, "--log-samples/--no-log-samples", help=_th("log_samples")),
+    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", help=_th("tensorboard")),
+    wandb: Optional[str] = typer.Option(None, "--wandb", metavar="PROJECT", help=_th("wandb")),
 ) -> None:
     """Train a TEC student from a cache (or online), or resume the run in --run-dir."""
     options = dict(locals())  # first statement: exactly the options
@@ -243,7 +325,7 @@ def run(
         if pipeline is not None:
             given = _with_preset(pipeline, given, info.world_size, online)
         cfg = config_for_run_dir(str(run_dir), given)
-        trainer = Trainer(cfg, None, RichReporter(console))
+        trainer = Trainer(cfg, None, RichReporter(console) if console.is_terminal else PlainReporter(console))
     except (ValueError, FileNotFoundError) as e:  # CompatibilityError and ResumeError are ValueErrors
         _fail(str(e), 2)
     try:
@@ -321,7 +403,7 @@ def _dataset_dir(data: Optional[Path], fashion_mnist: bool, fashion_mnist_dir: O
     return (str(data) if data is not None else None), fm
 
 
-class RichFinetuneReporter:
+class RichFinetuneReporter(Reporter):
     """Progress bar over micro-batches with the last epoch's accuracy; rank 0 only (the finetuner sees to
     that). Implements harness.Reporter."""
 
@@ -334,18 +416,15 @@ class RichFinetuneReporter:
         self.task = self.progress.add_task("fine-tuning", total=None, stats="")
 
     def start(self, *, total: int, done: int, summary: dict[str, Any]) -> None:
-        enc, data = summary["encoder"], summary["data"]
-        self.out.print(
-            f"encoder {enc['kind']} {enc['model_name']} (depth {enc['depth']}, width {enc['embed_dim']}, img {summary['img_size']}) "
-            f"on {data['kind']} ({data['train_images']} train / {data['val_images']} val images, {data['num_classes']} classes); "
-            f"effective batch {summary['eff_batch']}, lr {summary['lr']:.3g}, {summary['optimizer_steps_per_epoch']} steps/epoch, "
-            f"amp {summary['amp']}", highlight=False,
-        )
+        self.out.print(_finetune_summary(summary), highlight=False)
         self.progress.update(self.task, total=total, completed=done)
         self.progress.start()
 
     def advance(self, done: int) -> None:
         self.progress.update(self.task, completed=done)
+
+    def status(self, done: int, stats: dict[str, Any]) -> None:
+        self.progress.update(self.task, stats=f"epoch {stats['epoch']} loss {stats['train_loss']:.4f} lr {stats['lr']:.2e}")
 
     def record(self, record: dict[str, Any]) -> None:
         stats = (f"epoch {record['epoch']} loss {record['train_loss']:.4f} top-1 {record['test_top1']:.2%} "
@@ -419,6 +498,9 @@ def finetune(
     device: Optional[str] = typer.Option(None, "--device", help=_fh("device")),
     amp: Optional[str] = typer.Option(None, "--amp", help=_fh("amp")),
     keep_last: Optional[int] = typer.Option(None, "--keep-last", help=_fh("keep_last")),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help=_fh("log_every")),
+    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", help=_fh("tensorboard")),
+    wandb: Optional[str] = typer.Option(None, "--wandb", metavar="PROJECT", help=_fh("wandb")),
 ) -> None:
     """Fine-tune an encoder end to end with the reference recipe (docs/method.md 6), or resume the run in --run-dir."""
     options = dict(locals())  # first statement: exactly the options
@@ -438,7 +520,7 @@ def finetune(
 
             given = _preset_options(load_pipeline(pipeline), "finetune", given, info.world_size)
         cfg = finetune_config_for_run_dir(str(run_dir), given)
-        runner = Finetuner(cfg, RichFinetuneReporter(console))
+        runner = Finetuner(cfg, RichFinetuneReporter(console) if console.is_terminal else PlainFinetuneReporter(console))
     except (ValueError, FileNotFoundError) as e:  # ResumeError is a ValueError
         _fail(str(e), 2)
     try:

@@ -36,11 +36,12 @@ from .encoder_weights import EncoderWeights, build_vit, load_state_strict, read_
 from .evaluate import eval_transform
 from .student_to_timm import CONFIG_KEYS
 from .finetune_config import MIXUP_MODES, MUTABLE_ON_RESUME, FinetuneConfig
-from .harness import (FINETUNE, Reporter, Resume, RunKind, RunState, Runtime, agree_on_position, append_metrics,
+from .harness import (FINETUNE, Reporter, Resume, RunKind, RunState, Runtime, agree_on_position,
                       find_resume, open_run_dir, run_config, seed_rank)
 from .harness import config_for_run_dir as _config_for_run_dir
 from .harness.errors import NonFiniteLossError, ResumeError
 from .harness.reporting import last_metrics_record
+from .harness.trackers import MetricSinks, open_sinks
 from .labelled import DEFAULT_CROP_PCT, LabelledSplits, open_labelled
 from .schedule import WarmupCosine, absolute_lr
 
@@ -187,6 +188,7 @@ class Finetuner:
         self.info, self.device, self.amp = self.runtime.info, self.runtime.device, self.runtime.amp
         self.reporter = reporter if (reporter is not None and self.info.is_main) else Reporter()
         self.run_dir = Path(cfg.run_dir)
+        self.sinks = MetricSinks(self.run_dir)  # rank 0 opens its trackers in _setup
         self.resume: Resume | None = find_resume(self.run_dir, FINETUNE_RUN, cfg.to_json(), self.info.world_size)
         self.resumed_from = self.resume.path if self.resume is not None else None
         # Data and encoder are opened before any training work, so their errors come first too.
@@ -240,7 +242,7 @@ class Finetuner:
             self.criterion = LabelSmoothingCrossEntropy(smoothing=cfg.augment.smoothing)
         else:
             self.criterion = nn.CrossEntropyLoss()
-        steps_per_epoch = self.micro_batches_run_per_epoch // cfg.optim.accum_iter
+        self.steps_per_epoch = steps_per_epoch = self.micro_batches_run_per_epoch // cfg.optim.accum_iter
         self.resolved = {
             "world_size": info.world_size, "eff_batch": self.eff_batch, "lr": self.peak_lr,
             "warmup_epochs": self.schedule.warmup_epochs, "steps_per_epoch": self.micro_batches_per_epoch,
@@ -271,6 +273,8 @@ class Finetuner:
         if info.is_main:
             # A checkpoint before epoch E has seen the records of epochs up to E - 1.
             open_run_dir(self.run_dir, FINETUNE_RUN, start_epoch - 1, self._config())
+            self.sinks = open_sinks(self.run_dir, kept_step=start_epoch * steps_per_epoch, tensorboard=cfg.run.tensorboard,
+                                    wandb_project=cfg.run.wandb, config=self._config(), notice=self.reporter.message)
             if self.resume is not None:
                 self.reporter.message(f"resuming {self.resume.path.name}: next epoch {start_epoch}, best top-1 {best:.4f}")
                 if self.resume.extension is not None:
@@ -289,8 +293,16 @@ class Finetuner:
         self.sampler.set_epoch(epoch)
         loss_sum, n, lr = 0.0, 0, self.schedule(epoch)
         t0 = time.perf_counter()
+        wait = 0.0
         it = 0
-        for images, target in self.train_loader:
+        batches = iter(self.train_loader)
+        while True:
+            tw = time.perf_counter()
+            item = next(batches, None)
+            wait += time.perf_counter() - tw
+            if item is None:
+                break
+            images, target = item
             if it >= micro_batches_run:
                 break  # an incomplete last window is not run (its gradient would be discarded anyway)
             if it % cfg.optim.accum_iter == 0:
@@ -324,9 +336,17 @@ class Finetuner:
             it += 1
             fault_point("finetune_step")
             self.reporter.advance(epoch * micro_batches_run + it)
+            if sync and (it // cfg.optim.accum_iter) % cfg.run.log_every == 0:
+                spent = time.perf_counter() - t0
+                self.reporter.status(epoch * micro_batches_run + it, {
+                    "step": epoch * self.steps_per_epoch + it // cfg.optim.accum_iter, "epoch": epoch,
+                    "train_loss": loss_sum / n, "lr": lr,
+                    "images_per_s": n * cfg.optim.batch_size * self.info.world_size / max(spent, 1e-12),
+                    "data_wait_fraction": wait / max(spent, 1e-12)})
         seconds = time.perf_counter() - t0
         return {"train_loss": loss_sum / max(n, 1), "lr": lr, "train_seconds": seconds,
-                "images_per_s": n * cfg.optim.batch_size * self.info.world_size / max(seconds, 1e-12)}
+                "images_per_s": n * cfg.optim.batch_size * self.info.world_size / max(seconds, 1e-12),
+                "data_wait_fraction": wait / max(seconds, 1e-12)}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -368,15 +388,17 @@ class Finetuner:
                 test = self.evaluate()
                 if test["test_top1"] > best:
                     best, best_epoch = test["test_top1"], epoch
-                record = {"epoch": epoch, **train_stats, **test, "best_top1": best, "best_epoch": best_epoch,
-                          "time": time.time()}
+                # step: the optimizer steps done by the end of the epoch, the x of the TensorBoard and W&B curves.
+                record = {"step": (epoch + 1) * self.steps_per_epoch, "epoch": epoch, **train_stats, **test,
+                          "best_top1": best, "best_epoch": best_epoch, "time": time.time()}
                 if self.info.is_main:
-                    append_metrics(self.run_dir, record)
+                    self.sinks.write(record)
                 records.append(record)
                 self._save(epoch + 1, best, best_epoch)
                 self.reporter.record(record)
             epoch = max(cfg.optim.epochs, start_epoch)
         finally:
+            self.sinks.close()
             self.reporter.finish()
             self.runtime.leave()
         # A resumed run with no epochs left reports the newest stored record.

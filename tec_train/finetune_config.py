@@ -16,6 +16,7 @@ from tec_cache.config import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, WORKER
 
 from .augment import NO_AUGMENT, finetune_train_transform
 from .harness.runtime import AMP_MODES
+from .harness.trackers import check_wandb_installed
 from .student import parse_model_name
 
 MIXUP_MODES = ("batch", "pair", "elem")
@@ -144,6 +145,13 @@ class FinetuneRunControl:
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     amp: str = option("auto", "auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off", choices=AMP_MODES)
     keep_last: int = option(1, "Fine-tuning checkpoints kept", check=POSITIVE_INT)
+    log_every: int = option(20, "Where output is not a terminal, a progress line every N optimizer steps",
+                            check=POSITIVE_INT)
+    tensorboard: bool = option(True, "Write the per-epoch metrics records as TensorBoard scalars to "
+                               "<run dir>/tensorboard (when the tensorboard package is installed).")
+    wandb: str | None = option(None, "Log the metrics records to this Weights & Biases project too (rank 0; "
+                               "the W&B run id is kept in the run dir, so a resumed job continues the same W&B run; "
+                               "WANDB_MODE, WANDB_ENTITY, WANDB_DIR, ... apply).", default_text="off")
 
 
 @nested_config
@@ -177,9 +185,10 @@ class FinetuneConfig:
             raise ValueError(f"--run-dir: {self.run_dir} exists and is not a folder")
         self.encoder.validate()
         self.labelled.validate()
+        check_wandb_installed(self.run.wandb)
 
 
 # Options that may change when a run dir is resumed: where things are and how the run is watched.
 # --epochs may grow (the run is extended; harness.run_dir), never shrink.
 MUTABLE_ON_RESUME = frozenset({"run_dir", "source", "checkpoint", "data", "fashion_mnist", "num_workers", "device",
-                               "keep_last"})
+                               "keep_last", "log_every", "tensorboard", "wandb"})

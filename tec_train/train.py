@@ -32,12 +32,13 @@ from tec_cache.dist import explain_peer_loss
 from tec_cache.faults import fault_point
 
 from .student_to_timm import load_tec_checkpoint
-from .harness import (PRETRAIN, Reporter, Resume, RunKind, RunState, Runtime, agree_on_position, append_metrics,
+from .harness import (PRETRAIN, Reporter, Resume, RunKind, RunState, Runtime, agree_on_position,
                       find_resume, open_run_dir, run_config, seed_rank)
 from .harness import config_for_run_dir as _config_for_run_dir
 from .elastic import Layout, fit_layout, micro_batch_after
 from .harness.errors import NonFiniteLossError, ResumeError
 from .harness.reporting import truncate_metrics
+from .harness.trackers import MetricSinks, open_sinks
 from .held_out import HeldOutLoss
 from .objectives import check_geometry, objective_for, student_geometry
 from .schedule import WarmupCosine, absolute_lr
@@ -116,6 +117,7 @@ class Trainer:
         self.info, self.device, self.amp = self.runtime.info, self.runtime.device, self.runtime.amp
         self.reporter = reporter if (reporter is not None and self.info.is_main) else Reporter()
         self.run_dir = Path(cfg.run_dir)
+        self.sinks = MetricSinks(self.run_dir)  # rank 0 opens its trackers in _setup
         self.resume: Resume | None = find_resume(self.run_dir, PRETRAIN_RUN, cfg.to_json(), self.info.world_size)
         self.resumed_from = self.resume.path if self.resume is not None else None
         self.owns_source = source is None
@@ -296,8 +298,7 @@ class Trainer:
         self.reporter.message(f"held-out loss at step {global_step}: "
                               + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
         if not log_too and self.info.is_main:
-            append_metrics(self.run_dir, {"step": global_step, "epoch": epoch, "epoch_f": epoch_f, **values,
-                                          "time": time.time()})
+            self.sinks.write({"step": global_step, "epoch": epoch, "epoch_f": epoch_f, **values, "time": time.time()})
         return values
 
     def _log(self, global_step: int, epoch: int, epoch_f: float, lr: float, timing: dict[str, float],
@@ -317,7 +318,7 @@ class Trainer:
         }
         self.log_accum = self._empty_accum()
         if self.info.is_main:
-            append_metrics(self.run_dir, record)
+            self.sinks.write(record)
             self.reporter.record(record)
         return record
 
@@ -349,6 +350,8 @@ class Trainer:
             self.reporter.message(f"--compile ignored on {self.device}: CPU runs eager")
         if self.info.is_main:
             open_run_dir(self.run_dir, PRETRAIN_RUN, global_step, self._config())
+            self.sinks = open_sinks(self.run_dir, kept_step=global_step, tensorboard=cfg.run.tensorboard,
+                                    wandb_project=cfg.run.wandb, config=self._config(), notice=self.reporter.message)
             if self.resume is not None:
                 self.reporter.message(f"resuming {self.resume.path.name}: epoch {epoch}, micro-batch {it}, step {global_step}")
                 if self.layout != self.saved_layout:
@@ -472,6 +475,7 @@ class Trainer:
                 raise
             raise lost from e
         finally:
+            self.sinks.close()
             self.reporter.finish()
             if self.owns_source:
                 self.source.close()

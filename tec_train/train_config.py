@@ -17,6 +17,7 @@ from tec_cache.config import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, WORKER
                               group, in_range, nested_config, option, option_like)
 
 from .harness.runtime import AMP_MODES
+from .harness.trackers import check_wandb_installed
 from .student import parse_model_name
 
 VIEW_ORDERS = ("cycle", "permute")
@@ -163,6 +164,11 @@ class RunControl:
     compile: bool = option(False, "torch.compile the student (CUDA only).")
     log_samples: bool = option(False, "Write which samples each rank trains on, per micro-batch, to "
                                "samples-rank<R>.jsonl in the run dir (to audit a resume).")
+    tensorboard: bool = option(True, "Write the metrics records as TensorBoard scalars to <run dir>/tensorboard "
+                               "(when the tensorboard package is installed).")
+    wandb: str | None = option(None, "Log the metrics records to this Weights & Biases project too (rank 0; "
+                               "the W&B run id is kept in the run dir, so a resumed job continues the same W&B run; "
+                               "WANDB_MODE, WANDB_ENTITY, WANDB_DIR, ... apply).", default_text="off")
 
 
 @nested_config
@@ -199,6 +205,7 @@ class TrainConfig:
             raise ValueError(f"--run-dir: {self.run_dir} exists and is not a folder")
         self.targets.validate(self.objective, external_source)
         self.val.validate(self.objective)
+        check_wandb_installed(self.run.wandb)
         if self.loader.view_epochs is not None and self.targets.cache is None:
             raise ValueError("--view-epochs: takes the first K view-epochs of a --cache; online and pixel "
                              "sources cut fresh views every epoch")
@@ -210,5 +217,5 @@ class TrainConfig:
 # is extended; harness.run_dir), never shrink.
 MUTABLE_ON_RESUME = frozenset({
     "run_dir", "cache", "cache_dir", "checkpoint", "data", "init_from", "num_workers", "ckpt_every", "keep_last",
-    "log_every", "max_steps", "device", "compile", "val_cache", "val_every", "log_samples",
+    "log_every", "max_steps", "device", "compile", "val_cache", "val_every", "log_samples", "tensorboard", "wandb",
 })

@@ -34,8 +34,10 @@ from tec_train.finetune import (
     param_groups_layer_decay,
 )
 from tec_train.harness import FINETUNE, Reporter, list_checkpoints
+from tec_train.harness.trackers import TENSORBOARD_DIR
 from tec_train.student import TECStudent, build_student
 from tests.conftest import TINY_ARCH, TINY_PATCH, make_image_folder
+from tests.test_trackers import assert_same_series, tensorboard_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 IMG, PATCH, EMBED, DEPTH, HEADS = 32, 4, 64, 2, 2
@@ -430,9 +432,15 @@ def test_finetune_runs_resumes_exactly(tiny, tmp_path: Path) -> None:
     resumed = finetune(_ft_cfg(tmp_path / "b", tiny.export))
     assert resumed.resumed_from is not None and resumed.resumed_from.name == "finetune-0001.pt"
     assert resumed.epochs_run == 1
-    drop = {"time", "train_seconds", "images_per_s"}
+    drop = {"time", "train_seconds", "images_per_s", "data_wait_fraction"}
     clean = [{k: v for k, v in r.items() if k not in drop} for r in _records(tmp_path / "b" / "ft")]
     assert clean == [{k: v for k, v in r.items() if k not in drop} for r in recs]
+    # 160 images / batch 32: 5 optimizer steps an epoch; the TensorBoard curves are metrics.jsonl's,
+    # against the step, each point once across the two launches.
+    assert [r["step"] for r in recs] == [5, 10]
+    assert_same_series(tmp_path / "b" / "ft" / TENSORBOARD_DIR, _records(tmp_path / "b" / "ft"))
+    assert {"train_loss", "lr", "test_top1", "test_top5", "test_loss", "best_top1", "data_wait_fraction"} <= set(
+        tensorboard_scalars(tmp_path / "b" / "ft" / TENSORBOARD_DIR))
 
 
 @pytest.mark.slow  # end to end: learning, not a contract the fast tier must hold

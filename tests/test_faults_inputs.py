@@ -442,6 +442,7 @@ def _with(args: list[str], option: str, value: str | None) -> list[str]:
 # regular file; {folder}: a folder that is not what the option wants; {other}: a finished cache
 # built with other settings.
 BUILD_BAD = [
+    ("--log-seconds", "-1", "--log-seconds: must be a number >= 0, got -1"),
     ("--first-view", "-1", "--first-view: must be an integer >= 0, got -1"),
     ("--view-device", "gpu", "--view-device: expected one of ['auto', 'workers', 'device'], got 'gpu'"),
     ("--resize", "lanczos", "--resize: expected auto or one of ['pil-bicubic', 'torch-bicubic-u8', 'torch-bicubic-f32'], got 'lanczos'"),
@@ -520,6 +521,7 @@ ONLINE = ["--arch", TINY_ARCH, "--checkpoint", "{ckpt}", "--data", "{data}", "--
 # "online" runs the tiny base model in the step, "none" gives neither.
 RUN_BAD = [
     ("cache", "--run-dir", "{file}", "--run-dir: {file} exists and is not a folder"),
+    ("cache", "--wandb", "team/proj", "--wandb: expected a W&B project name (no '/'; the entity comes from WANDB_ENTITY), got 'team/proj'"),
     ("cache", "--cache", "{missing}", "--cache: no such cache folder"),
     ("cache", "--cache", "{folder}", "--cache: {folder} is not a cache: no manifest.json"),
     ("cache", "--pipeline", "nope", "--pipeline: unknown pipeline 'nope'"),
@@ -780,6 +782,8 @@ def test_knn_linear_bad_option(command: str, option: str, value: str, says: str,
 
 FINETUNE_BAD = [
     ("SOURCE", "{missing}", "SOURCE: no such file or folder"),
+    ("--log-every", "0", "--log-every: must be a positive integer, got 0"),
+    ("--wandb", " ", "--wandb: expected a W&B project name (no '/'; the entity comes from WANDB_ENTITY), got ' '"),
     ("--run-dir", "{file}", "--run-dir: {file} exists and is not a folder"),
     ("--pipeline", "nope", "--pipeline: unknown pipeline 'nope'"),
     ("--data", "{missing}", "--data: no such folder"),

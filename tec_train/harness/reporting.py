@@ -30,6 +30,10 @@ class Reporter:
     def record(self, record: dict[str, Any]) -> None:
         """With every record appended to metrics.jsonl."""
 
+    def status(self, done: int, stats: dict[str, Any]) -> None:
+        """Between records, every --log-every optimizer steps (fine-tuning, whose records come once an
+        epoch): the running statistics, for a log line."""
+
     def message(self, text: str) -> None:
         """A one-line notice (resume, extension, ignored options)."""
 
