@@ -23,6 +23,8 @@ import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 
+from tec_cache.weights import is_url
+
 from .harness.checkpoints import latest_checkpoint, load_checkpoint
 from .harness.errors import CheckpointError
 from .student_to_timm import CONFIG_KEYS, export_state_dict, load_tec_checkpoint, timm_model_name
@@ -170,33 +172,40 @@ def _native_img_size(path: Path, patch_size: int) -> int | None:
     return grid * patch_size if grid * grid == n - 1 else None
 
 
-def _read_basemodel(path: Path, basemodel: str | None, arch: str | None, patch_size: int | None,
+def _read_basemodel(source: str | Path | None, basemodel: str | None, arch: str | None, patch_size: int | None,
                     depth: int | None) -> EncoderWeights:
-    from tec_cache.basemodels import load_base_model, resolve_spec
+    from tec_cache.basemodels import is_timm_source, load_base_model, resolve_spec, resolve_weights
 
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such base-model weights file")
+    if is_timm_source(basemodel):
+        raise ValueError(f"--basemodel {basemodel}: knn, linear and finetune take the registry's base models and "
+                         "--arch; a timm/hub model is evaluated from timm directly")
     # topk/last_layers only shape stage-1 targets; 1 keeps resolve_spec's checks from refusing small grids.
     target_opts = {"topk": 1, "last_layers": 1}
     spec = resolve_spec(basemodel, arch=arch, patch_size=patch_size, depth=depth, **target_opts)
+    # A URL, or no source with a registry name: fetched (and verified) into the weights cache.
+    if source is not None and not is_url(str(source)) and not Path(source).is_file():
+        raise FileNotFoundError(f"{source}: no such base-model weights file")
+    path_or_none, fetched = resolve_weights(spec, source)
+    assert path_or_none is not None
+    path = path_or_none
     # Built at the file's own grid (re-sampled afterwards if --img-size differs): --img-size is the
     # resolution wanted, for every kind of source alike.
     native = _native_img_size(path, spec.patch_size)
     if native is not None and native != spec.img_size:
         spec = resolve_spec(basemodel, arch=arch, img_size=native, patch_size=patch_size, depth=depth, **target_opts)
-    model, load_facts = load_base_model(spec, path)  # strict: only head / norm / masked_embed may differ
+    model, load_facts = load_base_model(spec, path, fetched=fetched)  # strict: only head / norm / masked_embed may differ
     config = {"model_name": spec.arch, "img_size": spec.img_size, "patch_size": spec.patch_size,
               "embed_dim": model.embed_dim, "depth": len(model.blocks), "num_heads": model.blocks[0].attn.num_heads}
     # A base model file without norm.* (the loader allows it missing) evaluates with an identity
     # final norm; say so.
     norm_missing = any(k.startswith("norm.") for k in load_facts["ignored_missing"])
-    facts = {"kind": "basemodel", "path": str(path), "basemodel": spec.name, "arch": spec.arch,
+    facts = {"kind": "basemodel", "path": str(path), **fetched, "basemodel": spec.name, "arch": spec.arch,
              "layout": load_facts["layout"], "sha256": load_facts["sha256"], "norm_initialised": norm_missing}
     return EncoderWeights({k: v.detach().clone() for k, v in model.state_dict().items()}, config, facts)
 
 
 def read_encoder_weights(
-    source: Path,
+    source: Path | str | None,
     *,
     model: str | None = None,
     basemodel: str | None = None,
@@ -212,10 +221,12 @@ def read_encoder_weights(
     For the other routes ``patch_size``/``depth`` are fixed by the source and may only repeat its
     values. For every route, an ``img_size`` other than the source's re-samples pos_embed.
     """
-    source = Path(source)
     if basemodel is not None or arch is not None:
         weights = _read_basemodel(source, basemodel, arch, patch_size, depth)
-    elif source.is_dir():
+        source = Path(weights.facts["path"])
+    elif source is None:
+        raise FileNotFoundError("SOURCE: an export folder, run dir, checkpoint file, or base-model weights is required")
+    elif (source := Path(source)).is_dir():
         if (source / "config.json").is_file() and (source / "model.safetensors").is_file():
             weights = _read_export(source)
         else:
@@ -291,7 +302,7 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], wh
 
 
 def load_encoder(
-    source: Path,
+    source: Path | str | None,
     *,
     model: str | None = None,
     basemodel: str | None = None,

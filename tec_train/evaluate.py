@@ -322,7 +322,7 @@ def frozen_features(cfg: EvalConfig, busy: Callable[[str], AbstractContextManage
                            fashion_mnist_dir=Path(cfg.fashion_mnist) if cfg.fashion_mnist else None,
                            train_subset=cfg.train_subset, val_subset=cfg.val_subset, subset_seed=cfg.seed)
     crop = cfg.crop_pct if cfg.crop_pct is not None else splits.default_crop_pct
-    encoder, facts = load_encoder(Path(cfg.source or ""), model=cfg.model, basemodel=cfg.basemodel, arch=cfg.arch,
+    encoder, facts = load_encoder(cfg.source, model=cfg.model, basemodel=cfg.basemodel, arch=cfg.arch,
                                   img_size=cfg.img_size, patch_size=cfg.patch_size, depth=cfg.depth)
     with busy("extracting features") if busy is not None else contextlib.nullcontext():
         kw = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=dev, pool=cfg.pool, crop_pct=crop)

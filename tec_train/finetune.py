@@ -190,7 +190,7 @@ class Finetuner:
         self.resume: Resume | None = find_resume(self.run_dir, FINETUNE_RUN, cfg.to_json(), self.info.world_size)
         self.resumed_from = self.resume.path if self.resume is not None else None
         # Data and encoder are opened before any training work, so their errors come first too.
-        self.weights = read_encoder_weights(Path(cfg.encoder.path), model=cfg.encoder.model, basemodel=cfg.encoder.basemodel,
+        self.weights = read_encoder_weights(cfg.encoder.path, model=cfg.encoder.model, basemodel=cfg.encoder.basemodel,
                                             arch=cfg.encoder.arch, img_size=cfg.classifier.img_size)
         self.img_size = int(self.weights.config["img_size"])
         self.crop_pct = cfg.labelled.crop_pct if cfg.labelled.crop_pct is not None else DEFAULT_CROP_PCT[

@@ -29,7 +29,8 @@ class EncoderSource:
     source: str | None = option(None, "The encoder: export folder, run dir, checkpoint-*.pt, reference checkpoint "
                                 "or base-model weights.")
     model: str | None = option(None, "Encoder size of a reference checkpoint, e.g. vit_base_patch16 (ours record it).")
-    basemodel: str | None = option(None, "SOURCE (or --checkpoint) is this registry base model's weights",
+    basemodel: str | None = option(None, "SOURCE (or --checkpoint) is this registry base model's weights (neither "
+                                   "given: its official file, fetched and verified)",
                                    choices=sorted(REGISTRY))
     arch: str | None = option(None, "SOURCE (or --checkpoint) is the weights of this timm ViT.")
     checkpoint: str | None = option(None, "Base-model weights file (instead of SOURCE), with --basemodel/--arch.")
@@ -53,10 +54,14 @@ class EncoderSource:
             if self.source is not None:
                 raise ValueError(f"--checkpoint: give the base-model weights once, as SOURCE or --checkpoint "
                                  f"(got both {self.source} and {self.checkpoint})")
+        from tec_cache.weights import is_url
+
         weights = self.path
         if weights is None:
+            if self.basemodel is not None:
+                return  # a registry name alone: its official weights are fetched
             raise ValueError("SOURCE: an export folder, run dir, checkpoint file, or base-model weights is required")
-        if not Path(weights).exists():
+        if not (base and is_url(weights)) and not Path(weights).exists():
             raise ValueError(f"{'--checkpoint' if self.checkpoint else 'SOURCE'}: no such file or folder {weights}")
         if base and not Path(weights).is_file():
             raise ValueError(f"{'--checkpoint' if self.checkpoint else 'SOURCE'}: base-model weights must be a file, got {weights}")
