@@ -390,15 +390,15 @@ def fetch_hub(ref: str, sha256: str | None = None) -> FetchedWeights:
             try:
                 path = Path(hf_hub_download(repo, name, revision=rev or None))
                 break
-            except EntryNotFoundError as e:
-                last = e
-            except LocalEntryNotFoundError as e:
+            except LocalEntryNotFoundError as e:  # a subclass of EntryNotFoundError: first
                 last = e
                 if name == "pytorch_model.bin":
                     raise WeightsError(
                         f"--checkpoint {ref}: not in the hub cache {_hub_cache_dir()} and offline or unreachable "
                         f"(put the repo's model.safetensors there with `huggingface-cli download {repo}` on a "
                         f"machine with network, or set HF_HUB_CACHE): {e}") from None
+            except EntryNotFoundError as e:
+                last = e
         else:
             raise WeightsError(f"--checkpoint {ref}: the repo has neither model.safetensors nor pytorch_model.bin ({last})")
     sha, size = _verify(path, ref, Expected(sha256=sha256), "hub weights")
