@@ -152,7 +152,7 @@ def test_hub_base_loads_through_timm_offline_with_its_own_normalisation(hub_cach
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["dinov2_reg4", "clip"])
+@pytest.mark.parametrize("family", ["dinov2", "dinov2_reg4", "clip", "augreg"])
 def test_build_and_train_from_a_hub_base_cache(family: str, hub_cache: Path, tmp_path: Path) -> None:
     """A tiny build from an hf-hub: base (its normalisation and prefix tokens in the manifest), a few
     training steps of a student of the same grid from it, and a student of another grid refused."""
@@ -178,7 +178,50 @@ def test_build_and_train_from_a_hub_base_cache(family: str, hub_cache: Path, tmp
                                batch_size=4, epochs=1, warmup_epochs=0, blr=1e-3, num_workers=0, max_steps=2,
                                log_every=1, ckpt_every=100, device="cpu"))
     assert result.global_step == 2
-    with pytest.raises(ValueError, match="grid|patch|img"):
+    with pytest.raises(ValueError, match=r"cannot train this student.*patch"):
         train(TrainConfig(run_dir=str(tmp_path / "run2"), cache=str(tmp_path / "cache"), model="vit_tiny_patch8",
                           depth=2, batch_size=4, epochs=1, num_workers=0, max_steps=1, device="cpu"))
     assert not (tmp_path / "run2" / "metrics.jsonl").exists()
+
+
+def test_online_mode_feeds_the_base_its_own_normalisation_and_the_student_its_own(hub_cache: Path, tmp_path: Path) -> None:
+    from tec_cache.images import open_source
+    from tec_cache.targets import normalise_images
+    from tec_train.online import OnlineTargetFeed
+    from tests.conftest import make_image_folder
+
+    make_hub_repo(hub_cache, "tec-test/clip", "vit_base_patch16_clip_224", 64, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    spec = resolve_spec("hf-hub:tec-test/clip", img_size=64, topk=3, last_layers=1)
+    source = open_source(make_image_folder(tmp_path / "data", n_per_class=2, bad=False))
+    feed = OnlineTargetFeed(spec, None, source, device=torch.device("cpu"), batch_size=2, rank=0, world_size=1,
+                            num_workers=0, seed=0, autocast=False)
+    item = next(iter(feed.epoch(0)))
+    got = feed.prepare(item, torch.device("cpu"))
+    torch.testing.assert_close(got.images, normalise_images(item.images, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    feat, att, idx = extract_targets(feed.model, normalise_images(item.images, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+                                     topk=3, last_layers=1, autocast=False)
+    assert torch.equal(got.feat, feat) and torch.equal(got.att, att) and torch.equal(got.idx, idx)
+    assert feed.spec.mean == tuple(IMAGENET_DEFAULT_MEAN)
+
+
+def test_cli_dry_run_prints_the_recipe_of_a_hub_base(hub_cache: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tec_cache.cli import app
+    from tests.conftest import make_image_folder
+
+    make_hub_repo(hub_cache, "tec-test/dinov2", "vit_small_patch14_reg4_dinov2", 56, IMAGENET_DEFAULT_MEAN,
+                  IMAGENET_DEFAULT_STD)
+    data = make_image_folder(tmp_path / "data", n_per_class=2, bad=False)
+    r = CliRunner().invoke(app, ["build", "--basemodel", "hf-hub:tec-test/dinov2", "--data", str(data), "--out",
+                                 str(tmp_path / "c"), "--img-size", "56", "--topk", "3", "--num-workers", "0",
+                                 "--device", "cpu", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "base model hf-hub:tec-test/dinov2 (vit_small_patch14_reg4_dinov2): top-k 3, tau 1.8, last layers 2" in text
+    assert "56px / patch 14 = 4x4 grid" in text
+    # A ViT without a class token, from the hub: refused as a usage error, naming why.
+    make_hub_repo(hub_cache, "tec-test/siglip", "vit_base_patch16_siglip_224", 32, (0.5,) * 3, (0.5,) * 3)
+    r = CliRunner().invoke(app, ["build", "--basemodel", "hf-hub:tec-test/siglip", "--data", str(data), "--out",
+                                 str(tmp_path / "c2"), "--img-size", "32", "--topk", "3"])
+    assert r.exit_code == 2 and "has no class token" in " ".join(r.output.split())

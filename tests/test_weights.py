@@ -256,3 +256,45 @@ def test_a_registry_name_with_no_checkpoint_fetches_its_official_file(monkeypatc
 
     with pytest.raises(w.WeightsError, match=r"mae_pretrain_vit_large\.pth"):
         resolve_weights(resolve_spec("mae1klarge"), None)
+
+
+def test_headline_command_offline_names_the_url_and_the_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tec-cache build --basemodel ibot1kbase` needs no --checkpoint: offline and not yet fetched, it
+    exits 2 saying where the file comes from and where to stage it."""
+    from typer.testing import CliRunner
+
+    from tec_cache.cli import app
+
+    monkeypatch.setenv("TEC_OFFLINE", "1")
+    data = make_image_folder(tmp_path / "data", n_per_class=2, bad=False)
+    r = CliRunner().invoke(app, ["build", "--basemodel", "ibot1kbase", "--data", str(data), "--out", str(tmp_path / "c")])
+    text = "".join(r.output.split())  # the console wraps long lines
+    assert r.exit_code == 2, r.output
+    ibot = OFFICIAL_WEIGHTS["ibot1kbase"]
+    assert "".join(ibot.url.split()) in text and "".join(str(w.cache_path(ibot.url)).split()) in text
+    assert not (tmp_path / "c").exists()
+    r = CliRunner().invoke(app, ["build", "--basemodel", "mae1k300ep", "--data", str(data), "--out", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "neverreleased" in "".join(r.output.split())
+
+
+def test_downstream_takes_a_weights_url_or_a_registry_name_alone(serve, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from tec_train.cli import app
+    from tec_train.encoder_weights import load_encoder
+    from tec_train.eval_config import EvalConfig
+    from tec_train.finetune_config import EncoderSource
+
+    body = _ckpt_bytes("ibot")
+    srv = serve({"/tiny.pth": body})
+    vit, facts = load_encoder(srv.base + "/tiny.pth", arch=TINY_ARCH, patch_size=TINY_PATCH)
+    assert facts["kind"] == "basemodel" and facts["sha256"] == _sha(body) and facts["url"] == srv.base + "/tiny.pth"
+    assert torch.equal(vit.state_dict()["pos_embed"], tiny_state_dict(0)["pos_embed"])
+    EvalConfig(basemodel="mae1kbase").validate()  # no SOURCE: the official file
+    EncoderSource(basemodel="ibot1kbase").validate()
+    with pytest.raises(ValueError, match="SOURCE"):
+        EvalConfig().validate()
+    monkeypatch.setenv("TEC_OFFLINE", "1")
+    r = CliRunner().invoke(app, ["knn", "--basemodel", "mae1kbase", "--fashion-mnist"])
+    assert r.exit_code == 2 and "mae_pretrain_vit_base.pth" in "".join(r.output.split()), r.output
