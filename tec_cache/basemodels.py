@@ -142,25 +142,33 @@ def is_timm_source(basemodel: str | None) -> bool:
 
 
 def _timm_create(name: str, *, pretrained: bool, img_size: int, depth: int | None = None,
-                 **kwargs: Any) -> torch.nn.Module:
-    """timm.create_model for a timm/hub base; hub failures name the repo and the hub cache."""
+                 label: str | None = None, **kwargs: Any) -> torch.nn.Module:
+    """timm.create_model for a timm/hub base; hub failures name the base (``label``: as the user
+    wrote it), the hub repo and the hub cache."""
     extra = {} if depth is None else {"depth": depth}
+    label = label or name
     try:
         with hub_offline():
             return timm.create_model(name, pretrained=pretrained, num_classes=0, img_size=img_size, **extra, **kwargs)
     except TypeError as e:  # not a ViT: no img_size argument
-        raise ValueError(f"--basemodel {name}: not a timm VisionTransformer ({e})") from None
+        raise ValueError(f"--basemodel {label}: not a timm VisionTransformer ({e})") from None
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            raise ValueError(f"--basemodel {name}: {e}; expected timm:NAME with a timm model name "
+            raise ValueError(f"--basemodel {label}: {e}; expected timm:NAME with a timm model name "
                              "(e.g. timm:vit_base_patch14_dinov2.lvd142m) or hf-hub:ORG/REPO") from None
         raise
     except OSError as e:  # huggingface_hub's errors for a missing file or no network are OSErrors
         from huggingface_hub import constants
 
-        raise WeightsError(f"--basemodel {name}: its weights or config could not be had from the hub or the hub cache "
-                           f"{constants.HF_HUB_CACHE} (offline: fetch them once with network, or stage the repo's "
-                           f"config.json and model.safetensors there): {type(e).__name__}: {e}") from None
+        repo = name[len(HUB_PREFIX):] if name.startswith(HUB_PREFIX) else None
+        if repo is None:
+            cfg = timm.models.get_pretrained_cfg(name)
+            repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+        where = f"hub repo {repo}" if repo else "timm's pretrained source"
+        raise WeightsError(f"--basemodel {label}: its weights or config ({where}) could not be had from the hub or the "
+                           f"hub cache {constants.HF_HUB_CACHE} (offline: fetch them once with network, e.g. "
+                           f"`huggingface-cli download {repo or 'REPO'}`, and copy that cache over): "
+                           f"{type(e).__name__}: {e}") from None
 
 
 def resolve_spec(
@@ -234,7 +242,7 @@ def _timm_spec(source: str, *, img_size: int | None, patch_size: int | None, top
                          "(e.g. timm:vit_base_patch14_dinov2.lvd142m)")
     size = 224 if img_size is None else img_size
     with torch.device("meta"):
-        model = _timm_create(name, pretrained=False, img_size=size, depth=depth)
+        model = _timm_create(name, pretrained=False, img_size=size, depth=depth, label=source)
     check_timm_vit(model, source)
     own_patch = int(model.patch_embed.patch_size[0])
     if patch_size is not None and patch_size != own_patch:
@@ -329,7 +337,8 @@ def build_model(spec: BaseModelSpec, pretrained: bool = False) -> timm.models.Vi
     """Random-weight timm ViT of the spec's shape, ready for ``load_checkpoint``; a timm/hub base
     with ``pretrained`` comes with its weights from timm's pretrained machinery."""
     if spec.timm_name is not None:
-        model = _timm_create(spec.timm_name, pretrained=pretrained, img_size=spec.img_size, depth=spec.depth)
+        model = _timm_create(spec.timm_name, pretrained=pretrained, img_size=spec.img_size, depth=spec.depth,
+                             label=spec.name)
         check_timm_vit(model, spec.name)
         if spec.last_layers > len(model.blocks):
             raise ValueError(f"--last-layers {spec.last_layers} exceeds the model depth {len(model.blocks)}")

@@ -225,3 +225,13 @@ def test_cli_dry_run_prints_the_recipe_of_a_hub_base(hub_cache: Path, tmp_path: 
     r = CliRunner().invoke(app, ["build", "--basemodel", "hf-hub:tec-test/siglip", "--data", str(data), "--out",
                                  str(tmp_path / "c2"), "--img-size", "32", "--topk", "3"])
     assert r.exit_code == 2 and "has no class token" in " ".join(r.output.split())
+
+
+def test_a_timm_name_offline_and_not_cached_names_the_hub_cache(hub_cache: Path) -> None:
+    from tec_cache.weights import WeightsError
+
+    spec = resolve_spec("timm:vit_small_patch14_dinov2.lvd142m", topk=3, depth=1)
+    assert (spec.arch, spec.img_size, spec.patch_size, spec.source) == (
+        "vit_small_patch14_dinov2", 224, 14, "timm:vit_small_patch14_dinov2.lvd142m")
+    with pytest.raises(WeightsError, match=rf"timm:vit_small_patch14_dinov2.lvd142m: .*hub repo timm/vit_small_patch14_dinov2.lvd142m.*{hub_cache}"):
+        load_base_model(spec, None)
