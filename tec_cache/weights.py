@@ -416,11 +416,15 @@ def resolve_checkpoint(ref: str | os.PathLike[str], sha256: str | None = None) -
         got = fetch_hub(text, sha)
         return got.path, got.facts()
     if is_url(text):
-        got = fetch_weights(text, Expected(sha256=sha))
+        try:
+            got = fetch_weights(text, Expected(sha256=sha))
+        except WeightsError as e:
+            raise WeightsError(f"--checkpoint: {e}") from None
         return got.path, got.facts()
     path = Path(text[len("file://"):] if text.startswith("file://") else text)
     if not path.is_file():
-        raise WeightsError(f"--checkpoint: no such file {path} (expected the base model's weights file or a URL)")
+        raise WeightsError(f"--checkpoint: no such file {path} (expected the base model's weights file); a URL "
+                           "(https://..., hf-hub:ORG/REPO) is fetched")
     if sha is not None:
         _verify(path, str(path), Expected(sha256=sha), "--checkpoint")
     return path, {}

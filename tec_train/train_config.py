@@ -78,6 +78,15 @@ class TargetSource:
             return
         if self.cache_dir is not None and not (self.cache is not None and is_remote(self.cache)):
             raise ValueError("--cache-dir: the read-through folder is for a remote --cache (a URL)")
+        from tec_cache.weights import check_sha256
+
+        check_sha256(self.checkpoint_sha256)
+        if self.online_basemodel is not None:
+            from tec_cache.basemodels import REGISTRY, is_timm_source
+
+            if self.online_basemodel not in REGISTRY and not is_timm_source(self.online_basemodel):
+                raise ValueError(f"--online-basemodel: expected one of {', '.join(sorted(REGISTRY))}, timm:NAME or "
+                                 f"hf-hub:ORG/REPO, got {self.online_basemodel!r}")
         if self.cache is not None and self.online:
             raise ValueError("--cache and --online-basemodel/--arch exclude each other: train from a cache or online")
         if self.cache is None and not self.online:
