@@ -265,6 +265,10 @@ class _Missing(WeightsError):
     """404 and other refusals that a retry would not change."""
 
 
+class _RestartDownload(EOFError):
+    """The partial file cannot be resumed from (the server's range does not follow it): start over."""
+
+
 def _open_http(url: str, offset: int) -> tuple[BinaryIO, int, int | None]:
     """(stream, offset the stream starts at, total size if known)."""
     req = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
@@ -274,7 +278,7 @@ def _open_http(url: str, offset: int) -> tuple[BinaryIO, int, int | None]:
         raise _Missing(f"{url}: not a valid URL ({e})") from None
     except urllib.error.HTTPError as e:
         if e.code == 416 and offset:  # the .part is already whole (or longer than the file): start over
-            raise EOFError("range not satisfiable; restarting the download") from None
+            raise _RestartDownload("range not satisfiable; restarting the download") from None
         if e.code < 500 and e.code != 429:
             raise _Missing(f"{url}: HTTP {e.code} {e.reason}") from None
         raise
@@ -318,6 +322,8 @@ def _download(url: str, part: Path, retries: int, show: bool, label: str) -> Non
             try:
                 stream, start, total = opener(url, have)
                 with stream:
+                    if start not in (0, have):
+                        raise _RestartDownload(f"the server resumed at byte {start}, the partial file has {have}")
                     # A server that ignores Range sends the whole file again: start the .part over.
                     mode = "ab" if start == have and have else "wb"
                     done = start if mode == "ab" else 0
@@ -334,6 +340,9 @@ def _download(url: str, part: Path, retries: int, show: bool, label: str) -> Non
                     return
             except _Missing:
                 raise
+            except _RestartDownload as e:
+                part.unlink(missing_ok=True)
+                last = e
             except (OSError, EOFError, http.client.HTTPException) as e:  # dropped, timed out, 5xx, cut short
                 last = e
     raise WeightsError(f"{url}: download failed after {retries + 1} attempts ({RETRIES_ENV} sets the retries; "
