@@ -235,3 +235,17 @@ def test_a_timm_name_offline_and_not_cached_names_the_hub_cache(hub_cache: Path)
         "vit_small_patch14_dinov2", 224, 14, "timm:vit_small_patch14_dinov2.lvd142m")
     with pytest.raises(WeightsError, match=rf"timm:vit_small_patch14_dinov2.lvd142m: .*hub repo timm/vit_small_patch14_dinov2.lvd142m.*{hub_cache}"):
         load_base_model(spec, None)
+
+
+def test_a_hub_base_takes_its_weights_from_checkpoint_strictly(hub_cache: Path, tmp_path: Path) -> None:
+    make_hub_repo(hub_cache, "tec-test/dino", "vit_small_patch14_reg4_dinov2", 56, IMAGENET_DEFAULT_MEAN,
+                  IMAGENET_DEFAULT_STD)
+    spec = resolve_spec("hf-hub:tec-test/dino", img_size=56, topk=3)
+    other = {k: v.contiguous() for k, v in _tiny("vit_small_patch14_reg4_dinov2", 56, seed=7).state_dict().items()}
+    safetensors.torch.save_file(other, str(tmp_path / "mine.safetensors"))
+    model, facts = load_base_model(spec, tmp_path / "mine.safetensors")
+    assert torch.equal(model.state_dict()["reg_token"], other["reg_token"]) and facts["num_prefix_tokens"] == 5
+    del other["reg_token"]
+    safetensors.torch.save_file(other, str(tmp_path / "noreg.safetensors"))
+    with pytest.raises(ValueError, match=r"missing keys \['reg_token'\]"):
+        load_base_model(spec, tmp_path / "noreg.safetensors")

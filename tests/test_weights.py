@@ -3,6 +3,7 @@ stops: fetched, verified, cached, reused offline, resumed after a cut connection
 misses and the registry's official names (and a mirror serving another file under one) refused."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.server
 import io
@@ -92,6 +93,7 @@ def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
+@functools.lru_cache(maxsize=None)
 def _ckpt_bytes(layout: str, seed: int = 0) -> bytes:
     sd = tiny_state_dict(seed)
     obj = {"model": sd} if layout == "mae" else {"state_dict": sd}  # MAE's release, iBOT's teacher
