@@ -36,7 +36,7 @@ class BuildConfig:
     data: Path | str = option(help=SOURCE_HELP)
     out: Path = option(help="Cache folder (created; re-running resumes or extends it).")
     checkpoint: Path | None = option(help="Base-model weights: a local file (MAE, iBOT, DINO, state dict, .safetensors) "
-                                     "or a URL (http(s)://, s3://, gs://, ..., hf-hub:ORG/REPO[@REV]), fetched once "
+                                     "or a URL (http(s)://, s3://, gs://, ..., hf-hub:ORG/REPO, optionally @REVISION), fetched once "
                                      "into $TEC_HOME/weights. Not needed for a registry --basemodel (its official file "
                                      "is fetched) nor for timm:NAME / hf-hub:ORG/REPO (timm fetches its own).")
     spec: BaseModelSpec = option(help="The resolved target recipe.")

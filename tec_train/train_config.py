@@ -37,7 +37,7 @@ class TargetSource:
                                    "fetched (and checked again when read back).", default_text="none: stream only")
     online_basemodel: str | None = option_like(TargetRecipe, "basemodel", "Online mode, the base model run inside the step: ")
     checkpoint: str | None = option(None, "Online mode: the base model's weights, a local file or a URL (http(s)://, "
-                                    "s3://, ..., hf-hub:ORG/REPO[@REV]); a registry --online-basemodel fetches its "
+                                    "s3://, ..., hf-hub:ORG/REPO, optionally @REVISION); a registry --online-basemodel fetches its "
                                     "official file and timm:NAME / hf-hub:ORG/REPO their own without it.")
     checkpoint_sha256: str | None = option(None, "Online mode: sha256 the base model's weights file must have.")
     data: str | None = option(None, "Online mode and --objective mae: " + SOURCE_HELP)
