@@ -351,14 +351,15 @@ def _download(url: str, part: Path, retries: int, show: bool, label: str) -> Non
 
 @contextlib.contextmanager
 def _progress(show: bool, label: str) -> Iterator[Any]:
-    """A rich bar with size and rate on a terminal; nothing otherwise (logs stay clean)."""
+    """A rich bar with size and rate on stderr when that is a terminal; nothing otherwise (logs stay clean)."""
     if not show:
         yield lambda total, done: None
         return
+    from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), transient=False) as p:
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=False) as p:
         task = p.add_task(f"fetching {label}", total=None)
         yield lambda total, done: p.update(task, total=total, completed=done)
 

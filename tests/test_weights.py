@@ -7,6 +7,7 @@ import functools
 import hashlib
 import http.server
 import io
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -300,3 +301,12 @@ def test_downstream_takes_a_weights_url_or_a_registry_name_alone(serve, tmp_path
     monkeypatch.setenv("TEC_OFFLINE", "1")
     r = CliRunner().invoke(app, ["knn", "--basemodel", "mae1kbase", "--fashion-mnist"])
     assert r.exit_code == 2 and "mae_pretrain_vit_base.pth" in "".join(r.output.split()), r.output
+
+
+def test_progress_bar_shows_the_file_and_its_size(serve, capsys: pytest.CaptureFixture[str]) -> None:
+    body = _ckpt_bytes("mae")
+    srv = serve({"/bar.pth": body})
+    w.fetch_weights(srv.base + "/bar.pth", progress=True)
+    err = " ".join(capsys.readouterr().err.split())
+    mb = f"{len(body) / 1e6:.1f}"
+    assert "fetching bar.pth" in err and f"{mb}/{mb} MB" in err and re.search(r"[\d.]+ [kMG]?B/s", err)  # size, rate
