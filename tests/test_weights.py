@@ -45,6 +45,9 @@ class _Server:
                 start = 0
                 if rng and outer.honour_range:
                     start = int(rng.split("=")[1].split("-")[0])
+                    if start >= len(body):
+                        self.send_error(416)
+                        return
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
                 else:
@@ -310,3 +313,13 @@ def test_progress_bar_shows_the_file_and_its_size(serve, capsys: pytest.CaptureF
     err = " ".join(capsys.readouterr().err.split())
     mb = f"{len(body) / 1e6:.1f}"
     assert "fetching bar.pth" in err and f"{mb}/{mb} MB" in err and re.search(r"[\d.]+ [kMG]?B/s", err)  # size, rate
+
+
+def test_a_partial_file_that_cannot_be_resumed_is_started_over(serve) -> None:
+    body = _ckpt_bytes("mae")
+    srv = serve({"/p.pth": body})
+    part = w.cache_path(srv.base + "/p.pth").with_name("p.pth.part")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"x" * (len(body) + 10))  # longer than the file: left by something else
+    got = w.fetch_weights(srv.base + "/p.pth", w.Expected(sha256=_sha(body)))
+    assert got.path.read_bytes() == body and srv.log == [("/p.pth", f"bytes={len(body) + 10}-"), ("/p.pth", None)]
