@@ -249,3 +249,18 @@ def test_a_hub_base_takes_its_weights_from_checkpoint_strictly(hub_cache: Path, 
     safetensors.torch.save_file(other, str(tmp_path / "noreg.safetensors"))
     with pytest.raises(ValueError, match=r"missing keys \['reg_token'\]"):
         load_base_model(spec, tmp_path / "noreg.safetensors")
+
+
+@pytest.mark.slow
+def test_online_mode_trains_from_a_hub_base(hub_cache: Path, tmp_path: Path) -> None:
+    from tec_train.train import TrainConfig, train
+    from tests.conftest import make_image_folder
+
+    make_hub_repo(hub_cache, "tec-test/clip", "vit_base_patch16_clip_224", 64, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    data = make_image_folder(tmp_path / "data", n_per_class=4, bad=False)
+    cfg = dict(run_dir=str(tmp_path / "run"), online_basemodel="hf-hub:tec-test/clip", data=str(data), topk=3,
+               model="vit_tiny_patch16", img_size=64, depth=2, batch_size=4, epochs=1, warmup_epochs=0, blr=1e-3,
+               num_workers=0, max_steps=2, log_every=1, ckpt_every=100, device="cpu")
+    assert train(TrainConfig(**cfg)).global_step == 2
+    with pytest.raises(ValueError, match=r"student patch grid 8x8 .* does not match the base model.s 4x4"):
+        train(TrainConfig(**{**cfg, "run_dir": str(tmp_path / "run2"), "model": "vit_tiny_patch8"}))
