@@ -149,7 +149,8 @@ def _timm_create(name: str, *, pretrained: bool, img_size: int, depth: int | Non
     label = label or name
     try:
         with hub_offline():
-            return timm.create_model(name, pretrained=pretrained, num_classes=0, img_size=img_size, **extra, **kwargs)
+            return timm.create_model(name, pretrained=pretrained, img_size=img_size, **extra,
+                                     **{"num_classes": 0, **kwargs})
     except TypeError as e:  # not a ViT: no img_size argument
         raise ValueError(f"--basemodel {label}: not a timm VisionTransformer ({e})") from None
     except RuntimeError as e:
@@ -181,10 +182,13 @@ def resolve_spec(
     tau: float | None = None,
     last_layers: int | None = None,
     depth: int | None = None,
+    targets: bool = True,
 ) -> BaseModelSpec:
     """Registry entry (or a custom one from ``arch``) with the given overrides applied.
 
     Raises ValueError naming the option when the name is unknown or neither is given.
+    ``targets=False`` (the downstream evaluations): a timm/hub base only needs to be a ViT, not to
+    have the class token and fused attention the targets read.
     """
     if basemodel is not None and not is_timm_source(basemodel) and basemodel not in REGISTRY:
         raise ValueError(f"--basemodel: unknown base model {basemodel!r}; expected one of {sorted(REGISTRY)}, "
@@ -198,7 +202,7 @@ def resolve_spec(
         if arch is not None:
             raise ValueError(f"--arch: {basemodel} names its own architecture; give one of the two")
         return _timm_spec(basemodel, img_size=img_size, patch_size=patch_size, topk=topk, tau=tau,
-                          last_layers=last_layers, depth=depth)
+                          last_layers=last_layers, depth=depth, targets=targets)
     if basemodel is not None:
         base = REGISTRY[basemodel]
     else:
@@ -233,7 +237,7 @@ def _checked(spec: BaseModelSpec) -> BaseModelSpec:
 
 
 def _timm_spec(source: str, *, img_size: int | None, patch_size: int | None, topk: int | None, tau: float | None,
-               last_layers: int | None, depth: int | None) -> BaseModelSpec:
+               last_layers: int | None, depth: int | None, targets: bool = True) -> BaseModelSpec:
     """The spec of a timm/hub base: its architecture and patch size read off the model timm builds
     (on the meta device: no weights, no memory); the recipe defaults are the MAE-base ones."""
     name = source[len(TIMM_PREFIX):] if source.startswith(TIMM_PREFIX) else source
@@ -243,7 +247,7 @@ def _timm_spec(source: str, *, img_size: int | None, patch_size: int | None, top
     size = 224 if img_size is None else img_size
     with torch.device("meta"):
         model = _timm_create(name, pretrained=False, img_size=size, depth=depth, label=source)
-    check_timm_vit(model, source)
+    check_timm_vit(model, source, targets=targets)
     own_patch = int(model.patch_embed.patch_size[0])
     if patch_size is not None and patch_size != own_patch:
         raise ValueError(f"--patch-size {patch_size}: {source} has patch size {own_patch}; its patch embedding is "
@@ -258,12 +262,15 @@ def _timm_spec(source: str, *, img_size: int | None, patch_size: int | None, top
     ))
 
 
-def check_timm_vit(model: torch.nn.Module, source: str) -> None:
+def check_timm_vit(model: torch.nn.Module, source: str, targets: bool = True) -> None:
     """A timm/hub base must be a VisionTransformer with a class token and timm's attention layout;
-    ValueError names the base and what it lacks."""
+    ValueError names the base and what it lacks. ``targets=False``: a ViT is enough (the downstream
+    evaluations pool its tokens; ``--pool cls`` checks the class token itself)."""
     if not isinstance(model, timm.models.VisionTransformer):
         raise ValueError(f"--basemodel {source}: {type(model).__name__} is not a timm VisionTransformer; the targets "
                          "need its blocks' qkv attention")
+    if not targets:
+        return
     if not model.has_class_token:
         raise ValueError(f"--basemodel {source}: this ViT has no class token (global pool {model.global_pool!r}); the "
                          "attention target is the class token's row and picks the top-k patches by it")
@@ -333,14 +340,15 @@ def _arch_patch_size(arch: str | None, default: int) -> int:
     return int(m.group(1)) if m else default
 
 
-def build_model(spec: BaseModelSpec, pretrained: bool = False) -> timm.models.VisionTransformer:
+def build_model(spec: BaseModelSpec, pretrained: bool = False, targets: bool = True) -> timm.models.VisionTransformer:
     """Random-weight timm ViT of the spec's shape, ready for ``load_checkpoint``; a timm/hub base
-    with ``pretrained`` comes with its weights from timm's pretrained machinery."""
+    with ``pretrained`` comes with its weights from timm's pretrained machinery (``targets``: as
+    in ``check_timm_vit``)."""
     if spec.timm_name is not None:
         model = _timm_create(spec.timm_name, pretrained=pretrained, img_size=spec.img_size, depth=spec.depth,
                              label=spec.name)
-        check_timm_vit(model, spec.name)
-        if spec.last_layers > len(model.blocks):
+        check_timm_vit(model, spec.name, targets=targets)
+        if targets and spec.last_layers > len(model.blocks):
             raise ValueError(f"--last-layers {spec.last_layers} exceeds the model depth {len(model.blocks)}")
         return model  # type: ignore[return-value]
     extra = {} if spec.depth is None else {"depth": spec.depth}
@@ -446,24 +454,25 @@ def _short(keys: list[str], n: int = 12) -> str:
 
 
 def load_base_model(spec: BaseModelSpec, checkpoint: Path | None, device: torch.device | str = "cpu",
-                    fetched: dict[str, Any] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+                    fetched: dict[str, Any] | None = None, targets: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Build, load strictly and freeze the base model. Returns (model in eval mode, facts).
 
     ``checkpoint`` None: a timm/hub base's own pretrained weights (``resolve_weights`` gives the
-    path otherwise); ``fetched``: where a fetched file came from, for the manifest. The facts carry
+    path otherwise); ``fetched``: where a fetched file came from, for the manifest;
+    ``targets``: as in ``check_timm_vit``. The facts carry
     the base's input normalisation (``input_mean``/``input_std``) and its ``num_prefix_tokens``.
     """
     if checkpoint is None:
         if spec.source is None:
             raise ValueError(f"--checkpoint is required for {spec.name}: its weights file (a path or a URL)")
-        model = build_model(spec, pretrained=True)
+        model = build_model(spec, pretrained=True, targets=targets)
         cfg = getattr(model, "pretrained_cfg", None) or {}
         facts: dict[str, Any] = {"layout": "timm pretrained", "ignored_missing": [], "ignored_unexpected": [],
                                  "sha256": state_sha256(model), "sha256_of": "state dict tensors",
                                  "path": str(spec.source), "pretrained_tag": cfg.get("tag"),
                                  "hf_hub_id": cfg.get("hf_hub_id")}
     else:
-        model = build_model(spec)
+        model = build_model(spec, targets=targets)
         facts = load_checkpoint(model, checkpoint)
         facts["sha256"] = file_sha256(checkpoint)
         facts["path"] = str(checkpoint)
