@@ -112,6 +112,25 @@ def test_img_size_resamples_pos_embed_around_the_prefix_tokens(family: str, pos_
     assert vit.forward_features(torch.randn(1, 3, 6 * patch, 6 * patch)).shape == (1, npt + 36, 32)
 
 
+def test_cli_knn_from_a_hub_base_and_pool_cls_refused_without_class_token(hub_cache: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tec_train.cli import app
+
+    base, img, mean, _std, _ = _hub_base(hub_cache, "dinov2_reg4")
+    data = _splits(tmp_path / "imgs")
+    out = tmp_path / "knn.json"
+    common = ["--data", str(data), "--img-size", str(img), "--k", "2", "--num-workers", "0", "--device", "cpu"]
+    r = CliRunner().invoke(app, ["knn", "--basemodel", base, *common, "--out-json", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["encoder"]["basemodel"] == base and res["encoder"]["num_prefix_tokens"] == 5
+    make_hub_repo(hub_cache, "tec-test/siglip", "vit_base_patch16_siglip_224", 32, (0.5,) * 3, (0.5,) * 3)
+    r = CliRunner().invoke(app, ["knn", "--basemodel", "hf-hub:tec-test/siglip", *common[:2], "--img-size", "32",
+                                 "--pool", "cls", "--num-workers", "0", "--device", "cpu"])
+    assert r.exit_code == 2 and "without a class token" in " ".join(r.output.split()), r.output
+
+
 def test_a_vit_without_class_token_pools_its_patches_but_refuses_pool_cls(hub_cache: Path, tmp_path: Path) -> None:
     make_hub_repo(hub_cache, "tec-test/siglip", "vit_base_patch16_siglip_224", 32, (0.5,) * 3, (0.5,) * 3)
     data = _splits(tmp_path / "imgs")
@@ -141,7 +160,6 @@ def test_finetune_groups_and_heads_of_timm_bases(hub_cache: Path) -> None:
     assert model.head_dist.weight.shape == (3, 32) and model.head_dist.weight.std() < 1e-4
 
 
-@pytest.mark.slow
 def test_finetune_a_few_steps_from_a_hub_base(hub_cache: Path, tmp_path: Path) -> None:
     base, img, mean, std, _ = _hub_base(hub_cache, "clip")
     data = _splits(tmp_path / "imgs")
