@@ -312,7 +312,7 @@ def plot(
 _SOURCE_HELP = ("An export folder (tec-train export), a run dir or checkpoint-*.pt of tec-train run (TEC or "
                 "--objective mae), a reference TEC checkpoint {'model': ...} (with --model), or a base model's "
                 "weights file or URL (with --basemodel NAME or --arch TIMM_NAME); with a registry --basemodel and no SOURCE, "
-                "its official weights are fetched.")
+                "its official weights are fetched, with --basemodel timm:NAME or hf-hub:ORG/REPO and no SOURCE, timm's own.")
 
 
 def _dataset_dir(data: Optional[Path], fashion_mnist: bool, fashion_mnist_dir: Optional[Path]) -> tuple[Optional[str], Optional[str]]:
