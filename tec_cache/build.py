@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich import filesize
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 
 from tec_cache.basemodels import load_base_model
@@ -165,6 +166,9 @@ def _cache_identity(cfg: BuildConfig, source: ImageSource, facts: dict[str, Any]
     return {
         "base_model.sha256": facts["sha256"],
         "base_model.arch": cfg.spec.arch,
+        "base_model.input_mean": list(facts["input_mean"]),
+        "base_model.input_std": list(facts["input_std"]),
+        "base_model.num_prefix_tokens": facts["num_prefix_tokens"],
         "targets.topk": cfg.spec.topk,
         "targets.last_layers": cfg.spec.last_layers,
         "targets.num_patches": shape.num_patches,
@@ -183,7 +187,15 @@ def _cache_identity(cfg: BuildConfig, source: ImageSource, facts: dict[str, Any]
 
 # Identity keys a manifest leaves out at their default: caches built before --first-view start at
 # view 0, those built before the resizer was recorded were resized by PIL.
-_ABSENT_MEANS = {"views.first_view": 0, "views.recipe.resize": mf.LEGACY_RESIZE}
+_ABSENT_MEANS = {"views.first_view": 0, "views.recipe.resize": mf.LEGACY_RESIZE,
+                 # caches built before timm/hub bases: ImageNet normalisation, one class token
+                 "base_model.input_mean": list(IMAGENET_DEFAULT_MEAN), "base_model.input_std": list(IMAGENET_DEFAULT_STD),
+                 "base_model.num_prefix_tokens": 1}
+
+
+# Facts of the base model's weights and input recorded in the manifest's base_model section.
+_WEIGHTS_FACTS = ("url", "size", "fetched_from", "sha256_of", "pretrained_tag", "hf_hub_id", "input_mean", "input_std",
+                  "num_prefix_tokens")
 
 
 def _view_placement(cfg: BuildConfig, device: torch.device, built: Manifest | None) -> tuple[str, bool]:
@@ -294,7 +306,10 @@ class Builder:
         self.recipe = ViewRecipe(size=cfg.spec.img_size, jpeg_quality=cfg.jpeg_quality, resize=resize)
         self.device_views = DeviceViews(self.device, self.recipe, cfg.num_workers) if self.on_device else None
         self.codec = get_codec(cfg.codec)
-        self.model, self.facts = load_base_model(cfg.spec, cfg.checkpoint, self.device)
+        self.model, self.facts = load_base_model(cfg.spec, cfg.checkpoint, self.device, cfg.fetched)
+        # The base sees its own normalisation (a CLIP base's is not ImageNet's); the view recipe's,
+        # recorded in the manifest for stage 2, stays the student's.
+        self.base_mean, self.base_std = tuple(self.facts["input_mean"]), tuple(self.facts["input_std"])
         grid = cfg.spec.img_size // cfg.spec.patch_size
         self.shape = TargetShape(grid * grid, self.model.embed_dim, self.model.blocks[-1].attn.num_heads, cfg.spec.topk)
         # An existing cache keeps its fields as they are stored (caches built before the per-field
@@ -502,7 +517,7 @@ class Builder:
         pixels = torch.stack([b[3] for b in batch])  # [B,3,S,S] uint8
         if self.device.type == "cuda" and not pixels.is_cuda:
             pixels = pixels.pin_memory().to(self.device, non_blocking=True)
-        images = normalise_images(pixels.to(self.device), self.recipe.mean, self.recipe.std)
+        images = normalise_images(pixels.to(self.device), self.base_mean, self.base_std)
         feat, att, idx = extract_targets(self.model, images, topk=self.cfg.spec.topk, last_layers=self.cfg.spec.last_layers)
         stats.add("feat", feat)
         stats.add("att", att)
@@ -557,7 +572,8 @@ class Builder:
             schema_version=SCHEMA_VERSION,
             base_model=mf.BaseModel(name=spec.name, arch=spec.arch, sha256=self.facts["sha256"], embed_dim=self.shape.dim,
                                     num_heads=self.shape.heads, depth=len(self.model.blocks),
-                                    extra={**options, "checkpoint": self.facts["path"], "layout": self.facts["layout"]}),
+                                    extra={**options, "checkpoint": self.facts["path"], "layout": self.facts["layout"],
+                                           **{k: self.facts[k] for k in _WEIGHTS_FACTS if self.facts.get(k) is not None}}),
             targets=mf.Targets(num_patches=self.shape.num_patches, grid=(grid, grid), patch_size=spec.patch_size,
                                dim=self.shape.dim, heads=self.shape.heads, topk=spec.topk, last_layers=spec.last_layers,
                                tau=spec.tau),

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from tec_cache.basemodels import RECIPE_KEYS, BaseModelSpec, TargetRecipe, build_model
+from tec_cache.basemodels import RECIPE_KEYS, BaseModelSpec, TargetRecipe, build_model, resolve_weights
 from tec_cache.codecs import get_codec
 from tec_cache.config import POSITIVE_INT, SEED, WORKERS, check_fields, in_range, option
 from tec_cache.dist import dist_info, resolve_device
@@ -35,8 +35,14 @@ class BuildConfig:
 
     data: Path | str = option(help=SOURCE_HELP)
     out: Path = option(help="Cache folder (created; re-running resumes or extends it).")
-    checkpoint: Path = option(help="Local base-model weights (MAE, iBOT, DINO, state dict, .safetensors).")
+    checkpoint: Path | None = option(help="Base-model weights: a local file (MAE, iBOT, DINO, state dict, .safetensors) "
+                                     "or a URL (http(s)://, s3://, gs://, ..., hf-hub:ORG/REPO, optionally @REVISION), fetched once "
+                                     "into $TEC_HOME/weights. Not needed for a registry --basemodel (its official file "
+                                     "is fetched) nor for timm:NAME / hf-hub:ORG/REPO (timm fetches its own).")
     spec: BaseModelSpec = option(help="The resolved target recipe.")
+    checkpoint_sha256: str | None = option(None, "sha256 the weights file must have (a --checkpoint URL or path, or "
+                                           "a registry base model's official file)")
+    fetched: dict[str, Any] | None = option(None, "Where fetched weights came from (URL, size), for the manifest.")
     views: int = option(1, "View-epochs K to hold (a larger K later adds only the missing ones)", check=POSITIVE_INT)
     codec: str = option("int8", "fp16 (reference precision) | int8 (half the bytes) | int8-coarse (27% fewer "
                         "bytes per view than int8, feature cosine 0.993)")
@@ -66,7 +72,10 @@ class BuildConfig:
         check_fields(self, ("views", "shard_size", "seed", "first_view", "batch_size"))
         if not is_remote(self.data) and not Path(self.data).exists():
             raise ValueError(f"--data: no such file or folder {self.data} (expected an image folder or .tar shards)")
-        if not Path(self.checkpoint).is_file():
+        if self.checkpoint is None:
+            if self.spec.source is None:
+                raise ValueError(f"--checkpoint is required for {self.spec.name}: its weights file (a path or a URL)")
+        elif not Path(self.checkpoint).is_file():
             raise ValueError(f"--checkpoint: no such file {self.checkpoint} (expected the base model's weights file)")
         resolve_device(self.device, dist_info())  # --device: a name this machine has
         check_fields(self, ("num_workers", "jpeg_quality"))
@@ -94,7 +103,7 @@ class BuildConfig:
 
 # BuildConfig fields a preset does not set: where this build writes, how it reports, and the
 # recipe, which it sets through its own keys.
-_NOT_IN_PRESET = {"out", "spec", "strict", "dry_run"}
+_NOT_IN_PRESET = {"out", "spec", "strict", "dry_run", "fetched"}
 CACHE_TABLE_KEYS = frozenset({f.name for f in fields(BuildConfig)} - _NOT_IN_PRESET | set(RECIPE_KEYS) | {"cache_name"})
 
 
@@ -116,12 +125,14 @@ def build_config(flags: dict[str, Any], pipeline: str | None = None) -> BuildCon
         values["out"] = Path("caches") / cache_name
     if values.get("data") is None:
         raise ValueError("--data is required: an image folder or a folder of .tar shards")
-    if values.get("checkpoint") is None:
-        raise ValueError("--checkpoint is required: the base model's weights are never downloaded")
     recipe = TargetRecipe(**{k: values.pop(k) for k in RECIPE_KEYS if k in values})
-    for key in ("data", "out", "checkpoint"):
+    spec = recipe.resolve()
+    for key in ("data", "out"):
         if not (key == "data" and is_remote(values[key])):
             values[key] = Path(values[key])
-    cfg = BuildConfig(spec=recipe.resolve(), **values)
+    # A URL (or a registry name without --checkpoint) is fetched here, once, before any work.
+    values["checkpoint"], values["fetched"] = resolve_weights(spec, values.get("checkpoint"),
+                                                              values.get("checkpoint_sha256"))
+    cfg = BuildConfig(spec=spec, **values)
     cfg.validate()
     return cfg

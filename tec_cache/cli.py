@@ -61,7 +61,8 @@ def build(
     out: Optional[Path] = typer.Option(None, "--out", help=_h("out", " With --pipeline, defaults to caches/<the pipeline's cache_name>.")),
     pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Pipeline name (see `tec-train pipelines`) or .toml file: its cache table gives the defaults; flags override them."),
     data: Optional[str] = typer.Option(None, "--data", help=_h("data")),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help=_h("checkpoint")),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help=_h("checkpoint")),
+    checkpoint_sha256: Optional[str] = typer.Option(None, "--checkpoint-sha256", help=_h("checkpoint_sha256")),
     basemodel: Optional[str] = typer.Option(None, "--basemodel", help=_h("basemodel")),
     arch: Optional[str] = typer.Option(None, "--arch", help=_h("arch")),
     img_size: Optional[int] = typer.Option(None, "--img-size", help=_h("img_size")),
@@ -142,6 +143,10 @@ def build(
                            resume="re-running the same command keeps the finished shards and builds the rest"), 1)
     est = result.estimate
     if dry_run:
+        sp = cfg.spec
+        grid = sp.img_size // sp.patch_size
+        say(f"base model {sp.name} ({sp.arch}): top-k {sp.topk}, tau {sp.tau}, last layers {sp.last_layers}, "
+            f"{sp.img_size}px / patch {sp.patch_size} = {grid}x{grid} grid", highlight=False)
         if not est.get("views"):
             say("nothing to do: every shard of this cache is complete")
             return

@@ -7,6 +7,13 @@ Every block runs as timm built it (fused SDPA where timm uses it). The attention
 logits, which fused attention never materialises, so a hook keeps the last block's qkv
 projection and only the k+1 query rows that are needed (cls, then the top-k patches) are
 multiplied against the keys, in float32.
+
+Prefix tokens other than the class token (DINOv2's registers, DeiT's distillation token: timm's
+``num_prefix_tokens`` > 1) take part in the forward pass as the base model was trained, but are kept
+out of the patch relation: the feature target is the patch tokens only, the attention rows are the
+class token's and the top-k patches', and the columns are the class and patch keys only (the class
+column is then dropped as always). A ViT with exactly one class token, pos_embed over it, runs the
+very same operations as before this was added, so its targets are bit-identical.
 """
 from __future__ import annotations
 
@@ -44,26 +51,31 @@ def extract_targets(
     """
     blocks = model.blocks
     depth = len(blocks)
+    npt = int(getattr(model, "num_prefix_tokens", 1))  # class token first, then registers/distillation
     last_attn = blocks[-1].attn
     captured: dict[str, torch.Tensor] = {}
     handle = last_attn.qkv.register_forward_hook(lambda _m, _i, out: captured.__setitem__("qkv", out))
     try:
         with _autocast(images.device, autocast):
             x = model.patch_embed(images)  # [B,L,D]
-            cls = model.cls_token.expand(x.shape[0], -1, -1)  # [B,1,D]
-            x = torch.cat([cls, x], dim=1) + model.pos_embed  # [B,1+L,D]
+            if npt == 1 and not getattr(model, "no_embed_class", False) and not getattr(model, "dynamic_img_size", False):
+                cls = model.cls_token.expand(x.shape[0], -1, -1)  # [B,1,D]
+                x = torch.cat([cls, x], dim=1) + model.pos_embed  # [B,1+L,D]
+            else:
+                x = model._pos_embed(x)  # [B,P+L,D]: timm's own placing of cls, registers and pos_embed
+            x = model.norm_pre(x)  # CLIP's pre-norm; an identity for MAE/iBOT/DINOv2
             feat = None
             for i, blk in enumerate(blocks):
                 x = blk(x)
                 if i >= depth - last_layers:
-                    patch = x[:, 1:].float()  # [B,L,D]
+                    patch = x[:, npt:].float()  # [B,L,D]
                     feat = patch if feat is None else feat + patch
     finally:
         handle.remove()
     assert feat is not None
     feat = feat / last_layers
 
-    qkv = captured["qkv"].float()  # [B,1+L,3D]
+    qkv = captured["qkv"].float()  # [B,P+L,3D]
     B, N, three_d = qkv.shape
     H = last_attn.num_heads
     hd = three_d // 3 // H
@@ -71,11 +83,13 @@ def extract_targets(
     qkv = qkv.view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)  # [3,B,H,N,hd]
     q, k = qkv[0], qkv[1]
     q, k = last_attn.q_norm(q).float(), last_attn.k_norm(k).float()
+    if npt > 1:
+        k = torch.cat([k[:, :, :1], k[:, :, npt:]], dim=2)  # [B,H,1+L,hd]: cls and patch keys only
     scale = float(last_attn.scale)
     cls_row = torch.einsum("bhd,bhnd->bhn", q[:, :, 0], k) * scale  # [B,H,N]
     score = cls_row[:, :, 1:].mean(dim=1)  # [B,L] head-mean of logits, not probabilities
     idx = torch.topk(score, topk, dim=1, largest=True, sorted=True).indices  # [B,k]
-    q_rows = torch.gather(q, 2, (idx + 1)[:, None, :, None].expand(B, H, topk, hd))  # [B,H,k,hd]
+    q_rows = torch.gather(q, 2, (idx + npt)[:, None, :, None].expand(B, H, topk, hd))  # [B,H,k,hd]
     rows = torch.einsum("bhkd,bhnd->bhkn", q_rows, k) * scale  # [B,H,k,N]
     att = torch.cat([cls_row[:, :, None], rows], dim=2)  # [B,H,k+1,N]
     att = att.permute(0, 2, 1, 3)[..., 1:].contiguous()  # [B,k+1,H,L]

@@ -13,7 +13,7 @@ distribution is the one the paper fine-tuned with, on every Pillow version.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from PIL import Image, ImageOps
@@ -58,12 +58,15 @@ def reference_posterize(tf: Callable) -> Callable:
     return tf
 
 
-def finetune_train_transform(img_size: int, *, aa: str | None, reprob: float) -> Callable:
+def finetune_train_transform(img_size: int, *, aa: str | None, reprob: float,
+                             mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                             std: Sequence[float] = IMAGENET_DEFAULT_STD) -> Callable:
     """MAE's fine-tuning train transform: RandomResizedCrop(scale 0.08-1) + flip, RandAugment
-    ``aa`` (no colour jitter with it), bicubic, ImageNet mean/std, random erasing (pixel mode,
-    one box, probability ``reprob``). ``aa`` of None, "" or "none" turns RandAugment off."""
+    ``aa`` (no colour jitter with it), bicubic, ImageNet mean/std (a timm/hub base: its own),
+    random erasing (pixel mode, one box, probability ``reprob``). ``aa`` of None, "" or "none"
+    turns RandAugment off."""
     auto_augment = None if aa is None or aa.lower() in NO_AUGMENT else aa
     tf = create_transform(input_size=img_size, is_training=True, color_jitter=None, auto_augment=auto_augment,
                           interpolation="bicubic", re_prob=reprob, re_mode="pixel", re_count=1,
-                          mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+                          mean=tuple(mean), std=tuple(std))
     return reference_posterize(tf)

@@ -268,9 +268,10 @@ def run(
     objective: Optional[str] = typer.Option(None, "--objective", help=_th("objective")),
     cache: Optional[str] = typer.Option(None, "--cache", help=_th("cache")),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=_th("cache_dir")),
-    online: bool = typer.Option(False, "--online", help="Online mode with the --pipeline's target recipe (its cache table, as tec-cache build takes it): the base model runs inside the step; give --checkpoint and --data."),
+    online: bool = typer.Option(False, "--online", help="Online mode with the --pipeline's target recipe (its cache table, as tec-cache build takes it): the base model runs inside the step; give --data (and --checkpoint unless the base model is fetched by name)."),
     online_basemodel: Optional[str] = typer.Option(None, "--online-basemodel", help=_th("online_basemodel")),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help=_th("checkpoint")),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help=_th("checkpoint")),
+    checkpoint_sha256: Optional[str] = typer.Option(None, "--checkpoint-sha256", help=_th("checkpoint_sha256")),
     data: Optional[str] = typer.Option(None, "--data", help=_th("data")),
     arch: Optional[str] = typer.Option(None, "--arch", help=_th("arch")),
     topk: Optional[int] = typer.Option(None, "--topk", help=_th("topk")),
@@ -392,7 +393,8 @@ def plot(
 # ---- downstream: finetune, knn, linear ---------------------------------------------------------
 _SOURCE_HELP = ("An export folder (tec-train export), a run dir or checkpoint-*.pt of tec-train run (TEC or "
                 "--objective mae), a reference TEC checkpoint {'model': ...} (with --model), or a base model's "
-                "weights file (with --basemodel NAME or --arch TIMM_NAME).")
+                "weights file or URL (with --basemodel NAME or --arch TIMM_NAME); with a registry --basemodel and no SOURCE, "
+                "its official weights are fetched, with --basemodel timm:NAME or hf-hub:ORG/REPO and no SOURCE, timm's own.")
 
 
 def _dataset_dir(data: Optional[Path], fashion_mnist: bool, fashion_mnist_dir: Optional[Path]) -> tuple[Optional[str], Optional[str]]:
@@ -458,7 +460,7 @@ def _result_table(title: str, rows: list[tuple[str, str]]) -> None:
 
 @app.command()
 def finetune(
-    source: Optional[Path] = typer.Argument(None, metavar="SOURCE", help=_SOURCE_HELP),
+    source: Optional[str] = typer.Argument(None, metavar="[SOURCE]", help=_SOURCE_HELP),
     run_dir: Path = typer.Option(..., "--run-dir", help=_fh("run_dir")),
     pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Pipeline name (see `tec-train pipelines`) or .toml file: its finetune table gives the defaults; flags override them."),
     data: Optional[Path] = typer.Option(None, "--data", help=_fh("data")),
@@ -467,7 +469,7 @@ def finetune(
     model: Optional[str] = typer.Option(None, "--model", help=_fh("model")),
     basemodel: Optional[str] = typer.Option(None, "--basemodel", help=_fh("basemodel")),
     arch: Optional[str] = typer.Option(None, "--arch", help=_fh("arch")),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help=_fh("checkpoint")),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help=_fh("checkpoint")),
     mlp_token: Optional[bool] = typer.Option(None, "--mlp-token/--fold-mlp-token", help=_fh("mlp_token")),
     global_pool: Optional[bool] = typer.Option(None, "--global-pool/--cls-token", help=_fh("global_pool")),
     img_size: Optional[int] = typer.Option(None, "--img-size", help=_fh("img_size")),
@@ -583,7 +585,7 @@ def _eh(name: str, extra: str = "") -> str:
 
 
 # Options knn and linear share, declared once.
-_Source = Annotated[Path, typer.Argument(metavar="SOURCE", help=_SOURCE_HELP)]
+_Source = Annotated[Optional[str], typer.Argument(metavar="[SOURCE]", help=_SOURCE_HELP)]
 _Pipeline = Annotated[Optional[str], typer.Option("--pipeline", help="Pipeline name (see `tec-train pipelines`) or .toml file: its eval table gives the defaults; flags override them.")]
 _Data = Annotated[Optional[Path], typer.Option("--data", help=_eh("data"))]
 _FashionMnist = Annotated[bool, typer.Option("--fashion-mnist", help="Use Fashion-MNIST (local idx files, /usr/share/datasets/fashion-mnist).")]
@@ -606,7 +608,7 @@ _Seed = Annotated[Optional[int], typer.Option("--seed", help=_eh("seed"))]
 
 @app.command()
 def knn(
-    source: _Source,
+    source: _Source = None,
     pipeline: _Pipeline = None,
     data: _Data = None,
     fashion_mnist: _FashionMnist = False,
@@ -645,7 +647,7 @@ def knn(
 
 @app.command()
 def linear(
-    source: _Source,
+    source: _Source = None,
     pipeline: _Pipeline = None,
     data: _Data = None,
     fashion_mnist: _FashionMnist = False,

@@ -1,9 +1,14 @@
 """Load any pretrained encoder as a plain timm ViT for the downstream evaluations.
 
 Data flow: export folder | run dir / checkpoint-*.pt (TEC student or MAE objective) | reference
-TEC checkpoint {'model': ...} | base model weights (MAE / iBOT layouts) --> **timm
-VisionTransformer (num_classes=0) + JSON facts** --> evaluate.py (kNN, linear probe) and
-finetune.py.
+TEC checkpoint {'model': ...} | base model weights (MAE / iBOT layouts) | a timm/hub base
+(``timm:NAME``, ``hf-hub:ORG/REPO``: timm's own pretrained weights, or a --checkpoint file)
+--> **timm VisionTransformer (num_classes=0) + JSON facts** --> evaluate.py (kNN, linear probe)
+and finetune.py.
+
+A timm/hub base keeps its own architecture (registers, distillation token, pre-norm) and its own
+input normalisation (``input_normalisation``); every other source is a plain ViT with one class
+token, fed ImageNet's mean/std.
 
 Every route checks keys strictly: pretraining-only parts (adaptors, decoders, mask tokens) are the
 only keys that may be dropped, and a missing or unknown key fails naming the file and the keys.
@@ -21,7 +26,10 @@ from typing import Any
 import safetensors.torch
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
+
+from tec_cache.weights import is_url
 
 from .harness.checkpoints import latest_checkpoint, load_checkpoint
 from .harness.errors import CheckpointError
@@ -141,8 +149,9 @@ def _read_reference(path: Path, model: str | None) -> EncoderWeights:
     return EncoderWeights(state, config, facts, _cls_mlp(raw))
 
 
-def _native_img_size(path: Path, patch_size: int) -> int | None:
-    """Image size a base-model file's pos_embed was made for (None when it has none: the strict load reports it)."""
+def _native_img_size(path: Path, patch_size: int, pos_prefix: int = 1) -> int | None:
+    """Image size a base-model file's pos_embed was made for (None when it has none: the strict load
+    reports it); ``pos_prefix``: the pos_embed entries of prefix tokens (0 for timm's no_embed_class)."""
     from tec_cache.basemodels import extract_state_dict
 
     if path.suffix == ".safetensors":
@@ -166,37 +175,96 @@ def _native_img_size(path: Path, patch_size: int) -> int | None:
         if "pos_embed" not in sd:
             return None
         n = int(sd["pos_embed"].shape[1])
-    grid = math.isqrt(n - 1)
-    return grid * patch_size if grid * grid == n - 1 else None
+    grid = math.isqrt(max(n - pos_prefix, 0))
+    return grid * patch_size if grid * grid == n - pos_prefix and grid > 0 else None
 
 
-def _read_basemodel(path: Path, basemodel: str | None, arch: str | None, patch_size: int | None,
-                    depth: int | None) -> EncoderWeights:
-    from tec_cache.basemodels import load_base_model, resolve_spec
+def _read_basemodel(source: str | Path | None, basemodel: str | None, arch: str | None, patch_size: int | None,
+                    depth: int | None, img_size: int | None = None) -> EncoderWeights:
+    from tec_cache.basemodels import is_timm_source, load_base_model, resolve_spec, resolve_weights
 
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such base-model weights file")
+    if is_timm_source(basemodel):
+        if arch is not None:
+            raise ValueError(f"--arch: {basemodel} names its own architecture; give one of the two")
+        return _read_timm_base(source, basemodel, img_size, patch_size, depth)
     # topk/last_layers only shape stage-1 targets; 1 keeps resolve_spec's checks from refusing small grids.
     target_opts = {"topk": 1, "last_layers": 1}
     spec = resolve_spec(basemodel, arch=arch, patch_size=patch_size, depth=depth, **target_opts)
+    # A URL, or no source with a registry name: fetched (and verified) into the weights cache.
+    if source is not None and not is_url(str(source)) and not Path(source).is_file():
+        raise FileNotFoundError(f"{source}: no such base-model weights file")
+    path_or_none, fetched = resolve_weights(spec, source)
+    assert path_or_none is not None
+    path = path_or_none
     # Built at the file's own grid (re-sampled afterwards if --img-size differs): --img-size is the
     # resolution wanted, for every kind of source alike.
     native = _native_img_size(path, spec.patch_size)
     if native is not None and native != spec.img_size:
         spec = resolve_spec(basemodel, arch=arch, img_size=native, patch_size=patch_size, depth=depth, **target_opts)
-    model, load_facts = load_base_model(spec, path)  # strict: only head / norm / masked_embed may differ
+    model, load_facts = load_base_model(spec, path, fetched=fetched)  # strict: only head / norm / masked_embed may differ
     config = {"model_name": spec.arch, "img_size": spec.img_size, "patch_size": spec.patch_size,
               "embed_dim": model.embed_dim, "depth": len(model.blocks), "num_heads": model.blocks[0].attn.num_heads}
     # A base model file without norm.* (the loader allows it missing) evaluates with an identity
     # final norm; say so.
     norm_missing = any(k.startswith("norm.") for k in load_facts["ignored_missing"])
-    facts = {"kind": "basemodel", "path": str(path), "basemodel": spec.name, "arch": spec.arch,
+    facts = {"kind": "basemodel", "path": str(path), **fetched, "basemodel": spec.name, "arch": spec.arch,
              "layout": load_facts["layout"], "sha256": load_facts["sha256"], "norm_initialised": norm_missing}
     return EncoderWeights({k: v.detach().clone() for k, v in model.state_dict().items()}, config, facts)
 
 
+def _pos_prefix(model: torch.nn.Module) -> int:
+    """pos_embed entries in front of the patch grid: none for timm's no_embed_class (DINOv2 with
+    registers), else one per prefix token (cls, registers, DeiT's distillation token)."""
+    return 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+
+
+def _read_timm_base(source: str | Path | None, basemodel: str, img_size: int | None, patch_size: int | None,
+                    depth: int | None) -> EncoderWeights:
+    """A ``timm:NAME`` / ``hf-hub:ORG/REPO`` base as stage 1 loads it: timm's pretrained weights
+    (through the hub cache) at ``img_size`` (default 224, as ``tec-cache build``; timm's loader
+    re-samples pos_embed around the prefix tokens once, as it loads), or ``source`` (a file or
+    URL) strictly into its architecture at the file's own grid (re-sampled afterwards)."""
+    from tec_cache.basemodels import build_model, load_base_model, resolve_spec, resolve_weights
+
+    def spec_at(img: int | None) -> Any:
+        # topk/last_layers only shape stage-1 targets; 1 keeps resolve_spec's checks from refusing small grids.
+        return resolve_spec(basemodel, img_size=img, patch_size=patch_size, depth=depth, topk=1, last_layers=1,
+                            targets=False)
+
+    spec = spec_at(img_size if source is None else None)
+    if source is not None and not is_url(str(source)) and not Path(source).is_file():
+        raise FileNotFoundError(f"{source}: no such base-model weights file")
+    path, fetched = resolve_weights(spec, source)
+    if path is not None:
+        with torch.device("meta"):  # the architecture's prefix layout only: no weights, no memory
+            pos_prefix = _pos_prefix(build_model(spec, targets=False))
+        native = _native_img_size(path, spec.patch_size, pos_prefix)
+        if native is not None and native != spec.img_size:
+            spec = spec_at(native)
+    model, load_facts = load_base_model(spec, path, fetched=fetched, targets=False)
+    config = {"model_name": spec.timm_name, "img_size": spec.img_size, "patch_size": spec.patch_size,
+              "embed_dim": model.embed_dim, "depth": len(model.blocks), "num_heads": model.blocks[0].attn.num_heads,
+              # build_vit re-creates the architecture from the timm name / hub config with these.
+              "timm_source": spec.source, "timm_depth": spec.depth,
+              "num_prefix_tokens": int(model.num_prefix_tokens), "pos_embed_prefix_tokens": _pos_prefix(model),
+              "class_token": bool(model.has_class_token)}
+    facts = {"kind": "basemodel", "path": str(path if path is not None else spec.source), **fetched,
+             "basemodel": spec.name, "arch": spec.arch,
+             **{k: load_facts[k] for k in ("layout", "sha256", "input_mean", "input_std")},
+             **{k: load_facts[k] for k in ("sha256_of", "pretrained_tag", "hf_hub_id") if k in load_facts}}
+    return EncoderWeights({k: v.detach().clone() for k, v in model.state_dict().items()}, config, facts)
+
+
+def input_normalisation(facts: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) an encoder's images are normalised with: a timm/hub base's own (its
+    pretrained_cfg, as stage 1 records it), ImageNet's for every other source."""
+    if facts.get("timm_source"):
+        return tuple(facts["input_mean"]), tuple(facts["input_std"])
+    return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+
+
 def read_encoder_weights(
-    source: Path,
+    source: Path | str | None,
     *,
     model: str | None = None,
     basemodel: str | None = None,
@@ -212,10 +280,12 @@ def read_encoder_weights(
     For the other routes ``patch_size``/``depth`` are fixed by the source and may only repeat its
     values. For every route, an ``img_size`` other than the source's re-samples pos_embed.
     """
-    source = Path(source)
     if basemodel is not None or arch is not None:
-        weights = _read_basemodel(source, basemodel, arch, patch_size, depth)
-    elif source.is_dir():
+        weights = _read_basemodel(source, basemodel, arch, patch_size, depth, img_size)
+        source = weights.facts["path"]
+    elif source is None:
+        raise FileNotFoundError("SOURCE: an export folder, run dir, checkpoint file, or base-model weights is required")
+    elif (source := Path(source)).is_dir():
         if (source / "config.json").is_file() and (source / "model.safetensors").is_file():
             weights = _read_export(source)
         else:
@@ -246,16 +316,17 @@ def read_encoder_weights(
     return weights
 
 
-def _resize(weights: EncoderWeights, img_size: int, source: Path) -> None:
-    """Re-sample pos_embed (bicubic, cls entry kept) for another image size, in place."""
+def _resize(weights: EncoderWeights, img_size: int, source: Path | str) -> None:
+    """Re-sample pos_embed (bicubic, prefix-token entries kept) for another image size, in place."""
     patch = weights.config["patch_size"]
     if img_size % patch:
         raise ValueError(f"--img-size {img_size} is not a multiple of {source}'s patch size {patch}")
     grid = img_size // patch
     old = weights.config["img_size"] // patch
     weights.state["pos_embed"] = resample_abs_pos_embed(
-        weights.state["pos_embed"], new_size=[grid, grid], old_size=[old, old], num_prefix_tokens=1
-    )  # [1, 1 + grid^2, C]
+        weights.state["pos_embed"], new_size=[grid, grid], old_size=[old, old],
+        num_prefix_tokens=int(weights.config.get("pos_embed_prefix_tokens", 1)),
+    )  # [1, prefix + grid^2, C]
     weights.facts["pos_embed_resampled_from"] = weights.config["img_size"]
     weights.config["img_size"] = img_size
 
@@ -263,6 +334,12 @@ def _resize(weights: EncoderWeights, img_size: int, source: Path) -> None:
 def build_vit(config: dict[str, Any], **kwargs: Any) -> timm.models.VisionTransformer:
     """timm ViT of ``config``'s architecture (no head unless ``num_classes`` is passed)."""
     kwargs.setdefault("num_classes", 0)
+    if config.get("timm_source"):
+        # A timm/hub base: its own architecture by its timm name (a hub repo's from its config.json, via the hub cache).
+        from tec_cache.basemodels import _timm_create
+
+        return _timm_create(config["model_name"], pretrained=False, img_size=config["img_size"],  # type: ignore[return-value]
+                            depth=config.get("timm_depth"), label=config["timm_source"], **kwargs)
     if not timm.is_model(config["model_name"]):
         raise ValueError(f"{config['model_name']!r} is not a timm model name")
     return timm.create_model(config["model_name"], pretrained=False,
@@ -291,7 +368,7 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], wh
 
 
 def load_encoder(
-    source: Path,
+    source: Path | str | None,
     *,
     model: str | None = None,
     basemodel: str | None = None,
@@ -319,4 +396,4 @@ def load_encoder(
 
 
 __all__ = ["EncoderWeights", "SOURCE_KINDS", "build_vit", "load_encoder", "load_state_strict",
-           "read_encoder_weights", "reference_meta"]
+           "input_normalisation", "read_encoder_weights", "reference_meta"]

@@ -10,11 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tec_cache.basemodels import REGISTRY
-from tec_cache.config import NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, WORKERS, check_fields, in_range, option
+from tec_cache.basemodels import REGISTRY, is_timm_source
+from tec_cache.config import NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, WORKERS, Check, check_fields, in_range, option
 
 POOLS = ("avg", "cls")
 PROBE_OPTIMIZERS = ("lars", "sgd")
+# --basemodel of knn, linear and finetune: a registry name, timm:NAME or hf-hub:ORG/REPO.
+BASEMODEL = Check(lambda v: isinstance(v, str) and (v in REGISTRY or is_timm_source(v)),
+                  f"expected one of {', '.join(sorted(REGISTRY))}, timm:NAME or hf-hub:ORG/REPO")
 
 
 @dataclass
@@ -27,7 +30,10 @@ class EvalConfig:
     fashion_mnist: str | None = option(None, "Fashion-MNIST idx folder.")
     # Encoder details (see encoder_weights.load_encoder).
     model: str | None = option(None, "Encoder size of a reference checkpoint, e.g. vit_base_patch16.")
-    basemodel: str | None = option(None, "SOURCE is this registry base model's weights", choices=sorted(REGISTRY))
+    basemodel: str | None = option(None, "SOURCE is this registry base model's weights (without SOURCE: its official "
+                                   "file, fetched and verified), or timm:NAME / hf-hub:ORG/REPO: a timm ViT with its "
+                                   "own pretrained weights (SOURCE: a weights file for it instead) and normalisation",
+                                   check=BASEMODEL)
     arch: str | None = option(None, "SOURCE is the weights of this timm ViT.")
     img_size: int | None = option(None, "Evaluation resolution; pos_embed is re-sampled", check=POSITIVE_INT,
                                   default_text="the encoder's")
@@ -57,9 +63,14 @@ class EvalConfig:
     def validate(self) -> None:
         """Checks that need no model and no data; ValueError names the option."""
         check_fields(self)
+        from tec_cache.weights import is_url
+
         if self.source is None:
+            if self.basemodel is not None:
+                return  # a registry name alone: its official weights are fetched
             raise ValueError("SOURCE: an export folder, run dir, checkpoint file, or base-model weights is required")
-        if not Path(self.source).exists():
+        base = self.basemodel is not None or self.arch is not None
+        if not (base and is_url(self.source)) and not Path(self.source).exists():
             raise ValueError(f"SOURCE: no such file or folder {self.source}")
         if self.model is not None:
             from .student import parse_model_name

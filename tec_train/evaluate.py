@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,16 +29,18 @@ from .labelled import Transformed
 _DEFAULTS = EvalConfig()  # the library functions' defaults are the options' defaults
 
 
-def eval_transform(img_size: int, crop_pct: float = 0.875) -> Callable:
+def eval_transform(img_size: int, crop_pct: float = 0.875, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                   std: Sequence[float] = IMAGENET_DEFAULT_STD) -> Callable:
     """The reference's eval transform: bicubic resize of the shorter side to img_size / crop_pct,
-    centre crop img_size, ImageNet mean/std (method.md 6: 256 -> 224 at crop_pct 0.875)."""
+    centre crop img_size, ImageNet mean/std (method.md 6: 256 -> 224 at crop_pct 0.875); a timm/hub
+    base passes its own ``mean``/``std``."""
     if not 0 < crop_pct <= 1:
         raise ValueError(f"--crop-pct: must be in (0, 1], got {crop_pct}")
     return T.Compose([
         T.Resize(int(img_size / crop_pct), interpolation=T.InterpolationMode.BICUBIC),
         T.CenterCrop(img_size),
         T.ToTensor(),
-        T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+        T.Normalize(tuple(mean), tuple(std)),
     ])
 
 
@@ -47,13 +49,21 @@ def model_img_size(model: nn.Module) -> int:
     return int(size[0]) if isinstance(size, (tuple, list)) else int(size)
 
 
-def pool_features(tokens: torch.Tensor, pool: str) -> torch.Tensor:
-    """[B, 1+L, C] final-normed tokens -> [B, C]: mean of the patch tokens, or the cls token."""
+def pool_features(tokens: torch.Tensor, pool: str, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """[B, P+L, C] final-normed tokens -> [B, C]: mean of the L patch tokens (the P prefix tokens:
+    cls, registers, DeiT's distillation token, left out), or the cls token (the first)."""
     if pool == "avg":
-        return tokens[:, 1:].mean(dim=1)  # [B, C]
+        return tokens[:, num_prefix_tokens:].mean(dim=1)  # [B, C]
     if pool == "cls":
         return tokens[:, 0]  # [B, C]
     raise ValueError(f"--pool: expected one of {', '.join(POOLS)}, got {pool!r}")
+
+
+def check_pool(model: nn.Module, pool: str, label: str = "the encoder") -> None:
+    """``--pool cls`` needs a class token; ValueError names ``label`` and why otherwise."""
+    if pool == "cls" and not getattr(model, "has_class_token", True):
+        raise ValueError(f"--pool cls: {label} is a ViT without a class token (its own pooling is "
+                         f"{getattr(model, 'global_pool', '?')!r}), so there is no cls token to take; use --pool avg")
 
 
 @torch.no_grad()
@@ -76,12 +86,14 @@ def extract_features(
     """
     if pool not in POOLS:
         raise ValueError(f"--pool: expected one of {', '.join(POOLS)}, got {pool!r}")
+    check_pool(model, pool)
     if batch_size < 1:
         raise ValueError(f"--batch-size: must be a positive integer, got {batch_size}")
     device = torch.device(device)
     tf = transform if transform is not None else eval_transform(model_img_size(model), crop_pct)
     loader = DataLoader(Transformed(dataset, tf), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda", persistent_workers=False, worker_init_fn=die_with_parent())
+    num_prefix = int(getattr(model, "num_prefix_tokens", 1))
     was_training = model.training
     model.eval().to(device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -89,8 +101,8 @@ def extract_features(
     try:
         for images, target in loader:
             with amp:
-                tokens = model.forward_features(images.to(device, non_blocking=True))  # [B, 1+L, C]
-            feats.append(pool_features(tokens.float(), pool).cpu())  # [B, C]
+                tokens = model.forward_features(images.to(device, non_blocking=True))  # [B, P+L, C]
+            feats.append(pool_features(tokens.float(), pool, num_prefix).cpu())  # [B, C]
             labels.append(torch.as_tensor(target, dtype=torch.int64))
     finally:
         model.train(was_training)
@@ -313,7 +325,7 @@ def frozen_features(cfg: EvalConfig, busy: Callable[[str], AbstractContextManage
     """
     from tec_cache.dist import dist_info, resolve_device
 
-    from .encoder_weights import load_encoder
+    from .encoder_weights import input_normalisation, load_encoder
     from .labelled import open_labelled
 
     cfg.validate()
@@ -322,10 +334,15 @@ def frozen_features(cfg: EvalConfig, busy: Callable[[str], AbstractContextManage
                            fashion_mnist_dir=Path(cfg.fashion_mnist) if cfg.fashion_mnist else None,
                            train_subset=cfg.train_subset, val_subset=cfg.val_subset, subset_seed=cfg.seed)
     crop = cfg.crop_pct if cfg.crop_pct is not None else splits.default_crop_pct
-    encoder, facts = load_encoder(Path(cfg.source or ""), model=cfg.model, basemodel=cfg.basemodel, arch=cfg.arch,
+    encoder, facts = load_encoder(cfg.source, model=cfg.model, basemodel=cfg.basemodel, arch=cfg.arch,
                                   img_size=cfg.img_size, patch_size=cfg.patch_size, depth=cfg.depth)
+    check_pool(encoder, cfg.pool, str(facts.get("basemodel") or facts.get("path")))
+    # A timm/hub base sees its own normalisation (CLIP's is not ImageNet's); every other source ImageNet's.
+    mean, std = input_normalisation(facts)
+    tf = eval_transform(model_img_size(encoder), crop, mean, std)
     with busy("extracting features") if busy is not None else contextlib.nullcontext():
-        kw = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=dev, pool=cfg.pool, crop_pct=crop)
+        kw = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=dev, pool=cfg.pool, crop_pct=crop,
+                  transform=tf)
         train = extract_features(encoder, splits.train, **kw)
         val = extract_features(encoder, splits.val, **kw)
     meta = {"encoder": facts, "data": splits.facts, "pool": cfg.pool, "crop_pct": crop, "num_classes": splits.num_classes}

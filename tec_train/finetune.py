@@ -32,7 +32,7 @@ from tec_cache.format.fs import write_json_atomic
 from tec_cache.loader_workers import die_with_parent
 
 from .augment import finetune_train_transform
-from .encoder_weights import EncoderWeights, build_vit, load_state_strict, read_encoder_weights
+from .encoder_weights import EncoderWeights, build_vit, input_normalisation, load_state_strict, read_encoder_weights
 from .evaluate import eval_transform
 from .student_to_timm import CONFIG_KEYS
 from .finetune_config import MIXUP_MODES, MUTABLE_ON_RESUME, FinetuneConfig
@@ -86,8 +86,16 @@ def build_finetune_model(weights: EncoderWeights, num_classes: int, *, global_po
 
     avg mode drops the pretrained norm.* (global pool feeds a new fc_norm, as the reference);
     cls mode keeps it. The head is trunc_normal(std 2e-5) / 0 and pos_embed is frozen, as the
-    reference re-creates it from the checkpoint without gradient.
+    reference re-creates it from the checkpoint without gradient. A timm/hub base keeps its own
+    architecture (registers, pre-norm); its pretrained pooling head (attn_pool) goes in avg mode.
     """
+    config, where = weights.config, weights.facts.get("basemodel") or weights.facts.get("path")
+    if config.get("timm_source"):
+        if global_pool and "dist_token" in weights.state:
+            raise ValueError(f"--global-pool: {where} is a distilled DeiT, whose head reads its class and "
+                             "distillation tokens; fine-tune it with --cls-token")
+        if not global_pool and not config.get("class_token", True):
+            raise ValueError(f"--cls-token: {where} is a ViT without a class token; fine-tune it with --global-pool")
     keep_mlp = mlp_token and weights.cls_mlp is not None
     kwargs = dict(num_classes=num_classes, global_pool="avg" if global_pool else "token", drop_path_rate=drop_path)
     if keep_mlp:
@@ -97,14 +105,16 @@ def build_finetune_model(weights: EncoderWeights, num_classes: int, *, global_po
         model = build_vit(weights.config, **kwargs)
         state = dict(weights.state)
     if global_pool:
-        state = {k: v for k, v in state.items() if not k.startswith("norm.")}
+        state = {k: v for k, v in state.items() if not k.startswith(("norm.", "attn_pool."))}
     # The new parts: head and (avg mode) fc_norm keep their fresh values; everything else must load,
     # except norm.* of the reference's converted releases, which have none (method.md 5.3).
-    new = ("head.", "fc_norm.", *(("norm.",) if weights.facts.get("kind") == "reference" else ()))
+    new = ("head.", "head_dist.", "fc_norm.", *(("norm.",) if weights.facts.get("kind") == "reference" else ()))
     load_state_strict(model, state, str(weights.facts.get("path")), allow_missing=new)
     with torch.no_grad():
-        nn.init.trunc_normal_(model.head.weight, std=2e-5)
-        nn.init.zeros_(model.head.bias)
+        for head in (model.head, getattr(model, "head_dist", None)):
+            if isinstance(head, nn.Linear):
+                nn.init.trunc_normal_(head.weight, std=2e-5)
+                nn.init.zeros_(head.bias)
     model.pos_embed.requires_grad_(False)
     return model, {"cls_mlp_kept": keep_mlp, "global_pool": global_pool, "num_classes": num_classes}
 
@@ -112,11 +122,13 @@ def build_finetune_model(weights: EncoderWeights, num_classes: int, *, global_po
 def layer_id_for_vit(name: str, num_layers: int) -> int:
     """The reference's layer id (method.md 6): patch_embed/pos_embed 0, blocks.j j+1, everything else num_layers.
 
-    cls_token gets -1, which indexes the last scale (1.0): TEC's quirk, kept on purpose.
+    cls_token gets -1, which indexes the last scale (1.0): TEC's quirk, kept on purpose. A timm
+    base's other input-side parts (register and distillation tokens, CLIP's pre-norm) are layer 0,
+    as timm's own stem group.
     """
     if name == "cls_token":
         return -1
-    if name == "pos_embed" or name.startswith("patch_embed"):
+    if name in ("pos_embed", "reg_token", "dist_token") or name.startswith(("patch_embed", "norm_pre")):
         return 0
     if name.startswith("blocks."):
         return int(name.split(".")[1]) + 1
@@ -192,7 +204,7 @@ class Finetuner:
         self.resume: Resume | None = find_resume(self.run_dir, FINETUNE_RUN, cfg.to_json(), self.info.world_size)
         self.resumed_from = self.resume.path if self.resume is not None else None
         # Data and encoder are opened before any training work, so their errors come first too.
-        self.weights = read_encoder_weights(Path(cfg.encoder.path), model=cfg.encoder.model, basemodel=cfg.encoder.basemodel,
+        self.weights = read_encoder_weights(cfg.encoder.path, model=cfg.encoder.model, basemodel=cfg.encoder.basemodel,
                                             arch=cfg.encoder.arch, img_size=cfg.classifier.img_size)
         self.img_size = int(self.weights.config["img_size"])
         self.crop_pct = cfg.labelled.crop_pct if cfg.labelled.crop_pct is not None else DEFAULT_CROP_PCT[
@@ -210,10 +222,12 @@ class Finetuner:
 
     def _open_data(self) -> LabelledSplits:
         cfg = self.cfg
-        train_tf = finetune_train_transform(self.img_size, aa=cfg.augment.aa, reprob=cfg.augment.reprob)
+        # A timm/hub base sees its own normalisation (CLIP's is not ImageNet's); every other source ImageNet's.
+        mean, std = input_normalisation({**self.weights.facts, **self.weights.config})
+        train_tf = finetune_train_transform(self.img_size, aa=cfg.augment.aa, reprob=cfg.augment.reprob, mean=mean, std=std)
         return open_labelled(data=Path(cfg.labelled.data) if cfg.labelled.data else None,
                              fashion_mnist_dir=Path(cfg.labelled.fashion_mnist) if cfg.labelled.fashion_mnist else None,
-                             train_transform=train_tf, val_transform=eval_transform(self.img_size, self.crop_pct),
+                             train_transform=train_tf, val_transform=eval_transform(self.img_size, self.crop_pct, mean, std),
                              train_subset=cfg.labelled.train_subset, val_subset=cfg.labelled.val_subset, subset_seed=cfg.optim.seed)
 
     # ---- setup --------------------------------------------------------------------------------

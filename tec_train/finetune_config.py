@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from tec_cache import fashion_mnist
-from tec_cache.basemodels import REGISTRY
 from tec_cache.config import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, WORKERS, check_fields, flat_values, group, in_range,
                               nested_config, option)
 
 from .augment import NO_AUGMENT, finetune_train_transform
+from .eval_config import BASEMODEL
 from .harness.runtime import AMP_MODES
 from .harness.trackers import check_wandb_installed
 from .student import parse_model_name
@@ -30,8 +30,10 @@ class EncoderSource:
     source: str | None = option(None, "The encoder: export folder, run dir, checkpoint-*.pt, reference checkpoint "
                                 "or base-model weights.")
     model: str | None = option(None, "Encoder size of a reference checkpoint, e.g. vit_base_patch16 (ours record it).")
-    basemodel: str | None = option(None, "SOURCE (or --checkpoint) is this registry base model's weights",
-                                   choices=sorted(REGISTRY))
+    basemodel: str | None = option(None, "SOURCE (or --checkpoint) is this registry base model's weights (neither "
+                                   "given: its official file, fetched and verified), or timm:NAME / hf-hub:ORG/REPO: a "
+                                   "timm ViT with its own pretrained weights and normalisation",
+                                   check=BASEMODEL)
     arch: str | None = option(None, "SOURCE (or --checkpoint) is the weights of this timm ViT.")
     checkpoint: str | None = option(None, "Base-model weights file (instead of SOURCE), with --basemodel/--arch.")
     mlp_token: bool = option(True, "Keep and train a TEC source's cls MLP as the README runs, or fold it into cls_token.")
@@ -54,10 +56,14 @@ class EncoderSource:
             if self.source is not None:
                 raise ValueError(f"--checkpoint: give the base-model weights once, as SOURCE or --checkpoint "
                                  f"(got both {self.source} and {self.checkpoint})")
+        from tec_cache.weights import is_url
+
         weights = self.path
         if weights is None:
+            if self.basemodel is not None:
+                return  # a registry name alone: its official weights are fetched
             raise ValueError("SOURCE: an export folder, run dir, checkpoint file, or base-model weights is required")
-        if not Path(weights).exists():
+        if not (base and is_url(weights)) and not Path(weights).exists():
             raise ValueError(f"{'--checkpoint' if self.checkpoint else 'SOURCE'}: no such file or folder {weights}")
         if base and not Path(weights).is_file():
             raise ValueError(f"{'--checkpoint' if self.checkpoint else 'SOURCE'}: base-model weights must be a file, got {weights}")

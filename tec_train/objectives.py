@@ -99,9 +99,10 @@ class TECObjective(Objective):
         spec = cfg.targets.recipe(cfg.student.img_size, cfg.student.patch_size).resolve()
         check_geometry(student_geometry(cfg, spec.img_size), (spec.img_size, spec.patch_size), "base model")
         images = open_source(cfg.targets.data)
-        return OnlineTargetFeed(spec, Path(cfg.targets.checkpoint), images, device=device, batch_size=cfg.optim.batch_size,
+        return OnlineTargetFeed(spec, cfg.targets.checkpoint, images, device=device, batch_size=cfg.optim.batch_size,
                                 rank=info.rank, world_size=info.world_size, num_workers=cfg.loader.num_workers,
-                                seed=cfg.optim.seed, autocast=amp != "off", resize=cfg.targets.resize)
+                                seed=cfg.optim.seed, autocast=amp != "off", resize=cfg.targets.resize,
+                                checkpoint_sha256=cfg.targets.checkpoint_sha256)
 
     def build(self, cfg: TrainConfig, spec: ImageSpec) -> torch.nn.Module:
         if not isinstance(spec, TargetSpec):

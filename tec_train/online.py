@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tec_cache.basemodels import BaseModelSpec, load_base_model
+from tec_cache.basemodels import BaseModelSpec, load_base_model, resolve_weights
 from tec_cache.faults import fault_point
 from tec_cache.images import BadImage, ImageSource
 from tec_cache.run_log import naming_sample
@@ -117,11 +117,14 @@ class OnlineLoader:
 class OnlineTargetFeed:
     """OnlineLoader batches plus the frozen base model that turns them into targets on the device."""
 
-    def __init__(self, spec: BaseModelSpec, checkpoint: Path, source: ImageSource, *, device: torch.device,
+    def __init__(self, spec: BaseModelSpec, checkpoint: str | Path | None, source: ImageSource, *, device: torch.device,
                  batch_size: int, rank: int, world_size: int, num_workers: int, seed: int, autocast: bool,
-                 resize: str | None = None) -> None:
+                 resize: str | None = None, checkpoint_sha256: str | None = None) -> None:
         self.base_spec = spec
-        self.model, facts = load_base_model(spec, Path(checkpoint), device)
+        path, fetched = resolve_weights(spec, checkpoint, checkpoint_sha256)  # a URL or a registry name: fetched once
+        self.model, facts = load_base_model(spec, path, device, fetched)
+        # The base model's own input normalisation (a CLIP base's is not ImageNet's); the student keeps its own.
+        self.base_mean, self.base_std = tuple(facts["input_mean"]), tuple(facts["input_std"])
         self.autocast = autocast
         # The compared cache's resizer (its manifest's views.recipe.resize); by default a CPU build's.
         recipe = ViewRecipe(size=spec.img_size, resize=WORKER_RESIZE if resize in (None, "auto") else resize)
@@ -139,8 +142,11 @@ class OnlineTargetFeed:
         return self.loader.epoch(epoch, start_step=start_step)
 
     def prepare(self, item: Any, device: torch.device) -> StepInputs:
-        images = normalise_images(item.images.to(device, non_blocking=True), self.spec.mean, self.spec.std)
-        feat, att, idx = extract_targets(self.model, images, topk=self.spec.topk,
+        pixels = item.images.to(device, non_blocking=True)  # [B,3,S,S] uint8
+        images = normalise_images(pixels, self.spec.mean, self.spec.std)
+        base_in = images if (self.base_mean, self.base_std) == (tuple(self.spec.mean), tuple(self.spec.std)) \
+            else normalise_images(pixels, self.base_mean, self.base_std)
+        feat, att, idx = extract_targets(self.model, base_in, topk=self.spec.topk,
                                          last_layers=self.base_spec.last_layers, autocast=self.autocast)
         return StepInputs(images, feat, att, idx)  # [B,3,S,S], [B,L,D], [B,k+1,H,L], [B,k]
 

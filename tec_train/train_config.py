@@ -37,7 +37,10 @@ class TargetSource:
     cache_dir: str | None = option(None, "Read-through folder for a remote --cache: shards are kept there once "
                                    "fetched (and checked again when read back).", default_text="none: stream only")
     online_basemodel: str | None = option_like(TargetRecipe, "basemodel", "Online mode, the base model run inside the step: ")
-    checkpoint: str | None = option(None, "Online mode: the base model's local weights.")
+    checkpoint: str | None = option(None, "Online mode: the base model's weights, a local file or a URL (http(s)://, "
+                                    "s3://, ..., hf-hub:ORG/REPO, optionally @REVISION); a registry --online-basemodel fetches its "
+                                    "official file and timm:NAME / hf-hub:ORG/REPO their own without it.")
+    checkpoint_sha256: str | None = option(None, "Online mode: sha256 the base model's weights file must have.")
     data: str | None = option(None, "Online mode and --objective mae: " + SOURCE_HELP)
     arch: str | None = option_like(TargetRecipe, "arch", "Online mode: ")
     topk: int | None = option_like(TargetRecipe, "topk", "Online mode: ")
@@ -60,10 +63,10 @@ class TargetSource:
 
     def validate(self, objective: str, external_source: bool) -> None:
         """The options that fit the mode: exactly one source, and no option of another mode."""
-        online_only = [n for n in ("checkpoint", "data", "topk", "tau", "last_layers", "base_depth", "resize")
+        online_only = [n for n in ("checkpoint", "checkpoint_sha256", "data", "topk", "tau", "last_layers", "base_depth", "resize")
                        if getattr(self, n) is not None]
         if objective == "mae" and not external_source:
-            targets = [n for n in ("cache", "online_basemodel", "arch", "checkpoint", "topk", "tau", "last_layers", "base_depth",
+            targets = [n for n in ("cache", "online_basemodel", "arch", "checkpoint", "checkpoint_sha256", "topk", "tau", "last_layers", "base_depth",
                                    "resize") if getattr(self, n) is not None]
             if targets:
                 raise ValueError(f"{flag_name(targets[0])}: --objective mae learns from pixels; it takes --data only, no base model or cache")
@@ -76,6 +79,15 @@ class TargetSource:
             return
         if self.cache_dir is not None and not (self.cache is not None and is_remote(self.cache)):
             raise ValueError("--cache-dir: the read-through folder is for a remote --cache (a URL)")
+        from tec_cache.weights import check_sha256
+
+        check_sha256(self.checkpoint_sha256)
+        if self.online_basemodel is not None:
+            from tec_cache.basemodels import REGISTRY, is_timm_source
+
+            if self.online_basemodel not in REGISTRY and not is_timm_source(self.online_basemodel):
+                raise ValueError(f"--online-basemodel: expected one of {', '.join(sorted(REGISTRY))}, timm:NAME or "
+                                 f"hf-hub:ORG/REPO, got {self.online_basemodel!r}")
         if self.cache is not None and self.online:
             raise ValueError("--cache and --online-basemodel/--arch exclude each other: train from a cache or online")
         if self.cache is None and not self.online:
@@ -86,8 +98,13 @@ class TargetSource:
             if not is_remote(self.cache) and not Path(self.cache).is_dir():
                 raise ValueError(f"--cache: no such cache folder {self.cache}")
             return
-        if self.checkpoint is None or not Path(self.checkpoint).is_file():
-            raise ValueError(f"--checkpoint: online mode needs the base model's weights file, got {self.checkpoint!r}")
+        from tec_cache.weights import is_url
+
+        if self.checkpoint is None:
+            if self.online_basemodel is None:
+                raise ValueError("--checkpoint: online mode with --arch needs the base model's weights (a file or a URL)")
+        elif not is_url(self.checkpoint) and not Path(self.checkpoint).is_file():
+            raise ValueError(f"--checkpoint: online mode needs the base model's weights file or a URL, got {self.checkpoint!r}")
         if self.data is None or not (is_remote(self.data) or Path(self.data).exists()):
             raise ValueError(f"--data: online mode needs an image folder or .tar shards, got {self.data!r}")
         if self.resize is not None and self.resize != "auto" and self.resize not in RESIZERS:
@@ -216,6 +233,7 @@ class TrainConfig:
 # what they hold is compared through the resolved target spec instead. --epochs may grow (the run
 # is extended; harness.run_dir), never shrink.
 MUTABLE_ON_RESUME = frozenset({
-    "run_dir", "cache", "cache_dir", "checkpoint", "data", "init_from", "num_workers", "ckpt_every", "keep_last",
-    "log_every", "max_steps", "device", "compile", "val_cache", "val_every", "log_samples", "tensorboard", "wandb",
+    "run_dir", "cache", "cache_dir", "checkpoint", "checkpoint_sha256", "data", "init_from", "num_workers", "ckpt_every",
+    "keep_last", "log_every", "max_steps", "device", "compile", "val_cache", "val_every", "log_samples", "tensorboard",
+    "wandb",
 })

@@ -5,6 +5,12 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+
+# No test fetches base-model weights from the internet: a registry name without --checkpoint, or a
+# timm/hub base, reads the local caches only; the fetch tests start their own server on 127.0.0.1
+# and lift TEC_OFFLINE for themselves. Set before huggingface_hub is imported (it reads the variable then).
+os.environ.setdefault("TEC_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from types import SimpleNamespace
 
 import numpy as np
