@@ -38,6 +38,7 @@ from .harness import config_for_run_dir as _config_for_run_dir
 from .elastic import Layout, fit_layout, micro_batch_after
 from .harness.errors import NonFiniteLossError, ResumeError
 from .harness.reporting import truncate_metrics
+from .harness.writer import take_run_dir
 from .held_out import HeldOutLoss
 from .objectives import check_geometry, objective_for, student_geometry
 from .schedule import WarmupCosine, absolute_lr
@@ -116,7 +117,18 @@ class Trainer:
         self.info, self.device, self.amp = self.runtime.info, self.runtime.device, self.runtime.amp
         self.reporter = reporter if (reporter is not None and self.info.is_main) else Reporter()
         self.run_dir = Path(cfg.run_dir)
-        self.resume: Resume | None = find_resume(self.run_dir, PRETRAIN_RUN, cfg.to_json(), self.info.world_size)
+        # One writer per run dir, taken before anything is read from it or written to it.
+        self.lock = take_run_dir(self.runtime, self.run_dir, "tec-train run", self.reporter.message)
+        try:
+            self._prepare(cfg, source)
+        except BaseException:
+            self.lock.release()
+            self.runtime.leave()
+            raise
+
+    def _prepare(self, cfg: TrainConfig, source: TargetFeed | None) -> None:
+        self.resume: Resume | None = find_resume(self.run_dir, PRETRAIN_RUN, cfg.to_json(), self.info.world_size,
+                                                 self.reporter.message)
         self.resumed_from = self.resume.path if self.resume is not None else None
         self.owns_source = source is None
         if source is not None:
@@ -282,6 +294,7 @@ class Trainer:
             "log_accum": dict(self.log_accum),
             "config": self._config(),
         }
+        self.lock.ensure()
         return self.state.save(self.runtime, self.run_dir, PRETRAIN_RUN, global_step, self.cfg.run.keep_last, position)
 
     def _empty_accum(self) -> dict[str, Any]:
@@ -472,12 +485,14 @@ class Trainer:
                 raise
             raise lost from e
         finally:
+            self.lock.ending()
             self.reporter.finish()
             if self.owns_source:
                 self.source.close()
             if self.held_out is not None:
                 self.held_out.close()
             self.runtime.leave()
+            self.lock.release()
         return TrainResult(
             run_dir=self.run_dir, global_step=global_step, epoch=epoch, steps_run=global_step - start_step,
             seconds=total["step_s"],
