@@ -248,11 +248,11 @@ def _unflock(fd: int | None) -> None:
 class WriterLock:
     """A held lock: heartbeats in a daemon thread until ``release``."""
 
-    def __init__(self, folder: Path, holder: Holder, flock_fd: int | None, created_folder: bool, stale_s: float) -> None:
+    def __init__(self, folder: Path, holder: Holder, flock_fd: int | None, created: list[Path], stale_s: float) -> None:
         self.folder, self.path, self.holder = folder, folder / LOCK_NAME, holder
         self.stale_s = stale_s
         self.interval = max(0.2, min(10.0, stale_s / 12))
-        self._flock_fd, self._created_folder = flock_fd, created_folder
+        self._flock_fd, self._created = flock_fd, created
         self._stop = threading.Event()
         self._mutex = threading.Lock()  # heartbeat and mark_exiting/release rewrite the file in turn
         self.lost: str | None = None  # set when another writer took the lock over (this one was stale)
@@ -310,15 +310,32 @@ class WriterLock:
                 _fsync_dir(self.folder)
         _unflock(self._flock_fd)
         self._flock_fd = None
-        if self._created_folder:
-            with contextlib.suppress(OSError):
-                self.folder.rmdir()  # only when this writer made it and left nothing in it
+        _remove_empty(self._created)  # the folders this writer made, when it left nothing in them
 
     def __enter__(self) -> WriterLock:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    p = folder.absolute()
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove folders (deepest first) as long as they are empty: a writer that wrote nothing leaves no trace."""
+    for p in folders:
+        try:
+            p.rmdir()
+        except OSError:
+            return
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -392,7 +409,7 @@ def acquire(folder: Path | str, command: str, option: str, *, say: Callable[[str
     """
     folder = Path(folder)
     stale_s = stale_after_s() if stale_s is None else stale_s
-    created = not folder.exists()
+    created = _missing_folders(folder)
     folder.mkdir(parents=True, exist_ok=True)
     me = Holder.this_process(command)
     path = folder / LOCK_NAME
@@ -437,9 +454,7 @@ def acquire(folder: Path | str, command: str, option: str, *, say: Callable[[str
             )
     except BaseException:
         _unflock(fd)
-        if created:
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        _remove_empty(created)
         raise
     # What killed holders left: heartbeat temporaries and takeover guards (a live writer's last
     # milliseconds; older ones are nobody's).

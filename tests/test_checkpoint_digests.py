@@ -11,6 +11,7 @@ import torch
 
 from tec_train.harness import checkpoints as ck
 from tec_train.harness.errors import CheckpointError
+from tests.faultkit import flip_byte
 
 
 def _state(step: int) -> dict:
@@ -22,13 +23,6 @@ def _run(tmp_path: Path, steps: tuple[int, ...] = (2, 4, 6, 8)) -> Path:
     for s in steps:
         ck.save_checkpoint(run, _state(s), s, keep_last=10)
     return run
-
-
-def flip_byte(path: Path) -> None:
-    """One byte in the middle of the file, as a bad disk or a bad copy leaves it."""
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x40
-    path.write_bytes(bytes(data))
 
 
 def test_every_checkpoint_is_written_with_its_sha256(tmp_path: Path) -> None:
