@@ -410,7 +410,10 @@ def acquire(folder: Path | str, command: str, option: str, *, say: Callable[[str
     folder = Path(folder)
     stale_s = stale_after_s() if stale_s is None else stale_s
     created = _missing_folders(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriterLockError(f"{option} {folder}: cannot create the folder ({e.strerror or e})") from None
     me = Holder.this_process(command)
     path = folder / LOCK_NAME
     waited_since: float | None = None
@@ -421,13 +424,20 @@ def acquire(folder: Path | str, command: str, option: str, *, say: Callable[[str
                 fd, local_busy = _flock(folder)
             else:
                 local_busy = False
-            if _create(folder, me):
-                break
+            try:
+                if _create(folder, me):
+                    break
+            except OSError as e:
+                raise WriterLockError(f"{option} {folder}: cannot write its lock file {path.name} "
+                                      f"({e.strerror or e}); a writer needs a writable folder") from None
             raw, mtime = _read(path)
             if raw is None:
                 continue  # released just now: try again
             holder = _parse(raw)
             verdict, age = _judge(holder, mtime or time.time(), me, local_busy, stale_s)
+            if verdict.action == "take" and local_busy:
+                # Another process of this host holds the folder's flock: it is taking the lock itself.
+                verdict = _Verdict("wait", "another process of this host is taking it over")
             if verdict.action == "take":
                 if _take_over(folder, raw):
                     say(f"{option} {folder}: took over the lock of "

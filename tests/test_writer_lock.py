@@ -138,15 +138,19 @@ def test_an_unreadable_lock_file_counts_by_its_age(tmp_path: Path) -> None:
 
 
 def test_the_lock_file_is_no_part_of_a_cache(tiny_cache, tmp_path: Path) -> None:
-    """verify passes and a build's leftover cleanup keeps a live lock and its heartbeat temporary."""
+    """Readers neither take nor wait for the lock: verify passes and training reads the cache while a
+    writer holds it; a build's leftover cleanup keeps a live lock and its heartbeat temporary."""
     import shutil
 
     from tec_cache.format.fs import is_temporary
     from tec_cache.verify import verify_cache
+    from tec_train.cache_loader import CacheLoader
 
     out = Path(shutil.copytree(tiny_cache.cache, tmp_path / "cache"))
     lock = wl.acquire(out, "tec-cache build", "--out")
     assert verify_cache(out) == []
+    loader = CacheLoader(out, batch_size=4, num_workers=0, verify=True)
+    assert sum(len(b.image_index) for b in loader.epoch(0)) == 20
     assert wl.is_lock_file(wl.LOCK_NAME) and wl.is_lock_file(f"{wl.LOCK_NAME}.tmp-12-34")
     assert is_temporary(f"{wl.LOCK_NAME}.tmp-12-34") and not wl.is_lock_file(".shard-000000.tar.tmp-12")
     lock.release()
@@ -161,3 +165,18 @@ def test_job_id_comes_from_the_scheduler(monkeypatch: pytest.MonkeyPatch) -> Non
     assert wl.job_id() == "TORCHELASTIC_RUN_ID=abc"
     monkeypatch.setenv("SLURM_JOB_ID", "12")
     assert wl.job_id() == "SLURM_JOB_ID=12"  # the scheduler's id outlives a torchrun launch
+
+
+def test_a_folder_that_cannot_be_written_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(wl.WriterLockError, match=r"--out .*file/cache: cannot create the folder \(Not a directory\)"):
+        wl.acquire(tmp_path / "file" / "cache", "tec-cache build", "--out")
+
+    def refuse(folder: Path, holder: wl.Holder) -> bool:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(wl, "_create", refuse)  # a read-only folder (root, as here, writes into any)
+    with pytest.raises(wl.WriterLockError, match=r"--run-dir .*/run: cannot write its lock file \.tec-writer\.lock "
+                                                 r"\(Permission denied\); a writer needs a writable folder"):
+        wl.acquire(tmp_path / "run", "tec-train run", "--run-dir")
+    assert not (tmp_path / "run").exists()  # the folder it made for the lock is gone again
