@@ -5,7 +5,8 @@ on the device --> the objective's forward (mask noise from a checkpointed per-ra
 loss terms --> AdamW step (warm-up + cosine lr per accumulation window) --> metrics.jsonl /
 progress / checkpoint-<step>.pt in the run dir (through the run harness, ``harness``).
 
-Steps count optimizer updates. A run dir is resumed from its latest complete checkpoint, which
+Steps count optimizer updates. One run writes a run dir at a time (its writer lock, taken first). A
+run dir is resumed from its newest intact checkpoint (checked against its sha256), which
 holds the model, optimizer, scaler, the loader position (epoch, micro-batch), every rank's RNG
 states, the metrics interval in progress and the resolved config, so a killed and resumed run takes
 exactly the steps an uninterrupted one takes. A larger --epochs on resume extends the run from its
