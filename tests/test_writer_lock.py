@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -180,3 +181,32 @@ def test_a_folder_that_cannot_be_written_is_a_usage_error(tmp_path: Path, monkey
                                                  r"\(Permission denied\); a writer needs a writable folder"):
         wl.acquire(tmp_path / "run", "tec-train run", "--run-dir")
     assert not (tmp_path / "run").exists()  # the folder it made for the lock is gone again
+
+
+@pytest.mark.parametrize("command", ["run", "finetune"])
+def test_a_run_dir_held_by_another_host_is_refused_by_the_cli(command: str, tiny_cache, tmp_path: Path) -> None:
+    """`tec-train run` / `finetune` on a run dir another node writes: exit 2 at once naming that
+    writer, the run dir exactly as it was."""
+    from typer.testing import CliRunner
+
+    from tec_train.cli import app
+
+    run = tmp_path / "run"
+    _foreign_lock(run, age=5, job="SLURM_JOB_ID=99")
+    (run / "metrics.jsonl").write_text('{"step": 10}\n')
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    if command == "run":
+        argv = ["run", "--run-dir", str(run), "--cache", str(tiny_cache.cache), "--model", "vit_tiny_patch8",
+                "--depth", "3", "--device", "cpu"]
+    else:
+        (tmp_path / "src").mkdir()
+        argv = ["finetune", str(tmp_path / "src"), "--run-dir", str(run), "--fashion-mnist", "--device", "cpu"]
+    t0 = time.monotonic()
+    r = CliRunner().invoke(app, argv)
+    assert r.exit_code == 2, r.output
+    assert time.monotonic() - t0 < 10
+    text = " ".join(r.output.split())
+    assert f"--run-dir {run}: another writer holds it: tec-train run on host node-b, pid 4242, job SLURM_JOB_ID=99 " in text
+    age = re.search(r"heartbeat (\d+) s ago\); it is alive\. Nothing was changed", text)
+    assert age is not None and int(age.group(1)) >= 5, text
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
