@@ -44,7 +44,7 @@ def test_lock_is_exclusive_and_released(tmp_path: Path) -> None:
     held = json.loads((folder / wl.LOCK_NAME).read_text())
     assert (held["host"], held["pid"], held["command"]) == (socket.gethostname(), os.getpid(), "tec-train run")
     with pytest.raises(wl.WriterLockError, match=rf"--run-dir {folder}: another writer holds it: tec-train run on host "
-                                                 rf"{socket.gethostname()}, pid {os.getpid()}.*heartbeat 0 s ago.*"
+                                                 rf"{socket.gethostname()}, pid {os.getpid()}.*heartbeat [0-9] s ago.*"
                                                  r"Nothing was changed"):
         wl.acquire(folder, "tec-train run", "--run-dir")
     lock.release()
@@ -80,7 +80,7 @@ def test_other_host_is_refused_until_its_heartbeat_is_older_than_the_bound(tmp_p
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     _foreign_lock(tmp_path, age=30)
     t0 = time.monotonic()
-    with pytest.raises(wl.WriterLockError, match=r"host node-b, pid 4242 .*heartbeat 30 s ago\); it is alive.*older than "
+    with pytest.raises(wl.WriterLockError, match=r"host node-b, pid 4242 .*heartbeat 3[0-9] s ago\); it is alive.*older than "
                                                  r"120 s \(TEC_LOCK_STALE_S\)"):
         wl.acquire(tmp_path, "tec-train run", "--run-dir")
     assert time.monotonic() - t0 < 2  # refused at once
