@@ -185,10 +185,14 @@ def _parse(raw: bytes) -> Holder | None:
 
 def _write_temp(folder: Path, holder: Holder) -> Path:
     tmp = folder / f"{LOCK_NAME}.tmp-{os.getpid()}-{threading.get_ident()}"
-    with open(tmp, "wb") as f:
-        f.write(json.dumps(holder.to_json(), indent=1, sort_keys=True).encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(json.dumps(holder.to_json(), indent=1, sort_keys=True).encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk: no half heartbeat left behind
+        raise
     return tmp
 
 
