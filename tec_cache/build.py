@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 from rich import filesize
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
@@ -46,6 +47,7 @@ from tec_cache.targets import extract_targets, normalise_images
 from tec_cache.views import DEVICE_RESIZE, TORCH_F32, WORKER_RESIZE, DeviceViews, ViewRecipe, load_source, make_views, source_for_device
 from tec_cache.loader_workers import die_with_parent
 from tec_cache.version import installed_version
+from tec_cache.writer_lock import WriterLock, WriterLockError, acquire, is_lock_file
 
 
 TOOL_VERSION = f"tec-cache {installed_version()}"  # recorded in every manifest
@@ -331,6 +333,7 @@ class Builder:
         self._estimate: dict[str, Any] = {}  # the disk estimate, measured on the run's first batch
         self._built = 0  # views this rank computed in this run
         self._progress: Callable[[int], None] = lambda n: None
+        self.lock: WriterLock | None = None  # --out's writer lock, on rank 0 (build_cache sets it)
 
     # ---- planning -------------------------------------------------------------------------
     def shard_path(self, v: int, c: int) -> Path:
@@ -597,6 +600,8 @@ class Builder:
             extra={"tool": TOOL_VERSION},
         )
         self.remove_leftovers()
+        if self.lock is not None:
+            self.lock.ensure()  # a writer whose lock was taken over (it was stale) stops here
         fault_point("before_manifest")
         path = self.cfg.out / MANIFEST_NAME
         with self._disk_full(path):
@@ -607,7 +612,7 @@ class Builder:
         """Delete temporaries that killed runs left behind; every rank has finished by now."""
         for d in [self.cfg.out, *sorted(self.cfg.out.glob("ve[0-9][0-9][0-9]"))]:
             for p in d.iterdir():
-                if is_temporary(p.name):
+                if is_temporary(p.name) and not is_lock_file(p.name):  # the lock's heartbeat is live
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def close(self) -> None:
@@ -617,24 +622,58 @@ class Builder:
 
 
 
+def _take_out(out: Path, info: DistInfo, joined: bool, log: Callable[[str], None]) -> WriterLock | None:
+    """Rank 0 takes --out's writer lock, every rank learns the outcome: the job is one writer.
+    BuildOptionError (on every rank) when another writer holds it."""
+    lock, error = None, None
+    if info.is_main:
+        try:
+            lock = acquire(out, "tec-cache build", "--out", say=log)
+        except WriterLockError as e:
+            error = str(e)
+    if joined:
+        try:
+            every: list[Any] = [None] * info.world_size
+            with lost_rank_guard("learning whether rank 0 holds --out's writer lock", _RESUME):
+                tdist.all_gather_object(every, error)
+            error = every[0]
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+    if error is not None:
+        raise BuildOptionError(error)
+    return lock
+
+
 def build_cache(cfg: BuildConfig, log: Callable[[str], None] = lambda s: None,
                 progress: Callable[[int], None] | None = None, set_total: Callable[[int], None] | None = None) -> BuildResult:
-    """Run (this rank's part of) a build; under torchrun every rank calls it."""
+    """Run (this rank's part of) a build; under torchrun every rank calls it. The job holds --out's
+    writer lock from before it reads the existing cache until it ends (a dry run writes nothing and
+    takes none)."""
     info = dist_info()
     joined = False
+    lock: WriterLock | None = None
     try:
         device = resolve_device(cfg.device, info)
         joined = init_process_group(info, device)
+        if not cfg.dry_run:
+            lock = _take_out(cfg.out, info, joined, log)
         try:
             builder = Builder(cfg, info, log)
         except (ValueError, FileNotFoundError) as e:
             # Nothing is computed or written before here: a bad --checkpoint, --data or an --out
             # holding another build is a usage error, not a failed build.
             raise BuildOptionError(str(e)) from e
+        builder.lock = lock
         try:
             return builder.run(progress, set_total)
         finally:
+            if lock is not None:
+                lock.mark_exiting()
             builder.close()
     finally:
+        if lock is not None:
+            lock.release()
         if joined:
             destroy_process_group()

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from timm.layers import resample_abs_pos_embed
 
 from tec_cache.weights import is_url
 
-from .harness.checkpoints import latest_checkpoint, load_checkpoint
+from .harness.checkpoints import digest_path, file_sha256, load_checkpoint, usable_checkpoint, verify_checkpoint_file
 from .harness.errors import CheckpointError
 from .student_to_timm import CONFIG_KEYS, export_state_dict, load_tec_checkpoint, timm_model_name
 from .student import MODEL_SIZES, parse_model_name
@@ -104,12 +106,26 @@ def _cls_mlp(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     return {k: v.detach().clone() for k, v in state.items() if k == "cls_token" or k.startswith(_CLS_MLP_PREFIX)}
 
 
+# The key of an export's config.json holding model.safetensors' sha256 (exports before it have none).
+EXPORT_SHA256_KEY = "safetensors_sha256"
+
+
+def _say_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def _read_export(folder: Path) -> EncoderWeights:
     config_path, weights_path = folder / "config.json", folder / "model.safetensors"
     config = json.loads(config_path.read_text())
     missing = [k for k in ("model_name", *CONFIG_KEYS) if k not in config]
     if missing:
         raise ValueError(f"{config_path}: lacks {missing}; not a tec-train export")
+    want = config.get(EXPORT_SHA256_KEY)
+    if want is not None:
+        got = file_sha256(weights_path)
+        if got != want:
+            raise ValueError(f"{weights_path}: sha256 mismatch: the file hashes to {got}, {config_path} records "
+                             f"{EXPORT_SHA256_KEY} {want}; the file is damaged (export it again)")
     state = safetensors.torch.load_file(str(weights_path))
     facts = {"kind": "export", "path": str(folder),
              **{k: config[k] for k in config if isinstance(config[k], (str, int, float, bool)) or config[k] is None}}
@@ -272,8 +288,13 @@ def read_encoder_weights(
     img_size: int | None = None,
     patch_size: int | None = None,
     depth: int | None = None,
+    say: Callable[[str], None] = _say_stderr,
 ) -> EncoderWeights:
     """The encoder weights of ``source`` (see the module docstring), not yet in a model.
+
+    Digests are checked first: a run dir gives its newest intact checkpoint (``say`` gets a line for
+    each damaged one skipped, or for one written before digests), a checkpoint file must match its
+    ``.sha256``, an export its config.json's sha256 of model.safetensors; ValueError names a mismatch.
 
     ``basemodel``/``arch`` select the base-model route (``source`` is its weights file) and take
     ``patch_size``/``depth`` as in tec-cache (its image size is read off the file's pos_embed).
@@ -289,7 +310,7 @@ def read_encoder_weights(
         if (source / "config.json").is_file() and (source / "model.safetensors").is_file():
             weights = _read_export(source)
         else:
-            found = latest_checkpoint(source)
+            found = usable_checkpoint(source, say=say)
             if found is None:
                 raise FileNotFoundError(f"{source}: neither an export folder (config.json + model.safetensors) "
                                         "nor a run dir with a complete checkpoint-*.pt")
@@ -298,8 +319,12 @@ def read_encoder_weights(
         if source.suffix == ".safetensors" and (source.parent / "config.json").is_file():
             weights = _read_export(source.parent)
         else:
+            if digest_path(source).exists():
+                verify_checkpoint_file(source)  # CheckpointError (a ValueError) names the mismatch
             try:
                 ck = load_checkpoint(source)
+                if not digest_path(source).exists():
+                    verify_checkpoint_file(source, say)  # one of ours written before digests: say so
             except CheckpointError:
                 ck = None  # not ours: a reference TEC (or MAE) checkpoint {'model': ...} or a bare state dict
             weights = _read_run_checkpoint(ck, source, model) if ck is not None else _read_reference(source, model)

@@ -17,8 +17,8 @@ import timm
 import torch
 import torch.nn as nn
 
-from .encoder_weights import read_encoder_weights
-from .harness.checkpoints import latest_checkpoint
+from .encoder_weights import EXPORT_SHA256_KEY, read_encoder_weights
+from .harness.checkpoints import file_sha256, list_checkpoints
 from .student import parse_model_name
 from .student_to_timm import CONFIG_KEYS, export_state_dict, load_tec_checkpoint, timm_model_name
 
@@ -48,7 +48,8 @@ def save_export(
     }
     safetensors.torch.save_file(tensors, str(paths["safetensors"]), metadata={"model_name": model_name})
     torch.save(tensors, paths["pth"])
-    config = {"model_name": model_name, **meta}
+    # Readers (finetune, knn, linear) check the weights against it before use.
+    config = {"model_name": model_name, **meta, EXPORT_SHA256_KEY: file_sha256(paths["safetensors"])}
     paths["config"].write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return paths
 
@@ -75,7 +76,7 @@ def export_encoder(source: str | Path, out: str | Path, model: str | None = None
 
     source, out = Path(source), Path(out)
     if source.is_dir():
-        if latest_checkpoint(source) is None:
+        if not list_checkpoints(source):
             raise FileNotFoundError(f"RUN_OR_CKPT: {source} is a folder without any complete checkpoint-*.pt "
                                     "(expected a run dir or a checkpoint file)")
     elif not source.is_file():

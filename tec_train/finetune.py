@@ -42,6 +42,7 @@ from .harness import config_for_run_dir as _config_for_run_dir
 from .harness.errors import NonFiniteLossError, ResumeError
 from .harness.reporting import last_metrics_record
 from .harness.trackers import MetricSinks, open_sinks
+from .harness.writer import take_run_dir
 from .labelled import DEFAULT_CROP_PCT, LabelledSplits, open_labelled
 from .schedule import WarmupCosine, absolute_lr
 
@@ -201,7 +202,18 @@ class Finetuner:
         self.reporter = reporter if (reporter is not None and self.info.is_main) else Reporter()
         self.run_dir = Path(cfg.run_dir)
         self.sinks = MetricSinks(self.run_dir)  # rank 0 opens its trackers in _setup
-        self.resume: Resume | None = find_resume(self.run_dir, FINETUNE_RUN, cfg.to_json(), self.info.world_size)
+        # One writer per run dir, taken before anything is read from it or written to it.
+        self.lock = take_run_dir(self.runtime, self.run_dir, "tec-train finetune", self.reporter.message)
+        try:
+            self._prepare(cfg)
+        except BaseException:
+            self.lock.release()
+            self.runtime.leave()
+            raise
+
+    def _prepare(self, cfg: FinetuneConfig) -> None:
+        self.resume: Resume | None = find_resume(self.run_dir, FINETUNE_RUN, cfg.to_json(), self.info.world_size,
+                                                 self.reporter.message)
         self.resumed_from = self.resume.path if self.resume is not None else None
         # Data and encoder are opened before any training work, so their errors come first too.
         self.weights = read_encoder_weights(cfg.encoder.path, model=cfg.encoder.model, basemodel=cfg.encoder.basemodel,
@@ -386,9 +398,16 @@ class Finetuner:
 
     def _save(self, next_epoch: int, best: float, best_epoch: int) -> Path | None:
         position = {"epoch": next_epoch, "best_top1": best, "best_epoch": best_epoch, "config": self._config()}
+        self.lock.ensure()
         return self.state.save(self.runtime, self.run_dir, FINETUNE_RUN, next_epoch, self.cfg.run.keep_last, position)
 
     def run(self) -> FinetuneResult:
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> FinetuneResult:
         cfg = self.cfg
         records: list[dict[str, Any]] = []
         start_epoch = epoch = 0
@@ -413,6 +432,7 @@ class Finetuner:
             epoch = max(cfg.optim.epochs, start_epoch)
         finally:
             self.sinks.close()
+            self.lock.ending()
             self.reporter.finish()
             self.runtime.leave()
         # A resumed run with no epochs left reports the newest stored record.

@@ -7,7 +7,6 @@ loop logs the terms and backpropagates ``loss``. The loop never asks which objec
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch

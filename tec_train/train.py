@@ -5,7 +5,8 @@ on the device --> the objective's forward (mask noise from a checkpointed per-ra
 loss terms --> AdamW step (warm-up + cosine lr per accumulation window) --> metrics.jsonl /
 progress / checkpoint-<step>.pt in the run dir (through the run harness, ``harness``).
 
-Steps count optimizer updates. A run dir is resumed from its latest complete checkpoint, which
+Steps count optimizer updates. One run writes a run dir at a time (its writer lock, taken first). A
+run dir is resumed from its newest intact checkpoint (checked against its sha256), which
 holds the model, optimizer, scaler, the loader position (epoch, micro-batch), every rank's RNG
 states, the metrics interval in progress and the resolved config, so a killed and resumed run takes
 exactly the steps an uninterrupted one takes. A larger --epochs on resume extends the run from its
@@ -39,6 +40,7 @@ from .elastic import Layout, fit_layout, micro_batch_after
 from .harness.errors import NonFiniteLossError, ResumeError
 from .harness.reporting import truncate_metrics
 from .harness.trackers import MetricSinks, open_sinks
+from .harness.writer import take_run_dir
 from .held_out import HeldOutLoss
 from .objectives import check_geometry, objective_for, student_geometry
 from .schedule import WarmupCosine, absolute_lr
@@ -118,7 +120,18 @@ class Trainer:
         self.reporter = reporter if (reporter is not None and self.info.is_main) else Reporter()
         self.run_dir = Path(cfg.run_dir)
         self.sinks = MetricSinks(self.run_dir)  # rank 0 opens its trackers in _setup
-        self.resume: Resume | None = find_resume(self.run_dir, PRETRAIN_RUN, cfg.to_json(), self.info.world_size)
+        # One writer per run dir, taken before anything is read from it or written to it.
+        self.lock = take_run_dir(self.runtime, self.run_dir, "tec-train run", self.reporter.message)
+        try:
+            self._prepare(cfg, source)
+        except BaseException:
+            self.lock.release()
+            self.runtime.leave()
+            raise
+
+    def _prepare(self, cfg: TrainConfig, source: TargetFeed | None) -> None:
+        self.resume: Resume | None = find_resume(self.run_dir, PRETRAIN_RUN, cfg.to_json(), self.info.world_size,
+                                                 self.reporter.message)
         self.resumed_from = self.resume.path if self.resume is not None else None
         self.owns_source = source is None
         if source is not None:
@@ -284,6 +297,7 @@ class Trainer:
             "log_accum": dict(self.log_accum),
             "config": self._config(),
         }
+        self.lock.ensure()
         return self.state.save(self.runtime, self.run_dir, PRETRAIN_RUN, global_step, self.cfg.run.keep_last, position)
 
     def _empty_accum(self) -> dict[str, Any]:
@@ -476,12 +490,14 @@ class Trainer:
             raise lost from e
         finally:
             self.sinks.close()
+            self.lock.ending()
             self.reporter.finish()
             if self.owns_source:
                 self.source.close()
             if self.held_out is not None:
                 self.held_out.close()
             self.runtime.leave()
+            self.lock.release()
         return TrainResult(
             run_dir=self.run_dir, global_step=global_step, epoch=epoch, steps_run=global_step - start_step,
             seconds=total["step_s"],

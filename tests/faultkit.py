@@ -1,6 +1,6 @@
 """Helpers of the fault-injection suite (tests/test_faults_*.py): running the CLIs in a fresh
 process with a fault armed, comparing caches byte for byte, and checking that nothing a killed
-build left behind can be taken for a finished shard."""
+build left behind can be taken for a finished shard; damaging a file (``flip_byte``)."""
 from __future__ import annotations
 
 import hashlib
@@ -149,6 +149,13 @@ def assert_no_partial_shard_accepted(out: Path, reference: Path) -> dict[str, in
             assert str(p) in str(err) and any(c in str(err) for c in ("size", "checksum", "missing", "sample count")), err
             seen["refused"] += 1
     return seen
+
+
+def flip_byte(path: Path) -> None:
+    """Flip one bit of the byte in the middle of ``path``, as a bad disk or a bad copy leaves a file."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
 
 
 def _free_port() -> int:

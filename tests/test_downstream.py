@@ -232,11 +232,17 @@ def test_load_encoder_strict_on_exports(tiny, tmp_path: Path) -> None:
 
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / "config.json").write_text((tiny.export / "config.json").read_text())
+    config = json.loads((tiny.export / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(config))
     state = safetensors.torch.load_file(str(tiny.export / "model.safetensors"))
     state["extra.weight"] = torch.zeros(2)
     del state["blocks.0.attn.qkv.bias"]
     safetensors.torch.save_file(state, str(bad / "model.safetensors"))
+    # The config records the sha256 of other weights: refused before any key is looked at.
+    with pytest.raises(ValueError, match=r"bad/model\.safetensors: sha256 mismatch.*safetensors_sha256"):
+        load_encoder(bad)
+    del config["safetensors_sha256"]  # as exports made before the digest: the strict key check speaks
+    (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"bad.*missing keys: blocks\.0\.attn\.qkv\.bias; unexpected keys: extra\.weight"):
         load_encoder(bad)
     with pytest.raises(FileNotFoundError, match="no such"):

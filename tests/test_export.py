@@ -3,6 +3,7 @@ round-trips, and loading reference-style checkpoints."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import pickle
 from dataclasses import dataclass
@@ -104,7 +105,8 @@ def test_save_export_round_trips(student: TECStudent, tmp_path: Path) -> None:
 
     config = json.loads(paths["config"].read_text())
     assert config == {"model_name": "vit_tiny_patch16_224", "img_size": IMG, "patch_size": PATCH,
-                      "embed_dim": EMBED, "depth": DEPTH, "num_heads": HEADS, "base_model": "mae1kbase"}
+                      "embed_dim": EMBED, "depth": DEPTH, "num_heads": HEADS, "base_model": "mae1kbase",
+                      "safetensors_sha256": hashlib.sha256(paths["safetensors"].read_bytes()).hexdigest()}
     vit = create_timm_model(config)
     vit.load_state_dict(from_st, strict=True)
 

@@ -3,8 +3,13 @@ ranks. Every interrupted build, re-run, ends byte-identical to an uninterrupted 
 the two no reader accepts a partial shard (tests/faultkit.py)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,9 +22,10 @@ from tec_cache.dist import dist_timeout_s
 from tec_cache.faults import parse_fault, reset_faults
 from tec_cache.format.fs import is_temporary
 from tec_cache.format.manifest import MANIFEST_NAME, load_manifest
+from tec_cache.writer_lock import LOCK_NAME
 from tests.conftest import make_image_folder, tiny_spec
-from tests.faultkit import (assert_no_partial_shard_accepted, assert_same_cache, build_args, clean_env, count_arrivals,
-                            launch_ranks, run_module, seeded_nth)
+from tests.faultkit import (ROOT, assert_no_partial_shard_accepted, assert_same_cache, build_args, clean_env,
+                            count_arrivals, launch_ranks, run_module, seeded_nth)
 
 
 def _cfg(data: Path, out: Path, ckpt: Path, **kw) -> BuildConfig:
@@ -103,8 +109,39 @@ def test_killed_build_resumes_to_identical_cache(scenario: str, point: str, ref:
         assert seen["listed"] == 4  # the old manifest, untouched, still lists view-epoch 0
     if point in ("mid_shard_write", "shard_opened", "before_shard_close", "mid_zarr_write"):
         assert seen["temporary"] >= 1 and seen["refused"] >= 1, (fault, seen)  # the partial shard was there, and refused
-    build_cache(_cfg(ref.data, out, ref.ckpt, format=fmt))
-    assert_same_cache(out, reference)
+    # The killed build's lock is left, naming its dead process: the re-run takes it over at once.
+    assert json.loads((out / LOCK_NAME).read_text())["pid"] != os.getpid()
+    said: list[str] = []
+    build_cache(_cfg(ref.data, out, ref.ckpt, format=fmt), log=said.append)
+    assert any("took over the lock of tec-cache build" in s and "its process is gone" in s for s in said), said
+    assert_same_cache(out, reference)  # the lock is gone again: not a file of the cache
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extend", [False, True], ids=["fresh", "extend"])
+def test_a_second_build_into_the_same_out_is_refused(extend: bool, ref: SimpleNamespace, tmp_path: Path) -> None:
+    """Two builds into one --out (a new cache, or extending one): the second exits 2 at once naming
+    the first (host, pid, heartbeat); the first ends byte-identical to a lone build."""
+    out = tmp_path / "cache"
+    if extend:
+        shutil.copytree(ref.one, out)
+    first = subprocess.Popen([sys.executable, "-m", "tec_cache", *build_args(ref.data, out, ref.ckpt)], env=clean_env(),
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / LOCK_NAME).exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        second = CliRunner().invoke(app, build_args(ref.data, out, ref.ckpt))
+        assert first.poll() is None, "the first build ended before the second started: nothing was tested"
+    finally:
+        _, err = first.communicate(timeout=240)
+    assert second.exit_code == 2, second.output
+    text = " ".join(second.output.split())
+    assert f"--out {out}: another writer holds it: tec-cache build on host {socket.gethostname()}, pid {first.pid}" in text
+    assert "heartbeat" in text and "Nothing was changed" in text
+    assert first.returncode == 0, err[-2000:]
+    assert_same_cache(out, ref.wds)
+    assert not (out / LOCK_NAME).exists()
 
 
 @pytest.mark.parametrize("point", ["mid_shard_write", "json_torn", "manifest_torn"])

@@ -5,6 +5,11 @@ the job at once with a message naming it, and the re-run resumes."""
 from __future__ import annotations
 
 import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,8 +17,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tec_train.harness.checkpoints import checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint
-from tests.faultkit import clean_env, count_arrivals, launch_ranks, run_module, seeded_nth
+from tec_cache.writer_lock import LOCK_NAME
+from tec_train.harness.checkpoints import checkpoint_path, digest_path, latest_checkpoint, list_checkpoints, load_checkpoint
+from tests.faultkit import ROOT, clean_env, count_arrivals, flip_byte, launch_ranks, run_module, seeded_nth
 
 EXACT_FIELDS = ("step", "epoch", "epoch_f", "loss", "loss_fea", "loss_att", "lr")
 
@@ -95,9 +101,13 @@ def test_killed_run_resumes_bit_identically(point: str, tiny, straight: SimpleNa
         assert (mine["epoch"], mine["step_in_epoch"]) == (theirs["epoch"], theirs["step_in_epoch"])
     temps = [p.name for p in run.iterdir() if p.name.startswith(".checkpoint-")]
     assert len(temps) == (point in ("checkpoint_torn", "mid_checkpoint")), temps
-    # Re-running with only --run-dir resumes with the stored options (with none stored, the same command).
+    # The killed run's lock is left behind, naming its dead process.
+    assert json.loads((run / LOCK_NAME).read_text())["command"] == "tec-train run"
+    # Re-running with only --run-dir resumes with the stored options (with none stored, the same command),
+    # taking the dead holder's lock over at once.
     r, _ = _train(run, [] if expect else _kill_args(tiny.cache))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "took over the lock of tec-train run" in r.stderr and "its process is gone" in r.stderr, r.stderr[-2000:]
     assert (f"resuming checkpoint-{expect:08d}.pt" in r.stderr) if expect else ("resuming" not in r.stderr), r.stderr[-2000:]
     assert _exact(run) == _exact(straight.run) and len(_exact(run)) == 9
     _assert_same_weights(load_checkpoint(latest_checkpoint(run))["model"],
@@ -127,6 +137,7 @@ def test_lost_rank_under_torchrun_fails_fast_and_the_rerun_resumes(tiny, tmp_pat
     assert max(s for s, _ in list_checkpoints(killed)) == 3  # mid-epoch: epoch 1, micro-batch 2
     r, _ = _train(killed, _ddp_args(tiny.cache), ranks=2)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("took over the lock of tec-train run") == 1, r.stderr[-3000:]  # rank 0, for the job
     assert _exact(killed) == _exact(straight) and len(_exact(straight)) == 6
     _assert_same_weights(load_checkpoint(latest_checkpoint(killed))["model"],
                          load_checkpoint(latest_checkpoint(straight))["model"])
@@ -146,3 +157,116 @@ def test_lost_rank_without_the_agent_stops_training_with_a_clear_message(tiny, t
     assert code0 == 1 and s0 < 120, (code0, s0, out0[-2000:])
     assert "rank 0 of 2: lost another rank while training" in out0, out0[-2000:]
     assert "Re-run the same command to resume from the last checkpoint" in out0
+
+
+# ---- one writer per run dir, checkpoints checked against their digests ------------------------------
+
+def _wait_for_lock(run: Path, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while not (run / LOCK_NAME).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_run_dir_is_refused(tiny, straight: SimpleNamespace, tmp_path: Path) -> None:
+    """The same command typed twice: the second exits 2 at once naming the first (host, pid,
+    heartbeat's age); the first trains on undisturbed and ends identical to a lone run."""
+    from typer.testing import CliRunner
+
+    from tec_train.cli import app
+
+    run = tmp_path / "run"
+    argv = ["run", "--run-dir", str(run), *_kill_args(tiny.cache)]
+    first = subprocess.Popen([sys.executable, "-m", "tec_train", *argv], env=clean_env(), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_lock(run, first)
+        second = CliRunner().invoke(app, argv)
+        assert first.poll() is None, "the first run ended before the second started: nothing was tested"
+    finally:
+        _, err = first.communicate(timeout=240)
+    assert second.exit_code == 2, second.output
+    text = " ".join(second.output.split())
+    assert f"--run-dir {run}: another writer holds it: tec-train run on host {socket.gethostname()}, pid {first.pid}" in text
+    assert "heartbeat" in text and "Nothing was changed" in text
+    assert first.returncode == 0, err[-3000:]
+    assert _exact(run) == _exact(straight.run)  # every record once, as a lone run writes them
+    _assert_same_weights(load_checkpoint(latest_checkpoint(run))["model"],
+                         load_checkpoint(latest_checkpoint(straight.run))["model"])
+    assert not (run / LOCK_NAME).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["latest", "latest-two", "no-digests"])
+def test_a_damaged_latest_checkpoint_is_skipped_and_the_run_ends_identical(damage: str, straight: SimpleNamespace,
+                                                                          tmp_path: Path) -> None:
+    """A byte flipped in the latest checkpoint (or the latest two): the same command skips it with one
+    line naming the digest mismatch, resumes from the newest intact one and ends identical to an
+    uninterrupted run. A run dir from before digests resumes, saying it could not be verified."""
+    run = Path(shutil.copytree(straight.run, tmp_path / "run"))
+    if damage == "no-digests":
+        for _, path in list_checkpoints(run):
+            digest_path(path).unlink()
+        checkpoint_path(run, 9).unlink()  # leave a step to redo
+        resumed = 8
+    else:
+        for step in (9,) if damage == "latest" else (9, 8):
+            flip_byte(checkpoint_path(run, step))
+        resumed = 8 if damage == "latest" else 6
+    r, _ = _train(run, [])
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = " ".join(r.stderr.split())
+    if damage == "no-digests":
+        assert "using checkpoint-00000008.pt: has no checkpoint-00000008.pt.sha256 (written before checkpoints carried a " \
+               "digest): it could not be verified" in text, text[-2000:]
+    else:
+        assert text.count("sha256 mismatch") == (1 if damage == "latest" else 2), text[-2000:]
+        assert "skipping checkpoint-00000009.pt: sha256 mismatch: the file hashes to" in text
+    assert f"resuming checkpoint-{resumed:08d}.pt" in text
+    assert _exact(run) == _exact(straight.run)
+    for step, path in list_checkpoints(straight.run):  # those rewritten are intact, with their digests
+        _assert_same_weights(load_checkpoint(checkpoint_path(run, step))["model"], load_checkpoint(path)["model"])
+        if step > resumed or damage != "no-digests":
+            assert digest_path(checkpoint_path(run, step)).read_text().split()[1] == path.name
+
+
+@pytest.mark.slow
+def test_one_writer_and_intact_checkpoints_under_two_ranks(tiny, tmp_path: Path) -> None:
+    """Under torchrun with 2 gloo ranks: a job started while another writer holds the run dir is
+    refused on both ranks and changes nothing; with that holder SIGKILLed, the same command takes
+    its lock over and trains to the end; a byte then flipped in the latest checkpoint is skipped
+    and the re-run ends identical to an uninterrupted 2-rank run."""
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from tec_cache.writer_lock import acquire; "
+         "acquire(sys.argv[1], 'tec-train run', '--run-dir'); print('held', flush=True); time.sleep(600)", str(run)],
+        env=clean_env(), cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = sorted(p.name for p in run.iterdir())
+        with ThreadPoolExecutor(2) as pool:
+            runs = [pool.submit(_train, straight, _ddp_args(tiny.cache), ranks=2),
+                    pool.submit(_train, run, _ddp_args(tiny.cache), ranks=2)]
+            (s, _), (refused, _) = (f.result() for f in runs)
+        assert s.returncode == 0, s.stderr[-3000:]
+        assert refused.returncode != 0 and refused.stderr.count("another writer holds it") == 2, refused.stderr[-3000:]
+        assert f"pid {holder.pid}" in refused.stderr
+        assert sorted(p.name for p in run.iterdir()) == before == [LOCK_NAME]
+    finally:
+        holder.kill()
+        holder.wait()
+    r, _ = _train(run, _ddp_args(tiny.cache), ranks=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("took over the lock of tec-train run") == 1, r.stderr[-3000:]
+    assert _exact(run) == _exact(straight)
+    last = latest_checkpoint(run)
+    assert last.name == "checkpoint-00000006.pt"
+    flip_byte(last)
+    r, _ = _train(run, _ddp_args(tiny.cache), ranks=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = " ".join(r.stderr.split())
+    assert text.count("skipping checkpoint-00000006.pt: sha256 mismatch") == 1, text[-3000:]
+    assert "resuming checkpoint-00000004.pt" in text
+    assert _exact(run) == _exact(straight)
+    _assert_same_weights(load_checkpoint(latest_checkpoint(run))["model"], load_checkpoint(latest_checkpoint(straight))["model"])
+    assert not (run / LOCK_NAME).exists()

@@ -86,12 +86,14 @@ def write_atomic(
     tmp: Path | None = None,
     before_rename: str | None = None,
     after_rename: str | None = None,
+    sealed: Callable[[], None] | None = None,
 ) -> None:
     """Write a file through ``write(f)`` into a temporary, fsync, rename it over ``path``, fsync the folder.
 
     A failed or interrupted write removes its temporary and leaves ``path`` as it was.
     ``before_rename``/``after_rename`` name fault points (see faults.py): the first is reached with
-    the temporary complete and durable, the second with the new file in place.
+    the temporary complete and durable, the second with the new file in place. ``sealed`` runs
+    with the temporary complete and durable, before the rename (a checkpoint's digest is written there).
     """
     path = Path(path)
     tmp = temporary_name(path) if tmp is None else tmp
@@ -100,6 +102,8 @@ def write_atomic(
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if sealed is not None:
+            sealed()
         if before_rename is not None:
             fault_point(before_rename)
         os.replace(tmp, path)

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .checkpoints import latest_checkpoint
-from .errors import ResumeError
+from .checkpoints import usable_checkpoint
+from .errors import CheckpointError, ResumeError
 from .run_dir import Extension, RunKind, check_options, read_checkpoint
 from .runtime import Runtime
 
@@ -78,11 +79,17 @@ class Resume:
         return self.extended + ([self.extension.entry(step, epoch)] if self.extension is not None else [])
 
 
-def find_resume(run_dir: Path, kind: RunKind, options: dict[str, Any], world_size: int) -> Resume | None:
-    """The run dir's latest complete checkpoint, checked against this run's options and process count
-    (unless the run kind is elastic: its loop fits the position to the new count); None for a fresh
-    run. ResumeError names the option (or the world size) that differs."""
-    path = latest_checkpoint(run_dir, kind.checkpoints)
+def find_resume(run_dir: Path, kind: RunKind, options: dict[str, Any], world_size: int,
+                say: Callable[[str], None] | None = None) -> Resume | None:
+    """The run dir's newest intact checkpoint (``say`` gets a line for each damaged one skipped, or
+    for one without a digest), checked against this run's options and process count (unless the run
+    kind is elastic: its loop fits the position to the new count); None for a fresh run.
+    ResumeError names the option (or the world size) that differs, or lists the checkpoints checked
+    when none is intact."""
+    try:
+        path = usable_checkpoint(run_dir, kind.checkpoints, say)
+    except CheckpointError as e:
+        raise ResumeError(str(e)) from e
     if path is None:
         return None
     ck = read_checkpoint(path, kind)

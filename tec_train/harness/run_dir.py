@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from tec_cache.config import field_names, flag_name
 from tec_cache.format.fs import write_json_atomic
 
-from .checkpoints import CheckpointKind, latest_checkpoint, load_checkpoint, remove_stale_temp_files
+from .checkpoints import CheckpointKind, load_checkpoint, remove_stale_temp_files, usable_checkpoint
 from .errors import CheckpointError, ResumeError
 from .reporting import METRICS_NAME, truncate_metrics
 
@@ -98,7 +98,11 @@ def config_for_run_dir(config_type: type[C], run_dir: str, given: dict[str, Any]
 
     Raises ResumeError naming the option when a given option contradicts the stored run.
     """
-    ckpt = latest_checkpoint(Path(run_dir), kind.checkpoints)
+    try:
+        # Quietly: the loop's own resume names what it skips.
+        ckpt = usable_checkpoint(Path(run_dir), kind.checkpoints)
+    except CheckpointError as e:
+        raise ResumeError(str(e)) from e
     if ckpt is None:
         return config_type(**{**given, "run_dir": run_dir})
     stored = read_checkpoint(ckpt, kind)["config"]["options"]

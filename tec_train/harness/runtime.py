@@ -56,7 +56,10 @@ class Runtime:
         return self.info.world_size
 
     def join(self) -> bool:
-        """Select the device and join torchrun's process group; True when running distributed."""
+        """Select the device and join torchrun's process group; True when running distributed.
+        Joining twice is joining once (the writer lock joins before the loop's own setup)."""
+        if self.distributed:
+            return True
         if self.device.type == "cuda":
             # NCCL's object collectives (the RNG gather of a checkpoint) address the current device.
             torch.cuda.set_device(self.device)
