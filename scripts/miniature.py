@@ -32,12 +32,12 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from torch.utils.data import Subset  # noqa: E402
 
 from tec_cache.fashion_mnist import DEFAULT_DIR, HOW_TO_GET, export_image_folder, subset_indices  # noqa: E402
 from tec_cache.config import check_fields, override  # noqa: E402
+from tec_cache.plain_log import log_console  # noqa: E402
 from tec_cache.presets import load_pipeline  # noqa: E402
 from tec_train.harness.checkpoints import latest_checkpoint  # noqa: E402
 from tec_train.labelled import FashionMNIST  # noqa: E402
@@ -47,7 +47,7 @@ from tec_train.evaluate import extract_features, knn_classify, linear_probe  # n
 from tec_train.pipeline_tables import check_pipeline  # noqa: E402
 from tec_train.mae import build_mae  # noqa: E402
 
-console = Console()
+console = log_console(stderr=False)  # whole tables and lines in a log file, as the commands print
 MODELS = ("base", "tec_cache", "tec_online", "mae_more")
 LABELS = {
     "base": "A_base: MAE base model",
