@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
@@ -239,3 +240,18 @@ def config_table(config: Any, title: str, skip: Iterable[str] = ()) -> Table:
             shown = f"[bold]{shown}[/]"
         t.add_row(f.name, shown)
     return t
+
+
+def env_seconds(var: str, default: float) -> float:
+    """A positive number of seconds from environment variable ``var`` (unset or empty: ``default``);
+    ValueError names the variable."""
+    raw = os.environ.get(var)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{var}={raw!r}: expected a positive number of seconds")
+    return value

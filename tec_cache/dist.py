@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
+from tec_cache.config import env_seconds
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -68,16 +70,7 @@ class LostRankError(RuntimeError):
 
 def dist_timeout_s() -> float:
     """``TEC_DIST_TIMEOUT`` (seconds) or the default; ValueError names the variable."""
-    raw = os.environ.get(TIMEOUT_ENV)
-    if raw is None or raw == "":
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
-    return value
+    return env_seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
 
 
 def init_process_group(info: DistInfo, device: torch.device, timeout_s: float | None = None) -> bool:

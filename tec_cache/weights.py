@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from tec_cache.format.remote import RETRIES_ENV, fetch_retries
+
 __all__ = [
     "Expected", "FetchedWeights", "WeightsError", "cache_path", "fetch_weights", "hub_offline", "is_offline",
     "is_url", "mirror_url", "resolve_checkpoint", "tec_home",
@@ -45,7 +47,6 @@ HOME_ENV = "TEC_HOME"
 OFFLINE_ENV = "TEC_OFFLINE"
 HUB_OFFLINE_ENV = "HF_HUB_OFFLINE"
 MIRROR_ENV = "TEC_WEIGHTS_MIRROR"
-RETRIES_ENV = "TEC_FETCH_RETRIES"
 DEFAULT_RETRIES = 5
 HUB_PREFIX = "hf-hub:"
 _BLOCK = 1 << 20
@@ -143,15 +144,6 @@ def mirror_url(mirror_name: str) -> str | None:
     return base.rstrip("/") + "/" + mirror_name.lstrip("/")
 
 
-def _retries() -> int:
-    raw = os.environ.get(RETRIES_ENV)
-    if raw is None:
-        return DEFAULT_RETRIES
-    if not raw.isdigit():
-        raise WeightsError(f"{RETRIES_ENV}={raw!r}: expected a whole number of retries")
-    return int(raw)
-
-
 def _digests(path: Path) -> tuple[str, str, int]:
     """(sha256, md5, size) of a file, read once."""
     sha, md5, n = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
@@ -246,7 +238,7 @@ def fetch_weights(url: str, expected: Expected = Expected(), *, source: str | No
                 f"at {path} (expected: {expected.describe()}) or unset {OFFLINE_ENV}")
         src = source or url
         part = path.with_name(path.name + ".part")
-        _download(src, part, _retries() if retries is None else retries,
+        _download(src, part, fetch_retries(DEFAULT_RETRIES) if retries is None else retries,
                   sys.stderr.isatty() if progress is None else progress, path.name)
         try:
             sha, size = _verify(part, src, expected, "downloaded weights")

@@ -37,6 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tec_cache.config import env_seconds
+from tec_cache.format.fs import fsync_dir
+
 LOCK_NAME = ".tec-writer.lock"
 LOCK_FORMAT = "tec-writer-lock"
 STALE_ENV = "TEC_LOCK_STALE_S"
@@ -56,16 +59,7 @@ class WriterLockError(ValueError):
 
 def stale_after_s() -> float:
     """``TEC_LOCK_STALE_S`` (seconds) or the default; ValueError names the variable."""
-    raw = os.environ.get(STALE_ENV)
-    if raw is None or raw == "":
-        return DEFAULT_STALE_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ValueError(f"{STALE_ENV}={raw!r}: expected a positive number of seconds")
-    return value
+    return env_seconds(STALE_ENV, DEFAULT_STALE_S)
 
 
 def job_id() -> str | None:
@@ -311,7 +305,7 @@ class WriterLock:
         if now is not None and now.token == self.holder.token:
             self.path.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
-                _fsync_dir(self.folder)
+                fsync_dir(self.folder)
         _unflock(self._flock_fd)
         self._flock_fd = None
         _remove_empty(self._created)  # the folders this writer made, when it left nothing in them
@@ -340,14 +334,6 @@ def _remove_empty(folders: list[Path]) -> None:
             p.rmdir()
         except OSError:
             return
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -184,3 +186,28 @@ def launch_ranks(module: str, args: list[str], ranks: list[int], world: int, env
             out, _ = p.communicate()
         results.append((p.returncode, " ".join(out.split()), time.monotonic() - t0))
     return results
+
+
+def second_writer_refused(module: str, argv: list[str], folder: Path, second: Callable[[], Any], *, option: str,
+                          command: str) -> tuple[int, str]:
+    """Start ``python -m module argv`` as the first writer of ``folder``; once it holds the lock run
+    ``second()`` (a CliRunner invocation of the same command) and check it was refused at once
+    naming the first (host, pid, heartbeat) and changing nothing. Returns the first's exit code and
+    stderr, for the caller to check that it ended as a lone run does."""
+    from tec_cache.writer_lock import LOCK_NAME
+
+    first = subprocess.Popen([sys.executable, "-m", module, *argv], env=clean_env(), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (folder / LOCK_NAME).exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        result = second()
+        assert first.poll() is None, "the first writer ended before the second started: nothing was tested"
+    finally:
+        _, err = first.communicate(timeout=240)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert f"{option} {folder}: another writer holds it: {command} on host {socket.gethostname()}, pid {first.pid}" in text
+    assert "heartbeat" in text and "Nothing was changed" in text
+    return first.returncode, err

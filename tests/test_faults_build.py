@@ -6,10 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,7 +20,7 @@ from tec_cache.format.fs import is_temporary
 from tec_cache.format.manifest import MANIFEST_NAME, load_manifest
 from tec_cache.writer_lock import LOCK_NAME
 from tests.conftest import make_image_folder, tiny_spec
-from tests.faultkit import (ROOT, assert_no_partial_shard_accepted, assert_same_cache, build_args, clean_env,
+from tests.faultkit import (assert_no_partial_shard_accepted, assert_same_cache, build_args, clean_env, second_writer_refused,
                             count_arrivals, launch_ranks, run_module, seeded_nth)
 
 
@@ -125,21 +121,10 @@ def test_a_second_build_into_the_same_out_is_refused(extend: bool, ref: SimpleNa
     out = tmp_path / "cache"
     if extend:
         shutil.copytree(ref.one, out)
-    first = subprocess.Popen([sys.executable, "-m", "tec_cache", *build_args(ref.data, out, ref.ckpt)], env=clean_env(),
-                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / LOCK_NAME).exists() and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        second = CliRunner().invoke(app, build_args(ref.data, out, ref.ckpt))
-        assert first.poll() is None, "the first build ended before the second started: nothing was tested"
-    finally:
-        _, err = first.communicate(timeout=240)
-    assert second.exit_code == 2, second.output
-    text = " ".join(second.output.split())
-    assert f"--out {out}: another writer holds it: tec-cache build on host {socket.gethostname()}, pid {first.pid}" in text
-    assert "heartbeat" in text and "Nothing was changed" in text
-    assert first.returncode == 0, err[-2000:]
+    argv = build_args(ref.data, out, ref.ckpt)
+    rc, err = second_writer_refused("tec_cache", argv, out, lambda: CliRunner().invoke(app, argv), option="--out",
+                                    command="tec-cache build")
+    assert rc == 0, err[-2000:]
     assert_same_cache(out, ref.wds)
     assert not (out / LOCK_NAME).exists()
 

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +17,8 @@ import torch
 
 from tec_cache.writer_lock import LOCK_NAME
 from tec_train.harness.checkpoints import checkpoint_path, digest_path, latest_checkpoint, list_checkpoints, load_checkpoint
-from tests.faultkit import ROOT, clean_env, count_arrivals, flip_byte, launch_ranks, run_module, seeded_nth
+from tests.faultkit import (ROOT, clean_env, count_arrivals, flip_byte, launch_ranks, run_module, second_writer_refused,
+                            seeded_nth)
 
 EXACT_FIELDS = ("step", "epoch", "epoch_f", "loss", "loss_fea", "loss_att", "lr")
 
@@ -161,12 +160,6 @@ def test_lost_rank_without_the_agent_stops_training_with_a_clear_message(tiny, t
 
 # ---- one writer per run dir, checkpoints checked against their digests ------------------------------
 
-def _wait_for_lock(run: Path, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 120
-    while not (run / LOCK_NAME).exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-
-
 @pytest.mark.slow
 def test_a_second_run_on_the_same_run_dir_is_refused(tiny, straight: SimpleNamespace, tmp_path: Path) -> None:
     """The same command typed twice: the second exits 2 at once naming the first (host, pid,
@@ -177,19 +170,9 @@ def test_a_second_run_on_the_same_run_dir_is_refused(tiny, straight: SimpleNames
 
     run = tmp_path / "run"
     argv = ["run", "--run-dir", str(run), *_kill_args(tiny.cache)]
-    first = subprocess.Popen([sys.executable, "-m", "tec_train", *argv], env=clean_env(), cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for_lock(run, first)
-        second = CliRunner().invoke(app, argv)
-        assert first.poll() is None, "the first run ended before the second started: nothing was tested"
-    finally:
-        _, err = first.communicate(timeout=240)
-    assert second.exit_code == 2, second.output
-    text = " ".join(second.output.split())
-    assert f"--run-dir {run}: another writer holds it: tec-train run on host {socket.gethostname()}, pid {first.pid}" in text
-    assert "heartbeat" in text and "Nothing was changed" in text
-    assert first.returncode == 0, err[-3000:]
+    rc, err = second_writer_refused("tec_train", argv, run, lambda: CliRunner().invoke(app, argv), option="--run-dir",
+                                    command="tec-train run")
+    assert rc == 0, err[-3000:]
     assert _exact(run) == _exact(straight.run)  # every record once, as a lone run writes them
     _assert_same_weights(load_checkpoint(latest_checkpoint(run))["model"],
                          load_checkpoint(latest_checkpoint(straight.run))["model"])

@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from timm.data import IMAGENET_DEFAULT_MEAN, OPENAI_CLIP_MEAN
 from timm.layers import resample_abs_pos_embed
 
 from tec_train.encoder_weights import load_encoder, read_encoder_weights

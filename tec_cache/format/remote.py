@@ -35,7 +35,7 @@ from typing import BinaryIO, TypeVar
 from tec_cache.format.fs import publish, remove
 from tec_cache.format.schema import ShardError, ShardInfo
 
-__all__ = ["RemoteCache", "RemoteError", "RemoteMissing", "download", "is_remote"]
+__all__ = ["RemoteCache", "RemoteError", "RemoteMissing", "download", "fetch_retries", "is_remote"]
 
 T = TypeVar("T")
 
@@ -62,10 +62,11 @@ def is_remote(ref: str | os.PathLike[str]) -> bool:
     return text.startswith(PIPE_PREFIX) or ("://" in text and not text.startswith("file://"))
 
 
-def _retries() -> int:
+def fetch_retries(default: int = DEFAULT_RETRIES) -> int:
+    """``TEC_FETCH_RETRIES`` or ``default``: how often a dropped fetch is tried again."""
     raw = os.environ.get(RETRIES_ENV)
     if raw is None:
-        return DEFAULT_RETRIES
+        return default
     if not raw.isdigit():
         raise ValueError(f"{RETRIES_ENV}={raw!r}: expected a whole number of retries")
     return int(raw)
@@ -86,7 +87,7 @@ class RemoteCache:
             raise ValueError(f"{ref}: a pipe: cache needs {PIPE_SLOT} where the command takes each file's path "
                              f"(e.g. 'pipe:aws s3 cp s3://bucket/cache/{PIPE_SLOT} -')")
         return RemoteCache(ref.rstrip("/") if not ref.startswith(PIPE_PREFIX) else ref,
-                           None if local_dir is None else str(local_dir), _retries())
+                           None if local_dir is None else str(local_dir), fetch_retries())
 
     @property
     def name(self) -> str:
@@ -184,7 +185,7 @@ def download(url: str, dest: Path, retries: int | None = None) -> Path:
         _check_whole(f)
 
     try:
-        _with_retries(url, _retries() if retries is None else retries, copy)
+        _with_retries(url, fetch_retries() if retries is None else retries, copy)
         publish(tmp, dest)
     finally:
         remove(tmp)
