@@ -136,7 +136,10 @@ def test_lost_rank_under_torchrun_fails_fast_and_the_rerun_resumes(tiny, tmp_pat
     assert max(s for s, _ in list_checkpoints(killed)) == 3  # mid-epoch: epoch 1, micro-batch 2
     r, _ = _train(killed, _ddp_args(tiny.cache), ranks=2)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stderr.count("took over the lock of tec-train run") == 1, r.stderr[-3000:]  # rank 0, for the job
+    # Rank 0 either died by torchrun's SIGTERM (its lock left: taken over once, by rank 0 for the
+    # whole job) or saw its peer gone first and released the lock on its way out (nothing to take).
+    assert r.stderr.count("took over the lock of tec-train run") in (0, 1), r.stderr[-3000:]
+    assert not (killed / LOCK_NAME).exists()
     assert _exact(killed) == _exact(straight) and len(_exact(straight)) == 6
     _assert_same_weights(load_checkpoint(latest_checkpoint(killed))["model"],
                          load_checkpoint(latest_checkpoint(straight))["model"])
