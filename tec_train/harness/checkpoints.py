@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from tec_cache.basemodels import file_sha256 as hash_file
 from tec_cache.faults import fault_point
 from tec_cache.format.fs import write_atomic, write_text_atomic
 
@@ -116,16 +117,12 @@ def digest_path(ckpt: Path) -> Path:
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in 8 MiB blocks."""
+    """sha256 of a file's bytes, remembered for the file as it is (path, inode, size, mtime)."""
     path = Path(path)
     st = path.stat()
     key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
-    if key not in _hashed:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(8 << 20):
-                h.update(block)
-        _hashed[key] = h.hexdigest()
+    if key not in _hashed:  # a checkpoint checked on resume is not read again by export or evaluation
+        _hashed[key] = hash_file(path)
     return _hashed[key]
 
 
