@@ -9,7 +9,7 @@ timed one by one, and so is a batch buffer in fresh against reused shared memory
 The benchmark cache is written directly, without running a ViT-B: real 224 px JPEG views cut
 from the scikit-image photos with the stage-1 view recipe, and synthetic ViT-B-shaped targets
 (L=196, D=768, H=12, k=15) put through the real codec, written with the stage-1 shard writer under
-a manifest shaped like the one ``tec_cache.build`` writes. A pool of distinct views is encoded
+a manifest shaped like the one ``tec_cache.build.builder`` writes. A pool of distinct views is encoded
 once and repeated; each record is still compressed, stored and decoded on its own.
 
     python benchmarks/bench_loader.py --out benchmarks/results/loader.json
@@ -34,17 +34,17 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tec_cache.build_config import DEFAULT_COMPRESSOR  # noqa: E402
+from tec_cache.build.config import DEFAULT_COMPRESSOR  # noqa: E402
 from benchmarks.vitb_targets import photos  # noqa: E402
 from tec_cache import format as cache_format  # noqa: E402
-from tec_cache.build import shard_relpath  # noqa: E402
-from tec_cache.codecs import TargetShape, get_codec, split_fields  # noqa: E402
+from tec_cache.build.builder import shard_relpath  # noqa: E402
+from tec_cache.core.codecs import TargetShape, get_codec, split_fields  # noqa: E402
 from tec_cache.format.fs import write_json_atomic  # noqa: E402
 from tec_cache.format.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest  # noqa: E402
 from tec_cache.format.schema import ViewRecord, record_key  # noqa: E402
 from tec_cache.format.tar import read_shard_into  # noqa: E402
 from tec_cache.format.manifest import load_manifest  # noqa: E402
-from tec_cache.views import ViewRecipe, decode_view, make_views  # noqa: E402
+from tec_cache.core.views import ViewRecipe, decode_view, make_views  # noqa: E402
 from tec_train.cache_loader import CacheLoader, _BatchSlots, _ViewEpochShards  # noqa: E402
 
 VIT_B = TargetShape(num_patches=196, dim=768, heads=12, topk=15)

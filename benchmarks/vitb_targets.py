@@ -14,8 +14,8 @@ import timm
 import torch
 from PIL import Image
 
-from tec_cache.targets import extract_targets, normalise_images
-from tec_cache.views import ViewRecipe, make_views
+from tec_cache.core.targets import extract_targets, normalise_images
+from tec_cache.core.views import ViewRecipe, make_views
 
 # Where the stage-1 benchmarks keep the ViT-B targets between runs (computing them takes a minute).
 DEFAULT_TARGETS_CACHE = Path(tempfile.gettempdir()) / "tec_bench_vitb_targets.pt"

@@ -35,10 +35,10 @@ import torch  # noqa: E402
 from rich.table import Table  # noqa: E402
 from torch.utils.data import Subset  # noqa: E402
 
-from tec_cache.fashion_mnist import DEFAULT_DIR, HOW_TO_GET, export_image_folder, subset_indices  # noqa: E402
-from tec_cache.config import check_fields, override  # noqa: E402
-from tec_cache.plain_log import log_console  # noqa: E402
-from tec_cache.presets import load_pipeline  # noqa: E402
+from tec_cache.core.fashion_mnist import DEFAULT_DIR, HOW_TO_GET, export_image_folder, subset_indices  # noqa: E402
+from tec_cache.runtime.config import check_fields, override  # noqa: E402
+from tec_cache.runtime.plain_log import log_console  # noqa: E402
+from tec_cache.runtime.pipelines import load_pipeline  # noqa: E402
 from tec_train.harness.checkpoints import latest_checkpoint  # noqa: E402
 from tec_train.labelled import FashionMNIST  # noqa: E402
 from tec_train.encoder_weights import load_encoder  # noqa: E402

@@ -40,9 +40,9 @@ miniature = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(miniature)
 
 
-from tec_cache.config import override  # noqa: E402
-from tec_cache.fashion_mnist import DEFAULT_DIR, HOW_TO_GET, export_image_folder  # noqa: E402
-from tec_cache.presets import load_pipeline  # noqa: E402
+from tec_cache.runtime.config import override  # noqa: E402
+from tec_cache.core.fashion_mnist import DEFAULT_DIR, HOW_TO_GET, export_image_folder  # noqa: E402
+from tec_cache.runtime.pipelines import load_pipeline  # noqa: E402
 from tec_train.eval_config import DataSubsets  # noqa: E402
 from tec_train.harness.checkpoints import latest_checkpoint  # noqa: E402
 from tec_train.pipeline_tables import check_pipeline  # noqa: E402
@@ -190,7 +190,7 @@ def held_out_figure(results: dict[str, Any], seeds: list[int], ks: list[int], ou
     over seeds, one line per K (and online, and the lower-bit codec)."""
     from matplotlib.figure import Figure
 
-    from tec_cache.figures import save_png
+    from tec_cache.core.figures import save_png
 
     fig = Figure(figsize=(11, 4), dpi=100, layout="constrained")
     axes = fig.subplots(1, 2)

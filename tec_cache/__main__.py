@@ -1,3 +1,3 @@
-from tec_cache.cli import main
+from tec_cache.build.cli import main
 
 main()

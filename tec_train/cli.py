@@ -17,11 +17,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from tec_cache.config import help_for
-from tec_cache.dist import dist_info
-from tec_cache.plain_log import PlainProgress, log_console
-from tec_cache.version import version_callback
-from tec_cache.run_log import RUN_LOG, SampleError, failure_line, from_worker
+from tec_cache.runtime.config import help_for
+from tec_cache.runtime.dist import dist_info
+from tec_cache.runtime.plain_log import PlainProgress, log_console
+from tec_cache.runtime.version import version_callback
+from tec_cache.runtime.run_log import RUN_LOG, SampleError, failure_line, from_worker
 
 from .harness.reporting import Reporter
 
@@ -185,8 +185,8 @@ _ONLINE_FROM_RECIPE = {"basemodel": "online_basemodel", "arch": "arch", "depth":
 def _with_preset(name: str, given: dict[str, Any], world_size: int, online: bool = False) -> dict[str, Any]:
     """The run's options: the pipeline's [pretrain] ([base] for --objective mae) under the flags
     given; with ``online``, the [cache] table's target recipe runs inside the step instead of a cache."""
-    from tec_cache.build_config import cache_table
-    from tec_cache.presets import load_pipeline
+    from tec_cache.build.config import cache_table
+    from tec_cache.runtime.pipelines import load_pipeline
 
     pipe = load_pipeline(name)
     table = "base" if given.get("objective") == "mae" else "pretrain"
@@ -210,7 +210,7 @@ def pipelines(
     name: Optional[str] = typer.Argument(None, metavar="[NAME]", help="A pipeline (name or .toml file) to print fully resolved: every value of its row, defaults included."),
 ) -> None:
     """List the pipelines --pipeline takes (one per row of the paper's table, plus CPU-sized ones), or print one resolved."""
-    from tec_cache.presets import PipelineError, list_pipelines, load_pipeline, search_dirs
+    from tec_cache.runtime.pipelines import PipelineError, list_pipelines, load_pipeline, search_dirs
 
     from .pipeline_tables import resolved_tables
 
@@ -399,7 +399,7 @@ _SOURCE_HELP = ("An export folder (tec-train export), a run dir or checkpoint-*.
 
 def _dataset_dir(data: Optional[Path], fashion_mnist: bool, fashion_mnist_dir: Optional[Path]) -> tuple[Optional[str], Optional[str]]:
     """(--data, Fashion-MNIST folder) as strings; --fashion-mnist-dir implies --fashion-mnist."""
-    from tec_cache.fashion_mnist import DEFAULT_DIR
+    from tec_cache.core.fashion_mnist import DEFAULT_DIR
 
     fm = str(fashion_mnist_dir) if fashion_mnist_dir is not None else (str(DEFAULT_DIR) if fashion_mnist else None)
     return (str(data) if data is not None else None), fm
@@ -517,7 +517,7 @@ def finetune(
         given["fashion_mnist"] = fm
     try:
         if pipeline is not None:
-            from tec_cache.presets import load_pipeline
+            from tec_cache.runtime.pipelines import load_pipeline
 
 
             given = _preset_options(load_pipeline(pipeline), "finetune", given, info.world_size)
@@ -546,7 +546,7 @@ def finetune(
 
 def _eval_config(options: dict[str, Any]) -> Any:
     """knn/linear options (None: not given) on top of the pipeline's [eval] table and the defaults."""
-    from tec_cache.config import override
+    from tec_cache.runtime.config import override
 
     from .eval_config import EvalConfig
 
@@ -555,7 +555,7 @@ def _eval_config(options: dict[str, Any]) -> Any:
     flags["fashion_mnist"] = _dataset_dir(None, options["fashion_mnist"], options["fashion_mnist_dir"])[1]
     table, where = {}, ""
     if options["pipeline"] is not None:
-        from tec_cache.presets import load_pipeline
+        from tec_cache.runtime.pipelines import load_pipeline
 
         pipe = load_pipeline(options["pipeline"])
         table, where = pipe.section("eval"), pipe.where("eval")

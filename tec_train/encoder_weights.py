@@ -31,7 +31,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
 
-from tec_cache.weights import is_url
+from tec_cache.core.weights import is_url
 
 from .harness.checkpoints import digest_path, file_sha256, load_checkpoint, usable_checkpoint, verify_checkpoint_file
 from .harness.errors import CheckpointError
@@ -168,7 +168,7 @@ def _read_reference(path: Path, model: str | None) -> EncoderWeights:
 def _native_img_size(path: Path, patch_size: int, pos_prefix: int = 1) -> int | None:
     """Image size a base-model file's pos_embed was made for (None when it has none: the strict load
     reports it); ``pos_prefix``: the pos_embed entries of prefix tokens (0 for timm's no_embed_class)."""
-    from tec_cache.basemodels import extract_state_dict
+    from tec_cache.core.basemodels import extract_state_dict
 
     if path.suffix == ".safetensors":
         from safetensors import safe_open
@@ -197,7 +197,7 @@ def _native_img_size(path: Path, patch_size: int, pos_prefix: int = 1) -> int | 
 
 def _read_basemodel(source: str | Path | None, basemodel: str | None, arch: str | None, patch_size: int | None,
                     depth: int | None, img_size: int | None = None) -> EncoderWeights:
-    from tec_cache.basemodels import is_timm_source, load_base_model, resolve_spec, resolve_weights
+    from tec_cache.core.basemodels import is_timm_source, load_base_model, resolve_spec, resolve_weights
 
     if is_timm_source(basemodel):
         if arch is not None:
@@ -240,7 +240,7 @@ def _read_timm_base(source: str | Path | None, basemodel: str, img_size: int | N
     (through the hub cache) at ``img_size`` (default 224, as ``tec-cache build``; timm's loader
     re-samples pos_embed around the prefix tokens once, as it loads), or ``source`` (a file or
     URL) strictly into its architecture at the file's own grid (re-sampled afterwards)."""
-    from tec_cache.basemodels import build_model, load_base_model, resolve_spec, resolve_weights
+    from tec_cache.core.basemodels import build_model, load_base_model, resolve_spec, resolve_weights
 
     def spec_at(img: int | None) -> Any:
         # topk/last_layers only shape stage-1 targets; 1 keeps resolve_spec's checks from refusing small grids.
@@ -361,7 +361,7 @@ def build_vit(config: dict[str, Any], **kwargs: Any) -> timm.models.VisionTransf
     kwargs.setdefault("num_classes", 0)
     if config.get("timm_source"):
         # A timm/hub base: its own architecture by its timm name (a hub repo's from its config.json, via the hub cache).
-        from tec_cache.basemodels import _timm_create
+        from tec_cache.core.basemodels import _timm_create
 
         return _timm_create(config["model_name"], pretrained=False, img_size=config["img_size"],  # type: ignore[return-value]
                             depth=config.get("timm_depth"), label=config["timm_source"], **kwargs)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tec_cache.basemodels import REGISTRY, is_timm_source
-from tec_cache.config import NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, WORKERS, Check, check_fields, in_range, option
+from tec_cache.core.basemodels import REGISTRY, is_timm_source
+from tec_cache.runtime.config import NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, WORKERS, Check, check_fields, in_range, option
 
 POOLS = ("avg", "cls")
 PROBE_OPTIMIZERS = ("lars", "sgd")
@@ -63,7 +63,7 @@ class EvalConfig:
     def validate(self) -> None:
         """Checks that need no model and no data; ValueError names the option."""
         check_fields(self)
-        from tec_cache.weights import is_url
+        from tec_cache.core.weights import is_url
 
         if self.source is None:
             if self.basemodel is not None:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
 
-from tec_cache.loader_workers import die_with_parent
+from tec_cache.runtime.workers import die_with_parent
 
 from .eval_config import POOLS, PROBE_OPTIMIZERS, EvalConfig
 from .labelled import Transformed
@@ -323,7 +323,7 @@ def frozen_features(cfg: EvalConfig, busy: Callable[[str], AbstractContextManage
     Every option is checked (ValueError / FileNotFoundError naming it) before any image is read;
     ``busy(text)`` is a context shown while the features are computed (a spinner in the CLI).
     """
-    from tec_cache.dist import dist_info, resolve_device
+    from tec_cache.runtime.dist import dist_info, resolve_device
 
     from .encoder_weights import input_normalisation, load_encoder
     from .labelled import open_labelled

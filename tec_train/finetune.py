@@ -26,10 +26,10 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from tec_cache.dist import DistInfo
-from tec_cache.faults import fault_point
+from tec_cache.runtime.dist import DistInfo
+from tec_cache.runtime.faults import fault_point
 from tec_cache.format.fs import write_json_atomic
-from tec_cache.loader_workers import die_with_parent
+from tec_cache.runtime.workers import die_with_parent
 
 from .augment import finetune_train_transform
 from .encoder_weights import EncoderWeights, build_vit, input_normalisation, load_state_strict, read_encoder_weights

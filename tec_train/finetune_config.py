@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tec_cache import fashion_mnist
-from tec_cache.config import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, WORKERS, check_fields, flat_values, group, in_range,
+from tec_cache.core import fashion_mnist
+from tec_cache.runtime.config import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, WORKERS, check_fields, flat_values, group, in_range,
                               nested_config, option)
 
 from .augment import NO_AUGMENT, finetune_train_transform
@@ -56,7 +56,7 @@ class EncoderSource:
             if self.source is not None:
                 raise ValueError(f"--checkpoint: give the base-model weights once, as SOURCE or --checkpoint "
                                  f"(got both {self.source} and {self.checkpoint})")
-        from tec_cache.weights import is_url
+        from tec_cache.core.weights import is_url
 
         weights = self.path
         if weights is None:

@@ -15,9 +15,9 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
-from tec_cache import fashion_mnist
-from tec_cache.faults import fault_point
-from tec_cache.run_log import naming_sample
+from tec_cache.core import fashion_mnist
+from tec_cache.runtime.faults import fault_point
+from tec_cache.runtime.run_log import naming_sample
 
 SUBSET_MODES = ("balanced", "random")
 # The eval crop of each dataset kind: ImageNet's 224/256, none for tiny images (a 28 px image has

@@ -21,9 +21,9 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from tec_cache.images import ImageSource
-from tec_cache.targets import normalise_images
-from tec_cache.views import ViewRecipe
+from tec_cache.core.images import ImageSource
+from tec_cache.core.targets import normalise_images
+from tec_cache.core.views import ViewRecipe
 
 from .online import OnlineLoader
 from .student import MODEL_SIZES, BlockNorm, MaskedEncoderMixin, init_linear_and_norm, parse_model_name, random_masking

@@ -1,7 +1,7 @@
 """Online mode: the reference's way, with the frozen base model running inside every step.
 
 Data flow: image folder / tars --OnlineLoader (workers: decode, RandomResizedCrop, flip)--> uint8
-batch --> device --> frozen base model (``tec_cache.targets.extract_targets``) --> StepInputs
+batch --> device --> frozen base model (``tec_cache.core.targets.extract_targets``) --> StepInputs
 --> student + losses --> step. No cache is read or written; this is the baseline every speed
 claim of the cache is measured against, and a way to train without disk for targets.
 
@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tec_cache.basemodels import BaseModelSpec, load_base_model, resolve_weights
-from tec_cache.faults import fault_point
-from tec_cache.images import BadImage, ImageSource
-from tec_cache.run_log import naming_sample
-from tec_cache.targets import extract_targets, normalise_images
-from tec_cache.views import WORKER_RESIZE, SourceImage, ViewRecipe, cut_view, image_size, load_source, view_params, view_rng
-from tec_cache.loader_workers import die_with_parent
+from tec_cache.core.basemodels import BaseModelSpec, load_base_model, resolve_weights
+from tec_cache.runtime.faults import fault_point
+from tec_cache.core.images import BadImage, ImageSource
+from tec_cache.runtime.run_log import naming_sample
+from tec_cache.core.targets import extract_targets, normalise_images
+from tec_cache.core.views import WORKER_RESIZE, SourceImage, ViewRecipe, cut_view, image_size, load_source, view_params, view_rng
+from tec_cache.runtime.workers import die_with_parent
 
 from .cache_loader import Batch
 from .target_feeds import StepInputs, TargetSpec

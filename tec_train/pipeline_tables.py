@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import MISSING, fields
 from typing import Any
 
-from tec_cache.basemodels import RECIPE_KEYS, TargetRecipe
-from tec_cache.build_config import CACHE_TABLE_KEYS, BuildConfig
-from tec_cache.config import field_names, flat_fields
-from tec_cache.presets import Pipeline, PipelineError
+from tec_cache.core.basemodels import RECIPE_KEYS, TargetRecipe
+from tec_cache.build.config import CACHE_TABLE_KEYS, BuildConfig
+from tec_cache.runtime.config import field_names, flat_fields
+from tec_cache.runtime.pipelines import Pipeline, PipelineError
 
 from .eval_config import DataSubsets, EvalConfig
 from .finetune_config import FinetuneConfig

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from tec_cache.figures import DPI, save_png
+from tec_cache.core.figures import DPI, save_png
 from tec_cache.format.fs import prepare_output_file
 from tec_train.harness.reporting import METRICS_NAME
 

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tec_cache.dist import explain_peer_loss
-from tec_cache.faults import fault_point
+from tec_cache.runtime.dist import explain_peer_loss
+from tec_cache.runtime.faults import fault_point
 
 from .student_to_timm import load_tec_checkpoint
 from .harness import (PRETRAIN, Reporter, Resume, RunKind, RunState, Runtime, agree_on_position,

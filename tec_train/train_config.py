@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tec_cache.basemodels import TargetRecipe
+from tec_cache.core.basemodels import TargetRecipe
 from tec_cache.format.remote import is_remote
-from tec_cache.images import SOURCE_HELP
-from tec_cache.views import RESIZERS
-from tec_cache.config import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, WORKERS, check_fields, flag_name, flat_values,
+from tec_cache.core.images import SOURCE_HELP
+from tec_cache.core.views import RESIZERS
+from tec_cache.runtime.config import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, WORKERS, check_fields, flag_name, flat_values,
                               group, in_range, nested_config, option, option_like)
 
 from .harness.runtime import AMP_MODES
@@ -79,11 +79,11 @@ class TargetSource:
             return
         if self.cache_dir is not None and not (self.cache is not None and is_remote(self.cache)):
             raise ValueError("--cache-dir: the read-through folder is for a remote --cache (a URL)")
-        from tec_cache.weights import check_sha256
+        from tec_cache.core.weights import check_sha256
 
         check_sha256(self.checkpoint_sha256)
         if self.online_basemodel is not None:
-            from tec_cache.basemodels import REGISTRY, is_timm_source
+            from tec_cache.core.basemodels import REGISTRY, is_timm_source
 
             if self.online_basemodel not in REGISTRY and not is_timm_source(self.online_basemodel):
                 raise ValueError(f"--online-basemodel: expected one of {', '.join(sorted(REGISTRY))}, timm:NAME or "
@@ -98,7 +98,7 @@ class TargetSource:
             if not is_remote(self.cache) and not Path(self.cache).is_dir():
                 raise ValueError(f"--cache: no such cache folder {self.cache}")
             return
-        from tec_cache.weights import is_url
+        from tec_cache.core.weights import is_url
 
         if self.checkpoint is None:
             if self.online_basemodel is None:
@@ -193,7 +193,7 @@ class TrainConfig:
     """Every option of ``tec-train run``, one component each (target source, student, optimisation,
     loader, held-out loss, run control). A field ``foo_bar`` of any component is the option ``--foo-bar``, the key
     ``foo_bar`` of a pipeline's [pretrain] table and of the run's stored options; each declares its
-    default, bound and help once (tec_cache.config.option)."""
+    default, bound and help once (tec_cache.runtime.config.option)."""
 
     run_dir: str = option(help="Run folder: checkpoints, metrics.jsonl, config.json. Re-running resumes it.")
     objective: str = option("tec", "tec: learn a base model's targets (--cache or online) | mae: plain MAE on "

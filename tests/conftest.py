@@ -28,7 +28,7 @@ TINY_TOPK = 3
 
 
 def tiny_spec(**kw):
-    from tec_cache.basemodels import resolve_spec
+    from tec_cache.core.basemodels import resolve_spec
 
     args = dict(arch=TINY_ARCH, img_size=TINY_IMG, patch_size=TINY_PATCH, topk=TINY_TOPK)
     args.update(kw)
@@ -36,7 +36,7 @@ def tiny_spec(**kw):
 
 
 def tiny_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    from tec_cache.basemodels import build_model
+    from tec_cache.core.basemodels import build_model
 
     torch.manual_seed(seed)
     model = build_model(tiny_spec())
@@ -60,7 +60,7 @@ def tiny_cache(tmp_path_factory, tiny_ckpt) -> SimpleNamespace:
     """Built once per test run and shared read-only: 20 generated images and a 2-view-epoch int8
     WebDataset cache of them (shards of 5) from the tiny base model. A test that changes a cache
     copies it first."""
-    from tec_cache.build import BuildConfig, build_cache
+    from tec_cache.build.builder import BuildConfig, build_cache
 
     root = tmp_path_factory.mktemp("tiny-cache")
     data = make_image_folder(root / "data", n_per_class=8, bad=False)

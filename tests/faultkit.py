@@ -21,7 +21,7 @@ import pytest
 from tec_cache import format as cache_format
 from tec_cache.format.fs import is_temporary
 from tec_cache.format.manifest import MANIFEST_NAME, ManifestError, load_manifest
-from tec_cache.verify import verify_cache
+from tec_cache.build.verify import verify_cache
 from tests.conftest import TINY_ARCH, TINY_IMG, TINY_PATCH, TINY_TOPK
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,7 +194,7 @@ def second_writer_refused(module: str, argv: list[str], folder: Path, second: Ca
     ``second()`` (a CliRunner invocation of the same command) and check it was refused at once
     naming the first (host, pid, heartbeat) and changing nothing. Returns the first's exit code and
     stderr, for the caller to check that it ended as a lone run does."""
-    from tec_cache.writer_lock import LOCK_NAME
+    from tec_cache.format.writer_lock import LOCK_NAME
 
     first = subprocess.Popen([sys.executable, "-m", module, *argv], env=clean_env(), cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from timm.data import Mixup
 
-from tec_cache import fashion_mnist
+from tec_cache.core import fashion_mnist
 from tec_train.augment import finetune_train_transform, posterize_keep_bits
 from tec_train.evaluate import eval_transform
 from tec_train.finetune import MIXUP_MODES, FinetuneConfig

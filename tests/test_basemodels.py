@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tec_cache.basemodels import REGISTRY, build_model, load_base_model, resolve_spec
+from tec_cache.core.basemodels import REGISTRY, build_model, load_base_model, resolve_spec
 from tests.conftest import tiny_spec, tiny_state_dict
 
 

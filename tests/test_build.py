@@ -12,13 +12,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tec_cache.basemodels import load_base_model
-from tec_cache.build import BuildConfig, build_cache
-from tec_cache.cli import app
-from tec_cache.codecs import get_codec
+from tec_cache.core.basemodels import load_base_model
+from tec_cache.build.builder import BuildConfig, build_cache
+from tec_cache.build.cli import app
+from tec_cache.core.codecs import get_codec
 from tec_cache.format.manifest import load_manifest
-from tec_cache.targets import extract_targets, normalise_images
-from tec_cache.views import decode_view
+from tec_cache.core.targets import extract_targets, normalise_images
+from tec_cache.core.views import decode_view
 from tests.conftest import TINY_ARCH, TINY_IMG, TINY_PATCH, TINY_TOPK, add_skimage_photos, make_image_folder, tiny_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def test_coarse_codec_keeps_what_the_losses_see_in_fewer_bytes(data_dir, tiny_ck
     agree with int8's as the losses see them, and its shards are smaller."""
     import numpy as np
 
-    from tec_cache.verify import verify_cache
+    from tec_cache.build.verify import verify_cache
 
     out = tmp_path / "cache"
     build_cache(_cfg(data_dir, out, tiny_ckpt, codec="int8-coarse"))
@@ -211,7 +211,7 @@ def test_dry_run_writes_nothing(data_dir, tiny_ckpt, tmp_path):
 
 
 def test_refuses_when_disk_is_too_small(data_dir, tiny_ckpt, tmp_path, monkeypatch):
-    import tec_cache.build as b
+    import tec_cache.build.builder as b
 
     monkeypatch.setattr(b.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**6, 10**6 - 1000, 1000))
     with pytest.raises(OSError, match=r"not enough disk.*1000 B|not enough disk"):

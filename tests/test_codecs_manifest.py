@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tec_cache.codecs import TargetShape, fidelity, get_codec
+from tec_cache.core.codecs import TargetShape, fidelity, get_codec
 from tec_cache.format.manifest import Manifest, ManifestError
 
 

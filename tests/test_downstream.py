@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from tec_cache import fashion_mnist
+from tec_cache.core import fashion_mnist
 from tec_train.harness.checkpoints import save_checkpoint
 from tec_train.cli import app
 from tec_train.labelled import FashionMNIST, open_labelled, subset_indices
@@ -199,7 +199,7 @@ def test_load_encoder_from_reference_checkpoint(tmp_path: Path) -> None:
 
 
 def test_load_encoder_from_base_model_layouts(tmp_path: Path) -> None:
-    from tec_cache.basemodels import build_model, resolve_spec
+    from tec_cache.core.basemodels import build_model, resolve_spec
 
     torch.manual_seed(0)
     ref = _perturbed(build_model(resolve_spec(None, arch=TINY_ARCH, img_size=IMG, patch_size=TINY_PATCH, depth=2, topk=1)))

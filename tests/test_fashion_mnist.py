@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tec_cache.fashion_mnist import CLASSES, DEFAULT_DIR, export_image_folder, read_split, subset_indices
-from tec_cache.images import open_source
+from tec_cache.core.fashion_mnist import CLASSES, DEFAULT_DIR, export_image_folder, read_split, subset_indices
+from tec_cache.core.images import open_source
 
 
 def test_real_files_read():

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tec_cache.writer_lock import LOCK_NAME
+from tec_cache.format.writer_lock import LOCK_NAME
 from tec_train.harness.checkpoints import checkpoint_path, digest_path, latest_checkpoint, list_checkpoints, load_checkpoint
 from tests.faultkit import (ROOT, clean_env, count_arrivals, flip_byte, launch_ranks, run_module, second_writer_refused,
                             seeded_nth)
@@ -224,7 +224,7 @@ def test_one_writer_and_intact_checkpoints_under_two_ranks(tiny, tmp_path: Path)
     and the re-run ends identical to an uninterrupted 2-rank run."""
     straight, run = tmp_path / "straight", tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from tec_cache.writer_lock import acquire; "
+        [sys.executable, "-c", "import sys, time; from tec_cache.format.writer_lock import acquire; "
          "acquire(sys.argv[1], 'tec-train run', '--run-dir'); print('held', flush=True); time.sleep(600)", str(run)],
         env=clean_env(), cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

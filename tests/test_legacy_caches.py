@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tec_cache.cli import app as cache_app
+from tec_cache.build.cli import app as cache_app
 from tec_cache.format import get_format
 from tec_train.cli import app as train_app
 from tests.faultkit import run_module, tree
@@ -69,7 +69,7 @@ def _same_records_up_to_float_rounding(old_root: Path, new_root: Path, shards: s
     """Each record of each shard listed: everything but the targets byte-identical, and the
     decoded targets equal but for a few values one quantisation step apart (each cache read with its
     own manifest's field specs)."""
-    from tec_cache.codecs import get_codec
+    from tec_cache.core.codecs import get_codec
     from tec_cache.format.manifest import load_manifest
 
     man, new_man = load_manifest(old_root), load_manifest(new_root)

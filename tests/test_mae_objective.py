@@ -13,8 +13,8 @@ import safetensors.torch
 import torch
 from typer.testing import CliRunner
 
-from tec_cache.basemodels import build_model, load_checkpoint as load_base, resolve_spec
-from tec_cache.build import BuildConfig, build_cache
+from tec_cache.core.basemodels import build_model, load_checkpoint as load_base, resolve_spec
+from tec_cache.build.builder import BuildConfig, build_cache
 from tec_cache.format.manifest import load_manifest
 from tec_train.harness.checkpoints import latest_checkpoint, load_checkpoint
 from tec_train.cli import app

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tec_cache.fashion_mnist import DEFAULT_DIR, HOW_TO_GET
+from tec_cache.core.fashion_mnist import DEFAULT_DIR, HOW_TO_GET
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "miniature.py"

@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from tec_cache import show
-from tec_cache.basemodels import build_model
-from tec_cache.build import BuildConfig, build_cache
-from tec_cache.cli import app as cache_app
-from tec_cache.codecs import get_codec, stack_fields
+from tec_cache.build import show
+from tec_cache.core.basemodels import build_model
+from tec_cache.build.builder import BuildConfig, build_cache
+from tec_cache.build.cli import app as cache_app
+from tec_cache.core.codecs import get_codec, stack_fields
 from tec_cache.format.manifest import load_manifest
 from tec_train.cli import app as train_app
 from tec_train.plot import panel_keys, plot_runs, read_metrics, smooth_values

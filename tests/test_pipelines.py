@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from tec_cache.basemodels import RECIPE_KEYS, TargetRecipe
-from tec_cache.build import BuildConfig
-from tec_cache.config import check_fields, override
-from tec_cache.presets import load_pipeline
+from tec_cache.core.basemodels import RECIPE_KEYS, TargetRecipe
+from tec_cache.build.builder import BuildConfig
+from tec_cache.runtime.config import check_fields, override
+from tec_cache.runtime.pipelines import load_pipeline
 from tec_train.eval_config import DataSubsets, EvalConfig
 from tec_train.finetune import FinetuneConfig
 from tec_train.pipeline_tables import check_pipeline, resolved_tables
@@ -99,7 +99,7 @@ def test_presets_sharing_a_base_model_share_one_cache():
 
 
 def test_a_preset_states_only_what_differs_and_a_base_is_not_listed(tmp_path: Path):
-    from tec_cache.presets import list_pipelines
+    from tec_cache.runtime.pipelines import list_pipelines
 
     names = {p.name for p in list_pipelines()}
     assert "vit-imagenet" not in names and "mae-vitb-800ep" in names
@@ -174,7 +174,7 @@ def _cli(app, args: list[str]):
 
 
 def test_pipeline_presets_give_defaults_and_flags_override(tmp_path: Path, tiny_ckpt: Path, monkeypatch):
-    from tec_cache.cli import app as cache_app
+    from tec_cache.build.cli import app as cache_app
     from tec_cache.format.manifest import load_manifest
     from tec_train.harness.checkpoints import latest_checkpoint, load_checkpoint
     from tec_train.cli import app as train_app
@@ -214,7 +214,7 @@ def test_pipeline_presets_give_defaults_and_flags_override(tmp_path: Path, tiny_
 
 
 def test_pipeline_errors_name_the_preset_and_key(tmp_path: Path, monkeypatch):
-    from tec_cache.cli import app as cache_app
+    from tec_cache.build.cli import app as cache_app
     from tec_train.cli import app as train_app
 
     monkeypatch.chdir(tmp_path)

@@ -14,8 +14,8 @@ import pytest
 from rich.table import Table
 from typer.testing import CliRunner
 
-from tec_cache.fashion_mnist import DEFAULT_DIR
-from tec_cache.plain_log import LogConsole, PlainProgress, duration, eta
+from tec_cache.core.fashion_mnist import DEFAULT_DIR
+from tec_cache.runtime.plain_log import LogConsole, PlainProgress, duration, eta
 from tec_train.harness.reporting import Reporter
 from tests.conftest import TINY_ARCH, TINY_IMG, TINY_PATCH, TINY_TOPK, make_image_folder
 from tests.faultkit import ROOT, clean_env
@@ -24,7 +24,7 @@ ELAPSED_ETA = r"elapsed (\d+h)?(\d+m)?\d+s eta ((\d+h)?(\d+m)?\d+s|\?)$"
 
 
 def test_version_of_both_commands_is_the_installed_one() -> None:
-    from tec_cache.cli import app as cache_app
+    from tec_cache.build.cli import app as cache_app
     from tec_train.cli import app as train_app
 
     for app, prog in ((cache_app, "tec-cache"), (train_app, "tec-train")):

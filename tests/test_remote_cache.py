@@ -21,7 +21,7 @@ import torch
 from tec_cache.format import ShardError
 from tec_cache.format.manifest import ManifestError, load_manifest
 from tec_cache.format.remote import RemoteError
-from tec_cache.verify import verify_cache
+from tec_cache.build.verify import verify_cache
 from tec_train.cache_loader import CacheLoader
 from tests.faultkit import clean_env, run_module
 
@@ -128,7 +128,7 @@ def test_training_over_http_takes_the_same_steps_as_from_disk(tiny_cache: Simple
 def test_inspect_and_show_read_a_cache_over_http(server: _Server, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from tec_cache.cli import app
+    from tec_cache.build.cli import app
 
     r = CliRunner().invoke(app, ["inspect", server.url])
     assert r.exit_code == 0 and "view-epochs" in r.output and "webdataset" in r.output, r.output
@@ -214,7 +214,7 @@ def test_build_from_tar_urls_equals_the_build_from_the_same_tars_on_disk(tiny_ck
     import webdataset as wds
     from PIL import Image
 
-    from tec_cache.build import BuildConfig, build_cache
+    from tec_cache.build.builder import BuildConfig, build_cache
     from tests.conftest import tiny_spec
 
     tars = tmp_path / "tars"

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tec_cache.run_log import BUILD_LOG, RUN_LOG, SampleError, naming_sample, summary
+from tec_cache.runtime.run_log import BUILD_LOG, RUN_LOG, SampleError, naming_sample, summary
 from tests.conftest import TINY_ARCH, TINY_IMG, TINY_PATCH, TINY_TOPK, make_image_folder
 from tests.faultkit import assert_same_cache, build_args, clean_env, run_module
 

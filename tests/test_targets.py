@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 
-from tec_cache.targets import extract_targets, normalise_images
+from tec_cache.core.targets import extract_targets, normalise_images
 
 
 def _reference(model, images, topk, last_layers):

@@ -14,8 +14,8 @@ import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from tec_cache.basemodels import base_normalisation, check_timm_vit, load_base_model, resolve_spec
-from tec_cache.targets import extract_targets
+from tec_cache.core.basemodels import base_normalisation, check_timm_vit, load_base_model, resolve_spec
+from tec_cache.core.targets import extract_targets
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2)
 # family: (timm architecture, image size giving a 4x4 grid, mean, std, prefix tokens)
@@ -140,7 +140,7 @@ def test_hub_base_loads_through_timm_offline_with_its_own_normalisation(hub_cach
     assert facts["input_mean"] == list(OPENAI_CLIP_MEAN) and facts["input_std"] == list(OPENAI_CLIP_STD)
     assert facts["layout"] == "timm pretrained" and len(facts["sha256"]) == 64
     # --checkpoint hf-hub:ORG/REPO reads the same repo's weights file from the hub cache.
-    from tec_cache.weights import WeightsError, resolve_checkpoint
+    from tec_cache.core.weights import WeightsError, resolve_checkpoint
 
     path, got = resolve_checkpoint("hf-hub:tec-test/tiny-clip")
     assert path.name == "model.safetensors" and got["url"] == "hf-hub:tec-test/tiny-clip"
@@ -156,8 +156,8 @@ def test_hub_base_loads_through_timm_offline_with_its_own_normalisation(hub_cach
 def test_build_and_train_from_a_hub_base_cache(family: str, hub_cache: Path, tmp_path: Path) -> None:
     """A tiny build from an hf-hub: base (its normalisation and prefix tokens in the manifest), a few
     training steps of a student of the same grid from it, and a student of another grid refused."""
-    from tec_cache.build import build_cache
-    from tec_cache.build_config import build_config
+    from tec_cache.build.builder import build_cache
+    from tec_cache.build.config import build_config
     from tec_cache.format.manifest import load_manifest
     from tec_train.train import TrainConfig, train
     from tests.conftest import make_image_folder
@@ -185,8 +185,8 @@ def test_build_and_train_from_a_hub_base_cache(family: str, hub_cache: Path, tmp
 
 
 def test_online_mode_feeds_the_base_its_own_normalisation_and_the_student_its_own(hub_cache: Path, tmp_path: Path) -> None:
-    from tec_cache.images import open_source
-    from tec_cache.targets import normalise_images
+    from tec_cache.core.images import open_source
+    from tec_cache.core.targets import normalise_images
     from tec_train.online import OnlineTargetFeed
     from tests.conftest import make_image_folder
 
@@ -207,7 +207,7 @@ def test_online_mode_feeds_the_base_its_own_normalisation_and_the_student_its_ow
 def test_cli_dry_run_prints_the_recipe_of_a_hub_base(hub_cache: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from tec_cache.cli import app
+    from tec_cache.build.cli import app
     from tests.conftest import make_image_folder
 
     make_hub_repo(hub_cache, "tec-test/dinov2", "vit_small_patch14_reg4_dinov2", 56, IMAGENET_DEFAULT_MEAN,
@@ -228,7 +228,7 @@ def test_cli_dry_run_prints_the_recipe_of_a_hub_base(hub_cache: Path, tmp_path: 
 
 
 def test_a_timm_name_offline_and_not_cached_names_the_hub_cache(hub_cache: Path) -> None:
-    from tec_cache.weights import WeightsError
+    from tec_cache.core.weights import WeightsError
 
     spec = resolve_spec("timm:vit_small_patch14_dinov2.lvd142m", topk=3, depth=1)
     assert (spec.arch, spec.img_size, spec.patch_size, spec.source) == (

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from tec_cache.images import BadImage, decode_image, open_source
-from tec_cache.views import DeviceViews, ViewRecipe, cut_view, decode_view, load_source, make_views, view_params, view_rng
+from tec_cache.core.images import BadImage, decode_image, open_source
+from tec_cache.core.views import DeviceViews, ViewRecipe, cut_view, decode_view, load_source, make_views, view_params, view_rng
 from tests.conftest import add_skimage_photos, make_image_folder
 
 
@@ -213,7 +213,7 @@ def test_device_views_are_the_stored_bytes_pixels_as_the_cpu_decodes_them(off_fr
     """Views cut by DeviceViews decode (CPU, as stage 2 does) to exactly the pixels handed to the base
     model: a device decoder that agrees is trusted after the check, one that does not is dropped at
     its first difference and the CPU decodes from then on."""
-    from tec_cache import views as views_mod
+    from tec_cache.core import views as views_mod
 
     dv = _FakeDeviceDecoder(off_from)
     src = T.functional.pil_to_tensor(_photo())

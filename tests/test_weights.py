@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tec_cache import weights as w
-from tec_cache.basemodels import OFFICIAL_WEIGHTS, load_base_model, official_weights, resolve_weights
-from tec_cache.build_config import build_config
+from tec_cache.core import weights as w
+from tec_cache.core.basemodels import OFFICIAL_WEIGHTS, load_base_model, official_weights, resolve_weights
+from tec_cache.build.config import build_config
 from tests.conftest import TINY_ARCH, TINY_IMG, TINY_PATCH, TINY_TOPK, make_image_folder, tiny_spec, tiny_state_dict
 
 
@@ -240,7 +240,7 @@ def test_build_takes_a_checkpoint_url_and_records_it(serve, tmp_path: Path) -> N
                  checkpoint_sha256=_sha(body), arch=TINY_ARCH, img_size=TINY_IMG, patch_size=TINY_PATCH, topk=TINY_TOPK)
     cfg = build_config(flags)
     assert cfg.checkpoint == w.cache_path(srv.base + "/w/tiny.pth") and cfg.fetched["url"] == srv.base + "/w/tiny.pth"
-    from tec_cache.build import build_cache
+    from tec_cache.build.builder import build_cache
     from tec_cache.format.manifest import load_manifest
 
     cfg.num_workers, cfg.device, cfg.batch_size = 0, "cpu", 8
@@ -258,7 +258,7 @@ def test_a_registry_name_with_no_checkpoint_fetches_its_official_file(monkeypatc
     spec = tiny_spec()
     with pytest.raises(w.WeightsError, match="--checkpoint is required for --arch"):
         resolve_weights(spec, None)
-    from tec_cache.basemodels import resolve_spec
+    from tec_cache.core.basemodels import resolve_spec
 
     with pytest.raises(w.WeightsError, match=r"mae_pretrain_vit_large\.pth"):
         resolve_weights(resolve_spec("mae1klarge"), None)
@@ -269,7 +269,7 @@ def test_headline_command_offline_names_the_url_and_the_path(tmp_path: Path, mon
     exits 2 saying where the file comes from and where to stage it."""
     from typer.testing import CliRunner
 
-    from tec_cache.cli import app
+    from tec_cache.build.cli import app
 
     monkeypatch.setenv("TEC_OFFLINE", "1")
     data = make_image_folder(tmp_path / "data", n_per_class=2, bad=False)

@@ -1,4 +1,4 @@
-"""One writer per cache folder and run dir (tec_cache/writer_lock.py): a second writer is refused at
+"""One writer per cache folder and run dir (tec_cache/format/writer_lock.py): a second writer is refused at
 once naming the holder, a dead or stale holder's lock is taken over, an earlier instance of the same
 job is waited for, and the lock file is invisible to the cache's verification and leftover cleanup."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tec_cache import writer_lock as wl
+from tec_cache.format import writer_lock as wl
 from tests.faultkit import ROOT, clean_env
 
 
@@ -105,7 +105,7 @@ def test_other_host_is_refused_until_its_heartbeat_is_older_than_the_bound(tmp_p
 def test_an_earlier_instance_of_the_same_job_is_waited_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A requeue (same SLURM job id) starting while the old instance still holds the lock waits for it."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from tec_cache.writer_lock import acquire; "
+        [sys.executable, "-c", "import sys, time; from tec_cache.format.writer_lock import acquire; "
          "lock = acquire(sys.argv[1], 'tec-train run', '--run-dir'); print('held', flush=True); "
          "time.sleep(1.5); lock.mark_exiting(); time.sleep(0.5); lock.release()", str(tmp_path)],
         env=clean_env(SLURM_JOB_ID="777"), cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -152,7 +152,7 @@ def test_the_lock_file_is_no_part_of_a_cache(tiny_cache, tmp_path: Path) -> None
     import shutil
 
     from tec_cache.format.fs import is_temporary
-    from tec_cache.verify import verify_cache
+    from tec_cache.build.verify import verify_cache
     from tec_train.cache_loader import CacheLoader
 
     out = Path(shutil.copytree(tiny_cache.cache, tmp_path / "cache"))

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from tec_cache.faults import fault_point
+from tec_cache.runtime.faults import fault_point
 
 __all__ = ["fsync_dir", "fsync_tree", "is_temporary", "publish", "remove", "temporary_name", "write_atomic",
            "write_json_atomic", "write_text_atomic", "prepare_output_file"]

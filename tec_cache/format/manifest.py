@@ -190,7 +190,7 @@ class Targets(_Keyed):
 
 
 # How the views of a manifest without views.recipe.resize were resized: every cache built before
-# the resizer was recorded used PIL's bicubic (tec_cache.views names the others).
+# the resizer was recorded used PIL's bicubic (tec_cache.core.views names the others).
 LEGACY_RESIZE = "pil-bicubic"
 
 

@@ -26,7 +26,7 @@ import zarr
 import zarr.codecs
 from zarr.storage import LocalStore
 
-from tec_cache.faults import fault_point
+from tec_cache.runtime.faults import fault_point
 from tec_cache.format.base import ShardFormat, ShardReader, ShardWriter, verify_count, verify_digest
 from tec_cache.format.fs import fsync_tree
 from tec_cache.format.payload import zstd_content_size

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel
 
-from tec_cache.dist import DistInfo, destroy_process_group, dist_info, init_process_group, resolve_device
+from tec_cache.runtime.dist import DistInfo, destroy_process_group, dist_info, init_process_group, resolve_device
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 

@@ -1,7 +1,7 @@
 """The run dir's one writer: ``tec-train run`` and ``finetune`` hold its lock from start to end.
 
 Data flow: a loop's first act --``take_run_dir``--> rank 0 takes the run dir's writer lock
-(tec_cache.writer_lock: a lock file with a heartbeat), every other rank learns the outcome through
+(tec_cache.format.writer_lock: a lock file with a heartbeat), every other rank learns the outcome through
 the process group, so all ranks of one torchrun job are one writer --> the loop reads its
 checkpoint, trains, checkpoints (``RunLock.ensure`` before each write) --> ``RunLock.release`` at
 the end, also on an error. A refused run raises WriterLockError on every rank before any work.
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from tec_cache.writer_lock import WriterLock, WriterLockError, acquire
+from tec_cache.format.writer_lock import WriterLock, WriterLockError, acquire
 
 from .runtime import Runtime
 

@@ -17,11 +17,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from tec_cache.config import help_for
-from tec_cache.dist import dist_info
-from tec_cache.plain_log import PlainProgress, log_console
-from tec_cache.run_log import BUILD_LOG, SampleError, failure_line, from_worker
-from tec_cache.version import version_callback
+from tec_cache.runtime.config import help_for
+from tec_cache.runtime.dist import dist_info
+from tec_cache.runtime.plain_log import PlainProgress, log_console
+from tec_cache.runtime.run_log import BUILD_LOG, SampleError, failure_line, from_worker
+from tec_cache.runtime.version import version_callback
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Stage 1 of TEC: cache a frozen base model's targets.")
 # Errors stay on one greppable line; where no terminal is, tables and paths print at full width.
@@ -49,8 +49,8 @@ IMAGENET_1K_IMAGES = 1_281_167  # the training split
 
 def _h(name: str, extra: str = "") -> str:
     """Help of a build option, from the field that declares it (default included)."""
-    from tec_cache.basemodels import TargetRecipe
-    from tec_cache.build_config import BuildConfig
+    from tec_cache.core.basemodels import TargetRecipe
+    from tec_cache.build.config import BuildConfig
 
     cls = TargetRecipe if name in {f.name for f in fields(TargetRecipe)} else BuildConfig
     return help_for(cls, name, extra)
@@ -93,8 +93,8 @@ def build(
     options.pop("log_seconds")
     if not log_seconds >= 0:
         _fail(f"--log-seconds: must be a number >= 0, got {log_seconds:g}")
-    from tec_cache.build import BuildOptionError, build_cache
-    from tec_cache.build_config import build_config
+    from tec_cache.build.builder import BuildOptionError, build_cache
+    from tec_cache.build.config import build_config
 
     info = dist_info()
     say = console.print if info.is_main else (lambda *a, **k: None)
@@ -239,7 +239,7 @@ def verify(cache: str = typer.Argument(..., help=CACHE_HELP)) -> None:
     """Check every shard against its checksum, size, count and schema; exit 1 naming each bad shard."""
     from tec_cache.format.manifest import ManifestError
     from tec_cache.format.remote import is_remote
-    from tec_cache.verify import verify_cache
+    from tec_cache.build.verify import verify_cache
 
     if not is_remote(cache) and not Path(cache).is_dir():  # a usage error (2); a folder that is not a sound cache is a failed check (1)
         _fail(f"CACHE: no such cache folder {cache} (expected the --out folder of tec-cache build)")
@@ -267,7 +267,7 @@ def show(
 ) -> None:
     """Draw cached views with their targets: top-k patches, cls-row and top-k-row attention targets, feature norms."""
     from tec_cache.format import ShardError
-    from tec_cache.show import render_views
+    from tec_cache.build.show import render_views
 
     try:
         path = render_views(cache, out, n, view_epoch=view_epoch, head=head, seed=seed, feat_norm=feat_norm)

@@ -26,8 +26,8 @@ import torch
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from tec_cache.config import POSITIVE, POSITIVE_INT, option
-from tec_cache.weights import HUB_PREFIX, Expected, WeightsError, check_sha256, fetch_weights, hub_offline, mirror_url
+from tec_cache.runtime.config import POSITIVE, POSITIVE_INT, option
+from tec_cache.core.weights import HUB_PREFIX, Expected, WeightsError, check_sha256, fetch_weights, hub_offline, mirror_url
 
 TIMM_PREFIX = "timm:"
 
@@ -122,7 +122,7 @@ def resolve_weights(spec: BaseModelSpec, checkpoint: str | Path | None,
                     sha256: str | None = None) -> tuple[Path | None, dict[str, Any]]:
     """The local weights file of a base model: --checkpoint (a path or a URL), else the registry's
     official file; None for a timm/hub base (timm fetches its own). Returns (path, facts)."""
-    from tec_cache.weights import resolve_checkpoint
+    from tec_cache.core.weights import resolve_checkpoint
 
     if checkpoint is not None:
         return resolve_checkpoint(checkpoint, sha256)

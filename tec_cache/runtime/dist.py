@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
-from tec_cache.config import env_seconds
+from tec_cache.runtime.config import env_seconds
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,13 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from tec_cache.codecs import get_codec, stack_fields
-from tec_cache.figures import DPI, save_png
+from tec_cache.core.codecs import get_codec, stack_fields
+from tec_cache.core.figures import DPI, save_png
 from tec_cache.format.remote import is_remote
 from tec_cache.format.fs import prepare_output_file
 from tec_cache.format.manifest import Manifest, ManifestError, load_manifest
 from tec_cache.format.schema import ViewRecord
-from tec_cache.views import decode_view
+from tec_cache.core.views import decode_view
 
 __all__ = ["attention_map", "feature_norm_map", "parse_head", "render_views", "select_records"]
 

@@ -39,7 +39,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from tec_cache.format.manifest import LEGACY_RESIZE
-from tec_cache.images import check_image_header, decode_image
+from tec_cache.core.images import check_image_header, decode_image
 
 PIL_BICUBIC = LEGACY_RESIZE
 TORCH_U8 = "torch-bicubic-u8"

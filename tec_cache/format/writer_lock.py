@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tec_cache.config import env_seconds
+from tec_cache.runtime.config import env_seconds
 from tec_cache.format.fs import fsync_dir
 
 LOCK_NAME = ".tec-writer.lock"

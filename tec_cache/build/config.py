@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from tec_cache.basemodels import RECIPE_KEYS, BaseModelSpec, TargetRecipe, build_model, resolve_weights
-from tec_cache.codecs import get_codec
-from tec_cache.config import POSITIVE_INT, SEED, WORKERS, check_fields, in_range, option
-from tec_cache.dist import dist_info, resolve_device
+from tec_cache.core.basemodels import RECIPE_KEYS, BaseModelSpec, TargetRecipe, build_model, resolve_weights
+from tec_cache.core.codecs import get_codec
+from tec_cache.runtime.config import POSITIVE_INT, SEED, WORKERS, check_fields, in_range, option
+from tec_cache.runtime.dist import dist_info, resolve_device
 from tec_cache.format import FORMATS, parse_compressor
 from tec_cache.format.remote import is_remote
-from tec_cache.images import SOURCE_HELP
-from tec_cache.views import RESIZERS
+from tec_cache.core.images import SOURCE_HELP
+from tec_cache.core.views import RESIZERS
 
 VIEW_DEVICES = ("auto", "workers", "device")
 # A new cache's compressor: at level 1 zstd stores int8 and fp16 targets within 0.2% of level 3's
@@ -109,7 +109,7 @@ CACHE_TABLE_KEYS = frozenset({f.name for f in fields(BuildConfig)} - _NOT_IN_PRE
 
 def cache_table(pipeline: str) -> dict[str, Any]:
     """The preset's [cache] table, every key checked against the build's options."""
-    from tec_cache.presets import load_pipeline
+    from tec_cache.runtime.pipelines import load_pipeline
 
     return load_pipeline(pipeline).table("cache", set(CACHE_TABLE_KEYS))
 

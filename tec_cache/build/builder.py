@@ -30,24 +30,24 @@ from rich import filesize
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 
-from tec_cache.basemodels import load_base_model
-from tec_cache.build_config import DEFAULT_COMPRESSOR, BuildConfig
-from tec_cache.codecs import TargetShape, get_codec, split_fields
-from tec_cache.dist import (DistInfo, all_reduce_sum, barrier, destroy_process_group, dist_info, init_process_group,
+from tec_cache.core.basemodels import load_base_model
+from tec_cache.build.config import DEFAULT_COMPRESSOR, BuildConfig
+from tec_cache.core.codecs import TargetShape, get_codec, split_fields
+from tec_cache.runtime.dist import (DistInfo, all_reduce_sum, barrier, destroy_process_group, dist_info, init_process_group,
                             lost_rank_guard, resolve_device)
-from tec_cache.faults import fault_point
+from tec_cache.runtime.faults import fault_point
 from tec_cache.format import get_format, open_writer
 from tec_cache.format import manifest as mf
 from tec_cache.format.fs import is_temporary, write_json_atomic
 from tec_cache.format.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, ManifestError, load_manifest
 from tec_cache.format.schema import ShardInfo, ViewRecord, record_key
-from tec_cache.images import BadImage, ImageSource, open_source
-from tec_cache.run_log import naming_sample
-from tec_cache.targets import extract_targets, normalise_images
-from tec_cache.views import DEVICE_RESIZE, TORCH_F32, WORKER_RESIZE, DeviceViews, ViewRecipe, load_source, make_views, source_for_device
-from tec_cache.loader_workers import die_with_parent
-from tec_cache.version import installed_version
-from tec_cache.writer_lock import WriterLock, WriterLockError, acquire, is_lock_file
+from tec_cache.core.images import BadImage, ImageSource, open_source
+from tec_cache.runtime.run_log import naming_sample
+from tec_cache.core.targets import extract_targets, normalise_images
+from tec_cache.core.views import DEVICE_RESIZE, TORCH_F32, WORKER_RESIZE, DeviceViews, ViewRecipe, load_source, make_views, source_for_device
+from tec_cache.runtime.workers import die_with_parent
+from tec_cache.runtime.version import installed_version
+from tec_cache.format.writer_lock import WriterLock, WriterLockError, acquire, is_lock_file
 
 
 TOOL_VERSION = f"tec-cache {installed_version()}"  # recorded in every manifest
