@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tec_cache.build.config import DEFAULT_COMPRESSOR  # noqa: E402
 from benchmarks.vitb_targets import vitb_views_and_targets  # noqa: E402
 from tec_cache import format as cache_format  # noqa: E402
+from tec_cache.build.config import DEFAULT_COMPRESSOR  # noqa: E402
 from tec_cache.core.codecs import CODECS, TargetShape, fidelity, get_codec, split_fields  # noqa: E402
 from tec_cache.format.schema import ViewRecord, record_key  # noqa: E402
 

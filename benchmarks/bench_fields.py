@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tec_cache.build.config import DEFAULT_COMPRESSOR  # noqa: E402
-from tec_cache.format.schema import parse_compressor  # noqa: E402
 from benchmarks.vitb_targets import DEFAULT_TARGETS_CACHE, vitb_views_and_targets  # noqa: E402
+from tec_cache.build.config import DEFAULT_COMPRESSOR  # noqa: E402
 from tec_cache.core.codecs import CODECS, TargetShape, split_fields  # noqa: E402
+from tec_cache.format.schema import parse_compressor  # noqa: E402
 
 VIT_B = TargetShape(196, 768, 12, 15)
 

@@ -19,15 +19,16 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_train import forward_rate, make_images, sync  # noqa: E402  (the same images and timer)
-from tec_cache.core.basemodels import build_model, resolve_spec  # noqa: E402
 from tec_cache.build.builder import BuildConfig, build_cache  # noqa: E402
+from tec_cache.core.basemodels import build_model, resolve_spec  # noqa: E402
 from tec_cache.format.manifest import load_manifest  # noqa: E402
 from tec_train.finetune import FinetuneConfig, finetune  # noqa: E402
 from tec_train.student import build_student, param_groups  # noqa: E402

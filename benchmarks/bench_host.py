@@ -40,14 +40,23 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tec_cache.build.config import DEFAULT_COMPRESSOR  # noqa: E402
 from benchmarks.vitb_targets import DEFAULT_TARGETS_CACHE, photos, vitb_views_and_targets  # noqa: E402
 from tec_cache import format as cache_format  # noqa: E402
+from tec_cache.build.config import DEFAULT_COMPRESSOR  # noqa: E402
 from tec_cache.core.codecs import TargetShape, get_codec, split_fields  # noqa: E402
+from tec_cache.core.views import (  # noqa: E402
+    ViewRecipe,
+    cut_view,
+    decode_view,
+    encode_view,
+    image_size,
+    load_source,
+    source_for_device,
+    view_params,
+    view_rng,
+)
 from tec_cache.format.payload import encode_targets, make_codec  # noqa: E402
 from tec_cache.format.schema import ViewRecord, parse_compressor, record_key  # noqa: E402
-from tec_cache.core.views import (ViewRecipe, cut_view, decode_view, encode_view, image_size, load_source,  # noqa: E402
-                             source_for_device, view_params, view_rng)
 
 VIT_B = TargetShape(196, 768, 12, 15)
 CPU_DECODE = "views' jpeg decode (CPU)"

@@ -30,11 +30,11 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tec_cache.core.basemodels import build_model, resolve_spec  # noqa: E402
 from tec_cache.build.builder import BuildConfig, build_cache  # noqa: E402
-from tec_cache.runtime.dist import DistInfo, resolve_device  # noqa: E402
-from tec_cache.format.manifest import load_manifest  # noqa: E402
+from tec_cache.core.basemodels import build_model, resolve_spec  # noqa: E402
 from tec_cache.core.targets import extract_targets  # noqa: E402
+from tec_cache.format.manifest import load_manifest  # noqa: E402
+from tec_cache.runtime.dist import DistInfo, resolve_device  # noqa: E402
 from tec_train.cache_loader import CacheLoader  # noqa: E402
 from tec_train.target_feeds import CacheTargetFeed, InMemoryTargetFeed  # noqa: E402
 from tec_train.train import TrainConfig, train  # noqa: E402

@@ -20,7 +20,6 @@ from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.auto_augment import AugmentOp, AugMixAugment, AutoAugment, RandAugment
 
-
 NO_AUGMENT = ("", "none")
 
 

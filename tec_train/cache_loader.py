@@ -48,13 +48,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from tec_cache.core.codecs import DecodedTargets, get_codec
-from tec_cache.runtime.faults import fault_point
+from tec_cache.core.views import decode_view
 from tec_cache.format import check_shard_files, get_format, open_reader
 from tec_cache.format.base import ShardReader
 from tec_cache.format.manifest import MANIFEST_NAME, Manifest, digest_problem, load_manifest
 from tec_cache.format.schema import FieldSpec, ShardError, ShardInfo
+from tec_cache.runtime.faults import fault_point
 from tec_cache.runtime.run_log import naming_sample
-from tec_cache.core.views import decode_view
 from tec_cache.runtime.workers import die_with_parent
 
 __all__ = ["Batch", "CacheLoader", "CompatibilityError", "check_compatibility", "decode_targets", "epoch_order"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -20,8 +20,8 @@ from rich.table import Table
 from tec_cache.runtime.config import help_for
 from tec_cache.runtime.dist import dist_info
 from tec_cache.runtime.plain_log import PlainProgress, log_console
-from tec_cache.runtime.version import version_callback
 from tec_cache.runtime.run_log import RUN_LOG, SampleError, failure_line, from_worker
+from tec_cache.runtime.version import version_callback
 
 from .harness.reporting import Reporter
 
@@ -32,7 +32,7 @@ console = log_console()
 
 
 @app.callback()
-def _main(version: Optional[bool] = typer.Option(None, "--version", callback=version_callback("tec-train"), is_eager=True,
+def _main(version: bool | None = typer.Option(None, "--version", callback=version_callback("tec-train"), is_eager=True,
                                                  help="Print the installed version and exit.")) -> None:
     """Stage 2 of TEC: train a student from cached (or online) base-model targets, and export it."""
 
@@ -207,7 +207,7 @@ def _with_preset(name: str, given: dict[str, Any], world_size: int, online: bool
 
 @app.command()
 def pipelines(
-    name: Optional[str] = typer.Argument(None, metavar="[NAME]", help="A pipeline (name or .toml file) to print fully resolved: every value of its row, defaults included."),
+    name: str | None = typer.Argument(None, metavar="[NAME]", help="A pipeline (name or .toml file) to print fully resolved: every value of its row, defaults included."),
 ) -> None:
     """List the pipelines --pipeline takes (one per row of the paper's table, plus CPU-sized ones), or print one resolved."""
     from tec_cache.runtime.pipelines import PipelineError, list_pipelines, load_pipeline, search_dirs
@@ -264,52 +264,52 @@ def _fh(name: str) -> str:
 @app.command()
 def run(
     run_dir: Path = typer.Option(..., "--run-dir", help=_th("run_dir")),
-    pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Pipeline name (see `tec-train pipelines`) or .toml file: its pretrain table (base with --objective mae) gives the defaults; flags override them. --cache defaults to caches/<the pipeline's cache_name>."),
-    objective: Optional[str] = typer.Option(None, "--objective", help=_th("objective")),
-    cache: Optional[str] = typer.Option(None, "--cache", help=_th("cache")),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=_th("cache_dir")),
+    pipeline: str | None = typer.Option(None, "--pipeline", help="Pipeline name (see `tec-train pipelines`) or .toml file: its pretrain table (base with --objective mae) gives the defaults; flags override them. --cache defaults to caches/<the pipeline's cache_name>."),
+    objective: str | None = typer.Option(None, "--objective", help=_th("objective")),
+    cache: str | None = typer.Option(None, "--cache", help=_th("cache")),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir", help=_th("cache_dir")),
     online: bool = typer.Option(False, "--online", help="Online mode with the --pipeline's target recipe (its cache table, as tec-cache build takes it): the base model runs inside the step; give --data (and --checkpoint unless the base model is fetched by name)."),
-    online_basemodel: Optional[str] = typer.Option(None, "--online-basemodel", help=_th("online_basemodel")),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help=_th("checkpoint")),
-    checkpoint_sha256: Optional[str] = typer.Option(None, "--checkpoint-sha256", help=_th("checkpoint_sha256")),
-    data: Optional[str] = typer.Option(None, "--data", help=_th("data")),
-    arch: Optional[str] = typer.Option(None, "--arch", help=_th("arch")),
-    topk: Optional[int] = typer.Option(None, "--topk", help=_th("topk")),
-    tau: Optional[float] = typer.Option(None, "--tau", help=_th("tau")),
-    last_layers: Optional[int] = typer.Option(None, "--last-layers", help=_th("last_layers")),
-    base_depth: Optional[int] = typer.Option(None, "--base-depth", help=_th("base_depth")),
-    resize: Optional[str] = typer.Option(None, "--resize", help=_th("resize")),
-    model: Optional[str] = typer.Option(None, "--model", help=_th("model")),
-    depth: Optional[int] = typer.Option(None, "--depth", help=_th("depth")),
-    img_size: Optional[int] = typer.Option(None, "--img-size", help=_th("img_size")),
-    patch_size: Optional[int] = typer.Option(None, "--patch-size", help=_th("patch_size")),
-    mask_ratio: Optional[float] = typer.Option(None, "--mask-ratio", help=_th("mask_ratio")),
-    init_from: Optional[Path] = typer.Option(None, "--init-from", help=_th("init_from")),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help=_th("epochs")),
-    warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", help=_th("warmup_epochs")),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=_th("batch_size")),
-    accum_iter: Optional[int] = typer.Option(None, "--accum-iter", help=_th("accum_iter")),
-    blr: Optional[float] = typer.Option(None, "--blr", help=_th("blr")),
-    lr: Optional[float] = typer.Option(None, "--lr", help=_th("lr")),
-    min_lr: Optional[float] = typer.Option(None, "--min-lr", help=_th("min_lr")),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help=_th("weight_decay")),
-    clip_grad: Optional[float] = typer.Option(None, "--clip-grad", help=_th("clip_grad")),
-    seed: Optional[int] = typer.Option(None, "--seed", help=_th("seed")),
-    num_workers: Optional[int] = typer.Option(None, "--num-workers", help=_th("num_workers")),
-    view_order: Optional[str] = typer.Option(None, "--view-order", help=_th("view_order")),
-    view_epochs: Optional[int] = typer.Option(None, "--view-epochs", help=_th("view_epochs")),
-    val_cache: Optional[str] = typer.Option(None, "--val-cache", help=_th("val_cache")),
-    val_every: Optional[int] = typer.Option(None, "--val-every", help=_th("val_every")),
-    ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", help=_th("ckpt_every")),
-    keep_last: Optional[int] = typer.Option(None, "--keep-last", help=_th("keep_last")),
-    log_every: Optional[int] = typer.Option(None, "--log-every", help=_th("log_every")),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help=_th("max_steps")),
-    device: Optional[str] = typer.Option(None, "--device", help=_th("device")),
-    amp: Optional[str] = typer.Option(None, "--amp", help=_th("amp")),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help=_th("compile")),
-    log_samples: Optional[bool] = typer.Option(None, "--log-samples/--no-log-samples", help=_th("log_samples")),
-    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", help=_th("tensorboard")),
-    wandb: Optional[str] = typer.Option(None, "--wandb", metavar="PROJECT", help=_th("wandb")),
+    online_basemodel: str | None = typer.Option(None, "--online-basemodel", help=_th("online_basemodel")),
+    checkpoint: str | None = typer.Option(None, "--checkpoint", help=_th("checkpoint")),
+    checkpoint_sha256: str | None = typer.Option(None, "--checkpoint-sha256", help=_th("checkpoint_sha256")),
+    data: str | None = typer.Option(None, "--data", help=_th("data")),
+    arch: str | None = typer.Option(None, "--arch", help=_th("arch")),
+    topk: int | None = typer.Option(None, "--topk", help=_th("topk")),
+    tau: float | None = typer.Option(None, "--tau", help=_th("tau")),
+    last_layers: int | None = typer.Option(None, "--last-layers", help=_th("last_layers")),
+    base_depth: int | None = typer.Option(None, "--base-depth", help=_th("base_depth")),
+    resize: str | None = typer.Option(None, "--resize", help=_th("resize")),
+    model: str | None = typer.Option(None, "--model", help=_th("model")),
+    depth: int | None = typer.Option(None, "--depth", help=_th("depth")),
+    img_size: int | None = typer.Option(None, "--img-size", help=_th("img_size")),
+    patch_size: int | None = typer.Option(None, "--patch-size", help=_th("patch_size")),
+    mask_ratio: float | None = typer.Option(None, "--mask-ratio", help=_th("mask_ratio")),
+    init_from: Path | None = typer.Option(None, "--init-from", help=_th("init_from")),
+    epochs: int | None = typer.Option(None, "--epochs", help=_th("epochs")),
+    warmup_epochs: float | None = typer.Option(None, "--warmup-epochs", help=_th("warmup_epochs")),
+    batch_size: int | None = typer.Option(None, "--batch-size", help=_th("batch_size")),
+    accum_iter: int | None = typer.Option(None, "--accum-iter", help=_th("accum_iter")),
+    blr: float | None = typer.Option(None, "--blr", help=_th("blr")),
+    lr: float | None = typer.Option(None, "--lr", help=_th("lr")),
+    min_lr: float | None = typer.Option(None, "--min-lr", help=_th("min_lr")),
+    weight_decay: float | None = typer.Option(None, "--weight-decay", help=_th("weight_decay")),
+    clip_grad: float | None = typer.Option(None, "--clip-grad", help=_th("clip_grad")),
+    seed: int | None = typer.Option(None, "--seed", help=_th("seed")),
+    num_workers: int | None = typer.Option(None, "--num-workers", help=_th("num_workers")),
+    view_order: str | None = typer.Option(None, "--view-order", help=_th("view_order")),
+    view_epochs: int | None = typer.Option(None, "--view-epochs", help=_th("view_epochs")),
+    val_cache: str | None = typer.Option(None, "--val-cache", help=_th("val_cache")),
+    val_every: int | None = typer.Option(None, "--val-every", help=_th("val_every")),
+    ckpt_every: int | None = typer.Option(None, "--ckpt-every", help=_th("ckpt_every")),
+    keep_last: int | None = typer.Option(None, "--keep-last", help=_th("keep_last")),
+    log_every: int | None = typer.Option(None, "--log-every", help=_th("log_every")),
+    max_steps: int | None = typer.Option(None, "--max-steps", help=_th("max_steps")),
+    device: str | None = typer.Option(None, "--device", help=_th("device")),
+    amp: str | None = typer.Option(None, "--amp", help=_th("amp")),
+    compile: bool | None = typer.Option(None, "--compile/--no-compile", help=_th("compile")),
+    log_samples: bool | None = typer.Option(None, "--log-samples/--no-log-samples", help=_th("log_samples")),
+    tensorboard: bool | None = typer.Option(None, "--tensorboard/--no-tensorboard", help=_th("tensorboard")),
+    wandb: str | None = typer.Option(None, "--wandb", metavar="PROJECT", help=_th("wandb")),
 ) -> None:
     """Train a TEC student from a cache (or online), or resume the run in --run-dir."""
     options = dict(locals())  # first statement: exactly the options
@@ -361,7 +361,7 @@ def run(
 def export(
     source: Path = typer.Argument(..., metavar="RUN_OR_CKPT", help="A run dir (its latest checkpoint), a tec-train checkpoint, or a reference TEC checkpoint {'model': ...}."),
     out: Path = typer.Option(..., "--out", help="Folder for model.safetensors, model.pth and config.json."),
-    model: Optional[str] = typer.Option(None, "--model", help="Student size of a reference checkpoint, e.g. vit_base_patch16 (ours record it)."),
+    model: str | None = typer.Option(None, "--model", help="Student size of a reference checkpoint, e.g. vit_base_patch16 (ours record it)."),
 ) -> None:
     """Write a plain timm ViT (cls MLP folded into cls_token) that timm.create_model loads strictly."""
     from .export import export_encoder
@@ -397,7 +397,7 @@ _SOURCE_HELP = ("An export folder (tec-train export), a run dir or checkpoint-*.
                 "its official weights are fetched, with --basemodel timm:NAME or hf-hub:ORG/REPO and no SOURCE, timm's own.")
 
 
-def _dataset_dir(data: Optional[Path], fashion_mnist: bool, fashion_mnist_dir: Optional[Path]) -> tuple[Optional[str], Optional[str]]:
+def _dataset_dir(data: Path | None, fashion_mnist: bool, fashion_mnist_dir: Path | None) -> tuple[str | None, str | None]:
     """(--data, Fashion-MNIST folder) as strings; --fashion-mnist-dir implies --fashion-mnist."""
     from tec_cache.core.fashion_mnist import DEFAULT_DIR
 
@@ -440,7 +440,7 @@ class RichFinetuneReporter(Reporter):
         self.progress.stop()
 
 
-def _write_json(path: Optional[Path], obj: dict[str, Any]) -> None:
+def _write_json(path: Path | None, obj: dict[str, Any]) -> None:
     if path is None:
         return
     from tec_cache.format.fs import write_json_atomic
@@ -460,49 +460,49 @@ def _result_table(title: str, rows: list[tuple[str, str]]) -> None:
 
 @app.command()
 def finetune(
-    source: Optional[str] = typer.Argument(None, metavar="[SOURCE]", help=_SOURCE_HELP),
+    source: str | None = typer.Argument(None, metavar="[SOURCE]", help=_SOURCE_HELP),
     run_dir: Path = typer.Option(..., "--run-dir", help=_fh("run_dir")),
-    pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Pipeline name (see `tec-train pipelines`) or .toml file: its finetune table gives the defaults; flags override them."),
-    data: Optional[Path] = typer.Option(None, "--data", help=_fh("data")),
+    pipeline: str | None = typer.Option(None, "--pipeline", help="Pipeline name (see `tec-train pipelines`) or .toml file: its finetune table gives the defaults; flags override them."),
+    data: Path | None = typer.Option(None, "--data", help=_fh("data")),
     fashion_mnist: bool = typer.Option(False, "--fashion-mnist", help="Use Fashion-MNIST (local idx files, /usr/share/datasets/fashion-mnist)."),
-    fashion_mnist_dir: Optional[Path] = typer.Option(None, "--fashion-mnist-dir", help="Fashion-MNIST from this folder instead (implies --fashion-mnist)."),
-    model: Optional[str] = typer.Option(None, "--model", help=_fh("model")),
-    basemodel: Optional[str] = typer.Option(None, "--basemodel", help=_fh("basemodel")),
-    arch: Optional[str] = typer.Option(None, "--arch", help=_fh("arch")),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help=_fh("checkpoint")),
-    mlp_token: Optional[bool] = typer.Option(None, "--mlp-token/--fold-mlp-token", help=_fh("mlp_token")),
-    global_pool: Optional[bool] = typer.Option(None, "--global-pool/--cls-token", help=_fh("global_pool")),
-    img_size: Optional[int] = typer.Option(None, "--img-size", help=_fh("img_size")),
-    drop_path: Optional[float] = typer.Option(None, "--drop-path", help=_fh("drop_path")),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help=_fh("epochs")),
-    warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", help=_fh("warmup_epochs")),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=_fh("batch_size")),
-    accum_iter: Optional[int] = typer.Option(None, "--accum-iter", help=_fh("accum_iter")),
-    blr: Optional[float] = typer.Option(None, "--blr", help=_fh("blr")),
-    lr: Optional[float] = typer.Option(None, "--lr", help=_fh("lr")),
-    min_lr: Optional[float] = typer.Option(None, "--min-lr", help=_fh("min_lr")),
-    layer_decay: Optional[float] = typer.Option(None, "--layer-decay", help=_fh("layer_decay")),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help=_fh("weight_decay")),
-    clip_grad: Optional[float] = typer.Option(None, "--clip-grad", help=_fh("clip_grad")),
-    aa: Optional[str] = typer.Option(None, "--aa", help=_fh("aa")),
-    reprob: Optional[float] = typer.Option(None, "--reprob", help=_fh("reprob")),
-    mixup: Optional[float] = typer.Option(None, "--mixup", help=_fh("mixup")),
-    cutmix: Optional[float] = typer.Option(None, "--cutmix", help=_fh("cutmix")),
-    mixup_prob: Optional[float] = typer.Option(None, "--mixup-prob", help=_fh("mixup_prob")),
-    mixup_switch_prob: Optional[float] = typer.Option(None, "--mixup-switch-prob", help=_fh("mixup_switch_prob")),
-    mixup_mode: Optional[str] = typer.Option(None, "--mixup-mode", help=_fh("mixup_mode")),
-    smoothing: Optional[float] = typer.Option(None, "--smoothing", help=_fh("smoothing")),
-    crop_pct: Optional[float] = typer.Option(None, "--crop-pct", help=_fh("crop_pct")),
-    train_subset: Optional[int] = typer.Option(None, "--train-subset", help=_fh("train_subset")),
-    val_subset: Optional[int] = typer.Option(None, "--val-subset", help=_fh("val_subset")),
-    seed: Optional[int] = typer.Option(None, "--seed", help=_fh("seed")),
-    num_workers: Optional[int] = typer.Option(None, "--num-workers", help=_fh("num_workers")),
-    device: Optional[str] = typer.Option(None, "--device", help=_fh("device")),
-    amp: Optional[str] = typer.Option(None, "--amp", help=_fh("amp")),
-    keep_last: Optional[int] = typer.Option(None, "--keep-last", help=_fh("keep_last")),
-    log_every: Optional[int] = typer.Option(None, "--log-every", help=_fh("log_every")),
-    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", help=_fh("tensorboard")),
-    wandb: Optional[str] = typer.Option(None, "--wandb", metavar="PROJECT", help=_fh("wandb")),
+    fashion_mnist_dir: Path | None = typer.Option(None, "--fashion-mnist-dir", help="Fashion-MNIST from this folder instead (implies --fashion-mnist)."),
+    model: str | None = typer.Option(None, "--model", help=_fh("model")),
+    basemodel: str | None = typer.Option(None, "--basemodel", help=_fh("basemodel")),
+    arch: str | None = typer.Option(None, "--arch", help=_fh("arch")),
+    checkpoint: str | None = typer.Option(None, "--checkpoint", help=_fh("checkpoint")),
+    mlp_token: bool | None = typer.Option(None, "--mlp-token/--fold-mlp-token", help=_fh("mlp_token")),
+    global_pool: bool | None = typer.Option(None, "--global-pool/--cls-token", help=_fh("global_pool")),
+    img_size: int | None = typer.Option(None, "--img-size", help=_fh("img_size")),
+    drop_path: float | None = typer.Option(None, "--drop-path", help=_fh("drop_path")),
+    epochs: int | None = typer.Option(None, "--epochs", help=_fh("epochs")),
+    warmup_epochs: float | None = typer.Option(None, "--warmup-epochs", help=_fh("warmup_epochs")),
+    batch_size: int | None = typer.Option(None, "--batch-size", help=_fh("batch_size")),
+    accum_iter: int | None = typer.Option(None, "--accum-iter", help=_fh("accum_iter")),
+    blr: float | None = typer.Option(None, "--blr", help=_fh("blr")),
+    lr: float | None = typer.Option(None, "--lr", help=_fh("lr")),
+    min_lr: float | None = typer.Option(None, "--min-lr", help=_fh("min_lr")),
+    layer_decay: float | None = typer.Option(None, "--layer-decay", help=_fh("layer_decay")),
+    weight_decay: float | None = typer.Option(None, "--weight-decay", help=_fh("weight_decay")),
+    clip_grad: float | None = typer.Option(None, "--clip-grad", help=_fh("clip_grad")),
+    aa: str | None = typer.Option(None, "--aa", help=_fh("aa")),
+    reprob: float | None = typer.Option(None, "--reprob", help=_fh("reprob")),
+    mixup: float | None = typer.Option(None, "--mixup", help=_fh("mixup")),
+    cutmix: float | None = typer.Option(None, "--cutmix", help=_fh("cutmix")),
+    mixup_prob: float | None = typer.Option(None, "--mixup-prob", help=_fh("mixup_prob")),
+    mixup_switch_prob: float | None = typer.Option(None, "--mixup-switch-prob", help=_fh("mixup_switch_prob")),
+    mixup_mode: str | None = typer.Option(None, "--mixup-mode", help=_fh("mixup_mode")),
+    smoothing: float | None = typer.Option(None, "--smoothing", help=_fh("smoothing")),
+    crop_pct: float | None = typer.Option(None, "--crop-pct", help=_fh("crop_pct")),
+    train_subset: int | None = typer.Option(None, "--train-subset", help=_fh("train_subset")),
+    val_subset: int | None = typer.Option(None, "--val-subset", help=_fh("val_subset")),
+    seed: int | None = typer.Option(None, "--seed", help=_fh("seed")),
+    num_workers: int | None = typer.Option(None, "--num-workers", help=_fh("num_workers")),
+    device: str | None = typer.Option(None, "--device", help=_fh("device")),
+    amp: str | None = typer.Option(None, "--amp", help=_fh("amp")),
+    keep_last: int | None = typer.Option(None, "--keep-last", help=_fh("keep_last")),
+    log_every: int | None = typer.Option(None, "--log-every", help=_fh("log_every")),
+    tensorboard: bool | None = typer.Option(None, "--tensorboard/--no-tensorboard", help=_fh("tensorboard")),
+    wandb: str | None = typer.Option(None, "--wandb", metavar="PROJECT", help=_fh("wandb")),
 ) -> None:
     """Fine-tune an encoder end to end with the reference recipe (docs/method.md 6), or resume the run in --run-dir."""
     options = dict(locals())  # first statement: exactly the options
@@ -585,25 +585,25 @@ def _eh(name: str, extra: str = "") -> str:
 
 
 # Options knn and linear share, declared once.
-_Source = Annotated[Optional[str], typer.Argument(metavar="[SOURCE]", help=_SOURCE_HELP)]
-_Pipeline = Annotated[Optional[str], typer.Option("--pipeline", help="Pipeline name (see `tec-train pipelines`) or .toml file: its eval table gives the defaults; flags override them.")]
-_Data = Annotated[Optional[Path], typer.Option("--data", help=_eh("data"))]
+_Source = Annotated[str | None, typer.Argument(metavar="[SOURCE]", help=_SOURCE_HELP)]
+_Pipeline = Annotated[str | None, typer.Option("--pipeline", help="Pipeline name (see `tec-train pipelines`) or .toml file: its eval table gives the defaults; flags override them.")]
+_Data = Annotated[Path | None, typer.Option("--data", help=_eh("data"))]
 _FashionMnist = Annotated[bool, typer.Option("--fashion-mnist", help="Use Fashion-MNIST (local idx files, /usr/share/datasets/fashion-mnist).")]
-_FashionMnistDir = Annotated[Optional[Path], typer.Option("--fashion-mnist-dir", help="Fashion-MNIST from this folder instead (implies --fashion-mnist).")]
-_Pool = Annotated[Optional[str], typer.Option("--pool", help=_eh("pool"))]
-_Model = Annotated[Optional[str], typer.Option("--model", help=_eh("model"))]
-_Basemodel = Annotated[Optional[str], typer.Option("--basemodel", help=_eh("basemodel"))]
-_Arch = Annotated[Optional[str], typer.Option("--arch", help=_eh("arch"))]
-_ImgSize = Annotated[Optional[int], typer.Option("--img-size", help=_eh("img_size"))]
-_PatchSize = Annotated[Optional[int], typer.Option("--patch-size", help=_eh("patch_size"))]
-_Depth = Annotated[Optional[int], typer.Option("--depth", help=_eh("depth"))]
-_BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help=_eh("batch_size"))]
-_NumWorkers = Annotated[Optional[int], typer.Option("--num-workers", help=_eh("num_workers"))]
-_Device = Annotated[Optional[str], typer.Option("--device", help=_eh("device"))]
-_CropPct = Annotated[Optional[float], typer.Option("--crop-pct", help=_eh("crop_pct"))]
-_TrainSubset = Annotated[Optional[int], typer.Option("--train-subset", help=_eh("train_subset"))]
-_ValSubset = Annotated[Optional[int], typer.Option("--val-subset", help=_eh("val_subset"))]
-_Seed = Annotated[Optional[int], typer.Option("--seed", help=_eh("seed"))]
+_FashionMnistDir = Annotated[Path | None, typer.Option("--fashion-mnist-dir", help="Fashion-MNIST from this folder instead (implies --fashion-mnist).")]
+_Pool = Annotated[str | None, typer.Option("--pool", help=_eh("pool"))]
+_Model = Annotated[str | None, typer.Option("--model", help=_eh("model"))]
+_Basemodel = Annotated[str | None, typer.Option("--basemodel", help=_eh("basemodel"))]
+_Arch = Annotated[str | None, typer.Option("--arch", help=_eh("arch"))]
+_ImgSize = Annotated[int | None, typer.Option("--img-size", help=_eh("img_size"))]
+_PatchSize = Annotated[int | None, typer.Option("--patch-size", help=_eh("patch_size"))]
+_Depth = Annotated[int | None, typer.Option("--depth", help=_eh("depth"))]
+_BatchSize = Annotated[int | None, typer.Option("--batch-size", help=_eh("batch_size"))]
+_NumWorkers = Annotated[int | None, typer.Option("--num-workers", help=_eh("num_workers"))]
+_Device = Annotated[str | None, typer.Option("--device", help=_eh("device"))]
+_CropPct = Annotated[float | None, typer.Option("--crop-pct", help=_eh("crop_pct"))]
+_TrainSubset = Annotated[int | None, typer.Option("--train-subset", help=_eh("train_subset"))]
+_ValSubset = Annotated[int | None, typer.Option("--val-subset", help=_eh("val_subset"))]
+_Seed = Annotated[int | None, typer.Option("--seed", help=_eh("seed"))]
 
 
 @app.command()
@@ -613,8 +613,8 @@ def knn(
     data: _Data = None,
     fashion_mnist: _FashionMnist = False,
     fashion_mnist_dir: _FashionMnistDir = None,
-    k: Annotated[Optional[int], typer.Option("--k", help=_eh("k"))] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", help=_eh("temperature"))] = None,
+    k: Annotated[int | None, typer.Option("--k", help=_eh("k"))] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", help=_eh("temperature"))] = None,
     pool: _Pool = None,
     model: _Model = None,
     basemodel: _Basemodel = None,
@@ -629,7 +629,7 @@ def knn(
     train_subset: _TrainSubset = None,
     val_subset: _ValSubset = None,
     seed: _Seed = None,
-    out_json: Annotated[Optional[Path], typer.Option("--out-json", help="Write the result (and what produced it) here.")] = None,
+    out_json: Annotated[Path | None, typer.Option("--out-json", help="Write the result (and what produced it) here.")] = None,
 ) -> None:
     """Weighted kNN accuracy of frozen features (DINO protocol: cosine, top-k, exp(sim / T) votes)."""
     options = dict(locals())  # first statement: exactly the options
@@ -652,12 +652,12 @@ def linear(
     data: _Data = None,
     fashion_mnist: _FashionMnist = False,
     fashion_mnist_dir: _FashionMnistDir = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help=_eh("epochs"))] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help=_eh("lr"))] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help=_eh("epochs"))] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help=_eh("lr"))] = None,
     batch_size: _BatchSize = None,
-    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help=_eh("weight_decay"))] = None,
-    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", help=_eh("warmup_epochs"))] = None,
-    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help=_eh("optimizer"))] = None,
+    weight_decay: Annotated[float | None, typer.Option("--weight-decay", help=_eh("weight_decay"))] = None,
+    warmup_epochs: Annotated[float | None, typer.Option("--warmup-epochs", help=_eh("warmup_epochs"))] = None,
+    optimizer: Annotated[str | None, typer.Option("--optimizer", help=_eh("optimizer"))] = None,
     pool: _Pool = None,
     model: _Model = None,
     basemodel: _Basemodel = None,
@@ -671,7 +671,7 @@ def linear(
     train_subset: _TrainSubset = None,
     val_subset: _ValSubset = None,
     seed: _Seed = None,
-    out_json: Annotated[Optional[Path], typer.Option("--out-json", help="Write the result (per-epoch curve included) here.")] = None,
+    out_json: Annotated[Path | None, typer.Option("--out-json", help="Write the result (per-epoch curve included) here.")] = None,
 ) -> None:
     """Linear probe (BatchNorm without affine + Linear, MAE's) trained on frozen, precomputed features."""
     options = dict(locals())  # first statement: exactly the options

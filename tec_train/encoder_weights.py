@@ -35,8 +35,8 @@ from tec_cache.core.weights import is_url
 
 from .harness.checkpoints import digest_path, file_sha256, load_checkpoint, usable_checkpoint, verify_checkpoint_file
 from .harness.errors import CheckpointError
-from .student_to_timm import CONFIG_KEYS, export_state_dict, load_tec_checkpoint, timm_model_name
 from .student import MODEL_SIZES, parse_model_name
+from .student_to_timm import CONFIG_KEYS, export_state_dict, load_tec_checkpoint, timm_model_name
 
 SOURCE_KINDS = ("export", "run", "reference", "basemodel")
 # Keys of a pretraining checkpoint that no downstream ViT has: TEC's adaptors and decoders, MAE's

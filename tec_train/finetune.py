@@ -26,18 +26,28 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from tec_cache.format.fs import write_json_atomic
 from tec_cache.runtime.dist import DistInfo
 from tec_cache.runtime.faults import fault_point
-from tec_cache.format.fs import write_json_atomic
 from tec_cache.runtime.workers import die_with_parent
 
 from .augment import finetune_train_transform
 from .encoder_weights import EncoderWeights, build_vit, input_normalisation, load_state_strict, read_encoder_weights
 from .evaluate import eval_transform
-from .student_to_timm import CONFIG_KEYS
 from .finetune_config import MIXUP_MODES, MUTABLE_ON_RESUME, FinetuneConfig
-from .harness import (FINETUNE, Reporter, Resume, RunKind, RunState, Runtime, agree_on_position,
-                      find_resume, open_run_dir, run_config, seed_rank)
+from .harness import (
+    FINETUNE,
+    Reporter,
+    Resume,
+    RunKind,
+    RunState,
+    Runtime,
+    agree_on_position,
+    find_resume,
+    open_run_dir,
+    run_config,
+    seed_rank,
+)
 from .harness import config_for_run_dir as _config_for_run_dir
 from .harness.errors import NonFiniteLossError, ResumeError
 from .harness.reporting import last_metrics_record
@@ -45,6 +55,7 @@ from .harness.trackers import MetricSinks, open_sinks
 from .harness.writer import take_run_dir
 from .labelled import DEFAULT_CROP_PCT, LabelledSplits, open_labelled
 from .schedule import WarmupCosine, absolute_lr
+from .student_to_timm import CONFIG_KEYS
 
 __all__ = ["MIXUP_MODES", "FINETUNE_RUN", "FinetuneConfig", "FinetuneResult", "FinetuneViT", "Finetuner", "NonFiniteLossError",
            "ResumeError", "build_finetune_model", "finetune", "finetune_config_for_run_dir", "layer_decay_scales",

@@ -10,8 +10,19 @@ from pathlib import Path
 from typing import Any
 
 from tec_cache.core import fashion_mnist
-from tec_cache.runtime.config import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, WORKERS, check_fields, flat_values, group, in_range,
-                              nested_config, option)
+from tec_cache.runtime.config import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    SEED,
+    WORKERS,
+    check_fields,
+    flat_values,
+    group,
+    in_range,
+    nested_config,
+    option,
+)
 
 from .augment import NO_AUGMENT, finetune_train_transform
 from .eval_config import BASEMODEL

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from tec_cache.runtime.dist import DistInfo
-from tec_cache.format.manifest import ManifestError, load_manifest
 from tec_cache.core.images import open_source
+from tec_cache.format.manifest import ManifestError, load_manifest
+from tec_cache.runtime.dist import DistInfo
 
 from .student import build_student, parse_model_name
 from .target_feeds import CacheTargetFeed, ImageSpec, StepInputs, TargetFeed, TargetSpec

@@ -22,11 +22,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tec_cache.core.basemodels import BaseModelSpec, load_base_model, resolve_weights
-from tec_cache.runtime.faults import fault_point
 from tec_cache.core.images import BadImage, ImageSource
-from tec_cache.runtime.run_log import naming_sample
 from tec_cache.core.targets import extract_targets, normalise_images
 from tec_cache.core.views import WORKER_RESIZE, SourceImage, ViewRecipe, cut_view, image_size, load_source, view_params, view_rng
+from tec_cache.runtime.faults import fault_point
+from tec_cache.runtime.run_log import naming_sample
 from tec_cache.runtime.workers import die_with_parent
 
 from .cache_loader import Batch

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import MISSING, fields
 from typing import Any
 
-from tec_cache.core.basemodels import RECIPE_KEYS, TargetRecipe
 from tec_cache.build.config import CACHE_TABLE_KEYS, BuildConfig
+from tec_cache.core.basemodels import RECIPE_KEYS, TargetRecipe
 from tec_cache.runtime.config import field_names, flat_fields
 from tec_cache.runtime.pipelines import Pipeline, PipelineError
 

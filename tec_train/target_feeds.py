@@ -20,8 +20,8 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from tec_cache.format.manifest import Manifest
 from tec_cache.core.targets import normalise_images
+from tec_cache.format.manifest import Manifest
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -32,11 +32,21 @@ import torch
 from tec_cache.runtime.dist import explain_peer_loss
 from tec_cache.runtime.faults import fault_point
 
-from .student_to_timm import load_tec_checkpoint
-from .harness import (PRETRAIN, Reporter, Resume, RunKind, RunState, Runtime, agree_on_position,
-                      find_resume, open_run_dir, run_config, seed_rank)
-from .harness import config_for_run_dir as _config_for_run_dir
 from .elastic import Layout, fit_layout, micro_batch_after
+from .harness import (
+    PRETRAIN,
+    Reporter,
+    Resume,
+    RunKind,
+    RunState,
+    Runtime,
+    agree_on_position,
+    find_resume,
+    open_run_dir,
+    run_config,
+    seed_rank,
+)
+from .harness import config_for_run_dir as _config_for_run_dir
 from .harness.errors import NonFiniteLossError, ResumeError
 from .harness.reporting import truncate_metrics
 from .harness.trackers import MetricSinks, open_sinks
@@ -45,6 +55,7 @@ from .held_out import HeldOutLoss
 from .objectives import check_geometry, objective_for, student_geometry
 from .schedule import WarmupCosine, absolute_lr
 from .student import param_groups
+from .student_to_timm import load_tec_checkpoint
 from .target_feeds import StepInputs, TargetFeed
 from .train_config import MUTABLE_ON_RESUME, TrainConfig
 

@@ -10,11 +10,24 @@ from pathlib import Path
 from typing import Any
 
 from tec_cache.core.basemodels import TargetRecipe
-from tec_cache.format.remote import is_remote
 from tec_cache.core.images import SOURCE_HELP
 from tec_cache.core.views import RESIZERS
-from tec_cache.runtime.config import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, WORKERS, check_fields, flag_name, flat_values,
-                              group, in_range, nested_config, option, option_like)
+from tec_cache.format.remote import is_remote
+from tec_cache.runtime.config import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    SEED,
+    WORKERS,
+    check_fields,
+    flag_name,
+    flat_values,
+    group,
+    in_range,
+    nested_config,
+    option,
+    option_like,
+)
 
 from .harness.runtime import AMP_MODES
 from .harness.trackers import check_wandb_installed

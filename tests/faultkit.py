@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from tec_cache import format as cache_format
+from tec_cache.build.verify import verify_cache
 from tec_cache.format.fs import is_temporary
 from tec_cache.format.manifest import MANIFEST_NAME, ManifestError, load_manifest
-from tec_cache.build.verify import verify_cache
 from tests.conftest import TINY_ARCH, TINY_IMG, TINY_PATCH, TINY_TOPK
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -134,9 +134,9 @@ def test_default_recipe_over_many_images_draws_every_op_at_its_maximum(monkeypat
 def test_finetune_default_recipe_runs_through_every_extreme(monkeypatch, tmp_path: Path) -> None:
     """The issue's command in miniature: the default --aa over 6,000 Fashion-MNIST images, one
     epoch, every op drawn at its maximum along the way; it finishes with finite losses."""
+    from tec_train.export import export_state_dict, save_export, timm_model_name
     from tec_train.finetune import finetune
     from tests.test_downstream import _records, _student
-    from tec_train.export import export_state_dict, save_export, timm_model_name
 
     student = _student()
     export = tmp_path / "export"

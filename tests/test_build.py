@@ -12,13 +12,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tec_cache.core.basemodels import load_base_model
 from tec_cache.build.builder import BuildConfig, build_cache
 from tec_cache.build.cli import app
+from tec_cache.core.basemodels import load_base_model
 from tec_cache.core.codecs import get_codec
-from tec_cache.format.manifest import load_manifest
 from tec_cache.core.targets import extract_targets, normalise_images
 from tec_cache.core.views import decode_view
+from tec_cache.format.manifest import load_manifest
 from tests.conftest import TINY_ARCH, TINY_IMG, TINY_PATCH, TINY_TOPK, add_skimage_photos, make_image_folder, tiny_spec
 
 ROOT = Path(__file__).resolve().parents[1]

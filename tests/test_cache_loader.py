@@ -17,10 +17,10 @@ import torch
 from tec_cache import format as cache_format
 from tec_cache.build.builder import BuildConfig, build_cache
 from tec_cache.core.codecs import get_codec
+from tec_cache.core.views import decode_view
 from tec_cache.format.manifest import load_manifest
 from tec_cache.format.schema import ViewRecord
 from tec_cache.format.tar import scan_ustar
-from tec_cache.core.views import decode_view
 from tec_train import cache_loader as data_mod
 from tec_train.cache_loader import Batch, CacheLoader, CompatibilityError, check_compatibility, decode_targets, epoch_order
 from tests.conftest import TINY_IMG, TINY_PATCH, TINY_TOPK, make_image_folder, tiny_spec

@@ -18,23 +18,23 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tec_cache.core import fashion_mnist
-from tec_train.harness.checkpoints import save_checkpoint
 from tec_train.cli import app
-from tec_train.labelled import FashionMNIST, open_labelled, subset_indices
 from tec_train.encoder_weights import load_encoder, read_encoder_weights
 from tec_train.evaluate import extract_features, knn_classify, linear_probe
 from tec_train.export import export_state_dict, save_export, timm_model_name
 from tec_train.finetune import (
     FinetuneConfig,
-    FinetuneViT,
     Finetuner,
+    FinetuneViT,
     build_finetune_model,
     finetune,
     layer_decay_scales,
     param_groups_layer_decay,
 )
 from tec_train.harness import FINETUNE, Reporter, list_checkpoints
+from tec_train.harness.checkpoints import save_checkpoint
 from tec_train.harness.trackers import TENSORBOARD_DIR
+from tec_train.labelled import FashionMNIST, open_labelled, subset_indices
 from tec_train.student import TECStudent, build_student
 from tests.conftest import TINY_ARCH, TINY_PATCH, make_image_folder
 from tests.test_trackers import assert_same_series, tensorboard_scalars

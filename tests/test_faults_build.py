@@ -14,14 +14,23 @@ from typer.testing import CliRunner
 
 from tec_cache.build.builder import BuildConfig, DiskFullError, build_cache
 from tec_cache.build.cli import app
-from tec_cache.runtime.dist import dist_timeout_s
-from tec_cache.runtime.faults import parse_fault, reset_faults
 from tec_cache.format.fs import is_temporary
 from tec_cache.format.manifest import MANIFEST_NAME, load_manifest
 from tec_cache.format.writer_lock import LOCK_NAME
+from tec_cache.runtime.dist import dist_timeout_s
+from tec_cache.runtime.faults import parse_fault, reset_faults
 from tests.conftest import make_image_folder, tiny_spec
-from tests.faultkit import (assert_no_partial_shard_accepted, assert_same_cache, build_args, clean_env, second_writer_refused,
-                            count_arrivals, launch_ranks, run_module, seeded_nth)
+from tests.faultkit import (
+    assert_no_partial_shard_accepted,
+    assert_same_cache,
+    build_args,
+    clean_env,
+    count_arrivals,
+    launch_ranks,
+    run_module,
+    second_writer_refused,
+    seeded_nth,
+)
 
 
 def _cfg(data: Path, out: Path, ckpt: Path, **kw) -> BuildConfig:

@@ -31,10 +31,10 @@ from typer.testing import CliRunner
 from tec_cache import format as cache_format
 from tec_cache.build.builder import BuildConfig, build_cache
 from tec_cache.build.cli import app as cache_app
-from tec_cache.format.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from tec_cache.build.verify import verify_cache
-from tec_train.cli import app as train_app
+from tec_cache.format.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from tec_train.cache_loader import CacheLoader, CompatibilityError, check_compatibility
+from tec_train.cli import app as train_app
 from tests.conftest import TINY_ARCH, TINY_IMG, TINY_PATCH, TINY_TOPK, make_image_folder, tiny_spec, tiny_state_dict
 from tests.faultkit import ROOT, build_args
 

@@ -17,8 +17,7 @@ import torch
 
 from tec_cache.format.writer_lock import LOCK_NAME
 from tec_train.harness.checkpoints import checkpoint_path, digest_path, latest_checkpoint, list_checkpoints, load_checkpoint
-from tests.faultkit import (ROOT, clean_env, count_arrivals, flip_byte, launch_ranks, run_module, second_writer_refused,
-                            seeded_nth)
+from tests.faultkit import ROOT, clean_env, count_arrivals, flip_byte, launch_ranks, run_module, second_writer_refused, seeded_nth
 
 EXACT_FIELDS = ("step", "epoch", "epoch_f", "loss", "loss_fea", "loss_att", "lr")
 

@@ -13,12 +13,13 @@ import safetensors.torch
 import torch
 from typer.testing import CliRunner
 
-from tec_cache.core.basemodels import build_model, load_checkpoint as load_base, resolve_spec
 from tec_cache.build.builder import BuildConfig, build_cache
+from tec_cache.core.basemodels import build_model, resolve_spec
+from tec_cache.core.basemodels import load_checkpoint as load_base
 from tec_cache.format.manifest import load_manifest
-from tec_train.harness.checkpoints import latest_checkpoint, load_checkpoint
 from tec_train.cli import app
 from tec_train.export import create_timm_model
+from tec_train.harness.checkpoints import latest_checkpoint, load_checkpoint
 from tec_train.mae import build_mae, patchify, pixel_loss
 from tec_train.train import TrainConfig, train
 from tests.conftest import make_image_folder

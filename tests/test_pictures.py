@@ -17,9 +17,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tec_cache.build import show
-from tec_cache.core.basemodels import build_model
 from tec_cache.build.builder import BuildConfig, build_cache
 from tec_cache.build.cli import app as cache_app
+from tec_cache.core.basemodels import build_model
 from tec_cache.core.codecs import get_codec, stack_fields
 from tec_cache.format.manifest import load_manifest
 from tec_train.cli import app as train_app

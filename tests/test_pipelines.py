@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tec_cache.core.basemodels import RECIPE_KEYS, TargetRecipe
 from tec_cache.build.builder import BuildConfig
+from tec_cache.core.basemodels import RECIPE_KEYS, TargetRecipe
 from tec_cache.runtime.config import check_fields, override
 from tec_cache.runtime.pipelines import load_pipeline
 from tec_train.eval_config import DataSubsets, EvalConfig
@@ -176,8 +176,8 @@ def _cli(app, args: list[str]):
 def test_pipeline_presets_give_defaults_and_flags_override(tmp_path: Path, tiny_ckpt: Path, monkeypatch):
     from tec_cache.build.cli import app as cache_app
     from tec_cache.format.manifest import load_manifest
-    from tec_train.harness.checkpoints import latest_checkpoint, load_checkpoint
     from tec_train.cli import app as train_app
+    from tec_train.harness.checkpoints import latest_checkpoint, load_checkpoint
     from tests.conftest import make_image_folder
 
     data = make_image_folder(tmp_path / "data", n_per_class=4, bad=False)

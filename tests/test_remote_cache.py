@@ -18,10 +18,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tec_cache.build.verify import verify_cache
 from tec_cache.format import ShardError
 from tec_cache.format.manifest import ManifestError, load_manifest
 from tec_cache.format.remote import RemoteError
-from tec_cache.build.verify import verify_cache
 from tec_train.cache_loader import CacheLoader
 from tests.faultkit import clean_env, run_module
 

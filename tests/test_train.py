@@ -17,19 +17,19 @@ from typer.testing import CliRunner
 
 import tec_train.student as student_mod
 from tec_cache.build.builder import BuildConfig, build_cache
+from tec_cache.core.images import open_source
+from tec_cache.core.views import ViewRecipe
 from tec_cache.format.manifest import load_manifest
-from tec_train.harness.checkpoints import checkpoint_path as ck_path
-from tec_train.harness.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint
 from tec_train.cli import app
 from tec_train.export import create_timm_model
+from tec_train.harness.checkpoints import checkpoint_path as ck_path
+from tec_train.harness.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint
+from tec_train.harness.errors import NonFiniteLossError, ResumeError
+from tec_train.harness.reporting import truncate_metrics
 from tec_train.online import OnlineLoader
 from tec_train.student import build_student
 from tec_train.target_feeds import CacheTargetFeed, InMemoryTargetFeed
-from tec_train.harness.errors import NonFiniteLossError, ResumeError
-from tec_train.harness.reporting import truncate_metrics
 from tec_train.train import TrainConfig, train
-from tec_cache.core.images import open_source
-from tec_cache.core.views import ViewRecipe
 from tests.conftest import TINY_ARCH, TINY_IMG, TINY_PATCH, TINY_TOPK, make_image_folder, tiny_spec, tiny_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -130,7 +130,7 @@ def test_an_unknown_resizer_is_refused_naming_the_known_ones():
 def test_every_mode_becomes_rgb(mode):
     arr = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
     img = Image.fromarray(arr)
-    img = img.convert(mode) if mode != "I;16" else Image.fromarray((arr[..., 0].astype(np.uint16) * 256))
+    img = img.convert(mode) if mode != "I;16" else Image.fromarray(arr[..., 0].astype(np.uint16) * 256)
     buf = io.BytesIO()
     img.save(buf, format="TIFF" if mode in ("I;16", "CMYK") else "PNG")
     out = decode_image(buf.getvalue(), "x")

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tec_cache.build.config import build_config
 from tec_cache.core import weights as w
 from tec_cache.core.basemodels import OFFICIAL_WEIGHTS, load_base_model, official_weights, resolve_weights
-from tec_cache.build.config import build_config
 from tests.conftest import TINY_ARCH, TINY_IMG, TINY_PATCH, TINY_TOPK, make_image_folder, tiny_spec, tiny_state_dict
 
 
@@ -97,7 +97,7 @@ def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ckpt_bytes(layout: str, seed: int = 0) -> bytes:
     sd = tiny_state_dict(seed)
     obj = {"model": sd} if layout == "mae" else {"state_dict": sd}  # MAE's release, iBOT's teacher

@@ -151,8 +151,8 @@ def test_the_lock_file_is_no_part_of_a_cache(tiny_cache, tmp_path: Path) -> None
     writer holds it; a build's leftover cleanup keeps a live lock and its heartbeat temporary."""
     import shutil
 
-    from tec_cache.format.fs import is_temporary
     from tec_cache.build.verify import verify_cache
+    from tec_cache.format.fs import is_temporary
     from tec_train.cache_loader import CacheLoader
 
     out = Path(shutil.copytree(tiny_cache.cache, tmp_path / "cache"))

@@ -22,12 +22,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import timm
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from tec_cache.runtime.config import POSITIVE, POSITIVE_INT, option
 from tec_cache.core.weights import HUB_PREFIX, Expected, WeightsError, check_sha256, fetch_weights, hub_offline, mirror_url
+from tec_cache.runtime.config import POSITIVE, POSITIVE_INT, option
 
 TIMM_PREFIX = "timm:"
 

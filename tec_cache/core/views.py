@@ -38,8 +38,8 @@ from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from tec_cache.format.manifest import LEGACY_RESIZE
 from tec_cache.core.images import check_image_header, decode_image
+from tec_cache.format.manifest import LEGACY_RESIZE
 
 PIL_BICUBIC = LEGACY_RESIZE
 TORCH_U8 = "torch-bicubic-u8"

@@ -13,8 +13,16 @@ Data flow: ViewRecords -> ShardFormat.open_writer -> shards -> ShardInfo -> Mani
 """
 from tec_cache.format.base import ShardFormat, ShardReader, ShardWriter
 from tec_cache.format.integrity import Problem, check_shard_files
-from tec_cache.format.manifest import (DIGEST_FIELD, MANIFEST_NAME, SCHEMA_VERSION, Manifest, ManifestError, ShardEntry,
-                                       digest_problem, load_manifest)
+from tec_cache.format.manifest import (
+                                       DIGEST_FIELD,
+                                       MANIFEST_NAME,
+                                       SCHEMA_VERSION,
+                                       Manifest,
+                                       ManifestError,
+                                       ShardEntry,
+                                       digest_problem,
+                                       load_manifest,
+)
 from tec_cache.format.registry import FORMATS, get_format, open_reader, open_writer
 from tec_cache.format.schema import FieldSpec, ShardError, ShardInfo, ViewRecord, parse_compressor, record_key
 

@@ -19,10 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from tec_cache.runtime.faults import fault_point
 from tec_cache.format.fs import publish, remove
-from tec_cache.format.schema import (FieldSpec, ShardError, ShardInfo, ViewRecord, check_record, check_specs,
-                                     parse_compressor)
+from tec_cache.format.schema import FieldSpec, ShardError, ShardInfo, ViewRecord, check_record, check_specs, parse_compressor
+from tec_cache.runtime.faults import fault_point
 
 __all__ = ["ShardFormat", "ShardReader", "ShardWriter", "verify_count", "verify_digest"]
 

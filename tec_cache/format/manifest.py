@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from tec_cache.format.base import ShardFormat, ShardReader
-from tec_cache.format.remote import RemoteCache, RemoteError, RemoteMissing, is_remote
 from tec_cache.format.registry import FORMATS, get_format
+from tec_cache.format.remote import RemoteCache, RemoteError, RemoteMissing, is_remote
 from tec_cache.format.schema import FieldSpec, ShardInfo, check_specs, parse_compressor
 
 __all__ = [

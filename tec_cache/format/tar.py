@@ -29,8 +29,7 @@ import numpy as np
 
 from tec_cache.format.base import ShardFormat, ShardReader, ShardWriter, verify_count, verify_digest
 from tec_cache.format.payload import decode_field_into, encode_targets, make_codec, split_targets
-from tec_cache.format.schema import (META_TYPES, FieldSpec, ShardError, ShardInfo, ViewRecord, check_specs,
-                                     parse_compressor)
+from tec_cache.format.schema import META_TYPES, FieldSpec, ShardError, ShardInfo, ViewRecord, check_specs, parse_compressor
 
 __all__ = ["TarFormat", "TarReader", "TarWriter", "read_shard_into", "scan_ustar"]
 

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tec_cache.runtime.config import env_seconds
 from tec_cache.format.fs import fsync_dir
+from tec_cache.runtime.config import env_seconds
 
 LOCK_NAME = ".tec-writer.lock"
 LOCK_FORMAT = "tec-writer-lock"

@@ -26,11 +26,11 @@ import zarr
 import zarr.codecs
 from zarr.storage import LocalStore
 
-from tec_cache.runtime.faults import fault_point
 from tec_cache.format.base import ShardFormat, ShardReader, ShardWriter, verify_count, verify_digest
 from tec_cache.format.fs import fsync_tree
 from tec_cache.format.payload import zstd_content_size
 from tec_cache.format.schema import KEY_RE, FieldSpec, ShardError, ShardInfo, ViewRecord
+from tec_cache.runtime.faults import fault_point
 
 __all__ = ["ShardFile", "ZarrFormat", "ZarrReader", "ZarrWriter"]
 

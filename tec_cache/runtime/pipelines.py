@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 PIPELINES_ENV = "TEC_PIPELINES"
-_TREE_DIR = Path(__file__).resolve().parents[1] / "pipelines"
+_TREE_DIR = Path(__file__).resolve().parents[2] / "pipelines"
 
 
 class PipelineError(ValueError):

@@ -9,8 +9,16 @@ nothing of objectives, data or models, and imports no command line.
 """
 from __future__ import annotations
 
-from .checkpoints import (FINETUNE, PRETRAIN, CheckpointKind, check_checkpoint, latest_checkpoint, list_checkpoints,
-                          load_checkpoint, usable_checkpoint)
+from .checkpoints import (
+                          FINETUNE,
+                          PRETRAIN,
+                          CheckpointKind,
+                          check_checkpoint,
+                          latest_checkpoint,
+                          list_checkpoints,
+                          load_checkpoint,
+                          usable_checkpoint,
+)
 from .errors import CheckpointError, NonFiniteLossError, ResumeError
 from .reporting import METRICS_NAME, Reporter, append_metrics, truncate_metrics
 from .resume import Resume, agree_on_position, find_resume

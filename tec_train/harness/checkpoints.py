@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from tec_cache.core.basemodels import file_sha256 as hash_file
-from tec_cache.runtime.faults import fault_point
 from tec_cache.format.fs import write_atomic, write_text_atomic
+from tec_cache.runtime.faults import fault_point
 
 from .errors import CheckpointError
 

@@ -9,8 +9,8 @@ random and the run's own generator, so a resumed run draws exactly what an unint
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tec_cache.runtime.config import field_names, flag_name
 from tec_cache.format.fs import write_json_atomic
+from tec_cache.runtime.config import field_names, flag_name
 
 from .checkpoints import CheckpointKind, load_checkpoint, remove_stale_temp_files, usable_checkpoint
 from .errors import CheckpointError, ResumeError

@@ -21,8 +21,9 @@ import os
 import secrets
 import string
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from tec_cache.format.fs import write_json_atomic
 
