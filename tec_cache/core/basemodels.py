@@ -67,15 +67,13 @@ REGISTRY: dict[str, BaseModelSpec] = {
     "mae1klarge": BaseModelSpec("mae1klarge", "vit_large_patch16_224", topk=15, tau=1.4, last_layers=2),
 }
 
-# A base model given only by --arch, timm:NAME or hf-hub:ORG/REPO gets the reference's MAE-base defaults.
-
-
 class _RecipeDefaults(TypedDict):
     topk: int
     tau: float
     last_layers: int
 
 
+# A base model given only by --arch, timm:NAME or hf-hub:ORG/REPO gets the reference's MAE-base defaults.
 CUSTOM_DEFAULTS: _RecipeDefaults = {"topk": 15, "tau": 1.8, "last_layers": 2}
 
 
