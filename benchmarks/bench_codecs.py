@@ -14,17 +14,18 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numcodecs
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.vitb_targets import vitb_views_and_targets  # noqa: E402
-from tec_cache import format as cache_format  # noqa: E402
-from tec_cache.build.config import DEFAULT_COMPRESSOR  # noqa: E402
-from tec_cache.core.codecs import CODECS, TargetShape, fidelity, get_codec, split_fields  # noqa: E402
-from tec_cache.format.schema import ViewRecord, record_key  # noqa: E402
+from benchmarks.vitb_targets import vitb_views_and_targets
+from tec_cache import format as cache_format
+from tec_cache.build.config import DEFAULT_COMPRESSOR
+from tec_cache.core.codecs import CODECS, TargetShape, fidelity, get_codec, split_fields
+from tec_cache.format.schema import ViewRecord, record_key
 
 
 def main() -> None:
@@ -38,7 +39,7 @@ def main() -> None:
     jpegs, feat, att, idx = vitb_views_and_targets(args.views, args.targets_cache)
     shape = TargetShape(196, 768, 12, 15)
     z = numcodecs.Zstd(level=int(args.compressor.split(":")[1]))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in CODECS:
         codec = get_codec(name)
         specs = codec.field_specs(shape)

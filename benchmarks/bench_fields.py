@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numcodecs
@@ -22,10 +23,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.vitb_targets import DEFAULT_TARGETS_CACHE, vitb_views_and_targets  # noqa: E402
-from tec_cache.build.config import DEFAULT_COMPRESSOR  # noqa: E402
-from tec_cache.core.codecs import CODECS, TargetShape, split_fields  # noqa: E402
-from tec_cache.format.schema import parse_compressor  # noqa: E402
+from benchmarks.vitb_targets import DEFAULT_TARGETS_CACHE, vitb_views_and_targets
+from tec_cache.build.config import DEFAULT_COMPRESSOR
+from tec_cache.core.codecs import CODECS, TargetShape, split_fields
+from tec_cache.format.schema import parse_compressor
 
 VIT_B = TargetShape(196, 768, 12, 15)
 
@@ -62,7 +63,7 @@ def main() -> None:
             frames = [zstd.encode(r) for r in raws]
             out = np.empty(spec.nbytes(), np.uint8)
             write = _ms(zstd.encode, raws, args.repeats)
-            read = _ms(lambda fr: zstd.decode(fr, out=out), frames, args.repeats)
+            read = _ms(partial(zstd.decode, out=out), frames, args.repeats)
             raw_b, z_b = float(np.mean([len(r) for r in raws])), float(np.mean([len(f) for f in frames]))
             row = {"codec": name, "field": field, "raw_bytes": raw_b, "zstd_bytes": z_b,
                    "saved_fraction": round(1 - z_b / raw_b, 4), "write_ms": round(write, 4), "read_ms": round(read, 4),

@@ -20,18 +20,20 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+from timm.layers import Attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_train import forward_rate, make_images, sync  # noqa: E402  (the same images and timer)
-from tec_cache.build.builder import BuildConfig, build_cache  # noqa: E402
-from tec_cache.core.basemodels import build_model, resolve_spec  # noqa: E402
-from tec_cache.format.manifest import load_manifest  # noqa: E402
-from tec_train.finetune import FinetuneConfig, finetune  # noqa: E402
-from tec_train.student import build_student, param_groups  # noqa: E402
+from benchmarks.bench_train import forward_rate, make_images, sync  # the same images and timer
+from tec_cache.build.builder import BuildConfig, build_cache
+from tec_cache.core.basemodels import build_model, resolve_spec
+from tec_cache.format.manifest import load_manifest
+from tec_train.finetune import FinetuneConfig, finetune
+from tec_train.student import build_student, param_groups
 
 
 def cpu_seconds() -> float:
@@ -61,9 +63,11 @@ def build_paths(work: Path, data: Path, n_img: int, spec: Any, ckpt: Path, devic
         cfg = BuildConfig(data=data, out=out, checkpoint=ckpt, spec=spec, views=1, shard_size=256, batch_size=batch,
                           num_workers=workers, device=str(device), view_device=path)
         c0, t0 = cpu_seconds(), time.perf_counter()
-        _, peak = peak_memory(device, lambda: build_cache(cfg))  # noqa: B023  (called at once)
+        _, peak = peak_memory(device, partial(build_cache, cfg))
         wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-        build = dict(load_manifest(out).stats.build or {})
+        stats = load_manifest(out).stats
+        assert stats is not None  # a cache this build just wrote records its stats
+        build = dict(stats.build or {})
         res[path] = {"views_per_s": n_img / wall, "host_cpu_ms_per_view": 1000 * cpu / n_img,
                      "host_cores_at_this_rate": cpu / wall, "peak_gib": peak,
                      "cut_on": build.get("views_cut_on"), "decoded_on": build.get("views_decoded_on")}
@@ -176,7 +180,7 @@ def main() -> None:
     res["finetune"] = finetune_slice(work, data, ckpt, arch, img, args.finetune_batch, args.finetune_images,
                                      device, args.num_workers)
     res["largest_batch"] = {}
-    dim, heads = int(base.embed_dim), int(base.blocks[-1].attn.num_heads)  # the targets' D and H size the heads
+    dim, heads = int(base.embed_dim), int(cast(Attention, base.blocks[-1].attn).num_heads)  # the targets' D and H size the heads
     for name in args.students:
         t0 = time.perf_counter()
         res["largest_batch"][name] = {

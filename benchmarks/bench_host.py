@@ -33,6 +33,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.vitb_targets import DEFAULT_TARGETS_CACHE, photos, vitb_views_and_targets  # noqa: E402
-from tec_cache import format as cache_format  # noqa: E402
-from tec_cache.build.config import DEFAULT_COMPRESSOR  # noqa: E402
-from tec_cache.core.codecs import TargetShape, get_codec, split_fields  # noqa: E402
-from tec_cache.core.views import (  # noqa: E402
+from benchmarks.vitb_targets import DEFAULT_TARGETS_CACHE, photos, vitb_views_and_targets
+from tec_cache import format as cache_format
+from tec_cache.build.config import DEFAULT_COMPRESSOR
+from tec_cache.core.codecs import TargetShape, get_codec, split_fields
+from tec_cache.core.views import (
     ViewRecipe,
     cut_view,
     decode_view,
@@ -55,8 +56,9 @@ from tec_cache.core.views import (  # noqa: E402
     view_params,
     view_rng,
 )
-from tec_cache.format.payload import encode_targets, make_codec  # noqa: E402
-from tec_cache.format.schema import ViewRecord, parse_compressor, record_key  # noqa: E402
+from tec_cache.format.base import ShardWriter
+from tec_cache.format.payload import encode_targets, make_codec
+from tec_cache.format.schema import ViewRecord, parse_compressor, record_key
 
 VIT_B = TargetShape(196, 768, 12, 15)
 CPU_DECODE = "views' jpeg decode (CPU)"
@@ -108,7 +110,8 @@ class ShardSink:
     def __init__(self, root: Path, specs: dict, compressor: str, shard_size: int, clock: Clock, stage: str) -> None:
         self.root, self.specs, self.compressor, self.shard_size = root, specs, compressor, shard_size
         self.clock, self.stage = clock, stage
-        self.writer, self.shard, self.count = None, 0, 0
+        self.writer: ShardWriter | None = None
+        self.shard, self.count = 0, 0
 
     def write(self, rec: ViewRecord) -> None:
         def go() -> None:
@@ -165,12 +168,12 @@ def run_cpu_path(sources: list[bytes], targets: tuple, args: argparse.Namespace,
 
     for i in range(args.images):
         src = sources[i % len(sources)]
-        img = clock("source read + decode", lambda: load_source(src, "bench", recipe))
+        img = clock("source read + decode", partial(load_source, src, "bench", recipe))
         for v in range(args.views):
             p = view_params(*image_size(img), view_rng(0, f"img{i}", v), recipe)
-            pix = clock("crop+resize", lambda: cut_view(img, p, recipe))
-            data = clock("jpeg encode", lambda: encode_view(pix, recipe.jpeg_quality))
-            clock("jpeg decode", lambda: decode_view(data))
+            pix = clock("crop+resize", partial(cut_view, img, p, recipe))
+            data = clock("jpeg encode", partial(encode_view, pix, recipe.jpeg_quality))
+            clock("jpeg decode", partial(decode_view, data))
             pending.append((i, v, data))
             if len(pending) == args.batch:
                 flush()
@@ -178,6 +181,15 @@ def run_cpu_path(sources: list[bytes], targets: tuple, args: argparse.Namespace,
     clock("writer", sink.close)
     _split_writer_stage(clock, written, specs, args.compressor, "writer")
     return clock.per_view(len(written))
+
+
+def _decode_all(jpegs: list[bytes]) -> list[torch.Tensor]:
+    return [decode_view(d) for d in jpegs]
+
+
+def _records(codes: dict[str, np.ndarray], n: int) -> list[dict[str, np.ndarray]]:
+    """The first ``n`` views of a batch's codes, split into per-view fields."""
+    return split_fields({k: a[:n] for k, a in codes.items()})
 
 
 def run_device_host_share(sources: list[bytes], targets: tuple, args: argparse.Namespace, recipe: ViewRecipe,
@@ -202,12 +214,12 @@ def run_device_host_share(sources: list[bytes], targets: tuple, args: argparse.N
     sink = ShardSink(tmp, specs, args.compressor, args.shard_size, clock, "writer")
     written: list[ViewRecord] = []
     for i in range(args.images):
-        clock("source read + header check", lambda: source_for_device(sources[i % len(sources)], "bench", recipe))
+        clock("source read + header check", partial(source_for_device, sources[i % len(sources)], "bench", recipe))
     for b, enc in enumerate(codes):
         lo = b * args.batch
         batch = jpegs[lo:lo + args.batch]
-        clock(CPU_DECODE, lambda: [decode_view(d) for d in batch])
-        fields = clock("records (field copies, bookkeeping)", lambda: split_fields({k: a[:len(batch)] for k, a in enc.items()}))
+        clock(CPU_DECODE, partial(_decode_all, batch))
+        fields = clock("records (field copies, bookkeeping)", partial(_records, enc, len(batch)))
         for j, (data, f) in enumerate(zip(batch, fields)):
             rec = ViewRecord(record_key(lo + j), (lo + j) // args.views, 0, -1, f"img{lo + j}", data, f)
             sink.write(rec)
@@ -262,7 +274,7 @@ def main() -> None:
           f"{args.compressor}")
     for resize in args.resizers:
         recipe = ViewRecipe(resize=resize)
-        stages = median_stages([in_scratch(lambda d: run_cpu_path(sources, targets, args, recipe, d))
+        stages = median_stages([in_scratch(partial(run_cpu_path, sources, targets, args, recipe))
                                 for _ in range(args.repeats)])
         limit = statistics.median(time_limit(sources, args.images, args.views, recipe) for _ in range(args.repeats))
         total = sum(stages.values())

@@ -25,31 +25,32 @@ import resource
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.vitb_targets import photos  # noqa: E402
-from tec_cache import format as cache_format  # noqa: E402
-from tec_cache.build.builder import shard_relpath  # noqa: E402
-from tec_cache.build.config import DEFAULT_COMPRESSOR  # noqa: E402
-from tec_cache.core.codecs import TargetShape, get_codec, split_fields  # noqa: E402
-from tec_cache.core.views import ViewRecipe, decode_view, make_views  # noqa: E402
-from tec_cache.format.fs import write_json_atomic  # noqa: E402
-from tec_cache.format.manifest import (  # noqa: E402
+from benchmarks.vitb_targets import photos
+from tec_cache import format as cache_format
+from tec_cache.build.builder import shard_relpath
+from tec_cache.build.config import DEFAULT_COMPRESSOR
+from tec_cache.core.codecs import TargetShape, get_codec, split_fields
+from tec_cache.core.views import ViewRecipe, decode_view, make_views
+from tec_cache.format.fs import write_json_atomic
+from tec_cache.format.manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
     Manifest,
-    load_manifest,  # noqa: E402
+    load_manifest,
 )
-from tec_cache.format.schema import ViewRecord, record_key  # noqa: E402
-from tec_cache.format.tar import read_shard_into  # noqa: E402
-from tec_train.cache_loader import CacheLoader, _BatchSlots, _ViewEpochShards  # noqa: E402
+from tec_cache.format.schema import ViewRecord, record_key
+from tec_cache.format.tar import read_shard_into
+from tec_train.cache_loader import CacheLoader, _BatchSlots, _ViewEpochShards
 
 VIT_B = TargetShape(num_patches=196, dim=768, heads=12, topk=15)
 IMG, PATCH = 224, 16
@@ -84,7 +85,7 @@ def build_bench_cache(root: Path, *, fmt: str, codec_name: str, num_images: int,
     specs = codec.field_specs(VIT_B)
     jpegs = photo_views(POOL, seed)
     fields = split_fields(codec.encode(*synthetic_targets(POOL, seed)))
-    entries = []
+    entries: list[dict[str, Any]] = []
     for c, lo in enumerate(range(0, num_images, shard_size)):
         rel = shard_relpath(fmt, 0, c)
         path = root / rel
@@ -130,7 +131,8 @@ def startup_cpu(num_workers: int, mp_context: str, repeats: int = 3) -> float:
     costs = []
     for _ in range(repeats):
         c0 = _children_cpu()
-        for _ in DataLoader([0] * num_workers, batch_size=None, num_workers=num_workers,
+        # A list is a map-style dataset to DataLoader, though torch annotates the argument as Dataset.
+        for _ in DataLoader(cast(Dataset, [0] * num_workers), batch_size=None, num_workers=num_workers,
                             multiprocessing_context=mp_context, worker_init_fn=_import_loader):
             pass
         costs.append(_children_cpu() - c0)
@@ -216,18 +218,19 @@ def loader_stages(root: Path, batch_size: int) -> dict[str, float]:
 
     for e in man.shards():
         path = man.shard_path(e)
-        data = clock("shard file read (into a reused buffer)", lambda: read(path))
-        clock("sha256", lambda: hashlib.sha256(data).hexdigest())
-        reader = clock("tar index", lambda: fmt.open_bytes(str(path), data, man.fields, man.format.compressor))
+        data = clock("shard file read (into a reused buffer)", partial(read, path))
+        clock("sha256", lambda data=data: hashlib.sha256(data).hexdigest())
+        reader = clock("tar index", partial(fmt.open_bytes, str(path), data, man.fields, man.format.compressor))
         for lo in range(0, len(reader), batch_size):
             n = min(batch_size, len(reader) - lo)
             layout, nbytes = dataset._layout(n)
             out = {name: np.empty(shape, dtype) for name, _, shape, dtype in layout}
             images = torch.from_numpy(out.pop("~images"))
             out.pop("~image_index")
-            recs = clock("fields into the batch buffer", lambda: reader.read_into(range(lo, lo + n), out, range(n)))
-            decoded = clock("jpeg decode", lambda: [decode_view(r.image) for r in recs])
-            clock("image copy into the batch buffer", lambda: [images[j].copy_(img) for j, img in enumerate(decoded)])
+            recs = clock("fields into the batch buffer", partial(reader.read_into, range(lo, lo + n), out, range(n)))
+            decoded = clock("jpeg decode", lambda recs=recs: [decode_view(r.image) for r in recs])
+            clock("image copy into the batch buffer",
+                  lambda images=images, decoded=decoded: [images[j].copy_(img) for j, img in enumerate(decoded)])
             views += n
     return {k: round(v / views * 1e3, 4) for k, v in t.items()}
 
@@ -243,7 +246,7 @@ def batch_buffer_costs(root: Path, batch_size: int, repeats: int = 8) -> dict[st
     def cost(make: Any) -> float:
         c0 = time.process_time()
         for _ in range(repeats):
-            torch.empty(0, dtype=torch.uint8).set_(make(), 0, (nbytes,)).fill_(1)
+            torch.empty(0, dtype=torch.uint8).set_(make(), 0, (nbytes,), (1,)).fill_(1)
         return round((time.process_time() - c0) / repeats / batch_size * 1e3, 4)
 
     return {"fresh shared memory": cost(lambda: torch.UntypedStorage._new_shared(nbytes)),
@@ -275,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # one core per process: the number is per worker process
 
     with tempfile.TemporaryDirectory(dir=args.cache_dir) as tmp:
-        rows, limits = [], {}
+        rows: list[dict[str, Any]] = []
+        limits: dict[str, dict[str, Any]] = {}
         for fmt in args.formats:
             for codec in args.codecs:
                 t0 = time.perf_counter()

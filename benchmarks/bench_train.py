@@ -30,14 +30,14 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tec_cache.build.builder import BuildConfig, build_cache  # noqa: E402
-from tec_cache.core.basemodels import build_model, resolve_spec  # noqa: E402
-from tec_cache.core.targets import extract_targets  # noqa: E402
-from tec_cache.format.manifest import load_manifest  # noqa: E402
-from tec_cache.runtime.dist import DistInfo, resolve_device  # noqa: E402
-from tec_train.cache_loader import CacheLoader  # noqa: E402
-from tec_train.target_feeds import CacheTargetFeed, InMemoryTargetFeed  # noqa: E402
-from tec_train.train import TrainConfig, train  # noqa: E402
+from tec_cache.build.builder import BuildConfig, build_cache
+from tec_cache.core.basemodels import build_model, resolve_spec
+from tec_cache.core.targets import extract_targets
+from tec_cache.format.manifest import load_manifest
+from tec_cache.runtime.dist import DistInfo, resolve_device
+from tec_train.cache_loader import CacheLoader
+from tec_train.target_feeds import CacheTargetFeed, InMemoryTargetFeed
+from tec_train.train import TrainConfig, train
 
 
 def make_images(root: Path, n: int) -> Path:
@@ -132,6 +132,7 @@ def main() -> None:
                             num_workers=args.num_workers, device=str(device)))
     res["build_views_per_s"] = n_img / (time.perf_counter() - t0)
     man = load_manifest(cache)
+    assert man.stats is not None  # a cache this build just wrote records its stats
     res["bytes_per_view"] = man.stats.bytes_per_view
     # Where the build cut its views and which resizer it recorded (a CUDA build cuts on the GPU and
     # decodes the views there only if its decoder gave the CPU's pixels on the first views).

@@ -51,7 +51,9 @@ def vitb_views_and_targets(n_views: int = 32, cache: Path | None = None, seed: i
     feats, atts, idxs = [], [], []
     for i in range(0, len(x), 8):
         f, a, k = extract_targets(model, x[i:i + 8], topk=15, last_layers=2)
-        feats.append(f), atts.append(a), idxs.append(k)
+        feats.append(f)
+        atts.append(a)
+        idxs.append(k)
     feat, att, idx = torch.cat(feats), torch.cat(atts), torch.cat(idxs)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,9 @@ def finetune_train_transform(img_size: int, *, aa: str | None, reprob: float,
     random erasing (pixel mode, one box, probability ``reprob``). ``aa`` of None, "" or "none"
     turns RandAugment off."""
     auto_augment = None if aa is None or aa.lower() in NO_AUGMENT else aa
-    tf = create_transform(input_size=img_size, is_training=True, color_jitter=None, auto_augment=auto_augment,
+    # color_jitter=None: timm's own "no colour jitter", which its annotation leaves out.
+    tf = create_transform(input_size=img_size, is_training=True, color_jitter=None,  # type: ignore[arg-type]  # None is timm's "off"
+                          auto_augment=auto_augment,
                           interpolation="bicubic", re_prob=reprob, re_mode="pixel", re_count=1,
                           mean=tuple(mean), std=tuple(std))
     return reference_posterize(tf)

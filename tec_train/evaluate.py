@@ -11,8 +11,9 @@ import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -45,7 +46,7 @@ def eval_transform(img_size: int, crop_pct: float = 0.875, mean: Sequence[float]
 
 
 def model_img_size(model: nn.Module) -> int:
-    size = model.patch_embed.img_size  # timm keeps (H, W)
+    size: Any = model.get_submodule("patch_embed").img_size  # timm keeps (H, W); a plain int elsewhere
     return int(size[0]) if isinstance(size, (tuple, list)) else int(size)
 
 
@@ -97,11 +98,13 @@ def extract_features(
     was_training = model.training
     model.eval().to(device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    # timm's ViTs and the students all have forward_features; nn.Module's attribute typing cannot say so.
+    forward_features = cast(Callable[[torch.Tensor], torch.Tensor], model.forward_features)
     feats, labels = [], []
     try:
         for images, target in loader:
             with amp:
-                tokens = model.forward_features(images.to(device, non_blocking=True))  # [B, P+L, C]
+                tokens = forward_features(images.to(device, non_blocking=True))  # [B, P+L, C]
             feats.append(pool_features(tokens.float(), pool, num_prefix).cpu())  # [B, C]
             labels.append(torch.as_tensor(target, dtype=torch.int64))
     finally:
@@ -179,7 +182,7 @@ class Lars(torch.optim.Optimizer):
                                       trust_coefficient=trust_coefficient))
 
     @torch.no_grad()
-    def step(self, closure: Callable | None = None) -> None:  # type: ignore[override]
+    def step(self, closure: Callable | None = None) -> None:  # type: ignore[override]  # no closure form: the probe never passes one
         for g in self.param_groups:
             for p in g["params"]:
                 if p.grad is None:
@@ -341,10 +344,10 @@ def frozen_features(cfg: EvalConfig, busy: Callable[[str], AbstractContextManage
     mean, std = input_normalisation(facts)
     tf = eval_transform(model_img_size(encoder), crop, mean, std)
     with busy("extracting features") if busy is not None else contextlib.nullcontext():
-        kw = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=dev, pool=cfg.pool, crop_pct=crop,
-                  transform=tf)
-        train = extract_features(encoder, splits.train, **kw)
-        val = extract_features(encoder, splits.val, **kw)
+        extract = partial(extract_features, batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=dev,
+                          pool=cfg.pool, crop_pct=crop, transform=tf)
+        train = extract(encoder, splits.train)
+        val = extract(encoder, splits.val)
     meta = {"encoder": facts, "data": splits.facts, "pool": cfg.pool, "crop_pct": crop, "num_classes": splits.num_classes}
     return FrozenFeatures(train, val, meta)
 

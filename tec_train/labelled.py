@@ -6,7 +6,7 @@ transform --> evaluate.py (kNN, linear probe) or finetune.py. Nothing is ever do
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,7 @@ class Transformed(Dataset):
         self.transform = transform
 
     def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
+        return dataset_len(self.base)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         # A failing image or transform names its sample, also from inside a loader worker.
@@ -62,6 +62,13 @@ class Transformed(Dataset):
             fault_point("labelled_sample")
             img, label = self.base[index]
             return (self.transform(img) if self.transform is not None else img), label
+
+
+def dataset_len(ds: Dataset) -> int:
+    """The number of samples of a map-style dataset (torch's Dataset declares no ``__len__``)."""
+    if not isinstance(ds, Sized):
+        raise TypeError(f"{type(ds).__name__} has no length")
+    return len(ds)
 
 
 def sample_name(ds: Dataset, index: int) -> str:
@@ -161,13 +168,14 @@ def open_labelled(
         train, val, classes = image_folder_splits(Path(data))
         kind, where = "image_folder", str(data)
     else:
+        assert fashion_mnist_dir is not None  # exactly one of the two, checked above
         train = FashionMNIST("train", Path(fashion_mnist_dir))
         val = FashionMNIST("test", Path(fashion_mnist_dir))
         classes, kind, where = train.classes, "fashion_mnist", str(fashion_mnist_dir)
-    full = (len(train), len(val))  # type: ignore[arg-type]
+    full = (dataset_len(train), dataset_len(val))
     train = _cut(train, train_subset, subset_seed, subset_mode)
     val = _cut(val, val_subset, subset_seed + 1, subset_mode)
-    facts = {"kind": kind, "path": where, "num_classes": len(classes), "train_images": len(train),  # type: ignore[arg-type]
-             "val_images": len(val), "full_sizes": list(full), "train_subset": train_subset,  # type: ignore[arg-type]
+    facts = {"kind": kind, "path": where, "num_classes": len(classes), "train_images": dataset_len(train),
+             "val_images": dataset_len(val), "full_sizes": list(full), "train_subset": train_subset,
              "val_subset": val_subset, "subset_seed": subset_seed, "subset_mode": subset_mode}
     return LabelledSplits(Transformed(train, train_transform), Transformed(val, val_transform), classes, kind, facts)

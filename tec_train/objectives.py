@@ -7,7 +7,7 @@ loop logs the terms and backpropagates ``loss``. The loop never asks which objec
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 
@@ -15,7 +15,7 @@ from tec_cache.core.images import open_source
 from tec_cache.format.manifest import ManifestError, load_manifest
 from tec_cache.runtime.dist import DistInfo
 
-from .student import build_student, parse_model_name
+from .student import FeatureAdaptor, build_student, parse_model_name
 from .target_feeds import CacheTargetFeed, ImageSpec, StepInputs, TargetFeed, TargetSpec
 
 if TYPE_CHECKING:
@@ -97,6 +97,7 @@ class TECObjective(Objective):
 
         spec = cfg.targets.recipe(cfg.student.img_size, cfg.student.patch_size).resolve()
         check_geometry(student_geometry(cfg, spec.img_size), (spec.img_size, spec.patch_size), "base model")
+        assert cfg.targets.data is not None  # validate(): online mode needs --data
         images = open_source(cfg.targets.data)
         return OnlineTargetFeed(spec, cfg.targets.checkpoint, images, device=device, batch_size=cfg.optim.batch_size,
                                 rank=info.rank, world_size=info.world_size, num_workers=cfg.loader.num_workers,
@@ -117,7 +118,7 @@ class TECObjective(Objective):
     def describe(self, model: torch.nn.Module, spec: ImageSpec) -> dict[str, Any]:
         assert isinstance(spec, TargetSpec)  # build() refused anything else
         return {"pred_dim": spec.dim, "att_heads": spec.heads, "att_tau": spec.tau,
-                "num_adap": model.encoder_adaptor.num_adap}
+                "num_adap": cast(FeatureAdaptor, model.get_submodule("encoder_adaptor")).num_adap}
 
 
 class MAEObjective(Objective):
@@ -131,6 +132,7 @@ class MAEObjective(Objective):
 
         img, patch = student_geometry(cfg, 224)
         check_geometry((img, patch), (img, patch), "image size")  # only the divisibility check applies
+        assert cfg.targets.data is not None  # validate(): --objective mae needs --data
         return PixelFeed(open_source(cfg.targets.data), img_size=img, patch_size=patch, batch_size=cfg.optim.batch_size,
                          rank=info.rank, world_size=info.world_size, num_workers=cfg.loader.num_workers, seed=cfg.optim.seed,
                          pin_memory=device.type == "cuda")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -25,8 +25,9 @@ from .losses import attention_loss, feature_loss
 from .pos_embed import sincos_pos_embed
 
 # Every block norm in the reference uses eps 1e-6; only the encoder adaptor keeps nn.LayerNorm's
-# default 1e-5 (method.md 8.5).
-BlockNorm = partial(nn.LayerNorm, eps=1e-6)
+# default 1e-5 (method.md 8.5). Typed as the class it makes: timm's Block annotates norm_layer as a
+# class, though it only calls it (timm's own models pass partials too).
+BlockNorm = cast(type[nn.LayerNorm], partial(nn.LayerNorm, eps=1e-6))
 ADAPTOR_LN_EPS = 1e-5
 
 
@@ -83,6 +84,11 @@ class MaskedEncoderMixin:
     cls_token, pos_embed, blocks, norm) with fixed sin-cos tables, and its unmasked forward as a
     downstream ViT sees it. The host module defines those attributes and ``decoder_pos_embed``."""
 
+    img_size: int | tuple[int, int]
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
     patch_embed: PatchEmbed
     cls_token: nn.Parameter
     pos_embed: nn.Parameter
@@ -387,6 +393,7 @@ class TECStudent(MaskedEncoderMixin, nn.Module):
         )  # [B, L, pred_dim]
         loss_fea = feature_loss(feat_target, pred_fea, mask)
         if self.forward_att_decoder is not None:
+            assert att_target is not None  # _check_targets: pred_att needs the attention target
             pred_att = self.forward_att_decoder(
                 latent, ids_restore, idx, self.decoder_blocks, self.decoder_pos_embed
             )  # [B, k+1, H, L]

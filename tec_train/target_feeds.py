@@ -14,7 +14,7 @@ Four sources share one interface, so the trainer never knows which it has:
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -59,6 +59,12 @@ class ImageSpec:
         return None
 
 
+def _triple(values: Sequence[float]) -> tuple[float, float, float]:
+    """A per-channel (R, G, B) value as a tuple; ValueError unless there are three."""
+    r, g, b = values
+    return r, g, b
+
+
 @dataclass(frozen=True, kw_only=True)
 class TargetSpec(ImageSpec):
     """What a source's base-model targets look like: sizes the student's heads, besides its images."""
@@ -78,7 +84,7 @@ class TargetSpec(ImageSpec):
         t, recipe, geometry = manifest.targets, manifest.views.recipe, manifest.geometry
         return TargetSpec(
             dim=t.dim, heads=t.heads, topk=t.topk, tau=float(t.tau), img_size=geometry.img_size,
-            patch_size=geometry.patch_size, mean=tuple(recipe.mean), std=tuple(recipe.std),
+            patch_size=geometry.patch_size, mean=_triple(recipe.mean), std=_triple(recipe.std),
             origin={
                 "kind": "cache", "path": manifest.where, "codec": manifest.codec.name, "format": manifest.format.name,
                 "base_model": manifest.base_model.name, "base_sha256": manifest.base_model.sha256,
@@ -101,7 +107,9 @@ class TargetFeed(Protocol):
     """The trainer's view of any source. ``epoch`` yields host-side items; ``prepare`` makes them StepInputs.
     ``spec`` is a TargetSpec for base-model targets, a plain ImageSpec for pixels."""
 
-    spec: ImageSpec
+    @property
+    def spec(self) -> ImageSpec: ...  # read-only here, so a feed may hold the narrower TargetSpec
+
     steps_per_epoch: int  # micro-batches per epoch, equal on every rank
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Any]: ...

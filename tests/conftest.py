@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random-weight base models saved in the real checkpoint layouts, and image
-folders with generated JPEGs, real photos (skimage.data) in odd sizes and modes, and broken files."""
+folders with generated JPEGs, real photos (skimage.data) in odd sizes and modes, and broken files; an offline
+Hugging Face hub cache for the timm/hub base tests."""
 from __future__ import annotations
 
 import io
@@ -17,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from tec_train.harness.checkpoints import PRETRAIN, CheckpointKind, latest_checkpoint
 
 # Tests never need more than the two CI cores; more threads only add contention.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -43,7 +46,7 @@ def tiny_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     # timm zero-initialises nothing that matters here, but pos_embed must be non-trivial for
     # the loaders' tests to tell a loaded model from a fresh one.
     with torch.no_grad():
-        model.pos_embed.normal_(0, 0.02)
+        model.get_parameter("pos_embed").normal_(0, 0.02)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -122,3 +125,24 @@ def add_skimage_photos(root: Path) -> list[str]:
 @pytest.fixture()
 def image_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "data")
+
+
+@pytest.fixture()
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An offline hub cache in tmp_path (huggingface_hub reads its variables at import, hence constants)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TEC_HOME", str(tmp_path / "tec-home"))
+    return cache
+
+
+def latest_saved(run_dir: Path, kind: CheckpointKind = PRETRAIN) -> Path:
+    """The run's latest checkpoint; the test fails here, naming the run, when it saved none."""
+    path = latest_checkpoint(run_dir, kind)
+    assert path is not None, f"no checkpoint in {run_dir}"
+    return path

@@ -14,6 +14,7 @@ import timm.data.auto_augment as timm_aa
 import torch
 from PIL import Image
 from timm.data import Mixup
+from torchvision import transforms
 
 from tec_cache.core import fashion_mnist
 from tec_train.augment import finetune_train_transform, posterize_keep_bits
@@ -29,6 +30,7 @@ needs_fmnist = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is
 
 def _recipe_ops(aa: str = DEFAULT_AA) -> list[timm_aa.AugmentOp]:
     tf = finetune_train_transform(32, aa=aa, reprob=0.25)
+    assert isinstance(tf, transforms.Compose)
     (ra,) = [t for t in tf.transforms if isinstance(t, timm_aa.RandAugment)]
     return list(ra.ops)
 

@@ -96,7 +96,10 @@ def test_ranks_partition_each_view_once(fmt, world, caches, references):
 
 def test_order_is_seeded_and_changes_per_epoch(caches):
     man = load_manifest(caches["webdataset"])
-    mk = lambda seed: CacheLoader(man, batch_size=2, num_workers=0, seed=seed)  # noqa: E731
+
+    def mk(seed: int) -> CacheLoader:
+        return CacheLoader(man, batch_size=2, num_workers=0, seed=seed)
+
     a, b = mk(3), mk(3)
     assert _indices(a.epoch(1)) == _indices(b.epoch(1))
     # Epochs 0 and 3 read the same view-epoch, in another order; another seed, another order.
@@ -352,11 +355,11 @@ def test_tar_reader_reads_into_a_reused_buffer_and_refuses_reads_once_released(c
 
 
 def _same_records(a: Iterator[ViewRecord], b: Iterator[ViewRecord]) -> bool:
-    a, b = list(a), list(b)
-    return len(a) == len(b) and all(
+    xs, ys = list(a), list(b)
+    return len(xs) == len(ys) and all(
         (x.key, x.image_index, x.image) == (y.key, y.image_index, y.image)
         and x.fields.keys() == y.fields.keys() and all(np.array_equal(x.fields[k], y.fields[k]) for k in x.fields)
-        for x, y in zip(a, b))
+        for x, y in zip(xs, ys))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

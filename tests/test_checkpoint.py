@@ -11,6 +11,7 @@ import torch
 from tec_train.harness import checkpoints as ck
 from tec_train.harness import resume
 from tec_train.harness.errors import CheckpointError
+from tests.conftest import latest_saved
 
 
 def _state(step: int) -> dict:
@@ -53,7 +54,7 @@ def test_failed_write_leaves_previous_checkpoint(tmp_path: Path, monkeypatch: py
         ck.save_checkpoint(tmp_path, _state(2), 2, keep_last=1)
     monkeypatch.undo()
     assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [1]
-    assert ck.load_checkpoint(ck.latest_checkpoint(tmp_path))["global_step"] == 1
+    assert ck.load_checkpoint(latest_saved(tmp_path))["global_step"] == 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the failed temp is removed
 
 
@@ -83,5 +84,5 @@ def test_rng_round_trip(tmp_path: Path) -> None:
 
     expected = draw()
     draw()  # move every generator on
-    resume.restore_rng(ck.load_checkpoint(ck.latest_checkpoint(tmp_path))["rng"][0], gen)
+    resume.restore_rng(ck.load_checkpoint(latest_saved(tmp_path))["rng"][0], gen)
     assert draw() == expected

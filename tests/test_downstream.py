@@ -10,11 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.models import VisionTransformer
 from typer.testing import CliRunner
 
 from tec_cache.core import fashion_mnist
@@ -34,8 +36,8 @@ from tec_train.finetune import (
 from tec_train.harness import FINETUNE, Reporter, list_checkpoints
 from tec_train.harness.checkpoints import save_checkpoint
 from tec_train.harness.trackers import TENSORBOARD_DIR
-from tec_train.labelled import FashionMNIST, open_labelled, subset_indices
-from tec_train.student import TECStudent, build_student
+from tec_train.labelled import FashionMNIST, dataset_len, open_labelled, subset_indices
+from tec_train.student import MaskedEncoderMixin, TECStudent, build_student
 from tests.conftest import TINY_ARCH, TINY_PATCH, make_image_folder
 from tests.test_trackers import assert_same_series, tensorboard_scalars
 
@@ -59,7 +61,10 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _perturbed(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+def _perturbed(module: M, seed: int = 0) -> M:
     """Move every trainable weight off its init so loading the wrong tensor cannot go unnoticed."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -76,7 +81,7 @@ def _student(embed: int = EMBED, heads: int = HEADS, depth: int = DEPTH) -> TECS
     return _perturbed(s)
 
 
-def _features(model: torch.nn.Module, imgs: torch.Tensor) -> torch.Tensor:
+def _features(model: VisionTransformer | MaskedEncoderMixin, imgs: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model.forward_features(imgs)  # [B, 1+L, C]
 
@@ -135,12 +140,14 @@ def _mae_layout(vit: torch.nn.Module, dec: int = 32) -> dict[str, torch.Tensor]:
     return state
 
 
-def _timm_vit(**kw) -> torch.nn.Module:
-    args = dict(img_size=IMG, patch_size=PATCH, embed_dim=EMBED, depth=DEPTH, num_heads=HEADS, num_classes=0)
+def _timm_vit(**kw: Any) -> VisionTransformer:
+    args: dict[str, Any] = dict(img_size=IMG, patch_size=PATCH, embed_dim=EMBED, depth=DEPTH, num_heads=HEADS, num_classes=0)
     args.update(kw)
     import timm
 
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **args)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, **args)
+    assert isinstance(vit, VisionTransformer)
+    return vit
 
 
 def test_load_encoder_from_mae_objective_run(tmp_path: Path, tiny) -> None:
@@ -189,7 +196,7 @@ def test_load_encoder_from_reference_checkpoint(tmp_path: Path) -> None:
     torch.save(converted, tmp_path / "converted.pth")
     vit2, facts2 = load_encoder(tmp_path / "converted.pth", model="vit_tiny_patch4")
     assert facts2["norm_initialised"] is True
-    assert torch.equal(vit2.norm.weight, torch.ones(192))
+    assert torch.equal(vit2.get_parameter("norm.weight"), torch.ones(192))
     # A missing block tensor is named, not left random.
     broken = dict(converted)
     del broken["blocks.1.mlp.fc2.weight"]
@@ -221,7 +228,7 @@ def test_load_encoder_from_base_model_layouts(tmp_path: Path) -> None:
 
 def test_load_encoder_resamples_pos_embed(tiny) -> None:
     vit, facts = load_encoder(tiny.export, img_size=48)
-    assert vit.pos_embed.shape == (1, 1 + 12 * 12, EMBED) and facts["pos_embed_resampled_from"] == IMG
+    assert vit.get_parameter("pos_embed").shape == (1, 1 + 12 * 12, EMBED) and facts["pos_embed_resampled_from"] == IMG
     assert _features(vit, torch.randn(1, 3, 48, 48)).shape == (1, 145, EMBED)
     with pytest.raises(ValueError, match="--img-size 30"):
         load_encoder(tiny.export, img_size=30)
@@ -273,7 +280,7 @@ def test_fashion_mnist_dataset_is_rgb_pil() -> None:
     r, g, b = img.split()
     assert r.tobytes() == g.tobytes() == b.tobytes()
     splits = open_labelled(fashion_mnist_dir=FMNIST, train_subset=50, val_subset=20, subset_seed=3)
-    assert (len(splits.train), len(splits.val), splits.num_classes, splits.default_crop_pct) == (50, 20, 10, 1.0)
+    assert (dataset_len(splits.train), dataset_len(splits.val), splits.num_classes, splits.default_crop_pct) == (50, 20, 10, 1.0)
 
 
 def test_dataset_errors(tmp_path: Path) -> None:
@@ -299,8 +306,8 @@ def test_image_folder_features(tiny, tmp_path: Path) -> None:
     assert splits.kind == "image_folder" and splits.classes == ["class0", "class1"] and splits.default_crop_pct == 0.875
     vit, _ = load_encoder(tiny.export)
     feats, labels = extract_features(vit, splits.val, batch_size=4, num_workers=0)
-    assert feats.shape == (len(splits.val), EMBED) and feats.dtype == torch.float32
-    assert labels.tolist() == [t for _, t in splits.val]
+    assert feats.shape == (dataset_len(splits.val), EMBED) and feats.dtype == torch.float32
+    assert labels.tolist() == [splits.val[i][1] for i in range(dataset_len(splits.val))]
     # avg pooling is the mean of the final-normed patch tokens of timm's forward_features.
     img0 = splits.val[0][0]
     from tec_train.evaluate import eval_transform
@@ -367,7 +374,7 @@ def test_layer_decay_scales_match_the_spec() -> None:
     # ViT-B's parameter names (depth 12) on a narrow model; scales depend on names only.
     model = FinetuneViT(mlp_token=True, img_size=IMG, patch_size=PATCH, embed_dim=32, depth=12, num_heads=2,
                         num_classes=10, global_pool="avg")
-    model.pos_embed.requires_grad_(False)
+    model.get_parameter("pos_embed").requires_grad_(False)
     scales = layer_decay_scales(model, 0.65)
     assert scales["patch_embed.proj.weight"] == pytest.approx(0.65**13) == pytest.approx(0.003697, abs=1e-6)
     assert scales["blocks.0.attn.qkv.weight"] == pytest.approx(0.65**12) == pytest.approx(0.005688, abs=1e-6)
@@ -395,10 +402,11 @@ def test_finetune_model_keeps_or_folds_the_cls_mlp(tiny) -> None:
         assert facts["cls_mlp_kept"] is keep and isinstance(model, FinetuneViT) is keep
         model.eval()
         torch.testing.assert_close(_features(model, tiny.imgs), expected, atol=1e-5, rtol=0)
-        assert model.head.weight.shape == (7, EMBED) and model.head.weight.std() < 1e-4
-        assert torch.equal(model.head.bias, torch.zeros(7)) and not model.pos_embed.requires_grad
+        head_weight = model.get_parameter("head.weight")
+        assert head_weight.shape == (7, EMBED) and head_weight.std() < 1e-4
+        assert torch.equal(model.get_parameter("head.bias"), torch.zeros(7)) and not model.get_parameter("pos_embed").requires_grad
     cls_model, _ = build_finetune_model(weights, 3, global_pool=False, drop_path=0.0)
-    assert torch.equal(cls_model.norm.weight, weights.state["norm.weight"])
+    assert torch.equal(cls_model.get_parameter("norm.weight"), weights.state["norm.weight"])
 
 
 def _ft_cfg(tmp_path: Path, source: Path, **kw) -> FinetuneConfig:

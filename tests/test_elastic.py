@@ -14,8 +14,9 @@ import pytest
 
 from tec_train.cache_loader import CacheLoader
 from tec_train.elastic import Layout, fit_layout, micro_batch_after
-from tec_train.harness.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint
+from tec_train.harness.checkpoints import list_checkpoints, load_checkpoint
 from tec_train.harness.errors import ResumeError
+from tests.conftest import latest_saved
 from tests.faultkit import clean_env, run_module
 
 
@@ -136,7 +137,7 @@ def test_resume_on_fewer_and_more_processes_sees_every_sample_once(tiny_cache: S
         # run's loss there than the loss of a fresh start, and every loss is finite.
         assert all(np.isfinite(r["loss"]) for r in recs)
         assert abs(recs[3]["loss"] - straight[3]["loss"]) < abs(recs[3]["loss"] - straight[0]["loss"]), (name, recs, straight)
-        ck = load_checkpoint(latest_checkpoint(runs[name]))
+        ck = load_checkpoint(latest_saved(runs[name]))
         layouts = ck["config"]["resolved"]["layouts"]
         assert [entry["from_step"] for entry in layouts] == [0, 3], layouts
         assert ck["global_step"] == 6 and ck["config"]["resolved"]["eff_batch"] == 8

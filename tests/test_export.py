@@ -13,6 +13,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from timm.models import VisionTransformer
 
 from tec_train.export import (
     create_timm_model,
@@ -40,15 +41,18 @@ def student() -> TECStudent:
     return s.eval()
 
 
-def _timm_vit() -> torch.nn.Module:
-    return timm.create_model(
+def _timm_vit() -> VisionTransformer:
+    vit = timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, num_classes=0,
         img_size=IMG, patch_size=PATCH, embed_dim=EMBED, depth=DEPTH, num_heads=HEADS,
     ).eval()
+    assert isinstance(vit, VisionTransformer)
+    return vit
 
 
 def test_cls_mlp_is_folded_into_cls_token(student: TECStudent) -> None:
     exported = export_state_dict(student.state_dict())
+    assert student.cls_token_mlp is not None
     with torch.no_grad():
         expected = student.cls_token_mlp.fc2(torch.nn.functional.gelu(student.cls_token_mlp.fc1(student.cls_token)))
     torch.testing.assert_close(exported["cls_token"], expected, atol=0, rtol=0)

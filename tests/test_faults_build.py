@@ -214,7 +214,8 @@ def test_lost_rank_under_torchrun_fails_fast_and_the_rerun_resumes(ref: SimpleNa
     r, _ = run_module("tec_cache", args, torchrun=2, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_cache(out, ref.wds)
-    assert load_manifest(out).stats.build["world_size"] == 2
+    stats = load_manifest(out).stats
+    assert stats is not None and stats.build is not None and stats.build["world_size"] == 2
 
 
 @pytest.mark.slow

@@ -21,9 +21,11 @@ import tarfile
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any, overload
 
 import pytest
 import torch
+import typer
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -253,6 +255,7 @@ def test_decompression_bomb_source_is_skipped_and_named(tiny: SimpleNamespace, t
     assert r.exit_code == 0, text
     assert "skipped class0/bomb.png:" in text and "refused as a decompression bomb" in text, text
     skipped = load_manifest(out).source.skipped
+    assert skipped is not None
     assert [s["key"] for s in skipped] == ["class0/bomb.png"] and "bomb.png" in skipped[0]["error"]
 
 
@@ -309,11 +312,11 @@ def test_no_unsafe_deserialisation_in_the_code() -> None:
                     bad.append(f"{where}: {owner}.{f.attr}()")
                 if (owner, f.attr) == ("torch", "load"):
                     kw = {k.arg: k.value for k in node.keywords}
-                    if not (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
+                    if not (isinstance(wo := kw.get("weights_only"), ast.Constant) and wo.value is True):
                         bad.append(f"{where}: torch.load without weights_only=True")
                 if (owner, f.attr) == ("np", "load") or (owner, f.attr) == ("numpy", "load"):
                     kw = {k.arg: k.value for k in node.keywords}
-                    if isinstance(kw.get("allow_pickle"), ast.Constant) and kw["allow_pickle"].value:
+                    if isinstance(ap := kw.get("allow_pickle"), ast.Constant) and ap.value:
                         bad.append(f"{where}: np.load(allow_pickle=True)")
     assert not bad, bad
 
@@ -377,7 +380,7 @@ def _paths(obj, prefix=()):
             yield from _paths(v, (*prefix, i))
 
 
-_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+_SETTINGS: dict[str, Any] = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
 @settings(max_examples=120, **_SETTINGS)
@@ -479,6 +482,14 @@ BUILD_BAD = [
     ("--device", "tpu", "--device: 'tpu' is not a device (expected auto, cpu, cuda or cuda:N)"),
     ("--jpeg-quality", "101", "--jpeg-quality: must be in 1..100, got 101"),
 ]
+
+
+@overload
+def _fill(value: str, tiny: SimpleNamespace, tmp_path: Path) -> str: ...
+
+
+@overload
+def _fill(value: None, tiny: SimpleNamespace, tmp_path: Path) -> None: ...
 
 
 def _fill(value: str | None, tiny: SimpleNamespace, tmp_path: Path) -> str | None:
@@ -597,15 +608,18 @@ def test_run_bad_option(mode: str, option: str, value: str, says: str, tiny: Sim
     assert not run.exists() or option == "--run-dir"
 
 
-def _value_params(app: object, command: str) -> set[str]:
+def _value_params(app: typer.Typer, command: str) -> set[str]:
     """The options (``--name``) and arguments (``METAVAR``) of ``command`` that take a value; typer
     may bring its own copy of click, so parameters are told apart by click's ``param_type_name``."""
+    import typer.core
     import typer.main
 
+    group = typer.main.get_command(app)
+    assert isinstance(group, typer.core.TyperGroup)
     out = set()
-    for p in typer.main.get_command(app).commands[command].params:
+    for p in group.commands[command].params:
         if p.param_type_name == "option":
-            if not p.is_flag:
+            if not getattr(p, "is_flag", False):  # an option: click declares is_flag on Option only
                 out.add(p.opts[0])
         else:
             out.add((p.metavar or p.name.upper()).strip("[]").rstrip("."))
@@ -641,6 +655,7 @@ def test_export_bad_option(option: str, value: str | None, says: str, tiny: Simp
     fill = dict(missing=tmp_path / "nope", folder=tiny.data, file=tiny.ckpt, ckpt=ref)
     args = ["export", str(ref), "--out", str(out), "--model", "vit_tiny_patch8"]
     if option == "RUN_OR_CKPT":
+        assert value is not None
         args[1] = value.format(**fill)
     else:
         args = _with(args, option, None if value is None else value.format(**fill))
@@ -756,8 +771,10 @@ def _downstream_args(command: str, option: str, value: str | None, fill: dict, e
     encoder = _ENCODER if command != "finetune" else _with(_ENCODER, "--patch-size", None)  # finetune takes the arch's
     args = [command, *(a.format(**fill) for a in encoder), *extra]
     if option == "SOURCE":
+        assert value is not None
         args[1] = value.format(**fill)
     elif option == "--fashion-mnist-dir":
+        assert value is not None
         args = _with(args, "--data", None) + [option, value.format(**fill)]
     else:
         args = _with(args, option, None if value is None else value.format(**fill))

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from tec_cache.format.writer_lock import LOCK_NAME
-from tec_train.harness.checkpoints import checkpoint_path, digest_path, latest_checkpoint, list_checkpoints, load_checkpoint
+from tec_train.harness.checkpoints import checkpoint_path, digest_path, list_checkpoints, load_checkpoint
+from tests.conftest import latest_saved
 from tests.faultkit import ROOT, clean_env, count_arrivals, flip_byte, launch_ranks, run_module, second_writer_refused, seeded_nth
 
 EXACT_FIELDS = ("step", "epoch", "epoch_f", "loss", "loss_fea", "loss_att", "lr")
@@ -108,8 +109,8 @@ def test_killed_run_resumes_bit_identically(point: str, tiny, straight: SimpleNa
     assert "took over the lock of tec-train run" in r.stderr and "its process is gone" in r.stderr, r.stderr[-2000:]
     assert (f"resuming checkpoint-{expect:08d}.pt" in r.stderr) if expect else ("resuming" not in r.stderr), r.stderr[-2000:]
     assert _exact(run) == _exact(straight.run) and len(_exact(run)) == 9
-    _assert_same_weights(load_checkpoint(latest_checkpoint(run))["model"],
-                         load_checkpoint(latest_checkpoint(straight.run))["model"])
+    _assert_same_weights(load_checkpoint(latest_saved(run))["model"],
+                         load_checkpoint(latest_saved(straight.run))["model"])
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # the killed writer's temp file is gone
 
 
@@ -140,9 +141,9 @@ def test_lost_rank_under_torchrun_fails_fast_and_the_rerun_resumes(tiny, tmp_pat
     assert r.stderr.count("took over the lock of tec-train run") in (0, 1), r.stderr[-3000:]
     assert not (killed / LOCK_NAME).exists()
     assert _exact(killed) == _exact(straight) and len(_exact(straight)) == 6
-    _assert_same_weights(load_checkpoint(latest_checkpoint(killed))["model"],
-                         load_checkpoint(latest_checkpoint(straight))["model"])
-    ck = load_checkpoint(latest_checkpoint(killed))
+    _assert_same_weights(load_checkpoint(latest_saved(killed))["model"],
+                         load_checkpoint(latest_saved(straight))["model"])
+    ck = load_checkpoint(latest_saved(killed))
     assert ck["world_size"] == 2 and len(ck["rng"]) == 2
     assert not torch.equal(ck["rng"][0]["mask"], ck["rng"][1]["mask"])  # each rank draws its own masks
 
@@ -176,8 +177,8 @@ def test_a_second_run_on_the_same_run_dir_is_refused(tiny, straight: SimpleNames
                                     command="tec-train run")
     assert rc == 0, err[-3000:]
     assert _exact(run) == _exact(straight.run)  # every record once, as a lone run writes them
-    _assert_same_weights(load_checkpoint(latest_checkpoint(run))["model"],
-                         load_checkpoint(latest_checkpoint(straight.run))["model"])
+    _assert_same_weights(load_checkpoint(latest_saved(run))["model"],
+                         load_checkpoint(latest_saved(straight.run))["model"])
     assert not (run / LOCK_NAME).exists()
 
 
@@ -226,6 +227,7 @@ def test_one_writer_and_intact_checkpoints_under_two_ranks(tiny, tmp_path: Path)
         [sys.executable, "-c", "import sys, time; from tec_cache.format.writer_lock import acquire; "
          "acquire(sys.argv[1], 'tec-train run', '--run-dir'); print('held', flush=True); time.sleep(600)", str(run)],
         env=clean_env(), cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None
     try:
         assert holder.stdout.readline().strip() == "held"
         before = sorted(p.name for p in run.iterdir())
@@ -244,7 +246,7 @@ def test_one_writer_and_intact_checkpoints_under_two_ranks(tiny, tmp_path: Path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("took over the lock of tec-train run") == 1, r.stderr[-3000:]
     assert _exact(run) == _exact(straight)
-    last = latest_checkpoint(run)
+    last = latest_saved(run)
     assert last.name == "checkpoint-00000006.pt"
     flip_byte(last)
     r, _ = _train(run, _ddp_args(tiny.cache), ranks=2)
@@ -253,5 +255,5 @@ def test_one_writer_and_intact_checkpoints_under_two_ranks(tiny, tmp_path: Path)
     assert text.count("skipping checkpoint-00000006.pt: sha256 mismatch") == 1, text[-3000:]
     assert "resuming checkpoint-00000004.pt" in text
     assert _exact(run) == _exact(straight)
-    _assert_same_weights(load_checkpoint(latest_checkpoint(run))["model"], load_checkpoint(latest_checkpoint(straight))["model"])
+    _assert_same_weights(load_checkpoint(latest_saved(run))["model"], load_checkpoint(latest_saved(straight))["model"])
     assert not (run / LOCK_NAME).exists()

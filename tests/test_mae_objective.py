@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from timm.models import VisionTransformer
 from typer.testing import CliRunner
 
 from tec_cache.build.builder import BuildConfig, build_cache
@@ -22,7 +23,7 @@ from tec_train.export import create_timm_model
 from tec_train.harness.checkpoints import latest_checkpoint, load_checkpoint
 from tec_train.mae import build_mae, patchify, pixel_loss
 from tec_train.train import TrainConfig, train
-from tests.conftest import make_image_folder
+from tests.conftest import latest_saved, make_image_folder
 
 IMG, PATCH = 32, 8
 
@@ -70,14 +71,14 @@ def test_mae_run_learns_resumes_exports_and_feeds_stage_one(data: Path, tmp_path
     assert set(recs[0]) >= {"step", "loss", "lr", "images_per_s"} and "loss_fea" not in recs[0]
     first, last = sum(r["loss"] for r in recs[:3]) / 3, sum(r["loss"] for r in recs[-3:]) / 3
     assert last < first, (first, last)
-    ck = load_checkpoint(latest_checkpoint(straight))
+    ck = load_checkpoint(latest_saved(straight))
     assert ck["config"]["resolved"]["objective"] == "mae" and ck["config"]["resolved"]["targets"]["origin"]["kind"] == "pixels"
 
     # Exact resume: 5 steps, then the rest in a second invocation, equals the straight run.
     split = tmp_path / "split"
     train(_cfg(split, data, epochs=6, max_steps=5))
     train(_cfg(split, data, epochs=6))
-    a, b = load_checkpoint(latest_checkpoint(split))["model"], ck["model"]
+    a, b = load_checkpoint(latest_saved(split))["model"], ck["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [json.loads(x)["loss"] for x in (split / "metrics.jsonl").read_text().splitlines()] == [r["loss"] for r in recs]
 
@@ -86,6 +87,7 @@ def test_mae_run_learns_resumes_exports_and_feeds_stage_one(data: Path, tmp_path
     assert r.exit_code == 0, r.output
     config = json.loads((tmp_path / "export" / "config.json").read_text())
     vit = create_timm_model(config).eval()
+    assert isinstance(vit, VisionTransformer)
     vit.load_state_dict(safetensors.torch.load_file(str(tmp_path / "export" / "model.safetensors")), strict=True)
     mae = build_mae("vit_tiny_patch8", img_size=IMG, depth=2).eval()
     mae.load_state_dict(ck["model"], strict=True)
@@ -96,7 +98,7 @@ def test_mae_run_learns_resumes_exports_and_feeds_stage_one(data: Path, tmp_path
     # Stage 1 takes the run's own checkpoint (decoder included) as its base model, strictly.
     spec = resolve_spec(None, arch="vit_tiny_patch16_224", img_size=IMG, patch_size=PATCH, depth=2, topk=3)
     base = build_model(spec)
-    facts = load_base(base, latest_checkpoint(straight))
+    facts = load_base(base, latest_saved(straight))
     assert "norm.weight" not in facts["ignored_missing"]
     with torch.no_grad():
         torch.testing.assert_close(base.forward_features(imgs), mae.forward_features(imgs), atol=1e-6, rtol=0)

@@ -166,7 +166,7 @@ def _write_run(run: Path, steps: int, *, mae: bool = False, torn: bool = False) 
     lines = []
     for s in range(1, steps + 1):
         loss = 2.0 * math.exp(-s / 10) + 0.05 * math.sin(s)
-        rec = {"step": s, "epoch": s // 10, "epoch_f": s / 10, "loss": loss, "lr": min(s / 5, 1.0) * 1e-3,
+        rec: dict[str, float | None] = {"step": s, "epoch": s // 10, "epoch_f": s / 10, "loss": loss, "lr": min(s / 5, 1.0) * 1e-3,
                "images_per_s": 100.0 + s % 5, "data_wait_fraction": 0.1, "time": 1000.0 + s}
         # A plain MAE run has no feature/attention losses; it may log them as null.
         rec.update({"loss_fea": None, "loss_att": None} if mae else {"loss_fea": 0.6 * loss, "loss_att": 0.4 * loss})

@@ -177,8 +177,8 @@ def test_pipeline_presets_give_defaults_and_flags_override(tmp_path: Path, tiny_
     from tec_cache.build.cli import app as cache_app
     from tec_cache.format.manifest import load_manifest
     from tec_train.cli import app as train_app
-    from tec_train.harness.checkpoints import latest_checkpoint, load_checkpoint
-    from tests.conftest import make_image_folder
+    from tec_train.harness.checkpoints import load_checkpoint
+    from tests.conftest import latest_saved, make_image_folder
 
     data = make_image_folder(tmp_path / "data", n_per_class=4, bad=False)
     for split in ("train", "val"):  # a labelled ImageNet-style folder for the fine-tuning step
@@ -196,13 +196,13 @@ def test_pipeline_presets_give_defaults_and_flags_override(tmp_path: Path, tiny_
     code, out = _cli(train_app, ["run", "--pipeline", str(preset), "--run-dir", str(tmp_path / "run"), "--epochs", "1"])
     assert code == 0, out
     assert "was made for 8 processes, this run has 1" in out
-    options = load_checkpoint(latest_checkpoint(tmp_path / "run"))["config"]["options"]
+    options = load_checkpoint(latest_saved(tmp_path / "run"))["config"]["options"]
     assert (options["epochs"], options["depth"], options["blr"], options["cache"]) == (1, 2, 1e-3, str(Path("caches") / "tiny-test"))
     # --objective mae reads the [base] table.
     code, out = _cli(train_app, ["run", "--pipeline", str(preset), "--objective", "mae", "--data", str(data),
                                  "--run-dir", str(tmp_path / "base"), "--img-size", "32"])
     assert code == 0, out
-    options = load_checkpoint(latest_checkpoint(tmp_path / "base"))["config"]["options"]
+    options = load_checkpoint(latest_saved(tmp_path / "base"))["config"]["options"]
     assert (options["objective"], options["epochs"], options["cache"]) == ("mae", 1, None)
     # tec-train finetune reads [finetune]; the flag --epochs beats the preset's.
     preset.write_text(PRESET + FINETUNE)

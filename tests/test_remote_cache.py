@@ -14,13 +14,14 @@ from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 
 from tec_cache.build.verify import verify_cache
 from tec_cache.format import ShardError
-from tec_cache.format.manifest import ManifestError, load_manifest
+from tec_cache.format.manifest import Manifest, ManifestError, load_manifest
 from tec_cache.format.remote import RemoteError
 from tec_train.cache_loader import CacheLoader
 from tests.faultkit import clean_env, run_module
@@ -87,8 +88,9 @@ def server(tiny_cache: SimpleNamespace) -> Iterator[_Server]:
         yield srv
 
 
-def _batches(cache: str | Path, epoch: int, **kw) -> list:
-    with CacheLoader(cache, batch_size=4, num_workers=1, seed=5, **kw) as loader:
+def _batches(cache: str | Path | Manifest, epoch: int, **kw: Any) -> list:
+    # A URL too: CacheLoader opens anything load_manifest does, though its annotation says Path | Manifest.
+    with CacheLoader(cache, batch_size=4, num_workers=1, seed=5, **kw) as loader:  # type: ignore[arg-type]  # a URL, see above
         return list(loader.epoch(epoch))
 
 

@@ -39,7 +39,7 @@ def make_records(n: int, seed: int = 0) -> list[ViewRecord]:
     order = rng.permutation(10 * n)[:n]
     recs = []
     for j, image_index in enumerate(order):
-        fields = {
+        fields: dict[str, np.ndarray] = {
             "feat_q": rng.integers(-128, 128, (L, D), dtype=np.int8),
             "feat_lo": rng.standard_normal(D).astype(np.float16),
             "feat_scale": rng.random(D).astype(np.float16),
@@ -230,7 +230,7 @@ BAD_RECORDS: dict[str, tuple[Callable[[ViewRecord], ViewRecord], str]] = {
     "missing": (lambda r: dataclasses.replace(r, fields={k: v for k, v in r.fields.items() if k != "att_q"}), "att_q"),
     "extra": (lambda r: dataclasses.replace(r, fields={**r.fields, "bogus": np.zeros(1, np.int8)}), "bogus"),
     "key": (lambda r: dataclasses.replace(r, key="12"), "key"),
-    "label": (lambda r: dataclasses.replace(r, label="7"), "label"),
+    "label": (lambda r: dataclasses.replace(r, label="7"), "label"),  # type: ignore[arg-type]  # a wrong type on purpose
     "view_epoch": (lambda r: dataclasses.replace(r, view_epoch=2**40), "view_epoch"),
 }
 
@@ -326,9 +326,15 @@ def test_dataloader_workers(fmt: str, start_method: str, tmp_path: Path) -> None
 # --- webdataset: hostile and malformed archives ------------------------------------------------
 
 
+def read_member(tar: tarfile.TarFile, member: str | tarfile.TarInfo) -> bytes:
+    f = tar.extractfile(member)
+    assert f is not None, f"{member}: not a regular file"
+    return f.read()
+
+
 def tar_members(path: Path) -> list[tuple[str, bytes]]:
     with tarfile.open(path) as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+        return [(m.name, read_member(tar, m)) for m in tar.getmembers()]
 
 
 def pack(path: Path, members: list[tuple[str, bytes] | tarfile.TarInfo]) -> None:
@@ -359,7 +365,7 @@ class _RunsCode:
         return (open, (str(MARKER), "w"))
 
 
-HOSTILE = {
+HOSTILE: dict[str, tuple[str, bytes] | tarfile.TarInfo] = {
     "absolute": ("/tmp/000000000.jpg", b"x"),
     "dotdot": ("../000000000.jpg", b"x"),
     "dotdot-deep": ("../../evil.jpg", b"x"),
@@ -383,7 +389,7 @@ def test_tar_hostile_member(case: str, tmp_path: Path) -> None:
     write_shard("webdataset", src, make_records(2))
     shard = tmp_path / "a" / "b" / "shard.tar"
     shard.parent.mkdir(parents=True)
-    members = tar_members(src)
+    members: list[tuple[str, bytes] | tarfile.TarInfo] = list(tar_members(src))
     pack(shard, members[: len(members) // 2] + [HOSTILE[case]] + members[len(members) // 2 :])
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     needle = "member type" if isinstance(HOSTILE[case], tarfile.TarInfo) else "member name"
@@ -479,8 +485,8 @@ def test_tar_layout(tmp_path: Path) -> None:
         }
         for m in members:
             assert (m.mtime, m.uid, m.gid, m.mode, m.isreg()) == (0, 0, 0, 0o444, True)
-        meta = json.loads(tar.extractfile(f"{recs[0].key}.json").read().decode("utf-8"))
-        assert tar.extractfile(f"{recs[0].key}.jpg").read() == recs[0].image
+        meta = json.loads(read_member(tar, f"{recs[0].key}.json").decode("utf-8"))
+        assert read_member(tar, f"{recs[0].key}.jpg") == recs[0].image
     want = recs[0]
     assert meta == {"image_index": want.image_index, "view_epoch": 3, "label": want.label, "image_key": want.image_key}
 
@@ -494,7 +500,9 @@ def _drop(path: Path, rel: str) -> None:
 
 
 def _set_offsets(path: Path, offsets: np.ndarray) -> None:
-    zarr.open_group(LocalStore(path), mode="r+")["image_offsets"][...] = offsets
+    array = zarr.open_group(LocalStore(path), mode="r+")["image_offsets"]
+    assert isinstance(array, zarr.Array)
+    array[...] = offsets
 
 
 @pytest.mark.parametrize(
@@ -549,7 +557,7 @@ def test_fields_marked_uncompressed_are_stored_raw_and_read_back(fmt: str, tmp_p
         assert_same(got, want)
     if fmt == "webdataset":
         with tarfile.open(path) as tar:
-            payload = tar.extractfile(f"{recs[0].key}.targets.zst").read()
+            payload = read_member(tar, f"{recs[0].key}.targets.zst")
         names = sorted(specs)
         lengths = np.frombuffer(payload[:4 * len(names)], "<u4").tolist()
         frames, start = {}, 4 * len(names)

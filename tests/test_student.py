@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from tec_train.losses import attention_loss, feature_loss
 from tec_train.pos_embed import sincos_pos_embed
-from tec_train.student import MODEL_SIZES, TECStudent, build_student, param_groups
+from tec_train.student import MODEL_SIZES, AttentionDecoder, FeatureDecoder, TECStudent, build_student, param_groups
 
 B, IMG, PATCH, L, K = 2, 32, 4, 64, 3
 BASE_D, BASE_H = 64, 4  # a base model whose width differs from the student's
@@ -83,8 +83,27 @@ def test_student_pos_embeds_are_frozen_sincos() -> None:
 # ---------------------------------------------------------------- method.md 9.7: bookkeeping
 
 
-def _count(module: torch.nn.Module) -> int:
+def _count(module: torch.nn.Module | None) -> int:
+    assert module is not None
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def _eps(model: torch.nn.Module, name: str) -> float:
+    norm = model.get_submodule(name)
+    assert isinstance(norm, torch.nn.LayerNorm), name
+    return norm.eps
+
+
+def _lin(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
+    """``layer``'s affine map, by hand."""
+    assert isinstance(layer, torch.nn.Linear)
+    return F.linear(x, layer.weight, layer.bias)
+
+
+def _ln(x: torch.Tensor, norm: torch.nn.Module, eps: float) -> torch.Tensor:
+    """Layer norm over the last dim with ``norm``'s affine weights and the given eps."""
+    assert isinstance(norm, torch.nn.LayerNorm)
+    return F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, eps=eps)
 
 
 def test_vit_b_trainable_parameter_breakdown(vit_b: TECStudent) -> None:
@@ -144,9 +163,9 @@ def test_state_dict_keys_match_reference(vit_b: TECStudent) -> None:
 
 
 def test_norm_eps_follow_reference(vit_b: TECStudent) -> None:
-    assert vit_b.encoder_adaptor.adap_before.eps == 1e-5 and vit_b.encoder_adaptor.adap_after.eps == 1e-5
-    assert vit_b.norm.eps == 1e-6 and vit_b.blocks[0].norm1.eps == 1e-6
-    assert vit_b.decoder_blocks[0].norm2.eps == 1e-6 and vit_b.forward_att_decoder.decoder_norm.eps == 1e-6
+    assert _eps(vit_b, "encoder_adaptor.adap_before") == 1e-5 and _eps(vit_b, "encoder_adaptor.adap_after") == 1e-5
+    assert _eps(vit_b, "norm") == 1e-6 and _eps(vit_b, "blocks.0.norm1") == 1e-6
+    assert _eps(vit_b, "decoder_blocks.0.norm2") == 1e-6 and _eps(vit_b, "forward_att_decoder.decoder_norm") == 1e-6
 
 
 def test_weight_decay_groups(vit_b: TECStudent) -> None:
@@ -254,31 +273,34 @@ def _ref_encoder(s: TECStudent, imgs: torch.Tensor, noise: torch.Tensor) -> torc
     keep = torch.argsort(noise, dim=1)[:, : int(L * 0.25)]  # [B, keep]
     visible = torch.stack([tokens[b, keep[b]] for b in range(B)])  # [B, keep, C]
     mlp = s.cls_token_mlp
-    cls = F.linear(F.gelu(F.linear(s.cls_token, mlp.fc1.weight, mlp.fc1.bias)), mlp.fc2.weight, mlp.fc2.bias)
+    assert mlp is not None
+    cls = _lin(F.gelu(_lin(s.cls_token, mlp.fc1)), mlp.fc2)
     x = torch.cat([(cls + s.pos_embed[:, :1]).expand(B, -1, -1), visible], dim=1)  # [B, 1+keep, C]
     outs = []
     for blk in s.blocks:
         x = blk(x)
         outs.append(x)
-    outs[-1] = F.layer_norm(x, (s.embed_dim,), s.norm.weight, s.norm.bias, eps=1e-6)
+    outs[-1] = _ln(x, s.norm, eps=1e-6)
     return torch.cat(outs, dim=-1)  # [B, 1+keep, depth*C]
 
 
 def _ref_adaptor(s: TECStudent, layers: torch.Tensor) -> torch.Tensor:
     a = s.encoder_adaptor
-    z = F.layer_norm(layers, (layers.shape[-1],), a.adap_before.weight, a.adap_before.bias, eps=1e-5)
+    z = _ln(layers, a.adap_before, eps=1e-5)
     width = layers.shape[-1] // a.num_adap
-    total = 0
+    total = None
     for g in range(a.num_adap):
-        y = F.linear(z[..., g * width : (g + 1) * width], a.fuse_fcs[g].weight, a.fuse_fcs[g].bias)
+        y = _lin(z[..., g * width : (g + 1) * width], a.fuse_fcs[g])
         m = a.adap_mlps[g]
-        y = y + F.linear(F.gelu(F.linear(y, m.fc1.weight, m.fc1.bias)), m.fc2.weight, m.fc2.bias)
-        total = total + y
-    return F.layer_norm(total, (s.embed_dim,), a.adap_after.weight, a.adap_after.bias, eps=1e-5)
+        y = y + _lin(F.gelu(_lin(y, m.get_submodule("fc1"))), m.get_submodule("fc2"))
+        total = y if total is None else total + y
+    assert total is not None
+    return _ln(total, a.adap_after, eps=1e-5)
 
 
-def _ref_decode(s: TECStudent, dec: torch.nn.Module, latent: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    x = F.linear(latent, dec.decoder_embed.weight, dec.decoder_embed.bias)  # [B, 1+keep, Cd]
+def _ref_decode(s: TECStudent, dec: FeatureDecoder | AttentionDecoder | None, latent: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    assert dec is not None
+    x = _lin(latent, dec.decoder_embed)  # [B, 1+keep, Cd]
     keep = torch.argsort(noise, dim=1)[:, : latent.shape[1] - 1]
     full = dec.mask_token.expand(B, 1 + L, -1).clone()  # [B, 1+L, Cd]
     full[:, 0] = x[:, 0]
@@ -288,13 +310,14 @@ def _ref_decode(s: TECStudent, dec: torch.nn.Module, latent: torch.Tensor, noise
     x = full + s.decoder_pos_embed
     for blk in s.decoder_blocks:
         x = blk(x)
-    return F.layer_norm(x, (x.shape[-1],), dec.decoder_norm.weight, dec.decoder_norm.bias, eps=1e-6)
+    return _ln(x, dec.decoder_norm, eps=1e-6)
 
 
 def _ref_attention_logits(s: TECStudent, latent: torch.Tensor, noise: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     dec = s.forward_att_decoder
     x = _ref_decode(s, dec, latent, noise)
-    qk = F.linear(x, dec.decoder_qk.weight, dec.decoder_qk.bias)  # [B, 1+L, 2D]
+    assert dec is not None
+    qk = _lin(x, dec.decoder_qk)  # [B, 1+L, 2D]
     q, k = qk[..., :BASE_D], qk[..., BASE_D:]
     dh = BASE_D // BASE_H
     out = torch.empty(B, K + 1, BASE_H, L)
@@ -319,8 +342,7 @@ def test_forward_matches_independent_reimplementation(batch) -> None:
         torch.testing.assert_close(out.latent, ref_latent, atol=1e-5, rtol=1e-5)
 
         dec = s.forward_fea_decoder
-        ref_fea = F.linear(_ref_decode(s, dec, ref_latent, batch["noise"]), dec.decoder_pred.weight,
-                           dec.decoder_pred.bias)[:, 1:]
+        ref_fea = _lin(_ref_decode(s, dec, ref_latent, batch["noise"]), dec.decoder_pred)[:, 1:]
         torch.testing.assert_close(out.pred_fea, ref_fea, atol=1e-5, rtol=1e-5)
         ref_att = _ref_attention_logits(s, ref_latent, batch["noise"], batch["idx"])
         assert out.pred_att.shape == (B, K + 1, BASE_H, L)

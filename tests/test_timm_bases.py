@@ -7,17 +7,20 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import safetensors.torch
 import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from timm.layers import Attention
+from timm.models import VisionTransformer
 
 from tec_cache.core.basemodels import base_normalisation, check_timm_vit, load_base_model, resolve_spec
 from tec_cache.core.targets import extract_targets
 
-TINY = dict(embed_dim=32, depth=2, num_heads=2)
+TINY: dict[str, Any] = dict(embed_dim=32, depth=2, num_heads=2)
 # family: (timm architecture, image size giving a 4x4 grid, mean, std, prefix tokens)
 FAMILIES = {
     "dinov2": ("vit_small_patch14_dinov2", 56, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, 1),
@@ -28,16 +31,21 @@ FAMILIES = {
 }
 
 
-def _tiny(arch: str, img: int, seed: int = 0) -> torch.nn.Module:
+def _tiny(arch: str, img: int, seed: int = 0) -> VisionTransformer:
     torch.manual_seed(seed)
-    return timm.create_model(arch, pretrained=False, num_classes=0, img_size=img, **TINY).eval()
+    model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=img, **TINY).eval()
+    assert isinstance(model, VisionTransformer)
+    return model
 
 
-def _reference_targets(model: torch.nn.Module, x: torch.Tensor, topk: int, npt: int):
+def _reference_targets(model: VisionTransformer, x: torch.Tensor, topk: int,
+                       npt: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The targets written out the long way: every token through timm's own forward, the full logit
     matrix of the last block, then the rows and columns of the patch relation picked out of it."""
-    captured = {}
-    h = model.blocks[-1].attn.qkv.register_forward_hook(lambda m, i, o: captured.__setitem__("qkv", o))
+    attn = model.blocks[-1].get_submodule("attn")
+    assert isinstance(attn, Attention)
+    captured: dict[str, torch.Tensor] = {}
+    h = attn.qkv.register_forward_hook(lambda m, i, o: captured.__setitem__("qkv", o))
     tokens = model.forward_features(x)  # [B,P+L,D] after the final norm: compare before it below
     h.remove()
     x_in = model.norm_pre(model._pos_embed(model.patch_embed(x)))
@@ -46,7 +54,6 @@ def _reference_targets(model: torch.nn.Module, x: torch.Tensor, topk: int, npt: 
     assert torch.allclose(model.norm(x_in), tokens, atol=1e-5)
     feat = x_in[:, npt:]  # [B,L,D]
     B, N, _ = captured["qkv"].shape
-    attn = model.blocks[-1].attn
     H, hd = attn.num_heads, attn.head_dim
     q, k, _v = captured["qkv"].view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)
     logits = (q @ k.transpose(-1, -2)) * attn.scale  # [B,H,N,N]
@@ -78,7 +85,7 @@ def test_family_targets_keep_prefix_tokens_out(family: str) -> None:
 def test_family_normalisation_comes_from_its_pretrained_cfg(family: str) -> None:
     arch, img, mean, std, _ = FAMILIES[family]
     model = _tiny(arch, img)
-    model.pretrained_cfg = {**model.pretrained_cfg, "mean": mean, "std": std}
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": mean, "std": std}  # type: ignore[assignment, dict-item]  # timm sets this plain dict after building; nn.Module types attributes as Tensor | Module
     spec = resolve_spec(f"timm:{arch}", img_size=img, topk=3)
     assert base_normalisation(model, spec) == (tuple(mean), tuple(std))
     assert spec.patch_size == model.patch_embed.patch_size[0] and spec.img_size // spec.patch_size == 4
@@ -115,20 +122,6 @@ def make_hub_repo(cache: Path, repo: str, arch: str, img: int, mean, std, seed: 
                               "classifier": "head", "crop_pct": 1.0, "interpolation": "bicubic"}}
     (snap / "config.json").write_text(json.dumps(cfg))
     return sd
-
-
-@pytest.fixture()
-def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An offline hub cache in tmp_path (huggingface_hub reads its variables at import, hence constants)."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TEC_HOME", str(tmp_path / "tec-home"))
-    return cache
 
 
 def test_hub_base_loads_through_timm_offline_with_its_own_normalisation(hub_cache: Path) -> None:
@@ -200,6 +193,7 @@ def test_online_mode_feeds_the_base_its_own_normalisation_and_the_student_its_ow
     torch.testing.assert_close(got.images, normalise_images(item.images, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
     feat, att, idx = extract_targets(feed.model, normalise_images(item.images, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
                                      topk=3, last_layers=1, autocast=False)
+    assert got.feat is not None and got.att is not None and got.idx is not None
     assert torch.equal(got.feat, feat) and torch.equal(got.att, att) and torch.equal(got.idx, idx)
     assert feed.spec.mean == tuple(IMAGENET_DEFAULT_MEAN)
 

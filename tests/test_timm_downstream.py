@@ -5,8 +5,10 @@ images normalised with the base's own mean/std; fine-tuning keeps the architectu
 parameters by layer and re-samples pos_embed around its prefix tokens."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import safetensors.torch
@@ -14,6 +16,7 @@ import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, OPENAI_CLIP_MEAN
 from timm.layers import resample_abs_pos_embed
+from timm.models import VisionTransformer
 
 from tec_train.encoder_weights import load_encoder, read_encoder_weights
 from tec_train.eval_config import EvalConfig
@@ -21,7 +24,7 @@ from tec_train.evaluate import eval_transform, frozen_features, run_knn, run_lin
 from tec_train.finetune import build_finetune_model, finetune, layer_id_for_vit
 from tec_train.finetune_config import FinetuneConfig
 from tests.conftest import make_image_folder
-from tests.test_timm_bases import FAMILIES, _tiny, hub_cache, make_hub_repo  # noqa: F401 - hub_cache is a fixture
+from tests.test_timm_bases import FAMILIES, _tiny, make_hub_repo
 
 # family: hub repo; the DINOv2-with-registers one has 5 prefix tokens and no pos_embed entries for them.
 BASES = {"dinov2_reg4": "tec-test/dinov2-reg4", "clip": "tec-test/clip"}
@@ -51,24 +54,26 @@ def test_knn_features_are_the_bases_own_patch_tokens_with_its_normalisation(fami
     assert enc["basemodel"] == base and enc["layout"] == "timm pretrained"
     # The long way: timm's own pretrained model, its forward_features, the patch tokens averaged.
     ref = timm.create_model(base, pretrained=True, num_classes=0, img_size=img).eval()
-    from tec_train.labelled import open_labelled
+    assert isinstance(ref, VisionTransformer)
+    from tec_train.labelled import dataset_len, open_labelled
 
     splits = open_labelled(data=data)
-    x = torch.stack([eval_transform(img, 0.875, mean, std)(im) for im, _ in splits.train])  # [N, 3, S, S]
+    train = [splits.train[i] for i in range(dataset_len(splits.train))]  # (PIL image, label)
+    x = torch.stack([eval_transform(img, 0.875, mean, std)(im) for im, _ in train])  # [N, 3, S, S]
     with torch.no_grad():
         tokens = ref.forward_features(x)  # [N, P+L, C]
     assert tokens.shape[1] == npt + (img // ref.patch_embed.patch_size[0]) ** 2
     torch.testing.assert_close(got.train[0], tokens[:, npt:].mean(1), atol=1e-5, rtol=1e-5)
-    assert got.train[1].tolist() == [t for _, t in splits.train]
+    assert got.train[1].tolist() == [t for _, t in train]
     # ImageNet's normalisation would give other features for CLIP: the base's own is the one used.
     if mean != tuple(IMAGENET_DEFAULT_MEAN):
-        x_in = torch.stack([eval_transform(img, 0.875)(im) for im, _ in splits.train])
+        x_in = torch.stack([eval_transform(img, 0.875)(im) for im, _ in train])
         with torch.no_grad():
             assert not torch.allclose(ref.forward_features(x_in)[:, npt:].mean(1), got.train[0], atol=1e-3)
-    cls = frozen_features(EvalConfig(**{**cfg.__dict__, "pool": "cls"}))
+    cls = frozen_features(dataclasses.replace(cfg, pool="cls"))
     torch.testing.assert_close(cls.train[0], tokens[:, 0], atol=1e-5, rtol=1e-5)
-    res = run_knn(EvalConfig(**{**cfg.__dict__, "k": 2}))
-    assert res["knn"]["num_train"] == len(splits.train) and res["knn"]["num_test"] == len(splits.val)
+    res = run_knn(dataclasses.replace(cfg, k=2))
+    assert res["knn"]["num_train"] == len(train) and res["knn"]["num_test"] == dataset_len(splits.val)
     assert 0 <= res["knn"]["top1"] <= 1
 
 
@@ -78,7 +83,7 @@ def test_linear_from_a_hub_base_and_from_a_checkpoint_file_for_it(hub_cache: Pat
     base, img, mean, std, _ = _hub_base(hub_cache, "clip")
     arch = FAMILIES["clip"][0]
     data = _splits(tmp_path / "imgs")
-    kw = dict(data=str(data), img_size=img, num_workers=0, device="cpu", batch_size=4, epochs=2)
+    kw: dict[str, Any] = dict(data=str(data), img_size=img, num_workers=0, device="cpu", batch_size=4, epochs=2)
     res = run_linear(EvalConfig(basemodel=base, **kw))
     assert len(res["linear"]["curve"]) == 2 and res["encoder"]["input_mean"] == list(OPENAI_CLIP_MEAN)
     other = {k: v.contiguous() for k, v in _tiny(arch, img, seed=3).state_dict().items()}
@@ -134,7 +139,7 @@ def test_cli_knn_from_a_hub_base_and_pool_cls_refused_without_class_token(hub_ca
 def test_a_vit_without_class_token_pools_its_patches_but_refuses_pool_cls(hub_cache: Path, tmp_path: Path) -> None:
     make_hub_repo(hub_cache, "tec-test/siglip", "vit_base_patch16_siglip_224", 32, (0.5,) * 3, (0.5,) * 3)
     data = _splits(tmp_path / "imgs")
-    cfg = dict(basemodel="hf-hub:tec-test/siglip", data=str(data), img_size=32, num_workers=0, device="cpu", batch_size=4)
+    cfg: dict[str, Any] = dict(basemodel="hf-hub:tec-test/siglip", data=str(data), img_size=32, num_workers=0, device="cpu", batch_size=4)
     got = frozen_features(EvalConfig(**cfg))
     assert got.train[0].shape == (len(got.train[1]), 32) and got.meta["encoder"]["num_prefix_tokens"] == 0
     with pytest.raises(ValueError, match=r"--pool cls: hf-hub:tec-test/siglip is a ViT without a class token"):
@@ -145,8 +150,9 @@ def test_finetune_groups_and_heads_of_timm_bases(hub_cache: Path) -> None:
     base, img, *_ = _hub_base(hub_cache, "dinov2_reg4")
     weights = read_encoder_weights(None, basemodel=base, img_size=img)
     model, _ = build_finetune_model(weights, 3, drop_path=0.0)
-    assert model.reg_token.shape == (1, 4, 32) and model.head.weight.shape == (3, 32)
-    assert torch.equal(model.reg_token, weights.state["reg_token"]) and not model.pos_embed.requires_grad
+    reg_token = model.get_parameter("reg_token")
+    assert reg_token.shape == (1, 4, 32) and model.get_parameter("head.weight").shape == (3, 32)
+    assert torch.equal(reg_token, weights.state["reg_token"]) and not model.get_parameter("pos_embed").requires_grad
     assert layer_id_for_vit("reg_token", 3) == 0 and layer_id_for_vit("norm_pre.weight", 3) == 0
     assert layer_id_for_vit("dist_token", 3) == 0 and layer_id_for_vit("blocks.1.ls1.gamma", 3) == 2
     assert layer_id_for_vit("fc_norm.weight", 3) == 3 and layer_id_for_vit("cls_token", 3) == -1
@@ -157,7 +163,8 @@ def test_finetune_groups_and_heads_of_timm_bases(hub_cache: Path) -> None:
     with pytest.raises(ValueError, match="--global-pool: hf-hub:tec-test/deit is a distilled DeiT"):
         build_finetune_model(deit, 3)
     model, _ = build_finetune_model(deit, 3, global_pool=False)
-    assert model.head_dist.weight.shape == (3, 32) and model.head_dist.weight.std() < 1e-4
+    head_dist = model.get_parameter("head_dist.weight")
+    assert head_dist.shape == (3, 32) and head_dist.std() < 1e-4
 
 
 def test_finetune_a_few_steps_from_a_hub_base(hub_cache: Path, tmp_path: Path) -> None:

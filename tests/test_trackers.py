@@ -178,7 +178,7 @@ def _offline_history(wandb_dir: Path, run_id: str) -> tuple[list[Path], list[dic
     config: dict = {}
     for folder in folders:
         for data in _wandb_records(folder / f"run-{run_id}.wandb"):
-            rec = wandb_internal_pb2.Record()
+            rec = wandb_internal_pb2.Record()  # type: ignore[attr-defined]  # re-exported at runtime from wandb's module for the installed protobuf
             rec.ParseFromString(data)
             kind = rec.WhichOneof("record_type")
             if kind == "history":

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import safetensors.torch
 import torch
+from timm.models import VisionTransformer
 from typer.testing import CliRunner
 
 import tec_train.student as student_mod
@@ -27,10 +28,10 @@ from tec_train.harness.checkpoints import latest_checkpoint, list_checkpoints, l
 from tec_train.harness.errors import NonFiniteLossError, ResumeError
 from tec_train.harness.reporting import truncate_metrics
 from tec_train.online import OnlineLoader
-from tec_train.student import build_student
+from tec_train.student import TECStudent, build_student
 from tec_train.target_feeds import CacheTargetFeed, InMemoryTargetFeed
 from tec_train.train import TrainConfig, train
-from tests.conftest import TINY_ARCH, TINY_IMG, TINY_PATCH, TINY_TOPK, make_image_folder, tiny_spec, tiny_state_dict
+from tests.conftest import TINY_ARCH, TINY_IMG, TINY_PATCH, TINY_TOPK, latest_saved, make_image_folder, tiny_spec, tiny_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT = dict(model="vit_tiny_patch8", depth=3)
@@ -60,7 +61,7 @@ def _exact(run_dir: Path) -> list[tuple]:
 
 
 def _final_model(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(latest_checkpoint(run_dir))["model"]
+    return load_checkpoint(latest_saved(run_dir))["model"]
 
 
 def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -84,7 +85,7 @@ def test_run_writes_metrics_config_and_checkpoints(tiny, tmp_path: Path) -> None
     assert records[5]["lr"] == pytest.approx(peak) and records[5]["epoch"] == 1 and records[6]["lr"] < peak
     # Saves at steps 3, 5 (epoch end), 6 and 7 (the stop); the last two are kept.
     assert [s for s, _ in list_checkpoints(run)] == [6, 7]
-    ck = torch.load(latest_checkpoint(run), weights_only=True)
+    ck = torch.load(latest_saved(run), weights_only=True)
     assert {"model", "optimizer", "scaler", "epoch", "step_in_epoch", "global_step", "loader", "rng", "config",
             "world_size", "log_accum"} <= set(ck)
     assert (ck["epoch"], ck["step_in_epoch"], ck["global_step"]) == (1, 2, 7)
@@ -124,7 +125,7 @@ def test_online_mode_runs(tiny, tmp_path: Path) -> None:
                img_size=TINY_IMG, patch_size=TINY_PATCH, topk=TINY_TOPK, max_steps=3)
     result = train(cfg)
     assert result.global_step == 3 and len(_records(tmp_path / "run")) == 3
-    targets = load_checkpoint(latest_checkpoint(tmp_path / "run"))["config"]["resolved"]["targets"]
+    targets = load_checkpoint(latest_saved(tmp_path / "run"))["config"]["resolved"]["targets"]
     man = load_manifest(tiny.cache)
     # Same base model as the cache: same target sizes and checkpoint hash.
     assert targets["origin"]["kind"] == "online"
@@ -155,7 +156,7 @@ def test_in_memory_source(tiny, tmp_path: Path) -> None:
     result = train(_cfg(tmp_path / "run", None, max_steps=4, lr=2e-3, warmup_epochs=0), source=memory)
     assert result.global_step == 4 and result.epoch == 1  # 3 batches per epoch
     assert _records(tmp_path / "run")[0]["lr"] == 2e-3  # --lr is absolute: no batch scaling
-    assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["config"]["resolved"]["targets"]["origin"]["kind"] == "cache"
+    assert load_checkpoint(latest_saved(tmp_path / "run"))["config"]["resolved"]["targets"]["origin"]["kind"] == "cache"
     with pytest.raises(ValueError, match="--cache and the online options must not be set"):
         train(_cfg(tmp_path / "run2", tiny.cache), source=memory)
 
@@ -202,6 +203,7 @@ def test_export_from_run_dir_loads_into_timm(tiny, tmp_path: Path) -> None:
     config = json.loads((tmp_path / "export" / "config.json").read_text())
     assert config["model_name"] == "vit_tiny_patch16_224" and config["global_step"] == 2
     vit = create_timm_model(config).eval()
+    assert isinstance(vit, VisionTransformer)
     vit.load_state_dict(safetensors.torch.load_file(str(tmp_path / "export" / "model.safetensors")), strict=True)
     vit_pth = create_timm_model(config)
     vit_pth.load_state_dict(torch.load(tmp_path / "export" / "model.pth", weights_only=True), strict=True)
@@ -223,14 +225,14 @@ def test_resume_refuses_changed_settings_and_finished_run_is_a_no_op(tiny, tmp_p
             "--epochs", "1", "--num-workers", "0", "--device", "cpu"]
     code, out, run = _run_cli(tmp_path, *base)
     assert code == 0, out
-    before = latest_checkpoint(run).stat().st_mtime_ns
+    before = latest_saved(run).stat().st_mtime_ns
     code, out, _ = _run_cli(tmp_path, *base[:-6], "--batch-size", "5")
     # The micro-batch may change only with an accumulation that keeps the effective batch; the error says which.
     assert code == 2 and "effective batch: the run in" in out and "batch 4 x accumulation 1 = 4" in out, out
     assert "--batch-size 2 --accum-iter 2" in out, out
     code, out, _ = _run_cli(tmp_path, "--log-every", "2")  # a mutable option, on a finished run
     assert code == 0 and re.search(r"steps this run\W+0\W", out) and "resuming checkpoint-00000005.pt" in out
-    assert latest_checkpoint(run).stat().st_mtime_ns == before
+    assert latest_saved(run).stat().st_mtime_ns == before
 
 
 def test_view_epochs_trains_from_the_first_k_and_is_kept_on_resume(tiny, tmp_path: Path) -> None:
@@ -292,6 +294,7 @@ def test_held_out_loss_is_logged_and_leaves_training_unchanged(tiny, held_out, t
     tec = objective_for("tec")
     student = tec.build(TrainConfig(run_dir="-", cache=str(tiny.cache), model="vit_tiny_patch8", depth=2), spec)
     student.load_state_dict(_final_model(run))
+    assert isinstance(student, TECStudent)
     loss = HeldOutLoss(str(held_out.same), spec, batch_size=4, rank=0, world_size=1, num_workers=0, seed=0)
     once = loss.evaluate(tec, student, tec.terms, Runtime("cpu", "off"), student.num_patches)
     assert once == loss.evaluate(tec, student, tec.terms, Runtime("cpu", "off"), student.num_patches)
@@ -326,7 +329,7 @@ def test_raised_epochs_extend_the_run_from_its_checkpoint(tiny, tmp_path: Path) 
     # The lr follows the 2-epoch cosine from step 6 on (no warm-up: the peak at epoch 1.0 of 2 is its half-way value).
     peak = 1e-3 * 4 / 256
     assert records[5][-1] == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * 0.5)), rel=1e-12)
-    ck = load_checkpoint(latest_checkpoint(run))
+    ck = load_checkpoint(latest_saved(run))
     assert ck["global_step"] == 10
     # AdamW counts its updates per parameter: 10, not 5, so the optimizer state went on from the checkpoint.
     assert {float(st["step"]) for st in ck["optimizer"]["state"].values()} == {10.0}

@@ -51,7 +51,7 @@ def test_crop_sampling_follows_random_resized_crop():
     img = Image.new("RGB", (500, 375))
     ref = []
     for _ in range(2000):
-        t, l, h, w = T.RandomResizedCrop.get_params(img, scale=[0.2, 1.0], ratio=[3 / 4, 4 / 3])
+        _top, _left, h, w = T.RandomResizedCrop.get_params(img, scale=[0.2, 1.0], ratio=[3 / 4, 4 / 3])
         ref.append((h * w / (500 * 375), w / h))
     ours_a, ref_a = np.array(ours), np.array(ref)
     assert ours_a[:, 0].min() >= 0.19 and ours_a[:, 1].min() >= 0.74 and ours_a[:, 1].max() <= 1.34
@@ -219,7 +219,7 @@ def test_device_views_are_the_stored_bytes_pixels_as_the_cpu_decodes_them(off_fr
     src = T.functional.pil_to_tensor(_photo())
     n = 0
     for i in range(0, 40, 4):
-        for v, data, pix in dv.make(src, f"img{i}", [0, 1, 2, 3], seed=0):
+        for _v, data, pix in dv.make(src, f"img{i}", [0, 1, 2, 3], seed=0):
             assert torch.equal(pix, decode_view(data))
             n += 1
     dv.close()

@@ -73,12 +73,19 @@ class _Server:
         self.httpd.server_close()
 
 
+def _url(name: str) -> str:
+    """The official download URL of a registry base that has one."""
+    url = OFFICIAL_WEIGHTS[name].url
+    assert url is not None, name
+    return url
+
+
 @pytest.fixture()
 def serve() -> Iterator:
     servers: list[_Server] = []
 
-    def start(files: dict[str, bytes], **kw: object) -> _Server:
-        s = _Server(files, **kw)  # type: ignore[arg-type]
+    def start(files: dict[str, bytes], cut_after: int | None = None, honour_range: bool = True) -> _Server:
+        s = _Server(files, cut_after, honour_range)
         servers.append(s)
         return s
 
@@ -222,14 +229,14 @@ def test_mirror_serving_another_file_under_an_official_name_is_refused(serve, mo
     with pytest.raises(w.WeightsError, match=r"md5: expected a digest starting 8cad7c, got "):
         official_weights("mae1kbase")
     assert srv.log[0][0] == "/mirror/mae_pretrain_vit_base.pth"
-    assert not w.cache_path(OFFICIAL_WEIGHTS["mae1kbase"].url).exists()
+    assert not w.cache_path(_url("mae1kbase")).exists()
     # Pinned by --checkpoint-sha256, the iBOT name (no published hash) takes only those bytes.
     with pytest.raises(w.WeightsError, match="sha256: expected " + "2" * 64):
         official_weights("ibot1kbase", "2" * 64)
     path, facts = official_weights("ibot1kbase", _sha(body))
     assert facts["url"] == OFFICIAL_WEIGHTS["ibot1kbase"].url
     assert facts["fetched_from"] == srv.base + "/mirror/vitb_16/checkpoint_teacher.pth"
-    assert path == w.cache_path(OFFICIAL_WEIGHTS["ibot1kbase"].url)
+    assert path == w.cache_path(_url("ibot1kbase"))
 
 
 def test_build_takes_a_checkpoint_url_and_records_it(serve, tmp_path: Path) -> None:
@@ -239,6 +246,7 @@ def test_build_takes_a_checkpoint_url_and_records_it(serve, tmp_path: Path) -> N
     flags = dict(data=str(data), out=tmp_path / "cache", checkpoint=srv.base + "/w/tiny.pth",
                  checkpoint_sha256=_sha(body), arch=TINY_ARCH, img_size=TINY_IMG, patch_size=TINY_PATCH, topk=TINY_TOPK)
     cfg = build_config(flags)
+    assert cfg.fetched is not None
     assert cfg.checkpoint == w.cache_path(srv.base + "/w/tiny.pth") and cfg.fetched["url"] == srv.base + "/w/tiny.pth"
     from tec_cache.build.builder import build_cache
     from tec_cache.format.manifest import load_manifest
@@ -276,8 +284,8 @@ def test_headline_command_offline_names_the_url_and_the_path(tmp_path: Path, mon
     r = CliRunner().invoke(app, ["build", "--basemodel", "ibot1kbase", "--data", str(data), "--out", str(tmp_path / "c")])
     text = "".join(r.output.split())  # the console wraps long lines
     assert r.exit_code == 2, r.output
-    ibot = OFFICIAL_WEIGHTS["ibot1kbase"]
-    assert "".join(ibot.url.split()) in text and "".join(str(w.cache_path(ibot.url)).split()) in text
+    url = _url("ibot1kbase")
+    assert "".join(url.split()) in text and "".join(str(w.cache_path(url)).split()) in text
     assert not (tmp_path / "c").exists()
     r = CliRunner().invoke(app, ["build", "--basemodel", "mae1k300ep", "--data", str(data), "--out", str(tmp_path / "c")])
     assert r.exit_code == 2 and "neverreleased" in "".join(r.output.split())

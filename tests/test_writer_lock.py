@@ -109,6 +109,7 @@ def test_an_earlier_instance_of_the_same_job_is_waited_for(tmp_path: Path, monke
          "lock = acquire(sys.argv[1], 'tec-train run', '--run-dir'); print('held', flush=True); "
          "time.sleep(1.5); lock.mark_exiting(); time.sleep(0.5); lock.release()", str(tmp_path)],
         env=clean_env(SLURM_JOB_ID="777"), cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None
     assert holder.stdout.readline().strip() == "held"
     monkeypatch.setenv("SLURM_JOB_ID", "778")
     with pytest.raises(wl.WriterLockError, match=r"job SLURM_JOB_ID=777 .*it is alive"):

@@ -20,7 +20,7 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import timm
 import torch
@@ -67,8 +67,14 @@ REGISTRY: dict[str, BaseModelSpec] = {
     "mae1klarge": BaseModelSpec("mae1klarge", "vit_large_patch16_224", topk=15, tau=1.4, last_layers=2),
 }
 
+class _RecipeDefaults(TypedDict):
+    topk: int
+    tau: float
+    last_layers: int
+
+
 # A base model given only by --arch, timm:NAME or hf-hub:ORG/REPO gets the reference's MAE-base defaults.
-CUSTOM_DEFAULTS = {"topk": 15, "tau": 1.8, "last_layers": 2}
+CUSTOM_DEFAULTS: _RecipeDefaults = {"topk": 15, "tau": 1.8, "last_layers": 2}
 
 
 @dataclass(frozen=True)
@@ -145,7 +151,7 @@ def _timm_create(name: str, *, pretrained: bool, img_size: int, depth: int | Non
                  label: str | None = None, **kwargs: Any) -> torch.nn.Module:
     """timm.create_model for a timm/hub base; hub failures name the base (``label``: as the user
     wrote it), the hub repo and the hub cache."""
-    extra = {} if depth is None else {"depth": depth}
+    extra: dict[str, Any] = {} if depth is None else {"depth": depth}
     label = label or name
     try:
         with hub_offline():
@@ -247,8 +253,8 @@ def _timm_spec(source: str, *, img_size: int | None, patch_size: int | None, top
     size = 224 if img_size is None else img_size
     with torch.device("meta"):
         model = _timm_create(name, pretrained=False, img_size=size, depth=depth, label=source)
-    check_timm_vit(model, source, targets=targets)
-    own_patch = int(model.patch_embed.patch_size[0])
+    vit = check_timm_vit(model, source, targets=targets)
+    own_patch = int(vit.patch_embed.patch_size[0])
     if patch_size is not None and patch_size != own_patch:
         raise ValueError(f"--patch-size {patch_size}: {source} has patch size {own_patch}; its patch embedding is "
                          "taken as trained")
@@ -262,15 +268,16 @@ def _timm_spec(source: str, *, img_size: int | None, patch_size: int | None, top
     ))
 
 
-def check_timm_vit(model: torch.nn.Module, source: str, targets: bool = True) -> None:
+def check_timm_vit(model: torch.nn.Module, source: str, targets: bool = True) -> timm.models.VisionTransformer:
     """A timm/hub base must be a VisionTransformer with a class token and timm's attention layout;
     ValueError names the base and what it lacks. ``targets=False``: a ViT is enough (the downstream
-    evaluations pool its tokens; ``--pool cls`` checks the class token itself)."""
+    evaluations pool its tokens; ``--pool cls`` checks the class token itself). Returns ``model``,
+    typed as the ViT it was checked to be."""
     if not isinstance(model, timm.models.VisionTransformer):
         raise ValueError(f"--basemodel {source}: {type(model).__name__} is not a timm VisionTransformer; the targets "
                          "need its blocks' qkv attention")
     if not targets:
-        return
+        return model
     if not model.has_class_token:
         raise ValueError(f"--basemodel {source}: this ViT has no class token (global pool {model.global_pool!r}); the "
                          "attention target is the class token's row and picks the top-k patches by it")
@@ -281,6 +288,7 @@ def check_timm_vit(model: torch.nn.Module, source: str, targets: bool = True) ->
     grid = model.patch_embed.grid_size
     if grid[0] != grid[1]:
         raise ValueError(f"--basemodel {source}: a {grid[0]}x{grid[1]} patch grid; only square grids are supported")
+    return model
 
 
 def base_normalisation(model: torch.nn.Module, spec: BaseModelSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -347,11 +355,11 @@ def build_model(spec: BaseModelSpec, pretrained: bool = False, targets: bool = T
     if spec.timm_name is not None:
         model = _timm_create(spec.timm_name, pretrained=pretrained, img_size=spec.img_size, depth=spec.depth,
                              label=spec.name)
-        check_timm_vit(model, spec.name, targets=targets)
-        if targets and spec.last_layers > len(model.blocks):
-            raise ValueError(f"--last-layers {spec.last_layers} exceeds the model depth {len(model.blocks)}")
-        return model  # type: ignore[return-value]
-    extra = {} if spec.depth is None else {"depth": spec.depth}
+        vit = check_timm_vit(model, spec.name, targets=targets)
+        if targets and spec.last_layers > len(vit.blocks):
+            raise ValueError(f"--last-layers {spec.last_layers} exceeds the model depth {len(vit.blocks)}")
+        return vit
+    extra: dict[str, Any] = {} if spec.depth is None else {"depth": spec.depth}
     try:
         model = timm.create_model(
             spec.arch, pretrained=False, num_classes=0, img_size=spec.img_size, patch_size=spec.patch_size, **extra

@@ -18,8 +18,11 @@ very same operations as before this was added, so its targets are bit-identical.
 from __future__ import annotations
 
 import contextlib
+from typing import cast
 
 import torch
+from timm.layers import Attention
+from timm.models import VisionTransformer
 from torch import nn
 
 
@@ -49,21 +52,25 @@ def extract_targets(
     the top-k patch query rows, cls key column dropped) and idx [B,k] int64 (top-k patches by the
     head-mean of the cls row's logits, descending). feat and att are float32.
     """
-    blocks = model.blocks
+    # The base passed check_timm_vit: a timm ViT with timm's attention layout (nn.Module's attribute
+    # typing, Tensor | Module, cannot say so).
+    vit = cast(VisionTransformer, model)
+    blocks = vit.blocks
     depth = len(blocks)
     npt = int(getattr(model, "num_prefix_tokens", 1))  # class token first, then registers/distillation
-    last_attn = blocks[-1].attn
+    last_attn = cast(Attention, blocks[-1].attn)
     captured: dict[str, torch.Tensor] = {}
     handle = last_attn.qkv.register_forward_hook(lambda _m, _i, out: captured.__setitem__("qkv", out))
     try:
         with _autocast(images.device, autocast):
-            x = model.patch_embed(images)  # [B,L,D]
+            x = vit.patch_embed(images)  # [B,L,D]
             if npt == 1 and not getattr(model, "no_embed_class", False) and not getattr(model, "dynamic_img_size", False):
-                cls = model.cls_token.expand(x.shape[0], -1, -1)  # [B,1,D]
-                x = torch.cat([cls, x], dim=1) + model.pos_embed  # [B,1+L,D]
+                assert vit.cls_token is not None and vit.pos_embed is not None  # one prefix token, embedded with the patches
+                cls = vit.cls_token.expand(x.shape[0], -1, -1)  # [B,1,D]
+                x = torch.cat([cls, x], dim=1) + vit.pos_embed  # [B,1+L,D]
             else:
-                x = model._pos_embed(x)  # [B,P+L,D]: timm's own placing of cls, registers and pos_embed
-            x = model.norm_pre(x)  # CLIP's pre-norm; an identity for MAE/iBOT/DINOv2
+                x = vit._pos_embed(x)  # [B,P+L,D]: timm's own placing of cls, registers and pos_embed
+            x = vit.norm_pre(x)  # CLIP's pre-norm; an identity for MAE/iBOT/DINOv2
             feat = None
             for i, blk in enumerate(blocks):
                 x = blk(x)

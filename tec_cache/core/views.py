@@ -206,7 +206,13 @@ def source_for_device(data: bytes, where: str, recipe: ViewRecipe) -> tuple[bool
     for a JPEG, which the device decodes; (False, decoded uint8 [3,H,W]) for anything else."""
     if check_image_header(data, where) == "JPEG":
         return True, torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return False, load_source(data, where, recipe)
+    return False, _source_tensor(data, where, recipe)
+
+
+def _source_tensor(data: bytes, where: str, recipe: ViewRecipe) -> torch.Tensor:
+    """``load_source`` as uint8 [3,H,W]: what a recipe resized on tensors decodes to."""
+    img = load_source(data, where, recipe)
+    return img if isinstance(img, torch.Tensor) else TF.pil_to_tensor(img.convert("RGB"))
 
 
 # Views whose device decode is compared with the CPU's before the device's decoder is trusted.
@@ -242,7 +248,7 @@ class DeviceViews:
         try:
             return decode_jpeg(t, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:
-            return load_source(t.numpy().tobytes(), where, self.recipe).to(self.device)
+            return _source_tensor(t.numpy().tobytes(), where, self.recipe).to(self.device)
 
     def make(self, img: torch.Tensor, image_key: str, views: list[int], seed: int) -> list[tuple[int, bytes, torch.Tensor]]:
         """``make_views`` on the device: (view index, JPEG bytes, decoded uint8 [3,S,S] on the device)."""

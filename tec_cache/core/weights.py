@@ -284,7 +284,7 @@ def _open_http(url: str, offset: int) -> tuple[BinaryIO, int, int | None]:
     else:
         length = resp.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
-    return resp, start, total  # type: ignore[return-value]
+    return resp, start, total
 
 
 def _open_fsspec(url: str, offset: int) -> tuple[BinaryIO, int, int | None]:

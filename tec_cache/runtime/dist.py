@@ -79,10 +79,10 @@ def init_process_group(info: DistInfo, device: torch.device, timeout_s: float | 
         return tdist.is_available() and tdist.is_initialized()
     timeout_s = dist_timeout_s() if timeout_s is None else timeout_s
     backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
     with lost_rank_guard(f"joining the process group (waits up to {timeout_s:g} s, {TIMEOUT_ENV})",
                          "re-run the same command once every rank can start"):
-        tdist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        tdist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                 device_id=device if device.type == "cuda" else None)
     return True
 
 

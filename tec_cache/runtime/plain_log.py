@@ -33,7 +33,7 @@ class LogConsole(Console):
 
     @size.setter
     def size(self, new_size: tuple[int, int]) -> None:
-        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]  # mypy reads Console.size as its value, not the property
 
 
 def log_console(*, stderr: bool = True, **kwargs: Any) -> LogConsole:

@@ -40,9 +40,10 @@ def one_line(exc: BaseException) -> str:
 def naming_sample(what: str, keep: tuple[type[Exception], ...] = ()) -> Iterator[None]:
     """Turn any failure inside the block into a :class:`SampleError` that starts with ``what``;
     exceptions of the ``keep`` types (errors that already name their file) pass unchanged."""
+    passing: tuple[type[Exception], ...] = (SampleError, *keep)
     try:
         yield
-    except (SampleError, *keep):
+    except passing:
         raise
     except Exception as e:  # noqa: BLE001 - any failure of a sample transform must say which sample
         raise SampleError(f"{what}: {one_line(e)}") from e
