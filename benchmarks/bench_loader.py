@@ -36,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.vitb_targets import photos  # noqa: E402
 from tec_cache import format as cache_format  # noqa: E402
-from tec_cache.build.builder import shard_relpath  # noqa: E402
 from tec_cache.build.config import DEFAULT_COMPRESSOR  # noqa: E402
 from tec_cache.core.codecs import TargetShape, get_codec, split_fields  # noqa: E402
 from tec_cache.core.views import ViewRecipe, decode_view, make_views  # noqa: E402
@@ -49,6 +48,7 @@ from tec_cache.format.manifest import (  # noqa: E402
 )
 from tec_cache.format.schema import ViewRecord, record_key  # noqa: E402
 from tec_cache.format.tar import read_shard_into  # noqa: E402
+from tec_cache.format.writer import shard_relpath  # noqa: E402
 from tec_train.cache_loader import CacheLoader, _BatchSlots, _ViewEpochShards  # noqa: E402
 
 VIT_B = TargetShape(num_patches=196, dim=768, heads=12, topk=15)
