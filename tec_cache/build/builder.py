@@ -26,7 +26,6 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 from rich import filesize
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 
 from tec_cache.build.config import DEFAULT_COMPRESSOR, BuildConfig
@@ -46,6 +45,7 @@ from tec_cache.core.views import (
 )
 from tec_cache.format import get_format, open_writer
 from tec_cache.format import manifest as mf
+from tec_cache.format.identity import CacheIdentity
 from tec_cache.format.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, ManifestError, load_manifest
 from tec_cache.format.schema import ShardInfo, ViewRecord, record_key
 from tec_cache.format.writer import CacheWriter
@@ -170,36 +170,15 @@ def merge_stats(items: list[dict[str, list[float]]]) -> dict[str, dict[str, floa
 
 
 def _cache_identity(cfg: BuildConfig, source: ImageSource, facts: dict[str, Any], shape: TargetShape,
-                    recipe: ViewRecipe, compressor: str) -> dict[str, Any]:
-    """What must not change between a build and its resume/extension."""
-    return {
-        "base_model.sha256": facts["sha256"],
-        "base_model.arch": cfg.spec.arch,
-        "base_model.input_mean": list(facts["input_mean"]),
-        "base_model.input_std": list(facts["input_std"]),
-        "base_model.num_prefix_tokens": facts["num_prefix_tokens"],
-        "targets.topk": cfg.spec.topk,
-        "targets.last_layers": cfg.spec.last_layers,
-        "targets.num_patches": shape.num_patches,
-        "views.seed": cfg.seed,
-        "views.first_view": cfg.first_view,
-        "views.recipe.size": cfg.spec.img_size,
-        "views.recipe.jpeg_quality": cfg.jpeg_quality,
-        "views.recipe.resize": recipe.resize,
-        "codec.name": cfg.codec,
-        "format.name": cfg.format,
-        "format.compressor": compressor,
-        "format.shard_size": cfg.shard_size,
-        "source.fingerprint": source_fingerprint(source),
-    }
-
-
-# Identity keys a manifest leaves out at their default: caches built before --first-view start at
-# view 0, those built before the resizer was recorded were resized by PIL.
-_ABSENT_MEANS = {"views.first_view": 0, "views.recipe.resize": mf.LEGACY_RESIZE,
-                 # caches built before timm/hub bases: ImageNet normalisation, one class token
-                 "base_model.input_mean": list(IMAGENET_DEFAULT_MEAN), "base_model.input_std": list(IMAGENET_DEFAULT_STD),
-                 "base_model.num_prefix_tokens": 1}
+                    recipe: ViewRecipe, compressor: str) -> CacheIdentity:
+    """The identity this build writes: what must not change between it and its resume/extension."""
+    return CacheIdentity(
+        base_model_sha256=facts["sha256"], base_model_arch=cfg.spec.arch, input_mean=tuple(facts["input_mean"]),
+        input_std=tuple(facts["input_std"]), num_prefix_tokens=facts["num_prefix_tokens"], topk=cfg.spec.topk,
+        last_layers=cfg.spec.last_layers, num_patches=shape.num_patches, seed=cfg.seed, first_view=cfg.first_view,
+        size=cfg.spec.img_size, jpeg_quality=cfg.jpeg_quality, resize=recipe.resize, codec=cfg.codec, format=cfg.format,
+        compressor=compressor, shard_size=cfg.shard_size, source_fingerprint=source_fingerprint(source),
+    )
 
 
 # Facts of the base model's weights and input recorded in the manifest's base_model section.
@@ -220,20 +199,14 @@ def _view_placement(cfg: BuildConfig, device: torch.device, built: Manifest | No
     return resize, on_device
 
 
-def _check_resume(root: Path, man: Manifest | None, expected: dict[str, Any]) -> int:
+def _check_resume(root: Path, man: Manifest | None, expected: CacheIdentity) -> int:
     """Existing manifest must match this build; returns its view-epoch count (0 when none)."""
     if man is None:
         return 0
-    for dotted, want in expected.items():
-        obj: Any = man.to_json()
-        for part in dotted.split("."):
-            obj = obj.get(part) if isinstance(obj, dict) else None
-        obj = _ABSENT_MEANS.get(dotted, obj) if obj is None else obj
-        if obj != want:
-            raise ManifestError(
-                f"--out {root}: the existing cache was built with {dotted} = {obj!r}, this build asks for {want!r}; "
-                "use another --out or the same settings"
-            )
+    differ = CacheIdentity.of(man).mismatch(expected)
+    if differ:
+        said = ", and ".join(f"{key} = {have!r}, this build asks for {want!r}" for key, have, want in differ)
+        raise ManifestError(f"--out {root}: the existing cache was built with {said}; use another --out or the same settings")
     return man.num_view_epochs
 
 
@@ -571,7 +544,7 @@ class Builder:
                            extra={"image_format": "jpeg", **({"first_view": self.cfg.first_view} if self.cfg.first_view else {})}),
             codec=mf.Codec(name=self.codec.name, fields=dict(self.field_specs)),
             format=mf.Format(name=self.cfg.format, compressor=self.compressor, shard_size=self.cfg.shard_size),
-            source=mf.Source.of({**source, "fingerprint": self.identity["source.fingerprint"],
+            source=mf.Source.of({**source, "fingerprint": self.identity.source_fingerprint,
                                  "skipped": [{"key": k, "error": e} for k, e in sorted(skipped.items())]}),
             view_epochs=view_epochs,
             stats=mf.Stats(fields={k: mf.FieldStats.of(x) for k, x in merge_stats(stats).items()},
