@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from tec_cache.core.codecs import DecodedTargets, get_codec
 from tec_cache.core.views import decode_view
-from tec_cache.format import check_shard_files, get_format, open_reader
+from tec_cache.format import check_shard_files
 from tec_cache.format.base import ShardReader
 from tec_cache.format.manifest import MANIFEST_NAME, Manifest, digest_problem, load_manifest
 from tec_cache.format.schema import FieldSpec, ShardError, ShardInfo
@@ -173,12 +173,12 @@ def epoch_order(sizes: Sequence[int], *, seed: int, epoch: int, shuffle_window: 
     shards are permuted, then the samples of each run of ``shuffle_window`` consecutive (permuted)
     shards are shuffled among themselves. Pure function of its arguments.
     """
-    sizes = np.asarray(sizes, dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    counts = np.asarray(sizes, dtype=np.int64)  # [S]
+    offsets = np.concatenate([[0], np.cumsum(counts)])
     rng = np.random.default_rng(np.random.SeedSequence([seed, _ORDER_STREAM, epoch]))
-    perm = rng.permutation(len(sizes))
-    order = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in perm]) if len(sizes) else np.empty(0, np.int64)
-    bounds = np.concatenate([[0], np.cumsum(sizes[perm])])[::shuffle_window]
+    perm = rng.permutation(len(counts))
+    order = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in perm]) if len(counts) else np.empty(0, np.int64)
+    bounds = np.concatenate([[0], np.cumsum(counts[perm])])[::shuffle_window]
     for lo, hi in zip(bounds, [*bounds[1:], len(order)]):
         rng.shuffle(order[lo:hi])
     return order
@@ -242,12 +242,11 @@ class _ViewEpochShards(Dataset):
     def __init__(self, man: Manifest, view_epoch: int, *, cache_size: int, slots: _BatchSlots) -> None:
         entries = man.shards(view_epoch)
         self.view_epoch = view_epoch
-        self.format, self.compressor = man.format.name, man.format.compressor
+        self.cache = man.handle  # where the shards are (a folder or a URL) and how one is opened
         self.fields: dict[str, FieldSpec] = man.fields
         self.image_size = man.geometry.img_size
-        self.paths = [man.shard_ref(e) for e in entries]  # where each shard is read from, as messages name it
+        self.paths = [self.cache.ref(e.path) for e in entries]  # where each shard is read from, as messages name it
         self.rels = [e.path for e in entries]
-        self.location = man.location  # set for a cache read from a URL: shards stream from there
         self.infos: list[ShardInfo] = [e.info for e in entries]
         self.offsets = np.concatenate([[0], np.cumsum([e.num_samples for e in entries], dtype=np.int64)])
         self.cache_size = cache_size
@@ -271,7 +270,8 @@ class _ViewEpochShards(Dataset):
         dtype), and the buffer's size."""
         S = self.image_size
         # "~" keeps the two apart from any field name (schema.FIELD_NAME_RE has none)
-        parts = [("~images", (n, 3, S, S), np.dtype(np.uint8)), ("~image_index", (n,), np.dtype(np.int64))]
+        parts: list[tuple[str, tuple[int, ...], np.dtype[Any]]] = [
+            ("~images", (n, 3, S, S), np.dtype(np.uint8)), ("~image_index", (n,), np.dtype(np.int64))]
         parts += [(name, (n, *spec.shape), np.dtype(spec.dtype)) for name, spec in self.fields.items()]
         layout, offset = [], 0
         for name, shape, dtype in parts:
@@ -287,7 +287,7 @@ class _ViewEpochShards(Dataset):
             if storage is None:
                 parts = {name: torch.from_numpy(np.empty(shape, dtype)) for name, _, shape, dtype in layout}
             else:
-                buf = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,))
+                buf = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,))  # [nbytes] uint8
                 parts = {name: buf[off : off + dtype.itemsize * int(np.prod(shape))]
                          .view(torch.from_numpy(np.empty(0, dtype)).dtype).view(shape)
                          for name, off, shape, dtype in layout}
@@ -333,17 +333,12 @@ class _ViewEpochShards(Dataset):
             self._drop(path)
         while len(self._readers) >= self.cache_size:
             self._drop(next(iter(self._readers)))
-        expect = self.infos[s] if verify else None
-        if self.location is not None:
-            # A remote shard is checked as it streams in, whether or not this batch verifies it.
-            data = self.location.fetch_shard(self.rels[s], self.infos[s])
-            reader = get_format(self.format).open_bytes(path, data, self.fields, self.compressor, expect=self.infos[s])
-            verify = True
-        else:
-            buffer = None
-            if verify:  # read whole, into the memory of the reader released last
-                buffer, self._spare = self._spare or bytearray(), None
-            reader = open_reader(self.format, Path(path), self.fields, self.compressor, expect=expect, buffer=buffer)
+        # A remote shard is checked as it streams in, whether or not this batch verifies it.
+        verify = verify or self.cache.is_remote
+        buffer = None
+        if verify and not self.cache.is_remote:  # read whole, into the memory of the reader released last
+            buffer, self._spare = self._spare or bytearray(), None
+        reader = self.cache.open(self.rels[s], self.infos[s], verify=verify, buffer=buffer)
         if verify:
             self._verified.add(path)
         elif len(reader) != self.infos[s].num_samples:
@@ -362,7 +357,7 @@ class _ViewEpochShards(Dataset):
         return state
 
 
-def _as_is(batch: Batch) -> Batch:
+def _as_is(batch: Any) -> Any:
     """The DataLoader's collate step: the dataset already returns whole batches."""
     return batch
 
@@ -402,7 +397,7 @@ class CacheLoader:
 
     def __init__(
         self,
-        cache: Path | Manifest,
+        cache: Path | str | Manifest,
         *,
         batch_size: int,
         rank: int = 0,

@@ -257,8 +257,10 @@ def _corrupt_copy(src: Path, dst: Path, fmt: str) -> str:
 def test_each_shard_is_verified_once_per_rank(caches, monkeypatch):
     man = load_manifest(caches["webdataset"])
     opened = []
-    original = data_mod.open_reader
-    monkeypatch.setattr(data_mod, "open_reader",
+    # The loader opens shards through the cache handle, which calls the format's open_reader(self, path, ...).
+    tar_format = type(cache_format.get_format("webdataset"))
+    original = tar_format.open_reader
+    monkeypatch.setattr(tar_format, "open_reader",
                         lambda *a, expect=None, **kw: opened.append((a[1], expect)) or original(*a, expect=expect, **kw))
     loader = CacheLoader(man, batch_size=2, world_size=2, rank=0, num_workers=0, shuffle_window=1)
     list(loader.epoch(0))

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tec_cache.format.base import ShardFormat, ShardReader
+from tec_cache.format.handle import CacheHandle
 from tec_cache.format.registry import FORMATS, get_format
 from tec_cache.format.remote import RemoteCache, RemoteError, RemoteMissing, is_remote
 from tec_cache.format.schema import FieldSpec, ShardInfo, check_specs, parse_compressor
@@ -478,9 +479,14 @@ class Manifest(_Record):
         return [s for ve in self.view_epochs if view_epoch is None or ve.index == view_epoch for s in ve.shards]
 
     @property
+    def handle(self) -> CacheHandle:
+        """Where this cache's shards are and how one is opened (handle.py): plain data for workers."""
+        return CacheHandle(self.root, self.location, self.format.name, self.fields, self.format.compressor)
+
+    @property
     def where(self) -> str:
         """The cache as messages name it: its folder, or its URL."""
-        return self.location.ref if self.location is not None else str(self.root)
+        return self.handle.where
 
     @property
     def name(self) -> str:
@@ -488,21 +494,16 @@ class Manifest(_Record):
         return self.location.name if self.location is not None else self.root.name
 
     def shard_path(self, entry: ShardEntry) -> Path:
-        return self.root / entry.path
+        return self.handle.path(entry.path)
 
     def shard_ref(self, entry: ShardEntry) -> str:
         """Where a listed shard is read from: its path, or its URL."""
-        return self.location.url(entry.path) if self.location is not None else str(self.shard_path(entry))
+        return self.handle.ref(entry.path)
 
     def open_shard(self, entry: ShardEntry, *, verify: bool = False) -> ShardReader:
         """A reader of a listed shard; with ``verify`` its size, sha256 and count are checked first
         (always for a remote shard, as it streams in)."""
-        if self.location is not None:
-            data = self.location.fetch_shard(entry.path, entry.info)
-            return self.format.shards.open_bytes(self.shard_ref(entry), data, self.fields, self.format.compressor,
-                                                 expect=entry.info)
-        return self.format.shards.open_reader(self.shard_path(entry), self.fields, self.format.compressor,
-                                              expect=entry.info if verify else None)
+        return self.handle.open(entry.path, entry.info, verify=verify)
 
     # ---- JSON -----------------------------------------------------------------------------------
     # to_json (from _Record): the manifest as stored, exactly the JSON ``from_json`` read (or the build writes).
