@@ -5,14 +5,11 @@ Data flow (docs/method.md 10 and the README, stage 2):
     manifest --check_compatibility--> CacheLoader.epoch(e) --DataLoader workers--> Batch (CPU)
     Batch.to(device) --decode_targets (on the device)--> float targets --> student + losses
 
-Epoch e reads view-epoch ``view_epoch_for(e)``. Its sample order is a pure function of (seed, e,
-manifest): the view-epoch's shards are permuted, concatenated, and the samples inside each run of
-``shuffle_window`` consecutive shards are shuffled. That keeps every batch within a few shards
-(a worker keeps those few readers open) while each epoch still sees a different order.
-
-Partition: the global order is cut to a multiple of ``world_size * batch_size`` (drop_last, as the
-reference's DistributedSampler with drop_last; at most ``world_size * batch_size - 1`` views of an
-epoch are skipped, a different tail each epoch), split into batches, and global batch b goes to
+Epoch e reads view-epoch ``view_epoch_for(e)``; which samples a rank reads, in which order, is
+sampling.py's (pure functions of seed, epoch, manifest, rank and step): the view-epoch's shards
+permuted and shuffled within windows of ``shuffle_window`` shards (a worker keeps those few readers
+open), cut to a multiple of ``world_size * batch_size`` (drop_last: at most ``world_size *
+batch_size - 1`` views of an epoch are skipped, a different tail each epoch), global batch b to
 rank ``b % world_size``. Every rank therefore runs exactly ``steps_per_epoch`` steps whatever the
 shard count, so DDP never waits on a short rank. Inside a rank, torch's DataLoader hands whole
 batches round-robin to its workers, in order.
@@ -38,7 +35,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -56,15 +53,12 @@ from tec_cache.format.schema import FieldSpec, ShardError, ShardInfo
 from tec_cache.runtime.faults import fault_point
 from tec_cache.runtime.run_log import naming_sample
 from tec_cache.runtime.workers import die_with_parent
+from tec_train import sampling
+from tec_train.sampling import VIEW_ORDERS, epoch_order
 
 __all__ = ["Batch", "CacheLoader", "CompatibilityError", "check_compatibility", "decode_targets", "epoch_order"]
 
-VIEW_ORDERS = ("cycle", "permute")
 MP_CONTEXTS = ("fork", "spawn", "forkserver")
-# Independent random streams derived from the user's seed: one per purpose, so changing how one
-# is used never shifts the other.
-_ORDER_STREAM = 0
-_VIEW_STREAM = 1
 _MAX_LISTED_PROBLEMS = 5
 
 
@@ -164,24 +158,6 @@ class Batch:
 def decode_targets(batch: Batch, codec_name: str) -> DecodedTargets:
     """(feat [B,L,D] float32, att [B,k+1,H,L] float32, idx [B,k] int64) on the batch's device."""
     return get_codec(codec_name).decode(batch.fields)
-
-
-def epoch_order(sizes: Sequence[int], *, seed: int, epoch: int, shuffle_window: int) -> np.ndarray:
-    """Global sample order of one epoch over shards of ``sizes`` samples (manifest order).
-
-    A sample is numbered by its shard's offset in the concatenation plus its record index. The
-    shards are permuted, then the samples of each run of ``shuffle_window`` consecutive (permuted)
-    shards are shuffled among themselves. Pure function of its arguments.
-    """
-    counts = np.asarray(sizes, dtype=np.int64)  # [S]
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    rng = np.random.default_rng(np.random.SeedSequence([seed, _ORDER_STREAM, epoch]))
-    perm = rng.permutation(len(counts))
-    order = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in perm]) if len(counts) else np.empty(0, np.int64)
-    bounds = np.concatenate([[0], np.cumsum(counts[perm])])[::shuffle_window]
-    for lo, hi in zip(bounds, [*bounds[1:], len(order)]):
-        rng.shuffle(order[lo:hi])
-    return order
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,7 +421,7 @@ class CacheLoader:
         self.num_view_epochs = view_epochs or held
         sizes = [sum(e.num_samples for e in self.manifest.shards(v)) for v in range(self.num_view_epochs)]
         per_step = world_size * batch_size
-        self.steps_per_epoch = min(sizes) // per_step
+        self.steps_per_epoch = sampling.steps_per_epoch(sizes, world_size=world_size, batch_size=batch_size)
         if self.steps_per_epoch == 0:
             v = int(np.argmin(sizes))
             raise ValueError(
@@ -459,11 +435,8 @@ class CacheLoader:
         """Which view-epoch training epoch ``epoch`` reads: ``epoch % K`` ("cycle"), or position
         ``epoch % K`` of a seeded permutation of range(K) drawn anew for every K epochs ("permute")."""
         _check_nonneg("epoch", epoch)
-        k = self.num_view_epochs
-        if self.view_order == "cycle":
-            return epoch % k
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, _VIEW_STREAM, epoch // k]))
-        return int(rng.permutation(k)[epoch % k])
+        return sampling.view_epoch_for(epoch, num_view_epochs=self.num_view_epochs, view_order=self.view_order,
+                                       seed=self.seed)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """This rank's batches of ``epoch``, from step ``start_step`` (``steps_per_epoch - start_step``
@@ -478,18 +451,15 @@ class CacheLoader:
         dataset = _ViewEpochShards(self.manifest, view_epoch, cache_size=self.shuffle_window, slots=slots)
         sizes = [e.num_samples for e in self.manifest.shards(view_epoch)]
         order = epoch_order(sizes, seed=self.seed, epoch=epoch, shuffle_window=self.shuffle_window)
-        shard_of = np.searchsorted(dataset.offsets, order, side="right") - 1
-        B, world = self.batch_size, self.world_size
-        firsts = [(step * world + self.rank) * B for step in range(start_step, self.steps_per_epoch)]  # drop_last
-        batches = [order[lo : lo + B] for lo in firsts]
+        batches = sampling.rank_batches(order, rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
+                                        steps=self.steps_per_epoch, start_step=start_step)
         # Each shard is verified by the first batch of this rank that reads it, once per run.
         verified = self._verified.setdefault(view_epoch, set())
-        pending: set[int] = set()
-        verify = []
-        for lo in firsts:
-            new = set(shard_of[lo : lo + B].tolist()) - verified - pending if self.verify else set()
-            pending |= new
-            verify.append(frozenset(new))
+        if self.verify:
+            shards = [set((np.searchsorted(dataset.offsets, b, side="right") - 1).tolist()) for b in batches]
+            verify = sampling.first_reads(shards, verified)
+        else:
+            verify = [frozenset()] * len(batches)
         workers = self.num_workers if batches else 0  # nothing to read: start no processes
         loader = DataLoader(
             dataset,

@@ -454,3 +454,21 @@ def test_iterating_leaves_the_global_rng_alone(caches):
     with CacheLoader(load_manifest(caches["webdataset"]), batch_size=2, num_workers=0) as loader:
         list(loader.epoch(0))
     assert torch.equal(before, torch.get_rng_state())
+
+
+def test_rank_batches_partition_the_epoch_and_resume_where_they_stopped():
+    """The pure sampling functions: ranks share an epoch's order without overlap (drop_last), a
+    resumed rank gets exactly the batches it had not read, and each shard is checked by its first reader."""
+    from tec_train import sampling
+
+    sizes = [5, 3, 4, 6]
+    order = sampling.epoch_order(sizes, seed=3, epoch=2, shuffle_window=2)
+    steps = sampling.steps_per_epoch([sum(sizes)], world_size=3, batch_size=2)
+    assert steps == 3
+    per_rank = [sampling.rank_batches(order, rank=r, world_size=3, batch_size=2, steps=steps) for r in range(3)]
+    read = np.concatenate([b for batches in per_rank for b in batches])
+    assert sorted(read.tolist()) == sorted(order[: steps * 6].tolist())
+    resumed = sampling.rank_batches(order, rank=1, world_size=3, batch_size=2, steps=steps, start_step=2)
+    assert [b.tolist() for b in resumed] == [b.tolist() for b in per_rank[1][2:]]
+    assert sampling.first_reads([{0, 1}, {1, 2}, {2}], {0}) == [frozenset({1}), frozenset({2}), frozenset()]
+    assert [sampling.view_epoch_for(e, num_view_epochs=3, view_order="cycle", seed=0) for e in range(4)] == [0, 1, 2, 0]
