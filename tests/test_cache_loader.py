@@ -7,7 +7,7 @@ import json
 import multiprocessing
 import shutil
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -353,8 +353,8 @@ def test_tar_reader_reads_into_a_reused_buffer_and_refuses_reads_once_released(c
     assert _same_records(again, man.open_shard(second))
 
 
-def _same_records(a: Iterator[ViewRecord], b: Iterator[ViewRecord]) -> bool:
-    a, b = list(a), list(b)
+def _same_records(first: Iterable[ViewRecord], second: Iterable[ViewRecord]) -> bool:
+    a, b = list(first), list(second)
     return len(a) == len(b) and all(
         (x.key, x.image_index, x.image) == (y.key, y.image_index, y.image)
         and x.fields.keys() == y.fields.keys() and all(np.array_equal(x.fields[k], y.fields[k]) for k in x.fields)
