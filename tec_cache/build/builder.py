@@ -5,7 +5,9 @@ The unit of work and of atomicity is a shard: view-epoch v of the images in chun
 and each image of a chunk is decoded once for all the view-epochs that chunk still lacks. A shard
 is complete when its file and its sidecar JSON are both in place; a re-run skips complete shards,
 so a killed, extended (more --views) or re-ranked build ends with the same shards as one
-uninterrupted run. Rank 0 writes the manifest last, from the sidecars.
+uninterrupted run. Rank 0 writes the manifest last, from the sidecars. The folder's layout (shard
+paths, sidecars, leftovers, the manifest) is format/writer.py's CacheWriter; the resume identity is
+format/identity.py's CacheIdentity.
 """
 from __future__ import annotations
 
