@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.vitb_targets import photos
 from tec_cache import format as cache_format
-from tec_cache.build.builder import shard_relpath
 from tec_cache.build.config import DEFAULT_COMPRESSOR
 from tec_cache.core.codecs import TargetShape, get_codec, split_fields
 from tec_cache.core.views import ViewRecipe, decode_view, make_views
@@ -50,6 +49,7 @@ from tec_cache.format.manifest import (
 )
 from tec_cache.format.schema import ViewRecord, record_key
 from tec_cache.format.tar import read_shard_into
+from tec_cache.format.writer import shard_relpath
 from tec_train.cache_loader import CacheLoader, _BatchSlots, _ViewEpochShards
 
 VIT_B = TargetShape(num_patches=196, dim=768, heads=12, topk=15)

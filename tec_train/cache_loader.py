@@ -5,14 +5,11 @@ Data flow (docs/method.md 10 and the README, stage 2):
     manifest --check_compatibility--> CacheLoader.epoch(e) --DataLoader workers--> Batch (CPU)
     Batch.to(device) --decode_targets (on the device)--> float targets --> student + losses
 
-Epoch e reads view-epoch ``view_epoch_for(e)``. Its sample order is a pure function of (seed, e,
-manifest): the view-epoch's shards are permuted, concatenated, and the samples inside each run of
-``shuffle_window`` consecutive shards are shuffled. That keeps every batch within a few shards
-(a worker keeps those few readers open) while each epoch still sees a different order.
-
-Partition: the global order is cut to a multiple of ``world_size * batch_size`` (drop_last, as the
-reference's DistributedSampler with drop_last; at most ``world_size * batch_size - 1`` views of an
-epoch are skipped, a different tail each epoch), split into batches, and global batch b goes to
+Epoch e reads view-epoch ``view_epoch_for(e)``; which samples a rank reads, in which order, is
+sampling.py's (pure functions of seed, epoch, manifest, rank and step): the view-epoch's shards
+permuted and shuffled within windows of ``shuffle_window`` shards (a worker keeps those few readers
+open), cut to a multiple of ``world_size * batch_size`` (drop_last: at most ``world_size *
+batch_size - 1`` views of an epoch are skipped, a different tail each epoch), global batch b to
 rank ``b % world_size``. Every rank therefore runs exactly ``steps_per_epoch`` steps whatever the
 shard count, so DDP never waits on a short rank. Inside a rank, torch's DataLoader hands whole
 batches round-robin to its workers, in order.
@@ -38,7 +35,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -49,22 +46,19 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from tec_cache.core.codecs import DecodedTargets, get_codec
 from tec_cache.core.views import decode_view
-from tec_cache.format import check_shard_files, get_format, open_reader
+from tec_cache.format import check_shard_files
 from tec_cache.format.base import ShardReader
 from tec_cache.format.manifest import MANIFEST_NAME, Manifest, digest_problem, load_manifest
 from tec_cache.format.schema import FieldSpec, ShardError, ShardInfo
 from tec_cache.runtime.faults import fault_point
 from tec_cache.runtime.run_log import naming_sample
 from tec_cache.runtime.workers import die_with_parent
+from tec_train import sampling
+from tec_train.sampling import VIEW_ORDERS, epoch_order
 
 __all__ = ["Batch", "CacheLoader", "CompatibilityError", "check_compatibility", "decode_targets", "epoch_order"]
 
-VIEW_ORDERS = ("cycle", "permute")
 MP_CONTEXTS = ("fork", "spawn", "forkserver")
-# Independent random streams derived from the user's seed: one per purpose, so changing how one
-# is used never shifts the other.
-_ORDER_STREAM = 0
-_VIEW_STREAM = 1
 _MAX_LISTED_PROBLEMS = 5
 
 
@@ -166,24 +160,6 @@ def decode_targets(batch: Batch, codec_name: str) -> DecodedTargets:
     return get_codec(codec_name).decode(batch.fields)
 
 
-def epoch_order(sizes: Sequence[int], *, seed: int, epoch: int, shuffle_window: int) -> np.ndarray:
-    """Global sample order of one epoch over shards of ``sizes`` samples (manifest order).
-
-    A sample is numbered by its shard's offset in the concatenation plus its record index. The
-    shards are permuted, then the samples of each run of ``shuffle_window`` consecutive (permuted)
-    shards are shuffled among themselves. Pure function of its arguments.
-    """
-    sizes = np.asarray(sizes, dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    rng = np.random.default_rng(np.random.SeedSequence([seed, _ORDER_STREAM, epoch]))
-    perm = rng.permutation(len(sizes))
-    order = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in perm]) if len(sizes) else np.empty(0, np.int64)
-    bounds = np.concatenate([[0], np.cumsum(sizes[perm])])[::shuffle_window]
-    for lo, hi in zip(bounds, [*bounds[1:], len(order)]):
-        rng.shuffle(order[lo:hi])
-    return order
-
-
 # ---------------------------------------------------------------------------------------------
 # worker side
 
@@ -242,12 +218,11 @@ class _ViewEpochShards(Dataset):
     def __init__(self, man: Manifest, view_epoch: int, *, cache_size: int, slots: _BatchSlots) -> None:
         entries = man.shards(view_epoch)
         self.view_epoch = view_epoch
-        self.format, self.compressor = man.format.name, man.format.compressor
+        self.cache = man.handle  # where the shards are (a folder or a URL) and how one is opened
         self.fields: dict[str, FieldSpec] = man.fields
         self.image_size = man.geometry.img_size
-        self.paths = [man.shard_ref(e) for e in entries]  # where each shard is read from, as messages name it
+        self.paths = [self.cache.ref(e.path) for e in entries]  # where each shard is read from, as messages name it
         self.rels = [e.path for e in entries]
-        self.location = man.location  # set for a cache read from a URL: shards stream from there
         self.infos: list[ShardInfo] = [e.info for e in entries]
         self.offsets = np.concatenate([[0], np.cumsum([e.num_samples for e in entries], dtype=np.int64)])
         self.cache_size = cache_size
@@ -271,7 +246,8 @@ class _ViewEpochShards(Dataset):
         dtype), and the buffer's size."""
         S = self.image_size
         # "~" keeps the two apart from any field name (schema.FIELD_NAME_RE has none)
-        parts = [("~images", (n, 3, S, S), np.dtype(np.uint8)), ("~image_index", (n,), np.dtype(np.int64))]
+        parts: list[tuple[str, tuple[int, ...], np.dtype[Any]]] = [
+            ("~images", (n, 3, S, S), np.dtype(np.uint8)), ("~image_index", (n,), np.dtype(np.int64))]
         parts += [(name, (n, *spec.shape), np.dtype(spec.dtype)) for name, spec in self.fields.items()]
         layout, offset = [], 0
         for name, shape, dtype in parts:
@@ -287,7 +263,7 @@ class _ViewEpochShards(Dataset):
             if storage is None:
                 parts = {name: torch.from_numpy(np.empty(shape, dtype)) for name, _, shape, dtype in layout}
             else:
-                buf = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,))
+                buf = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,))  # [nbytes] uint8
                 parts = {name: buf[off : off + dtype.itemsize * int(np.prod(shape))]
                          .view(torch.from_numpy(np.empty(0, dtype)).dtype).view(shape)
                          for name, off, shape, dtype in layout}
@@ -333,17 +309,12 @@ class _ViewEpochShards(Dataset):
             self._drop(path)
         while len(self._readers) >= self.cache_size:
             self._drop(next(iter(self._readers)))
-        expect = self.infos[s] if verify else None
-        if self.location is not None:
-            # A remote shard is checked as it streams in, whether or not this batch verifies it.
-            data = self.location.fetch_shard(self.rels[s], self.infos[s])
-            reader = get_format(self.format).open_bytes(path, data, self.fields, self.compressor, expect=self.infos[s])
-            verify = True
-        else:
-            buffer = None
-            if verify:  # read whole, into the memory of the reader released last
-                buffer, self._spare = self._spare or bytearray(), None
-            reader = open_reader(self.format, Path(path), self.fields, self.compressor, expect=expect, buffer=buffer)
+        # A remote shard is checked as it streams in, whether or not this batch verifies it.
+        verify = verify or self.cache.is_remote
+        buffer = None
+        if verify and not self.cache.is_remote:  # read whole, into the memory of the reader released last
+            buffer, self._spare = self._spare or bytearray(), None
+        reader = self.cache.open(self.rels[s], self.infos[s], verify=verify, buffer=buffer)
         if verify:
             self._verified.add(path)
         elif len(reader) != self.infos[s].num_samples:
@@ -362,7 +333,7 @@ class _ViewEpochShards(Dataset):
         return state
 
 
-def _as_is(batch: Batch) -> Batch:
+def _as_is(batch: Any) -> Any:
     """The DataLoader's collate step: the dataset already returns whole batches."""
     return batch
 
@@ -402,7 +373,7 @@ class CacheLoader:
 
     def __init__(
         self,
-        cache: Path | Manifest,
+        cache: Path | str | Manifest,
         *,
         batch_size: int,
         rank: int = 0,
@@ -450,7 +421,7 @@ class CacheLoader:
         self.num_view_epochs = view_epochs or held
         sizes = [sum(e.num_samples for e in self.manifest.shards(v)) for v in range(self.num_view_epochs)]
         per_step = world_size * batch_size
-        self.steps_per_epoch = min(sizes) // per_step
+        self.steps_per_epoch = sampling.steps_per_epoch(sizes, world_size=world_size, batch_size=batch_size)
         if self.steps_per_epoch == 0:
             v = int(np.argmin(sizes))
             raise ValueError(
@@ -464,11 +435,8 @@ class CacheLoader:
         """Which view-epoch training epoch ``epoch`` reads: ``epoch % K`` ("cycle"), or position
         ``epoch % K`` of a seeded permutation of range(K) drawn anew for every K epochs ("permute")."""
         _check_nonneg("epoch", epoch)
-        k = self.num_view_epochs
-        if self.view_order == "cycle":
-            return epoch % k
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, _VIEW_STREAM, epoch // k]))
-        return int(rng.permutation(k)[epoch % k])
+        return sampling.view_epoch_for(epoch, num_view_epochs=self.num_view_epochs, view_order=self.view_order,
+                                       seed=self.seed)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """This rank's batches of ``epoch``, from step ``start_step`` (``steps_per_epoch - start_step``
@@ -483,18 +451,15 @@ class CacheLoader:
         dataset = _ViewEpochShards(self.manifest, view_epoch, cache_size=self.shuffle_window, slots=slots)
         sizes = [e.num_samples for e in self.manifest.shards(view_epoch)]
         order = epoch_order(sizes, seed=self.seed, epoch=epoch, shuffle_window=self.shuffle_window)
-        shard_of = np.searchsorted(dataset.offsets, order, side="right") - 1
-        B, world = self.batch_size, self.world_size
-        firsts = [(step * world + self.rank) * B for step in range(start_step, self.steps_per_epoch)]  # drop_last
-        batches = [order[lo : lo + B] for lo in firsts]
+        batches = sampling.rank_batches(order, rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
+                                        steps=self.steps_per_epoch, start_step=start_step)
         # Each shard is verified by the first batch of this rank that reads it, once per run.
         verified = self._verified.setdefault(view_epoch, set())
-        pending: set[int] = set()
-        verify = []
-        for lo in firsts:
-            new = set(shard_of[lo : lo + B].tolist()) - verified - pending if self.verify else set()
-            pending |= new
-            verify.append(frozenset(new))
+        if self.verify:
+            shards = [set((np.searchsorted(dataset.offsets, b, side="right") - 1).tolist()) for b in batches]
+            verify = sampling.first_reads(shards, verified)
+        else:
+            verify = [frozenset()] * len(batches)
         workers = self.num_workers if batches else 0  # nothing to read: start no processes
         loader = DataLoader(
             dataset,

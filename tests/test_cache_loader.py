@@ -7,7 +7,7 @@ import json
 import multiprocessing
 import shutil
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -260,8 +260,10 @@ def _corrupt_copy(src: Path, dst: Path, fmt: str) -> str:
 def test_each_shard_is_verified_once_per_rank(caches, monkeypatch):
     man = load_manifest(caches["webdataset"])
     opened = []
-    original = data_mod.open_reader
-    monkeypatch.setattr(data_mod, "open_reader",
+    # The loader opens shards through the cache handle, which calls the format's open_reader(self, path, ...).
+    tar_format = type(cache_format.get_format("webdataset"))
+    original = tar_format.open_reader
+    monkeypatch.setattr(tar_format, "open_reader",
                         lambda *a, expect=None, **kw: opened.append((a[1], expect)) or original(*a, expect=expect, **kw))
     loader = CacheLoader(man, batch_size=2, world_size=2, rank=0, num_workers=0, shuffle_window=1)
     list(loader.epoch(0))
@@ -354,12 +356,12 @@ def test_tar_reader_reads_into_a_reused_buffer_and_refuses_reads_once_released(c
     assert _same_records(again, man.open_shard(second))
 
 
-def _same_records(a: Iterator[ViewRecord], b: Iterator[ViewRecord]) -> bool:
-    xs, ys = list(a), list(b)
-    return len(xs) == len(ys) and all(
+def _same_records(first: Iterable[ViewRecord], second: Iterable[ViewRecord]) -> bool:
+    a, b = list(first), list(second)
+    return len(a) == len(b) and all(
         (x.key, x.image_index, x.image) == (y.key, y.image_index, y.image)
         and x.fields.keys() == y.fields.keys() and all(np.array_equal(x.fields[k], y.fields[k]) for k in x.fields)
-        for x, y in zip(xs, ys))
+        for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -455,3 +457,21 @@ def test_iterating_leaves_the_global_rng_alone(caches):
     with CacheLoader(load_manifest(caches["webdataset"]), batch_size=2, num_workers=0) as loader:
         list(loader.epoch(0))
     assert torch.equal(before, torch.get_rng_state())
+
+
+def test_rank_batches_partition_the_epoch_and_resume_where_they_stopped():
+    """The pure sampling functions: ranks share an epoch's order without overlap (drop_last), a
+    resumed rank gets exactly the batches it had not read, and each shard is checked by its first reader."""
+    from tec_train import sampling
+
+    sizes = [5, 3, 4, 6]
+    order = sampling.epoch_order(sizes, seed=3, epoch=2, shuffle_window=2)
+    steps = sampling.steps_per_epoch([sum(sizes)], world_size=3, batch_size=2)
+    assert steps == 3
+    per_rank = [sampling.rank_batches(order, rank=r, world_size=3, batch_size=2, steps=steps) for r in range(3)]
+    read = np.concatenate([b for batches in per_rank for b in batches])
+    assert sorted(read.tolist()) == sorted(order[: steps * 6].tolist())
+    resumed = sampling.rank_batches(order, rank=1, world_size=3, batch_size=2, steps=steps, start_step=2)
+    assert [b.tolist() for b in resumed] == [b.tolist() for b in per_rank[1][2:]]
+    assert sampling.first_reads([{0, 1}, {1, 2}, {2}], {0}) == [frozenset({1}), frozenset({2}), frozenset()]
+    assert [sampling.view_epoch_for(e, num_view_epochs=3, view_order="cycle", seed=0) for e in range(4)] == [0, 1, 2, 0]

@@ -108,3 +108,22 @@ def test_a_field_stored_uncompressed_round_trips_through_the_manifest():
     man = Manifest.from_json(copy.deepcopy(m), Path("."), "m")
     assert not man.fields["feat"].compress
     assert man.to_json()["codec"]["fields"] == m["codec"]["fields"]
+
+
+def test_cache_identity_of_an_old_manifest_takes_the_legacy_values():
+    """Keys that caches built before them lack read as what those caches were built with."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from tec_cache.format.identity import LEGACY_INPUT_MEAN, LEGACY_INPUT_STD, CacheIdentity
+    from tec_cache.format.manifest import LEGACY_RESIZE
+
+    assert (LEGACY_INPUT_MEAN, LEGACY_INPUT_STD) == (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
+    ident = CacheIdentity.of(Manifest.from_json(_valid_manifest(), Path("."), "m"))
+    assert (ident.input_mean, ident.input_std, ident.num_prefix_tokens) == (LEGACY_INPUT_MEAN, LEGACY_INPUT_STD, 1)
+    assert (ident.first_view, ident.resize, ident.source_fingerprint) == (0, LEGACY_RESIZE, None)
+    assert ident.mismatch(ident) == []
+    m = _valid_manifest()
+    m["views"]["seed"], m["base_model"]["input_mean"] = 3, [0.5, 0.5, 0.5]
+    other = CacheIdentity.of(Manifest.from_json(m, Path("."), "m"))
+    assert other.mismatch(ident) == [("base_model.input_mean", [0.5, 0.5, 0.5], list(LEGACY_INPUT_MEAN)),
+                                     ("views.seed", 3, 0)]

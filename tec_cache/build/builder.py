@@ -5,14 +5,15 @@ The unit of work and of atomicity is a shard: view-epoch v of the images in chun
 and each image of a chunk is decoded once for all the view-epochs that chunk still lacks. A shard
 is complete when its file and its sidecar JSON are both in place; a re-run skips complete shards,
 so a killed, extended (more --views) or re-ranked build ends with the same shards as one
-uninterrupted run. Rank 0 writes the manifest last, from the sidecars.
+uninterrupted run. Rank 0 writes the manifest last, from the sidecars. The folder's layout (shard
+paths, sidecars, leftovers, the manifest) is format/writer.py's CacheWriter; the resume identity is
+format/identity.py's CacheIdentity.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import hashlib
-import json
 import math
 import shutil
 import tempfile
@@ -21,34 +22,50 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.distributed as tdist
 from rich import filesize
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 
-from tec_cache.core.basemodels import load_base_model
 from tec_cache.build.config import DEFAULT_COMPRESSOR, BuildConfig
+from tec_cache.core.basemodels import load_base_model
 from tec_cache.core.codecs import TargetShape, get_codec, split_fields
-from tec_cache.runtime.dist import (DistInfo, all_reduce_sum, barrier, destroy_process_group, dist_info, init_process_group,
-                            lost_rank_guard, resolve_device)
-from tec_cache.runtime.faults import fault_point
+from tec_cache.core.images import BadImage, ImageSource, open_source
+from tec_cache.core.targets import extract_targets, normalise_images
+from tec_cache.core.views import (
+    DEVICE_RESIZE,
+    TORCH_F32,
+    WORKER_RESIZE,
+    DeviceViews,
+    ViewRecipe,
+    load_source,
+    make_views,
+    source_for_device,
+)
 from tec_cache.format import get_format, open_writer
 from tec_cache.format import manifest as mf
-from tec_cache.format.fs import is_temporary, write_json_atomic
+from tec_cache.format.identity import CacheIdentity
 from tec_cache.format.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, ManifestError, load_manifest
 from tec_cache.format.schema import ShardInfo, ViewRecord, record_key
-from tec_cache.core.images import BadImage, ImageSource, open_source
+from tec_cache.format.writer import CacheWriter
+from tec_cache.format.writer_lock import WriterLock, WriterLockError, acquire
+from tec_cache.runtime.dist import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    destroy_process_group,
+    dist_info,
+    init_process_group,
+    lost_rank_guard,
+    resolve_device,
+)
+from tec_cache.runtime.faults import fault_point
 from tec_cache.runtime.run_log import naming_sample
-from tec_cache.core.targets import extract_targets, normalise_images
-from tec_cache.core.views import DEVICE_RESIZE, TORCH_F32, WORKER_RESIZE, DeviceViews, ViewRecipe, load_source, make_views, source_for_device
-from tec_cache.runtime.workers import die_with_parent
 from tec_cache.runtime.version import installed_version
-from tec_cache.format.writer_lock import WriterLock, WriterLockError, acquire, is_lock_file
-
+from tec_cache.runtime.workers import die_with_parent
 
 TOOL_VERSION = f"tec-cache {installed_version()}"  # recorded in every manifest
 # Disk estimate safety factor: shard sizes vary with image content.
@@ -81,14 +98,6 @@ class BuildResult:
     seconds: float
     bytes_per_view: float
     estimate: dict[str, Any] = field(default_factory=dict)
-
-
-def shard_relpath(fmt: str, view_epoch: int, chunk: int) -> str:
-    return f"ve{view_epoch:03d}/shard-{chunk:06d}{get_format(fmt).suffix}"
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
 
 
 def source_fingerprint(source: ImageSource) -> str:
@@ -163,36 +172,15 @@ def merge_stats(items: list[dict[str, list[float]]]) -> dict[str, dict[str, floa
 
 
 def _cache_identity(cfg: BuildConfig, source: ImageSource, facts: dict[str, Any], shape: TargetShape,
-                    recipe: ViewRecipe, compressor: str) -> dict[str, Any]:
-    """What must not change between a build and its resume/extension."""
-    return {
-        "base_model.sha256": facts["sha256"],
-        "base_model.arch": cfg.spec.arch,
-        "base_model.input_mean": list(facts["input_mean"]),
-        "base_model.input_std": list(facts["input_std"]),
-        "base_model.num_prefix_tokens": facts["num_prefix_tokens"],
-        "targets.topk": cfg.spec.topk,
-        "targets.last_layers": cfg.spec.last_layers,
-        "targets.num_patches": shape.num_patches,
-        "views.seed": cfg.seed,
-        "views.first_view": cfg.first_view,
-        "views.recipe.size": cfg.spec.img_size,
-        "views.recipe.jpeg_quality": cfg.jpeg_quality,
-        "views.recipe.resize": recipe.resize,
-        "codec.name": cfg.codec,
-        "format.name": cfg.format,
-        "format.compressor": compressor,
-        "format.shard_size": cfg.shard_size,
-        "source.fingerprint": source_fingerprint(source),
-    }
-
-
-# Identity keys a manifest leaves out at their default: caches built before --first-view start at
-# view 0, those built before the resizer was recorded were resized by PIL.
-_ABSENT_MEANS = {"views.first_view": 0, "views.recipe.resize": mf.LEGACY_RESIZE,
-                 # caches built before timm/hub bases: ImageNet normalisation, one class token
-                 "base_model.input_mean": list(IMAGENET_DEFAULT_MEAN), "base_model.input_std": list(IMAGENET_DEFAULT_STD),
-                 "base_model.num_prefix_tokens": 1}
+                    recipe: ViewRecipe, compressor: str) -> CacheIdentity:
+    """The identity this build writes: what must not change between it and its resume/extension."""
+    return CacheIdentity(
+        base_model_sha256=facts["sha256"], base_model_arch=cfg.spec.arch, input_mean=tuple(facts["input_mean"]),
+        input_std=tuple(facts["input_std"]), num_prefix_tokens=facts["num_prefix_tokens"], topk=cfg.spec.topk,
+        last_layers=cfg.spec.last_layers, num_patches=shape.num_patches, seed=cfg.seed, first_view=cfg.first_view,
+        size=cfg.spec.img_size, jpeg_quality=cfg.jpeg_quality, resize=recipe.resize, codec=cfg.codec, format=cfg.format,
+        compressor=compressor, shard_size=cfg.shard_size, source_fingerprint=source_fingerprint(source),
+    )
 
 
 # Facts of the base model's weights and input recorded in the manifest's base_model section.
@@ -213,20 +201,14 @@ def _view_placement(cfg: BuildConfig, device: torch.device, built: Manifest | No
     return resize, on_device
 
 
-def _check_resume(root: Path, man: Manifest | None, expected: dict[str, Any]) -> int:
+def _check_resume(root: Path, man: Manifest | None, expected: CacheIdentity) -> int:
     """Existing manifest must match this build; returns its view-epoch count (0 when none)."""
     if man is None:
         return 0
-    for dotted, want in expected.items():
-        obj: Any = man.to_json()
-        for part in dotted.split("."):
-            obj = obj.get(part) if isinstance(obj, dict) else None
-        obj = _ABSENT_MEANS.get(dotted, obj) if obj is None else obj
-        if obj != want:
-            raise ManifestError(
-                f"--out {root}: the existing cache was built with {dotted} = {obj!r}, this build asks for {want!r}; "
-                "use another --out or the same settings"
-            )
+    differ = CacheIdentity.of(man).mismatch(expected)
+    if differ:
+        said = ", and ".join(f"{key} = {have!r}, this build asks for {want!r}" for key, have, want in differ)
+        raise ManifestError(f"--out {root}: the existing cache was built with {said}; use another --out or the same settings")
     return man.num_view_epochs
 
 
@@ -275,15 +257,13 @@ class _ChunkBuild:
             f.result()
         b = self.builder
         for v in self.missing:
-            shard = b.shard_path(v, self.chunk)
-            with b._disk_full(shard):
+            with b._disk_full(b.writer.shard_path(v, self.chunk)):
                 w = self.writers.get(v) or b._open(v, self.chunk, self.writers)
                 fault_point("before_shard_close")
                 info = w.close()
             fault_point("after_shard_rename")
-            with b._disk_full(_sidecar(shard)):
-                write_json_atomic(_sidecar(shard), {**info.to_json(), "skipped": self.skipped,
-                                                    "stats": self.stats[v].to_json()})
+            with b._disk_full(b.writer.sidecar_path(v, self.chunk)):
+                b.writer.finish_shard(v, self.chunk, info, {"skipped": self.skipped, "stats": self.stats[v].to_json()})
             yield info
 
     def abort(self) -> None:
@@ -308,7 +288,9 @@ class Builder:
         self.recipe = ViewRecipe(size=cfg.spec.img_size, jpeg_quality=cfg.jpeg_quality, resize=resize)
         self.device_views = DeviceViews(self.device, self.recipe, cfg.num_workers) if self.on_device else None
         self.codec = get_codec(cfg.codec)
-        self.model, self.facts = load_base_model(cfg.spec, cfg.checkpoint, self.device, cfg.fetched)
+        model, self.facts = load_base_model(cfg.spec, cfg.checkpoint, self.device, cfg.fetched)
+        # A timm ViT (embed_dim, blocks[i].attn.num_heads), which nn.Module's typing cannot see.
+        self.model: Any = cast(Any, model)
         # The base sees its own normalisation (a CLIP base's is not ImageNet's); the view recipe's,
         # recorded in the manifest for stage 2, stays the student's.
         self.base_mean, self.base_std = tuple(self.facts["input_mean"]), tuple(self.facts["input_std"])
@@ -325,6 +307,8 @@ class Builder:
         if old_views > cfg.views:
             log(f"the cache already holds {old_views} view-epochs; keeping all of them")
         self.num_chunks = math.ceil(len(self.source) / cfg.shard_size)
+        # The cache folder's layout; rank 0's writer lock is handed to it by build_cache.
+        self.writer = CacheWriter(cfg.out, cfg.format, self.field_specs, self.compressor)
         self.writer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tec-write")
         # For the disk-full message: views missing (all ranks) when this run started, and those this
         # rank has put in finished shards since; their difference is an upper bound on what is left.
@@ -333,16 +317,8 @@ class Builder:
         self._estimate: dict[str, Any] = {}  # the disk estimate, measured on the run's first batch
         self._built = 0  # views this rank computed in this run
         self._progress: Callable[[int], None] = lambda n: None
-        self.lock: WriterLock | None = None  # --out's writer lock, on rank 0 (build_cache sets it)
 
     # ---- planning -------------------------------------------------------------------------
-    def shard_path(self, v: int, c: int) -> Path:
-        return self.cfg.out / shard_relpath(self.cfg.format, v, c)
-
-    def is_complete(self, v: int, c: int) -> bool:
-        p = self.shard_path(v, c)
-        return p.exists() and _sidecar(p).exists()
-
     def chunk_images(self, c: int) -> range:
         return range(c * self.cfg.shard_size, min((c + 1) * self.cfg.shard_size, len(self.source)))
 
@@ -350,7 +326,7 @@ class Builder:
         """This rank's (chunk, missing view-epochs) list, and views still missing on all ranks."""
         mine, total_missing, total_done = [], 0, 0
         for c in range(self.num_chunks):
-            missing = [v for v in range(self.num_views) if not self.is_complete(v, c)]
+            missing = [v for v in range(self.num_views) if not self.writer.is_complete(v, c)]
             total_missing += len(missing) * len(self.chunk_images(c))
             total_done += self.num_views - len(missing)
             if missing and c % self.info.world_size == self.info.rank:
@@ -532,39 +508,25 @@ class Builder:
         return out
 
     def _open(self, v: int, c: int, writers: dict[int, Any]) -> Any:
-        path = self.shard_path(v, c)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        writers[v] = open_writer(self.cfg.format, path, self.field_specs, self.compressor)
+        writers[v] = self.writer.open_shard(v, c)
         fault_point("shard_opened")
         return writers[v]
 
     def _write(self, c: int, writers: dict[int, Any], recs: list[ViewRecord]) -> None:
         # Runs in the writer thread, overlapping the next batch's forward pass.
         for r in recs:
-            with self._disk_full(self.shard_path(r.view_epoch, c)):
+            with self._disk_full(self.writer.shard_path(r.view_epoch, c)):
                 w = writers.get(r.view_epoch) or self._open(r.view_epoch, c, writers)
                 w.write(r)
                 fault_point("mid_shard_write")
 
     # ---- manifest -------------------------------------------------------------------------
     def write_manifest(self, seconds: float, views_this_run: int) -> Path:
-        view_epochs, stats, skipped = [], [], {}
-        total_bytes = total_samples = 0
-        for v in range(self.num_views):
-            entries = []
-            for c in range(self.num_chunks):
-                path = self.shard_path(v, c)
-                if not self.is_complete(v, c):
-                    raise RuntimeError(f"shard {path} is missing after all ranks finished; re-run the build to complete it")
-                side = json.loads(_sidecar(path).read_text())
-                info = ShardInfo(side["num_samples"], side["nbytes"], side["sha256"])
-                entries.append(mf.ShardEntry(v, c, shard_relpath(self.cfg.format, v, c), info))
-                stats.append(side["stats"])
-                for s in side["skipped"]:
-                    skipped[s["key"]] = s["error"]
-                total_bytes += info.nbytes
-                total_samples += info.num_samples
-            view_epochs.append(mf.ViewEpoch(v, sum(e.num_samples for e in entries), tuple(entries)))
+        view_epochs, shards = self.writer.collect(self.num_views, self.num_chunks)
+        skipped = {s["key"]: s["error"] for shard in shards for s in shard.notes["skipped"]}
+        stats = [shard.notes["stats"] for shard in shards]
+        total_bytes = sum(shard.entry.nbytes for shard in shards)
+        total_samples = sum(shard.entry.num_samples for shard in shards)
         spec = self.cfg.spec
         grid = spec.img_size // spec.patch_size
         # The spec's options (top-k, tau, ...) and where the weights came from ride along verbatim.
@@ -584,9 +546,9 @@ class Builder:
                            extra={"image_format": "jpeg", **({"first_view": self.cfg.first_view} if self.cfg.first_view else {})}),
             codec=mf.Codec(name=self.codec.name, fields=dict(self.field_specs)),
             format=mf.Format(name=self.cfg.format, compressor=self.compressor, shard_size=self.cfg.shard_size),
-            source=mf.Source.of({**source, "fingerprint": self.identity["source.fingerprint"],
+            source=mf.Source.of({**source, "fingerprint": self.identity.source_fingerprint,
                                  "skipped": [{"key": k, "error": e} for k, e in sorted(skipped.items())]}),
-            view_epochs=tuple(view_epochs),
+            view_epochs=view_epochs,
             stats=mf.Stats(fields={k: mf.FieldStats.of(x) for k, x in merge_stats(stats).items()},
                            total_bytes=total_bytes, total_views=total_samples,
                            bytes_per_view=total_bytes / max(total_samples, 1),
@@ -599,21 +561,8 @@ class Builder:
                                      if self.device_views is not None else {})}),
             extra={"tool": TOOL_VERSION},
         )
-        self.remove_leftovers()
-        if self.lock is not None:
-            self.lock.ensure()  # a writer whose lock was taken over (it was stale) stops here
-        fault_point("before_manifest")
-        path = self.cfg.out / MANIFEST_NAME
-        with self._disk_full(path):
-            write_json_atomic(path, manifest.sealed().to_json(), fault="manifest")
-        return path
-
-    def remove_leftovers(self) -> None:
-        """Delete temporaries that killed runs left behind; every rank has finished by now."""
-        for d in [self.cfg.out, *sorted(self.cfg.out.glob("ve[0-9][0-9][0-9]"))]:
-            for p in d.iterdir():
-                if is_temporary(p.name) and not is_lock_file(p.name):  # the lock's heartbeat is live
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        with self._disk_full(self.writer.manifest_path):
+            return self.writer.publish(manifest)
 
     def close(self) -> None:
         self.writer_pool.shutdown(wait=True)
@@ -665,7 +614,7 @@ def build_cache(cfg: BuildConfig, log: Callable[[str], None] = lambda s: None,
             # Nothing is computed or written before here: a bad --checkpoint, --data or an --out
             # holding another build is a usage error, not a failed build.
             raise BuildOptionError(str(e)) from e
-        builder.lock = lock
+        builder.writer.lock = lock
         try:
             return builder.run(progress, set_total)
         finally:

@@ -7,8 +7,10 @@
     tar.py        WebDataset tar shards;  zarr.py: zarr v3 shards;  registry.py: formats by name
     manifest.py   the typed, frozen Manifest (from_json checks, to_json writes, digest seals)
     integrity.py  listed shard files present with their sizes (pre-flight of stage 2, verify)
+    writer.py     CacheWriter: a cache folder's layout while it is built (shards, sidecars, leftovers),
+                  and the manifest written last
 
-Data flow: ViewRecords -> ShardFormat.open_writer -> shards -> ShardInfo -> Manifest -> manifest.json
+Data flow: ViewRecords -> CacheWriter.open_shard -> shards + sidecars -> CacheWriter.publish(Manifest) -> manifest.json
 -> load_manifest -> Manifest.open_shard / open_reader -> ViewRecords.
 """
 from tec_cache.format.base import ShardFormat, ShardReader, ShardWriter

@@ -6,8 +6,11 @@ starts from ``load_manifest``, which parses and checks the JSON into ``Manifest`
 and reads only the shards it lists, each with its ``ShardInfo``. A folder without a valid
 manifest is not a cache.
 
-Every section keeps the keys it does not interpret in ``extra``, so ``to_json`` gives back exactly
-the JSON that was read (the digest covers all of it, and a manifest an older or newer tool wrote
+Each section is a frozen dataclass whose fields declare, once, their JSON key (the field's name), the
+kind of value it must hold, whether older caches may lack it, and how it is read and written
+(``_key``, ``_optional``, ``_tuple``, ``_section``); ``_Record.parse`` and ``_Record.to_json`` follow
+the declarations. Every section keeps the keys it does not interpret in ``extra``, so ``to_json``
+gives back exactly the JSON that was read (the digest covers all of it, and a manifest an older or newer tool wrote
 round-trips unchanged). Schema version 1 is the only one written and read so far.
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tec_cache.format.base import ShardFormat, ShardReader
+from tec_cache.format.handle import CacheHandle
 from tec_cache.format.registry import FORMATS, get_format
 from tec_cache.format.remote import RemoteCache, RemoteError, RemoteMissing, is_remote
 from tec_cache.format.schema import FieldSpec, ShardInfo, check_specs, parse_compressor
@@ -73,8 +77,9 @@ _GRID: _Kind = ("[rows, cols] of positive ints", lambda v: isinstance(v, list) a
 _PAIR: _Kind = ("a list of 2 numbers", _numbers(2))
 _TRIPLE: _Kind = ("a list of 3 numbers", _numbers(3))
 _POS_TRIPLE: _Kind = ("a list of 3 positive numbers", _numbers(3, positive=True))
+_NUMBER: _Kind = ("number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))  # NaN allowed: a statistic
 _STAT: _Kind = ("object of numbers count/mean/std/min/max", lambda v: isinstance(v, dict) and all(
-    isinstance(v.get(k), (int, float)) and not isinstance(v.get(k), bool) for k in ("count", "mean", "std", "min", "max")))
+    _NUMBER[1](v.get(k)) for k in ("count", "mean", "std", "min", "max")))
 
 
 def _describe(value: Any) -> str:
@@ -90,16 +95,17 @@ class _Section:
         self.raw, self.dotted, self.where = raw, dotted, where
         self.taken: set[str] = set()
 
-    def _name(self, key: str) -> str:
+    def name(self, key: str) -> str:
+        """``key`` as messages name it: its dotted path from the top of the manifest."""
         return f"{self.dotted}.{key}" if self.dotted else key
 
     def fail(self, key: str, value: Any, kind: _Kind) -> ManifestError:
-        return ManifestError(f"{self.where}: field {self._name(key)!r} is {_describe(value)}, expected {kind[0]}")
+        return ManifestError(f"{self.where}: field {self.name(key)!r} is {_describe(value)}, expected {kind[0]}")
 
     def get(self, key: str, kind: _Kind) -> Any:
         """The value at ``key``, which must be there and hold ``kind``."""
         if key not in self.raw:
-            raise ManifestError(f"{self.where}: missing field {self._name(key)!r}")
+            raise ManifestError(f"{self.where}: missing field {self.name(key)!r}")
         return self.optional(key, kind)
 
     def optional(self, key: str, kind: _Kind) -> Any:
@@ -111,81 +117,165 @@ class _Section:
         return value
 
     def section(self, key: str) -> _Section:
-        return _Section(self.get(key, _DICT), self._name(key), self.where)
+        return _Section(self.get(key, _DICT), self.name(key), self.where)
 
     def optional_section(self, key: str) -> _Section | None:
         value = self.optional(key, _DICT)
-        return None if value is None else _Section(value, self._name(key), self.where)
+        return None if value is None else _Section(value, self.name(key), self.where)
 
     def extra(self) -> Mapping[str, Any]:
         """The keys this format does not interpret, kept as stored."""
         return {k: v for k, v in self.raw.items() if k not in self.taken}
 
 
-class _Keyed:
-    """Sections built by a writer from a flat mapping: known keys become attributes, the rest ``extra``."""
+# ---- declaring a section: each field names its JSON key (the field's name), its kind, and how it
+# is read and written, once; ``_Record.parse`` and ``_Record.to_json`` follow the declarations --------
+
+
+@dataclass(frozen=True)
+class _Key:
+    """How one dataclass field is stored under the key of its own name.
+
+    ``kind`` is checked on the raw value (the error names the key and says what was expected);
+    ``optional``: an absent key reads as None and None is not written (keys older caches lack);
+    ``load`` turns the checked raw value into the field's value (and may refuse it, naming the key),
+    ``dump`` turns the value back into exactly that JSON; ``section``: the value is a nested section.
+    """
+
+    kind: _Kind
+    optional: bool = False
+    load: Callable[[Any, _Section, str], Any] | None = None
+    dump: Callable[[Any], Any] | None = None
+    section: type[_Record] | None = None
+
+    def read(self, s: _Section, key: str) -> Any:
+        if self.section is not None:
+            sub = s.optional_section(key) if self.optional else s.section(key)
+            return None if sub is None else self.section.parse(sub)
+        raw = s.optional(key, self.kind) if self.optional else s.get(key, self.kind)
+        if raw is None and self.optional:
+            return None
+        return raw if self.load is None else self.load(raw, s, key)
+
+    def write(self, value: Any) -> Any:
+        if self.section is not None:
+            return value.to_json()
+        return value if self.dump is None else self.dump(value)
+
+
+_META = "manifest_key"
+
+
+def _key(kind: _Kind, *, load: Callable[[Any, _Section, str], Any] | None = None,
+         dump: Callable[[Any], Any] | None = None) -> Any:
+    """A required key."""
+    return field(metadata={_META: _Key(kind, load=load, dump=dump)})
+
+
+def _optional(kind: _Kind, *, load: Callable[[Any, _Section, str], Any] | None = None,
+              dump: Callable[[Any], Any] | None = None) -> Any:
+    """A key older (or hand-made) manifests may lack: None when absent, and then not written."""
+    return field(default=None, metadata={_META: _Key(kind, optional=True, load=load, dump=dump)})
+
+
+def _tuple(kind: _Kind, *, optional: bool = False) -> Any:
+    """A JSON list held as a tuple (the dataclasses are frozen)."""
+    make = _optional if optional else _key
+    return make(kind, load=lambda raw, s, key: tuple(raw), dump=list)
+
+
+def _section(cls: type[_Record], *, optional: bool = False) -> Any:
+    """A nested object, itself a ``_Record``."""
+    key = _Key(_DICT, optional=optional, section=cls)
+    return field(default=None, metadata={_META: key}) if optional else field(metadata={_META: key})
+
+
+def _keys(cls: type) -> list[tuple[str, _Key]]:
+    """The declared keys of a section, in declaration order (the order ``to_json`` writes them)."""
+    return [(f.name, f.metadata[_META]) for f in dataclasses.fields(cls) if _META in f.metadata]
+
+
+class _Record:
+    """A section of the manifest: declared keys become attributes, every other key stays in ``extra``."""
+
+    extra: Mapping[str, Any]
+
+    @classmethod
+    def read_keys(cls, s: _Section) -> dict[str, Any]:
+        """The declared keys of ``s``, checked and loaded, in declaration order."""
+        return {name: key.read(s, name) for name, key in _keys(cls)}
+
+    @classmethod
+    def parse(cls, s: _Section) -> Any:
+        make: Callable[..., Any] = cls  # a dataclass subclass: its __init__ takes the keys and extra
+        return make(**cls.read_keys(s), extra=s.extra())
+
+    def to_json(self) -> Json:
+        """The section as stored: the keys it does not interpret first, then the declared ones."""
+        out: Json = dict(self.extra)
+        for name, key in _keys(type(self)):
+            value = getattr(self, name)
+            if not (key.optional and value is None):
+                out[name] = key.write(value)
+        return out
 
     @classmethod
     def of(cls, values: Mapping[str, Any]) -> Any:
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}  # type: ignore[arg-type]
-        return cls(**{k: v for k, v in values.items() if k in names}, extra={k: v for k, v in values.items() if k not in names})
+        """A section built by a writer from a flat mapping: known keys become attributes, the rest ``extra``."""
+        make: Any = cls  # a dataclass subclass: its __init__ takes the keys and extra
+        names = {f.name for f in dataclasses.fields(make)} - {"extra"}
+        return make(**{k: v for k, v in values.items() if k in names}, extra={k: v for k, v in values.items() if k not in names})
 
 
-def _put(out: Json, key: str, value: Any) -> None:
-    if value is not None:
-        out[key] = value
+def _one_of_formats(name: str, s: _Section, key: str) -> str:
+    if name not in FORMATS:
+        raise ManifestError(f"{s.where}: field {s.name(key)!r} is {name!r}, expected one of {list(FORMATS)}")
+    return name
+
+
+def _compressor(compressor: str, s: _Section, key: str) -> str:
+    try:
+        parse_compressor(compressor)
+    except ValueError as e:
+        raise ManifestError(f"{s.where}: field {s.name(key)!r}: {e}") from None
+    return compressor
+
+
+def _schema_version(version: int, s: _Section, key: str) -> int:
+    if version != SCHEMA_VERSION:
+        raise ManifestError(f"{s.where}: schema_version {version} is not supported (this tool reads {SCHEMA_VERSION})")
+    return version
 
 
 # ---- the sections -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class BaseModel(_Keyed):
+class BaseModel(_Record):
     """The frozen ViT the targets came from (``extra``: its build options, checkpoint path, layout)."""
 
-    name: str
-    arch: str
-    sha256: str
-    embed_dim: int
-    num_heads: int
-    depth: int
+    name: str = _key(_STR)
+    arch: str = _key(_STR)
+    sha256: str = _key(_SHA)
+    embed_dim: int = _key(_POS)
+    num_heads: int = _key(_POS)
+    depth: int = _key(_POS)
     extra: Mapping[str, Any] = field(default_factory=dict)
-
-    @staticmethod
-    def parse(s: _Section) -> BaseModel:
-        return BaseModel(name=s.get("name", _STR), sha256=s.get("sha256", _SHA), arch=s.get("arch", _STR),
-                         embed_dim=s.get("embed_dim", _POS), num_heads=s.get("num_heads", _POS),
-                         depth=s.get("depth", _POS), extra=s.extra())
-
-    def to_json(self) -> Json:
-        return {**self.extra, "name": self.name, "arch": self.arch, "sha256": self.sha256, "embed_dim": self.embed_dim,
-                "num_heads": self.num_heads, "depth": self.depth}
 
 
 @dataclass(frozen=True)
-class Targets(_Keyed):
+class Targets(_Record):
     """What each view's targets are: L patches on ``grid``, D channels, H heads, top-k, tau."""
 
-    num_patches: int
-    grid: tuple[int, int]
-    patch_size: int
-    dim: int
-    heads: int
-    topk: int
-    last_layers: int
-    tau: float
+    num_patches: int = _key(_POS)
+    grid: tuple[int, int] = _tuple(_GRID)
+    patch_size: int = _key(_POS)
+    dim: int = _key(_POS)
+    heads: int = _key(_POS)
+    topk: int = _key(_POS)
+    last_layers: int = _key(_POS)
+    tau: float = _key(_POS_NUM)
     extra: Mapping[str, Any] = field(default_factory=dict)
-
-    @staticmethod
-    def parse(s: _Section) -> Targets:
-        return Targets(num_patches=s.get("num_patches", _POS), grid=tuple(s.get("grid", _GRID)),  # type: ignore[arg-type]
-                       patch_size=s.get("patch_size", _POS), dim=s.get("dim", _POS), heads=s.get("heads", _POS),
-                       topk=s.get("topk", _POS), last_layers=s.get("last_layers", _POS), tau=s.get("tau", _POS_NUM),
-                       extra=s.extra())
-
-    def to_json(self) -> Json:
-        return {**self.extra, "num_patches": self.num_patches, "grid": list(self.grid), "patch_size": self.patch_size,
-                "dim": self.dim, "heads": self.heads, "topk": self.topk, "last_layers": self.last_layers, "tau": self.tau}
 
 
 # How the views of a manifest without views.recipe.resize were resized: every cache built before
@@ -194,25 +284,15 @@ LEGACY_RESIZE = "pil-bicubic"
 
 
 @dataclass(frozen=True)
-class Recipe(_Keyed):
+class Recipe(_Record):
     """The view recipe as far as readers need it (``extra``: the rest of what decided the pixels)."""
 
-    size: int
-    scale: tuple[float, float]
-    jpeg_quality: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    size: int = _key(_POS)
+    scale: tuple[float, float] = _tuple(_PAIR)
+    jpeg_quality: int = _key(_INT)
+    mean: tuple[float, float, float] = _tuple(_TRIPLE)
+    std: tuple[float, float, float] = _tuple(_POS_TRIPLE)
     extra: Mapping[str, Any] = field(default_factory=dict)
-
-    @staticmethod
-    def parse(s: _Section) -> Recipe:
-        return Recipe(size=s.get("size", _POS), scale=tuple(s.get("scale", _PAIR)),  # type: ignore[arg-type]
-                      jpeg_quality=s.get("jpeg_quality", _INT), mean=tuple(s.get("mean", _TRIPLE)),  # type: ignore[arg-type]
-                      std=tuple(s.get("std", _POS_TRIPLE)), extra=s.extra())  # type: ignore[arg-type]
-
-    def to_json(self) -> Json:
-        return {**self.extra, "size": self.size, "scale": list(self.scale), "jpeg_quality": self.jpeg_quality,
-                "mean": list(self.mean), "std": list(self.std)}
 
     @property
     def resize(self) -> str:
@@ -221,21 +301,13 @@ class Recipe(_Keyed):
 
 
 @dataclass(frozen=True)
-class Views(_Keyed):
+class Views(_Record):
     """K view-epochs of views cut by ``recipe`` from ``seed``."""
 
-    count: int
-    seed: int
-    recipe: Recipe
+    count: int = _key(_NONNEG)
+    seed: int = _key(_INT)
+    recipe: Recipe = _section(Recipe)
     extra: Mapping[str, Any] = field(default_factory=dict)
-
-    @staticmethod
-    def parse(s: _Section) -> Views:
-        return Views(count=s.get("count", _NONNEG), seed=s.get("seed", _INT), recipe=Recipe.parse(s.section("recipe")),
-                     extra=s.extra())
-
-    def to_json(self) -> Json:
-        return {**self.extra, "count": self.count, "seed": self.seed, "recipe": self.recipe.to_json()}
 
     @property
     def first_view(self) -> int:
@@ -244,122 +316,74 @@ class Views(_Keyed):
 
 
 @dataclass(frozen=True)
-class Codec(_Keyed):
+class Codec(_Record):
     """The target codec's name and the encoded arrays it stores per view."""
 
-    name: str
-    fields: Mapping[str, FieldSpec]
+    name: str = _key(_STR)
+    fields: Mapping[str, FieldSpec] = _key(_DICT, load=lambda raw, s, key: _field_specs(raw, s.where),
+                                           dump=lambda specs: {k: v.to_json() for k, v in specs.items()})
     extra: Mapping[str, Any] = field(default_factory=dict)
-
-    @staticmethod
-    def parse(s: _Section) -> Codec:
-        name, raw_fields = s.get("name", _STR), s.get("fields", _DICT)
-        return Codec(name=name, fields=_field_specs(raw_fields, s.where), extra=s.extra())
-
-    def to_json(self) -> Json:
-        return {**self.extra, "name": self.name, "fields": {k: v.to_json() for k, v in self.fields.items()}}
 
 
 @dataclass(frozen=True)
-class Format(_Keyed):
+class Format(_Record):
     """How the shards are stored: format name, compressor, records per shard."""
 
-    name: str
-    compressor: str
-    shard_size: int
+    name: str = _key(_STR, load=_one_of_formats)
+    compressor: str = _key(_STR, load=_compressor)
+    shard_size: int = _key(_POS)
     extra: Mapping[str, Any] = field(default_factory=dict)
-
-    @staticmethod
-    def parse(s: _Section) -> Format:
-        return Format(name=s.get("name", _STR), compressor=s.get("compressor", _STR),
-                      shard_size=s.get("shard_size", _POS), extra=s.extra())
 
     @property
     def shards(self) -> ShardFormat:
         """The ``ShardFormat`` that reads this cache's shards."""
         return get_format(self.name)
 
-    def to_json(self) -> Json:
-        return {**self.extra, "name": self.name, "compressor": self.compressor, "shard_size": self.shard_size}
-
 
 @dataclass(frozen=True)
-class Source(_Keyed):
+class Source(_Record):
     """The images the cache was built from; ``skipped`` are those that could not be decoded."""
 
-    num_images: int
-    path: str
-    kind: str
-    classes: tuple[Any, ...] | None = None
-    skipped: tuple[Any, ...] | None = None  # {"key": ..., "error": ...} as the build writes them
+    num_images: int = _key(_NONNEG)
+    path: str = _key(_STR)
+    kind: str = _key(_STR)
+    classes: tuple[Any, ...] | None = _tuple(_LIST, optional=True)
+    skipped: tuple[Any, ...] | None = _tuple(_LIST, optional=True)  # {"key": ..., "error": ...} as the build writes them
     extra: Mapping[str, Any] = field(default_factory=dict)
-
-    @staticmethod
-    def parse(s: _Section) -> Source:
-        num_images, path, kind = s.get("num_images", _NONNEG), s.get("path", _STR), s.get("kind", _STR)
-        classes, skipped = s.optional("classes", _LIST), s.optional("skipped", _LIST)
-        return Source(num_images=num_images, path=path, kind=kind, classes=None if classes is None else tuple(classes),
-                      skipped=None if skipped is None else tuple(skipped), extra=s.extra())
-
-    def to_json(self) -> Json:
-        out: Json = {**self.extra, "num_images": self.num_images, "path": self.path, "kind": self.kind}
-        _put(out, "classes", None if self.classes is None else list(self.classes))
-        _put(out, "skipped", None if self.skipped is None else list(self.skipped))
-        return out
 
 
 @dataclass(frozen=True)
-class FieldStats(_Keyed):
+class FieldStats(_Record):
     """Summary of one float target (before the codec) over the whole build."""
 
-    count: float
-    mean: float
-    std: float
-    min: float
-    max: float
+    count: float = _key(_NUMBER)
+    mean: float = _key(_NUMBER)
+    std: float = _key(_NUMBER)
+    min: float = _key(_NUMBER)
+    max: float = _key(_NUMBER)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
-    def to_json(self) -> Json:
-        return {**self.extra, "count": self.count, "mean": self.mean, "std": self.std, "min": self.min, "max": self.max}
+
+def _field_stats(raw: Json, s: _Section, key: str) -> dict[str, FieldStats]:
+    out = {}
+    for name, stat in raw.items():
+        if not _STAT[1](stat):
+            raise ManifestError(f"{s.where}: field '{s.name(key)}.{name}' is {_describe(stat)}, expected {_STAT[0]}")
+        out[name] = FieldStats.parse(_Section(stat, f"{s.name(key)}.{name}", s.where))
+    return out
 
 
 @dataclass(frozen=True)
-class Stats(_Keyed):
+class Stats(_Record):
     """Build statistics; every part is optional (older or hand-made caches may lack them)."""
 
-    fields: Mapping[str, FieldStats] | None = None
-    build: Mapping[str, Any] | None = None  # seconds, views_per_s, world_size, device, ... as recorded
-    total_bytes: int | None = None
-    total_views: int | None = None
-    bytes_per_view: float | None = None
+    fields: Mapping[str, FieldStats] | None = _optional(_DICT, load=_field_stats,
+                                                        dump=lambda stats: {k: v.to_json() for k, v in stats.items()})
+    build: Mapping[str, Any] | None = _optional(_DICT, dump=dict)  # seconds, views_per_s, world_size, device, ... as recorded
+    total_bytes: int | None = _optional(_NONNEG)
+    total_views: int | None = _optional(_NONNEG)
+    bytes_per_view: float | None = _optional(_NUM)
     extra: Mapping[str, Any] = field(default_factory=dict)
-
-    @staticmethod
-    def parse(s: _Section) -> Stats:
-        raw_fields = s.optional("fields", _DICT)
-        build = s.optional("build", _DICT)
-        total_bytes, total_views = s.optional("total_bytes", _NONNEG), s.optional("total_views", _NONNEG)
-        bytes_per_view = s.optional("bytes_per_view", _NUM)
-        fields = None
-        if raw_fields is not None:
-            fields = {}
-            for name, stat in raw_fields.items():
-                if not _STAT[1](stat):
-                    raise ManifestError(f"{s.where}: field 'stats.fields.{name}' is {_describe(stat)}, expected {_STAT[0]}")
-                known = ("count", "mean", "std", "min", "max")
-                fields[name] = FieldStats(*(stat[k] for k in known), extra={k: v for k, v in stat.items() if k not in known})
-        return Stats(fields=fields, build=build, total_bytes=total_bytes, total_views=total_views,
-                     bytes_per_view=bytes_per_view, extra=s.extra())
-
-    def to_json(self) -> Json:
-        out: Json = dict(self.extra)
-        _put(out, "fields", None if self.fields is None else {k: v.to_json() for k, v in self.fields.items()})
-        _put(out, "build", None if self.build is None else dict(self.build))
-        _put(out, "total_bytes", self.total_bytes)
-        _put(out, "total_views", self.total_views)
-        _put(out, "bytes_per_view", self.bytes_per_view)
-        return out
-
 
 @dataclass(frozen=True)
 class ShardEntry:
@@ -415,20 +439,22 @@ class Geometry:
 
 
 @dataclass(frozen=True)
-class Manifest:
-    """A parsed, checked manifest of the cache at ``root``."""
+class Manifest(_Record):
+    """A parsed, checked manifest of the cache at ``root``; each field below ``root`` is a top-level
+    key of the JSON (of the same name), declared with how it is checked and written."""
 
     root: Path
-    schema_version: int
-    base_model: BaseModel
-    targets: Targets
-    views: Views
-    codec: Codec
-    format: Format
-    source: Source
-    view_epochs: tuple[ViewEpoch, ...]
-    stats: Stats | None = None
-    manifest_sha256: str | None = None
+    schema_version: int = _key(_INT, load=_schema_version)
+    base_model: BaseModel = _section(BaseModel)
+    targets: Targets = _section(Targets)
+    views: Views = _section(Views)
+    codec: Codec = _section(Codec)
+    format: Format = _section(Format)
+    source: Source = _section(Source)
+    view_epochs: tuple[ViewEpoch, ...] = _key(_LIST, load=lambda raw, s, key: _view_epochs(raw, s.where),
+                                              dump=lambda ves: [ve.to_json() for ve in ves])
+    stats: Stats | None = _section(Stats, optional=True)
+    manifest_sha256: str | None = _optional(_SHA)  # DIGEST_FIELD
     extra: Mapping[str, Any] = field(default_factory=dict)  # e.g. "tool": the tec-cache version that wrote it
     # Set for a cache read from a URL (remote.py): shards stream from there; ``root`` is then only the
     # read-through folder (or "."). Not part of the manifest's JSON.
@@ -453,9 +479,14 @@ class Manifest:
         return [s for ve in self.view_epochs if view_epoch is None or ve.index == view_epoch for s in ve.shards]
 
     @property
+    def handle(self) -> CacheHandle:
+        """Where this cache's shards are and how one is opened (handle.py): plain data for workers."""
+        return CacheHandle(self.root, self.location, self.format.name, self.fields, self.format.compressor)
+
+    @property
     def where(self) -> str:
         """The cache as messages name it: its folder, or its URL."""
-        return self.location.ref if self.location is not None else str(self.root)
+        return self.handle.where
 
     @property
     def name(self) -> str:
@@ -463,32 +494,19 @@ class Manifest:
         return self.location.name if self.location is not None else self.root.name
 
     def shard_path(self, entry: ShardEntry) -> Path:
-        return self.root / entry.path
+        return self.handle.path(entry.path)
 
     def shard_ref(self, entry: ShardEntry) -> str:
         """Where a listed shard is read from: its path, or its URL."""
-        return self.location.url(entry.path) if self.location is not None else str(self.shard_path(entry))
+        return self.handle.ref(entry.path)
 
     def open_shard(self, entry: ShardEntry, *, verify: bool = False) -> ShardReader:
         """A reader of a listed shard; with ``verify`` its size, sha256 and count are checked first
         (always for a remote shard, as it streams in)."""
-        if self.location is not None:
-            data = self.location.fetch_shard(entry.path, entry.info)
-            return self.format.shards.open_bytes(self.shard_ref(entry), data, self.fields, self.format.compressor,
-                                                 expect=entry.info)
-        return self.format.shards.open_reader(self.shard_path(entry), self.fields, self.format.compressor,
-                                              expect=entry.info if verify else None)
+        return self.handle.open(entry.path, entry.info, verify=verify)
 
     # ---- JSON -----------------------------------------------------------------------------------
-    def to_json(self) -> Json:
-        """The manifest as stored: exactly the JSON ``from_json`` read (or the build writes)."""
-        out: Json = {**self.extra, "schema_version": self.schema_version, "base_model": self.base_model.to_json(),
-                     "targets": self.targets.to_json(), "views": self.views.to_json(), "codec": self.codec.to_json(),
-                     "format": self.format.to_json(), "source": self.source.to_json(),
-                     "view_epochs": [ve.to_json() for ve in self.view_epochs]}
-        _put(out, "stats", None if self.stats is None else self.stats.to_json())
-        _put(out, DIGEST_FIELD, self.manifest_sha256)
-        return out
+    # to_json (from _Record): the manifest as stored, exactly the JSON ``from_json`` read (or the build writes).
 
     def digest(self) -> str:
         """sha256 of this manifest without its own digest field (see ``manifest_digest``)."""
@@ -504,29 +522,7 @@ class Manifest:
         if not isinstance(raw, dict):
             raise ManifestError(f"{where}: expected a JSON object, got {type(raw).__name__}")
         top = _Section(raw, "", where)
-        version = top.get("schema_version", _INT)
-        base_model = BaseModel.parse(top.section("base_model"))
-        targets = Targets.parse(top.section("targets"))
-        views = Views.parse(top.section("views"))
-        codec_section = top.section("codec")
-        fmt = Format.parse(top.section("format"))
-        source = Source.parse(top.section("source"))
-        raw_epochs = top.get("view_epochs", _LIST)
-        stats_section = top.optional_section("stats")
-        stats = None if stats_section is None else Stats.parse(stats_section)
-        digest = top.optional(DIGEST_FIELD, _SHA)
-        if version != SCHEMA_VERSION:
-            raise ManifestError(f"{where}: schema_version {version} is not supported (this tool reads {SCHEMA_VERSION})")
-        if fmt.name not in FORMATS:
-            raise ManifestError(f"{where}: field 'format.name' is {fmt.name!r}, expected one of {list(FORMATS)}")
-        try:
-            parse_compressor(fmt.compressor)
-        except ValueError as e:
-            raise ManifestError(f"{where}: field 'format.compressor': {e}") from None
-        codec = Codec.parse(codec_section)
-        man = Manifest(root=Path(root), schema_version=version, base_model=base_model, targets=targets, views=views,
-                       codec=codec, format=fmt, source=source, view_epochs=_view_epochs(raw_epochs, where),
-                       stats=stats, manifest_sha256=digest, extra=top.extra())
+        man = Manifest(root=Path(root), **Manifest.read_keys(top), extra=top.extra())
         _check_geometry(man, where)
         return man
 
