@@ -11,10 +11,11 @@ Runs alone or under torchrun (DDP: nccl on CUDA, gloo on CPU); bf16 autocast on 
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +52,11 @@ from .harness import (
 from .harness import config_for_run_dir as _config_for_run_dir
 from .harness.errors import NonFiniteLossError, ResumeError
 from .harness.reporting import last_metrics_record
+from .harness.step import AccumulatingStep, MicroBatch
 from .harness.trackers import MetricSinks, open_sinks
-from .harness.writer import take_run_dir
+from .harness.writer import take_run_dir_for
 from .labelled import DEFAULT_CROP_PCT, LabelledSplits, open_labelled
-from .schedule import WarmupCosine, absolute_lr
+from .schedule import build_schedule
 from .student_to_timm import CONFIG_KEYS
 
 __all__ = ["MIXUP_MODES", "FINETUNE_RUN", "FinetuneConfig", "FinetuneResult", "FinetuneViT", "Finetuner", "NonFiniteLossError",
@@ -195,6 +197,10 @@ class FinetuneResult:
                 "config": self.config}
 
 
+def _non_finite(where: str, values: dict[str, float]) -> str | None:
+    return None if math.isfinite(values["loss"]) else f"non-finite loss {values['loss']} at {where}"
+
+
 def _split_for_rank(ds: Any, info: DistInfo) -> Any:
     """Every world_size-th sample from this rank's offset: disjoint, no padding, so accuracy is exact."""
     if info.world_size == 1:
@@ -214,13 +220,8 @@ class Finetuner:
         self.run_dir = Path(cfg.run_dir)
         self.sinks = MetricSinks(self.run_dir)  # rank 0 opens its trackers in _setup
         # One writer per run dir, taken before anything is read from it or written to it.
-        self.lock = take_run_dir(self.runtime, self.run_dir, "tec-train finetune", self.reporter.message)
-        try:
-            self._prepare(cfg)
-        except BaseException:
-            self.lock.release()
-            self.runtime.leave()
-            raise
+        self.lock = take_run_dir_for(self.runtime, self.run_dir, "tec-train finetune", self.reporter.message,
+                                     lambda: self._prepare(cfg))
 
     def _prepare(self, cfg: FinetuneConfig) -> None:
         self.resume: Resume | None = find_resume(self.run_dir, FINETUNE_RUN, cfg.to_json(), self.info.world_size,
@@ -263,9 +264,8 @@ class Finetuner:
         # Per-rank streams for augmentation and mixup, as the reference seeds with seed + rank.
         seed_rank(cfg.optim.seed, info.rank)
         self.loader_gen = torch.Generator().manual_seed(cfg.optim.seed + info.rank)  # loader worker seeds
-        self.peak_lr = cfg.optim.lr if cfg.optim.lr is not None else absolute_lr(cfg.optim.blr, self.eff_batch)
-        # An extended run builds the schedule of its new total: the lr follows it from the resumed epoch on.
-        self.schedule = WarmupCosine(self.peak_lr, cfg.optim.min_lr, min(cfg.optim.warmup_epochs, cfg.optim.epochs), cfg.optim.epochs)
+        self.schedule = build_schedule(cfg.optim, self.eff_batch)
+        self.peak_lr = self.schedule.lr
         self.optimizer = torch.optim.AdamW(param_groups_layer_decay(self.net, cfg.optim.weight_decay, cfg.optim.layer_decay),
                                            lr=self.peak_lr)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
@@ -298,6 +298,9 @@ class Finetuner:
         self.runtime.join()
         agree_on_position(self.runtime, start_epoch, "epochs")
         self.model: Any = self.runtime.wrap(self.net)
+        self.step = AccumulatingStep(runtime=self.runtime, module=self.net, ddp=self.model if self.runtime.distributed else None,
+                                     optimizer=self.optimizer, scaler=self.scaler, schedule=self.schedule,
+                                     accum_iter=cfg.optim.accum_iter, clip_grad=cfg.optim.clip_grad, non_finite=_non_finite)
         pin = self.device.type == "cuda"
         self.sampler = DistributedSampler(self.splits.train, num_replicas=info.world_size, rank=info.rank,
                                           shuffle=True, seed=cfg.optim.seed)
@@ -324,66 +327,66 @@ class Finetuner:
     # ---- one epoch ----------------------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         cfg = self.cfg
-        micro_batches, micro_batches_run = self.micro_batches_per_epoch, self.micro_batches_run_per_epoch
+        accum, world = cfg.optim.accum_iter, self.info.world_size
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         self.sampler.set_epoch(epoch)
         loss_sum, n, lr = 0.0, 0, self.schedule(epoch)
         t0 = time.perf_counter()
-        wait = 0.0
-        it = 0
+        wait = [0.0]
         batches = iter(self.train_loader)
-        while True:
+        # Whole windows only: an incomplete last one is not run (its gradient would be discarded anyway).
+        for window in range(self.steps_per_epoch):
+            it = window * accum
+            lr, values = self.step(it / self.micro_batches_per_epoch + epoch, self._window(batches, epoch, it, wait))
+            for named in values:
+                loss_sum += named["loss"] / world
+                n += 1
+            if (window + 1) % cfg.run.log_every == 0:
+                spent = time.perf_counter() - t0
+                self.reporter.status(epoch * self.micro_batches_run_per_epoch + it + accum, {
+                    "step": epoch * self.steps_per_epoch + window + 1, "epoch": epoch,
+                    "train_loss": loss_sum / n, "lr": lr,
+                    "images_per_s": n * cfg.optim.batch_size * world / max(spent, 1e-12),
+                    "data_wait_fraction": wait[0] / max(spent, 1e-12)})
+        # The loader is asked for one batch past the last window, as it always was: with in-process
+        # loading that draws the augmentation of a batch, and the RNG states checkpointed after the epoch
+        # (which resumed runs continue from) include those draws.
+        tw = time.perf_counter()
+        next(batches, None)
+        wait[0] += time.perf_counter() - tw
+        seconds = time.perf_counter() - t0
+        return {"train_loss": loss_sum / max(n, 1), "lr": lr, "train_seconds": seconds,
+                "images_per_s": n * cfg.optim.batch_size * world / max(seconds, 1e-12),
+                "data_wait_fraction": wait[0] / max(seconds, 1e-12)}
+
+    def _window(self, batches: Iterator[Any], epoch: int, it: int, wait: list[float]) -> Iterator[MicroBatch]:
+        """The micro-batches of one window, from micro-batch ``it`` of ``epoch`` on, on the device and
+        mixed; the time spent waiting for data goes to ``wait[0]``."""
+        for j in range(self.cfg.optim.accum_iter):
             tw = time.perf_counter()
             item = next(batches, None)
-            wait += time.perf_counter() - tw
+            wait[0] += time.perf_counter() - tw
             if item is None:
-                break
+                raise RuntimeError(f"the training data ended epoch {epoch} after {it + j} of "
+                                   f"{self.micro_batches_per_epoch} micro-batches")
             images, target = item
-            if it >= micro_batches_run:
-                break  # an incomplete last window is not run (its gradient would be discarded anyway)
-            if it % cfg.optim.accum_iter == 0:
-                lr = self.schedule(it / micro_batches + epoch)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr * g["lr_scale"]
             images = images.to(self.device, non_blocking=True)  # [B, 3, S, S]
             target = target.to(self.device, non_blocking=True)  # [B]
             if self.mixup_fn is not None:
                 images, target = self.mixup_fn(images, target)  # target [B, K] soft
-            sync = (it + 1) % cfg.optim.accum_iter == 0
-            no_sync = self.model.no_sync() if (self.runtime.distributed and not sync) else contextlib.nullcontext()
-            with no_sync:
-                with self.runtime.autocast():
-                    logits = self.model(images)  # [B, K]
-                    loss = self.criterion(logits.float(), target)
-                # Every rank learns of a non-finite loss on any rank, so none hangs in the next all-reduce.
-                value, = self.runtime.all_sum([loss.item()])
-                if not math.isfinite(value):
-                    raise NonFiniteLossError(f"non-finite loss {value} at epoch {epoch}, micro-batch {it}")
-                self.scaler.scale(loss / cfg.optim.accum_iter).backward()
-            if sync:
-                if cfg.optim.clip_grad is not None:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.optim.clip_grad)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-            loss_sum += value / self.info.world_size
-            n += 1
-            it += 1
+            yield MicroBatch(partial(self._loss, images, target), self._summed, f"epoch {epoch}, micro-batch {it + j}")
             fault_point("finetune_step")
-            self.reporter.advance(epoch * micro_batches_run + it)
-            if sync and (it // cfg.optim.accum_iter) % cfg.run.log_every == 0:
-                spent = time.perf_counter() - t0
-                self.reporter.status(epoch * micro_batches_run + it, {
-                    "step": epoch * self.steps_per_epoch + it // cfg.optim.accum_iter, "epoch": epoch,
-                    "train_loss": loss_sum / n, "lr": lr,
-                    "images_per_s": n * cfg.optim.batch_size * self.info.world_size / max(spent, 1e-12),
-                    "data_wait_fraction": wait / max(spent, 1e-12)})
-        seconds = time.perf_counter() - t0
-        return {"train_loss": loss_sum / max(n, 1), "lr": lr, "train_seconds": seconds,
-                "images_per_s": n * cfg.optim.batch_size * self.info.world_size / max(seconds, 1e-12),
-                "data_wait_fraction": wait / max(seconds, 1e-12)}
+            self.reporter.advance(epoch * self.micro_batches_run_per_epoch + it + j + 1)
+
+    def _loss(self, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = self.model(images)  # [B, K]
+        return self.criterion(logits.float(), target)
+
+    def _summed(self, loss: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss and its sum over ranks."""
+        value, = self.runtime.all_sum([loss.item()])
+        return loss, {"loss": value}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -17,12 +17,11 @@ process count (runs started before that scheme continue their checkpointed mask 
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +46,14 @@ from .harness import (
     seed_rank,
 )
 from .harness import config_for_run_dir as _config_for_run_dir
-from .harness.errors import NonFiniteLossError, ResumeError
+from .harness.errors import ResumeError
 from .harness.reporting import truncate_metrics
+from .harness.step import AccumulatingStep, MicroBatch
 from .harness.trackers import MetricSinks, open_sinks
-from .harness.writer import take_run_dir
+from .harness.writer import take_run_dir_for
 from .held_out import HeldOutLoss
 from .objectives import check_geometry, objective_for, student_geometry
-from .schedule import WarmupCosine, absolute_lr
+from .schedule import build_schedule
 from .student import param_groups
 from .student_to_timm import load_tec_checkpoint
 from .target_feeds import StepInputs, TargetFeed
@@ -132,13 +132,8 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.sinks = MetricSinks(self.run_dir)  # rank 0 opens its trackers in _setup
         # One writer per run dir, taken before anything is read from it or written to it.
-        self.lock = take_run_dir(self.runtime, self.run_dir, "tec-train run", self.reporter.message)
-        try:
-            self._prepare(cfg, source)
-        except BaseException:
-            self.lock.release()
-            self.runtime.leave()
-            raise
+        self.lock = take_run_dir_for(self.runtime, self.run_dir, "tec-train run", self.reporter.message,
+                                     lambda: self._prepare(cfg, source))
 
     def _prepare(self, cfg: TrainConfig, source: TargetFeed | None) -> None:
         self.resume: Resume | None = find_resume(self.run_dir, PRETRAIN_RUN, cfg.to_json(), self.info.world_size,
@@ -213,9 +208,8 @@ class Trainer:
             _load_strict(self.student, load_tec_checkpoint(cfg.student.init_from), f"--init-from {cfg.student.init_from}", cfg.student.model)
         self.student.to(self.device)
         self.eff_batch = cfg.optim.batch_size * cfg.optim.accum_iter * self.info.world_size
-        self.peak_lr = cfg.optim.lr if cfg.optim.lr is not None else absolute_lr(cfg.optim.blr, self.eff_batch)
-        # An extended run builds the schedule of its new total: the lr follows it from the resumed step on.
-        self.schedule = WarmupCosine(self.peak_lr, cfg.optim.min_lr, min(cfg.optim.warmup_epochs, cfg.optim.epochs), cfg.optim.epochs)
+        self.schedule = build_schedule(cfg.optim, self.eff_batch)
+        self.peak_lr = self.schedule.lr
         self.optimizer = torch.optim.AdamW(param_groups(self.student, cfg.optim.weight_decay), lr=self.peak_lr,
                                            betas=(0.9, 0.95), fused=self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
@@ -348,13 +342,14 @@ class Trainer:
         return record
 
     # ---- the loop ------------------------------------------------------------------------------
-    def _losses(self, out: Any) -> list[float]:
-        """The objective's loss terms averaged over ranks; one sync per micro-batch, as the reference's .item()."""
+    def _losses(self, out: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss to backpropagate and the objective's loss terms averaged over ranks; one sync per
+        micro-batch, as the reference's .item()."""
         vals = torch.stack([getattr(out, t).detach() for t in self.terms]).float()  # [terms]
         if self.runtime.distributed:
             self.runtime.all_reduce_(vals)
             vals /= self.info.world_size
-        return vals.tolist()
+        return out.loss, dict(zip(self.terms, vals.tolist()))
 
     def _setup(self) -> tuple[int, int, int]:
         """Restore, join the process group, wrap; returns the position (epoch, micro-batch, step)."""
@@ -373,6 +368,9 @@ class Trainer:
             self.model = torch.compile(self.model)
         elif cfg.run.compile:
             self.reporter.message(f"--compile ignored on {self.device}: CPU runs eager")
+        self.step = AccumulatingStep(runtime=self.runtime, module=self.student, ddp=self.ddp, optimizer=self.optimizer,
+                                     scaler=self.scaler, schedule=self.schedule, accum_iter=cfg.optim.accum_iter,
+                                     clip_grad=cfg.optim.clip_grad)
         if self.info.is_main:
             open_run_dir(self.run_dir, PRETRAIN_RUN, global_step, self._config())
             self.sinks = open_sinks(self.run_dir, kept_step=global_step, tensorboard=cfg.run.tensorboard,
@@ -386,29 +384,25 @@ class Trainer:
                     self.reporter.message(self.resume.extension.notice(global_step, epoch))
         return epoch, it, global_step
 
-    def _micro_step(self, item: Any, sync: bool, where: str, step: int, micro: int) -> list[float]:
-        """Forward and backward of micro-batch ``micro`` of optimizer step ``step`` (1-based);
-        gradients are all-reduced only when ``sync``."""
-        inputs: StepInputs = self.source.prepare(item, self.device)
-        b = inputs.images.shape[0]
-        if self.mask_noise == MASK_PER_STEP:
-            self.mask_gen.manual_seed(_mask_seed(self.cfg.optim.seed, self.info.rank, step, micro))
-        noise = torch.rand(b, self.student.num_patches, generator=self.mask_gen).to(self.device, non_blocking=True)  # [B, L]
-        no_sync = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
-        with no_sync:
-            with self.runtime.autocast():
-                out = self.objective.forward(self.model, inputs, noise)
-            losses = self._losses(out)
-            named = list(zip(self.terms, losses))
-            # The parts name what broke; an objective with one term names its total.
-            bad = [f"{n} = {v}" for n, v in (named[1:] or named) if not math.isfinite(v)]
-            if bad:
-                raise NonFiniteLossError(f"non-finite loss at {where}: {', '.join(bad)}")
-            self.scaler.scale(out.loss / self.cfg.optim.accum_iter).backward()
-        for name, v in named:
-            self.log_accum[name] += v
-        self.log_accum["n"] += 1
-        return losses
+    def _window(self, batches: Iterator[Any], epoch: int, it: int, step: int, wait: list[float]) -> Iterator[MicroBatch]:
+        """The micro-batches of optimizer step ``step`` (1-based), from micro-batch ``it`` of ``epoch`` on,
+        prepared on the device with their mask noise; the time spent waiting for data goes to ``wait[0]``."""
+        for j in range(self.cfg.optim.accum_iter):
+            tw = time.perf_counter()
+            item = next(batches, None)
+            wait[0] += time.perf_counter() - tw
+            if item is None:
+                raise RuntimeError(f"the target feed ended epoch {epoch} after {it + j} of {self.micro_batches_per_epoch} "
+                                   "micro-batches")
+            if self.cfg.run.log_samples:
+                self._log_samples(item, step, epoch, it + j)
+            inputs: StepInputs = self.source.prepare(item, self.device)
+            b = inputs.images.shape[0]
+            if self.mask_noise == MASK_PER_STEP:
+                self.mask_gen.manual_seed(_mask_seed(self.cfg.optim.seed, self.info.rank, step, j))
+            noise = torch.rand(b, self.student.num_patches, generator=self.mask_gen).to(self.device, non_blocking=True)  # [B, L]
+            yield MicroBatch(partial(self.objective.forward, self.model, inputs, noise), self._losses,
+                             f"step {step} (epoch {epoch}, micro-batch {it + j})")
 
     def _log_samples(self, item: Any, step: int, epoch: int, micro_batch: int) -> None:
         """One line per micro-batch in this rank's samples log: which (view-epoch, image) it trains on."""
@@ -420,17 +414,9 @@ class Trainer:
         with open(self.run_dir / SAMPLES_LOG.format(rank=self.info.rank), "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
 
-    def _optimizer_step(self) -> None:
-        if self.cfg.optim.clip_grad is not None:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.optim.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-
     def run(self) -> TrainResult:
         cfg = self.cfg
-        micro_batches, micro_batches_run = self.micro_batches_per_epoch, self.micro_batches_run_per_epoch
+        micro_batches_run = self.micro_batches_run_per_epoch
         timing = {"micro": 0, "step_s": 0.0, "wait_s": 0.0}  # since the last metrics record
         total = {"micro": 0, "step_s": 0.0, "wait_s": 0.0}  # this invocation
         last_record: dict[str, Any] | None = None
@@ -448,30 +434,19 @@ class Trainer:
                 batches: Iterator[Any] = iter(self.source.epoch(epoch, start_step=it))
                 while it < micro_batches_run and global_step < stop_at:
                     t0 = time.perf_counter()
-                    wait = 0.0
-                    # The reference sets the lr at the start of each accumulation window.
-                    lr = self.schedule(self._epoch_f(epoch, it))
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr
-                    for j in range(cfg.optim.accum_iter):
-                        tw = time.perf_counter()
-                        item = next(batches, None)
-                        wait += time.perf_counter() - tw
-                        if item is None:
-                            raise RuntimeError(f"the target feed ended epoch {epoch} after {it} of {micro_batches} micro-batches")
-                        if cfg.run.log_samples:
-                            self._log_samples(item, global_step + 1, epoch, it)
-                        self._micro_step(item, sync=j == cfg.optim.accum_iter - 1,
-                                         where=f"step {global_step + 1} (epoch {epoch}, micro-batch {it})",
-                                         step=global_step + 1, micro=j)
-                        it += 1
-                    self._optimizer_step()
+                    wait = [0.0]
+                    lr, values = self.step(self._epoch_f(epoch, it), self._window(batches, epoch, it, global_step + 1, wait))
+                    for named in values:
+                        for name, v in named.items():
+                            self.log_accum[name] += v
+                        self.log_accum["n"] += 1
+                    it += cfg.optim.accum_iter
                     global_step += 1
                     dt = time.perf_counter() - t0
                     for acc in (timing, total):
                         acc["micro"] += cfg.optim.accum_iter
                         acc["step_s"] += dt
-                        acc["wait_s"] += wait
+                        acc["wait_s"] += wait[0]
                     fault_point("train_step")
                     self.reporter.advance(global_step)
                     epoch_done = it >= micro_batches_run
