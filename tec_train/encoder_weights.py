@@ -20,7 +20,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from timm.layers import resample_abs_pos_embed
 
 from tec_cache.core.weights import is_url
 
+from .harness.checkpoint_state import StoredConfig
 from .harness.checkpoints import digest_path, file_sha256, load_checkpoint, usable_checkpoint, verify_checkpoint_file
 from .harness.errors import CheckpointError
 from .student import MODEL_SIZES, parse_model_name
@@ -133,17 +134,21 @@ def _read_export(folder: Path) -> EncoderWeights:
 
 
 def _read_run_checkpoint(ck: dict[str, Any], path: Path, model: str | None) -> EncoderWeights:
-    try:
-        student = ck["config"]["resolved"]["student"]
-        arch = {k: student[k] for k in (*CONFIG_KEYS, "model")}
-    except (KeyError, TypeError) as e:
+    # Only the stored config and the weights: a checkpoint that cannot resume still has an encoder.
+    stored = StoredConfig.read(ck, path)  # CheckpointError (a ValueError) naming the file and key
+    student = stored.resolved.student or {}
+    lacks = [k for k in (*CONFIG_KEYS, "model") if k not in student]
+    if lacks:
         raise ValueError(f"{path}: tec-train checkpoint without the student architecture "
-                         f"(config.resolved.student lacks {e})") from None
+                         f"(config.resolved.student lacks {lacks})")
+    arch = {k: student[k] for k in (*CONFIG_KEYS, "model")}
     if model is not None and parse_model_name(model) != parse_model_name(arch["model"]):
         raise ValueError(f"--model {model}: the checkpoint's student is {arch['model']}")
+    if not isinstance(ck.get("model"), Mapping):
+        raise ValueError(f"{path}: tec-train checkpoint without its model's weights (key model)")
     raw = dict(ck["model"])
     state, folded = _encoder_state(raw, path)
-    objective = (ck["config"].get("options") or {}).get("objective", "tec")
+    objective = stored.options.get("objective", "tec")
     facts = {"kind": "run", "path": str(path), "objective": objective, "student_model": arch["model"],
              "global_step": ck.get("global_step"), "mlp_token_folded": folded}
     config = {"model_name": timm_model_name(arch["model"]), **{k: arch[k] for k in CONFIG_KEYS}}

@@ -50,6 +50,7 @@ from .harness import (
     seed_rank,
 )
 from .harness import config_for_run_dir as _config_for_run_dir
+from .harness.checkpoint_state import FinetuneCheckpoint
 from .harness.errors import NonFiniteLossError, ResumeError
 from .harness.reporting import last_metrics_record
 from .harness.step import AccumulatingStep, MicroBatch
@@ -290,9 +291,9 @@ class Finetuner:
         }
         start_epoch, best, best_epoch = 0, -1.0, -1
         if self.resume is not None:
-            ck = self.resume.checkpoint
+            ck = self.resume.state(FinetuneCheckpoint)
             self.state.restore(ck, info.rank)
-            start_epoch, best, best_epoch = ck["epoch"], ck["best_top1"], ck["best_epoch"]
+            start_epoch, best, best_epoch = ck.epoch, ck.best_top1, ck.best_epoch
             self.extended = self.resume.history(start_epoch * steps_per_epoch, start_epoch)
             self.resume.release()
         self.runtime.join()

@@ -46,6 +46,7 @@ from .harness import (
     seed_rank,
 )
 from .harness import config_for_run_dir as _config_for_run_dir
+from .harness.checkpoint_state import PretrainCheckpoint
 from .harness.errors import ResumeError
 from .harness.reporting import truncate_metrics
 from .harness.step import AccumulatingStep, MicroBatch
@@ -150,7 +151,7 @@ class Trainer:
         self.layout = Layout(self.info.world_size, cfg.optim.batch_size, cfg.optim.accum_iter)
         self.saved_layout = self.layout
         if self.resume is not None:
-            self.cfg = cfg = self._fit_layout(self.resume.checkpoint)
+            self.cfg = cfg = self._fit_layout(self.resume.state(PretrainCheckpoint))
         # An incomplete last accumulation window is not run (method.md 8.13): whole windows only.
         self.micro_batches_run_per_epoch = self.micro_batches_per_epoch // cfg.optim.accum_iter * cfg.optim.accum_iter
         try:
@@ -158,7 +159,7 @@ class Trainer:
                 raise ValueError(f"--accum-iter {cfg.optim.accum_iter} exceeds the {self.micro_batches_per_epoch} micro-batches "
                                  f"per epoch of each rank (batch {cfg.optim.batch_size} x {self.info.world_size} processes)")
             if self.resume is not None:
-                self._check_resumable(self.resume.checkpoint)
+                self._check_resumable(self.resume.state(PretrainCheckpoint))
             self.held_out = None if cfg.val.val_cache is None else HeldOutLoss(
                 cfg.val.val_cache, self.source.spec, batch_size=cfg.optim.batch_size, rank=self.info.rank,
                 world_size=self.info.world_size, num_workers=cfg.loader.num_workers, seed=cfg.optim.seed)
@@ -172,27 +173,26 @@ class Trainer:
                 self.held_out.close()
             raise
 
-    def _fit_layout(self, ck: dict[str, Any]) -> TrainConfig:
+    def _fit_layout(self, ck: PretrainCheckpoint) -> TrainConfig:
         """This launch's config with the accumulation that keeps the checkpoint's effective batch."""
-        opts = ck["config"]["options"]
-        self.saved_layout = Layout(ck["world_size"], opts["batch_size"], opts["accum_iter"])
+        self.saved_layout = Layout(ck.world_size, ck.options["batch_size"], ck.options["accum_iter"])
         self.layout = fit_layout(self.saved_layout, self.layout, str(self.run_dir))
         if self.layout.accum_iter == self.cfg.optim.accum_iter:
             return self.cfg
         return replace(self.cfg, optim=replace(self.cfg.optim, accum_iter=self.layout.accum_iter))
 
-    def _check_resumable(self, ck: dict[str, Any]) -> None:
+    def _check_resumable(self, ck: PretrainCheckpoint) -> None:
         """The stored run must have used the same targets and epoch length this source gives now."""
-        changed = self.source.spec.difference(ck["config"]["resolved"]["targets"])
+        changed = self.source.spec.difference(ck.resolved.targets)
         if changed is not None:
             raise ResumeError(f"targets changed since the run started: {changed}")
-        if self.layout == self.saved_layout and ck["loader"]["steps_per_epoch"] != self.micro_batches_per_epoch:
+        if self.layout == self.saved_layout and ck.loader.steps_per_epoch != self.micro_batches_per_epoch:
             raise ResumeError(f"the source now gives {self.micro_batches_per_epoch} micro-batches per epoch, the run "
-                              f"was started with {ck['loader']['steps_per_epoch']}")
+                              f"was started with {ck.loader.steps_per_epoch}")
         steps = self.micro_batches_run_per_epoch // self.layout.accum_iter
-        if steps != ck["config"]["resolved"]["optimizer_steps_per_epoch"]:
+        if steps != ck.resolved.optimizer_steps_per_epoch:
             raise ResumeError(f"the source now gives {steps} optimizer steps per epoch ({self.layout.describe()}), the "
-                              f"run was started with {ck['config']['resolved']['optimizer_steps_per_epoch']}")
+                              f"run was started with {ck.resolved.optimizer_steps_per_epoch}")
 
     # ---- setup -------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -239,26 +239,24 @@ class Trainer:
     def _schedule_position(self) -> None:
         """What the run keeps across layouts: the samples an epoch fraction is counted in, the mask
         scheme, and the layouts it ran with (from which step)."""
-        fresh = {"epoch_samples": self.micro_batches_per_epoch * self.layout.per_micro_step, "mask_noise": MASK_PER_STEP,
-                 "layouts": [{"from_step": 0, **self._layout_json()}]}
         if self.resume is None:
-            stored = fresh
-        else:
-            ck = self.resume.checkpoint
-            res = ck["config"]["resolved"]
-            stored = {
-                # Runs from before elastic resume count an epoch in their own layout's micro-batches.
-                "epoch_samples": res.get("epoch_samples", ck["loader"]["steps_per_epoch"] * self.saved_layout.per_micro_step),
-                "mask_noise": res.get("mask_noise", MASK_STREAM),
-                "layouts": list(res.get("layouts", [{"from_step": 0, **self._layout_json(self.saved_layout)}])),
-            }
-            if self.layout != self.saved_layout:
-                stored["layouts"].append({"from_step": ck["global_step"], **self._layout_json()})
-                if self.layout.world_size != self.saved_layout.world_size:
-                    stored["mask_noise"] = MASK_PER_STEP  # a per-rank stream has no meaning on another count
-        self.epoch_samples: int = stored["epoch_samples"]
-        self.mask_noise: str = stored["mask_noise"]
-        self.layouts: list[dict[str, int]] = stored["layouts"]
+            self.epoch_samples: int = self.micro_batches_per_epoch * self.layout.per_micro_step
+            self.mask_noise: str = MASK_PER_STEP
+            self.layouts: list[dict[str, int]] = [{"from_step": 0, **self._layout_json()}]
+            return
+        ck = self.resume.state(PretrainCheckpoint)
+        res = ck.resolved
+        # Runs from before elastic resume count an epoch in their own layout's micro-batches, draw
+        # their masks from one checkpointed stream per rank, and ran in one layout.
+        self.epoch_samples = (res.epoch_samples if res.epoch_samples is not None
+                              else ck.loader.steps_per_epoch * self.saved_layout.per_micro_step)
+        self.mask_noise = res.mask_noise if res.mask_noise is not None else MASK_STREAM
+        self.layouts = (list(res.layouts) if res.layouts is not None
+                        else [{"from_step": 0, **self._layout_json(self.saved_layout)}])
+        if self.layout != self.saved_layout:
+            self.layouts.append({"from_step": ck.global_step, **self._layout_json()})
+            if self.layout.world_size != self.saved_layout.world_size:
+                self.mask_noise = MASK_PER_STEP  # a per-rank stream has no meaning on another count
 
     def _layout_json(self, layout: Layout | None = None) -> dict[str, int]:
         lay = layout or self.layout
@@ -276,15 +274,15 @@ class Trainer:
         if self.resume is None:
             self.log_accum = self._empty_accum()
             return 0, 0, 0
-        ck = self.resume.checkpoint
-        same_world = ck["world_size"] == self.info.world_size
+        ck = self.resume.state(PretrainCheckpoint)
+        same_world = ck.world_size == self.info.world_size
         self.state.restore(ck, self.info.rank, rng=same_world)
-        epoch, global_step = ck["epoch"], ck["global_step"]
+        epoch, global_step = ck.epoch, ck.global_step
         if not same_world:
             # Every rank's streams anew, from (seed, step, rank): defined for any process count.
             seed_rank(_mask_seed(self.cfg.optim.seed, self.info.rank, global_step) % 2**31, 0)
-        self.log_accum = dict(ck["log_accum"])
-        it = micro_batch_after(self.saved_layout, ck["step_in_epoch"], self.layout)
+        self.log_accum = dict(ck.log_accum)
+        it = micro_batch_after(self.saved_layout, ck.step_in_epoch, self.layout)
         self.extended = self.resume.history(global_step, epoch)
         self.resume.release()  # everything is copied out; let the mapped file go
         return epoch, it, global_step
