@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import safetensors.torch
 import timm
@@ -204,13 +204,12 @@ def _read_basemodel(source: str | Path | None, basemodel: str | None, arch: str 
                     depth: int | None, img_size: int | None = None) -> EncoderWeights:
     from tec_cache.core.basemodels import is_timm_source, load_base_model, resolve_spec, resolve_weights
 
-    if is_timm_source(basemodel):
+    if basemodel is not None and is_timm_source(basemodel):
         if arch is not None:
             raise ValueError(f"--arch: {basemodel} names its own architecture; give one of the two")
         return _read_timm_base(source, basemodel, img_size, patch_size, depth)
     # topk/last_layers only shape stage-1 targets; 1 keeps resolve_spec's checks from refusing small grids.
-    target_opts = {"topk": 1, "last_layers": 1}
-    spec = resolve_spec(basemodel, arch=arch, patch_size=patch_size, depth=depth, **target_opts)
+    spec = resolve_spec(basemodel, arch=arch, patch_size=patch_size, depth=depth, topk=1, last_layers=1)
     # A URL, or no source with a registry name: fetched (and verified) into the weights cache.
     if source is not None and not is_url(str(source)) and not Path(source).is_file():
         raise FileNotFoundError(f"{source}: no such base-model weights file")
@@ -221,7 +220,8 @@ def _read_basemodel(source: str | Path | None, basemodel: str | None, arch: str 
     # resolution wanted, for every kind of source alike.
     native = _native_img_size(path, spec.patch_size)
     if native is not None and native != spec.img_size:
-        spec = resolve_spec(basemodel, arch=arch, img_size=native, patch_size=patch_size, depth=depth, **target_opts)
+        spec = resolve_spec(basemodel, arch=arch, img_size=native, patch_size=patch_size, depth=depth, topk=1, last_layers=1)
+    model: Any  # a timm ViT, whose parts are nn.Module attribute look-ups (untyped)
     model, load_facts = load_base_model(spec, path, fetched=fetched)  # strict: only head / norm / masked_embed may differ
     config = {"model_name": spec.arch, "img_size": spec.img_size, "patch_size": spec.patch_size,
               "embed_dim": model.embed_dim, "depth": len(model.blocks), "num_heads": model.blocks[0].attn.num_heads}
@@ -262,6 +262,7 @@ def _read_timm_base(source: str | Path | None, basemodel: str, img_size: int | N
         native = _native_img_size(path, spec.patch_size, pos_prefix)
         if native is not None and native != spec.img_size:
             spec = spec_at(native)
+    model: Any  # a timm ViT, whose parts are nn.Module attribute look-ups (untyped)
     model, load_facts = load_base_model(spec, path, fetched=fetched, targets=False)
     config = {"model_name": spec.timm_name, "img_size": spec.img_size, "patch_size": spec.patch_size,
               "embed_dim": model.embed_dim, "depth": len(model.blocks), "num_heads": model.blocks[0].attn.num_heads,
@@ -269,7 +270,7 @@ def _read_timm_base(source: str | Path | None, basemodel: str, img_size: int | N
               "timm_source": spec.source, "timm_depth": spec.depth,
               "num_prefix_tokens": int(model.num_prefix_tokens), "pos_embed_prefix_tokens": _pos_prefix(model),
               "class_token": bool(model.has_class_token)}
-    facts = {"kind": "basemodel", "path": str(path if path is not None else spec.source), **fetched,
+    facts: dict[str, Any] = {"kind": "basemodel", "path": str(path if path is not None else spec.source), **fetched,
              "basemodel": spec.name, "arch": spec.arch,
              **{k: load_facts[k] for k in ("layout", "sha256", "input_mean", "input_std")},
              **{k: load_facts[k] for k in ("sha256_of", "pretrained_tag", "hf_hub_id") if k in load_facts}}
@@ -368,12 +369,13 @@ def build_vit(config: dict[str, Any], **kwargs: Any) -> timm.models.VisionTransf
         # A timm/hub base: its own architecture by its timm name (a hub repo's from its config.json, via the hub cache).
         from tec_cache.core.basemodels import _timm_create
 
-        return _timm_create(config["model_name"], pretrained=False, img_size=config["img_size"],  # type: ignore[return-value]
-                            depth=config.get("timm_depth"), label=config["timm_source"], **kwargs)
+        return cast(timm.models.VisionTransformer,
+                    _timm_create(config["model_name"], pretrained=False, img_size=config["img_size"],
+                                 depth=config.get("timm_depth"), label=config["timm_source"], **kwargs))
     if not timm.is_model(config["model_name"]):
         raise ValueError(f"{config['model_name']!r} is not a timm model name")
-    return timm.create_model(config["model_name"], pretrained=False,
-                             **{k: config[k] for k in CONFIG_KEYS}, **kwargs)
+    return cast(timm.models.VisionTransformer,
+                timm.create_model(config["model_name"], pretrained=False, **{k: config[k] for k in CONFIG_KEYS}, **kwargs))
 
 
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str,

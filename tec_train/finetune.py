@@ -90,8 +90,10 @@ class FinetuneViT(VisionTransformer):
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         if self.cls_token_mlp is None:
             return super()._pos_embed(x)
+        pos = self.pos_embed
+        assert pos is not None  # the adaptor is built for ViTs with a learnt pos_embed (TEC students)
         cls = self.cls_token_mlp(self.cls_token)  # [1, 1, C]
-        x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed  # [B, 1+L, C]
+        x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1) + pos  # [B, 1+L, C]
         return self.pos_drop(x)
 
 
@@ -111,11 +113,12 @@ def build_finetune_model(weights: EncoderWeights, num_classes: int, *, global_po
                              "distillation tokens; fine-tune it with --cls-token")
         if not global_pool and not config.get("class_token", True):
             raise ValueError(f"--cls-token: {where} is a ViT without a class token; fine-tune it with --global-pool")
-    keep_mlp = mlp_token and weights.cls_mlp is not None
+    cls_mlp = weights.cls_mlp if mlp_token else None
+    keep_mlp = cls_mlp is not None
     kwargs = dict(num_classes=num_classes, global_pool="avg" if global_pool else "token", drop_path_rate=drop_path)
-    if keep_mlp:
+    if cls_mlp is not None:
         model: VisionTransformer = FinetuneViT(mlp_token=True, **{k: weights.config[k] for k in CONFIG_KEYS}, **kwargs)
-        state = {**weights.state, **weights.cls_mlp}  # the raw cls token replaces the folded one
+        state = {**weights.state, **cls_mlp}  # the raw cls token replaces the folded one
     else:
         model = build_vit(weights.config, **kwargs)
         state = dict(weights.state)
@@ -130,7 +133,8 @@ def build_finetune_model(weights: EncoderWeights, num_classes: int, *, global_po
             if isinstance(head, nn.Linear):
                 nn.init.trunc_normal_(head.weight, std=2e-5)
                 nn.init.zeros_(head.bias)
-    model.pos_embed.requires_grad_(False)
+    if model.pos_embed is not None:  # a ViT without one (no_pos_embed) has nothing to freeze
+        model.pos_embed.requires_grad_(False)
     return model, {"cls_mlp_kept": keep_mlp, "global_pool": global_pool, "num_classes": num_classes}
 
 
@@ -150,9 +154,14 @@ def layer_id_for_vit(name: str, num_layers: int) -> int:
     return num_layers
 
 
+def _depth(model: nn.Module) -> int:
+    """The number of transformer blocks of a timm ViT."""
+    return len(list(model.get_submodule("blocks").children()))
+
+
 def layer_decay_scales(model: nn.Module, layer_decay: float) -> dict[str, float]:
     """lr scale of every trainable parameter: layer_decay ** (num_layers - layer id), num_layers = depth + 1."""
-    num_layers = len(model.blocks) + 1
+    num_layers = _depth(model) + 1
     scales = [layer_decay ** (num_layers - i) for i in range(num_layers + 1)]
     return {n: scales[layer_id_for_vit(n, num_layers)] for n, p in model.named_parameters() if p.requires_grad}
 
@@ -162,8 +171,9 @@ def param_groups_layer_decay(model: nn.Module, weight_decay: float, layer_decay:
 
     No weight decay for 1-D parameters and timm's no_weight_decay set (pos_embed, cls_token).
     """
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    num_layers = len(model.blocks) + 1
+    no_weight_decay = getattr(model, "no_weight_decay", None)
+    skip = set(no_weight_decay()) if no_weight_decay is not None else set()
+    num_layers = _depth(model) + 1
     scales = layer_decay_scales(model, layer_decay)
     groups: dict[str, dict[str, Any]] = {}
     for name, p in model.named_parameters():
@@ -303,7 +313,7 @@ class Finetuner:
                                      optimizer=self.optimizer, scaler=self.scaler, schedule=self.schedule,
                                      accum_iter=cfg.optim.accum_iter, clip_grad=cfg.optim.clip_grad, non_finite=_non_finite)
         pin = self.device.type == "cuda"
-        self.sampler = DistributedSampler(self.splits.train, num_replicas=info.world_size, rank=info.rank,
+        self.sampler: DistributedSampler[Any] = DistributedSampler(self.splits.train, num_replicas=info.world_size, rank=info.rank,
                                           shuffle=True, seed=cfg.optim.seed)
         self.train_loader = DataLoader(self.splits.train, batch_size=cfg.optim.batch_size, sampler=self.sampler,
                                        num_workers=cfg.labelled.num_workers, pin_memory=pin, drop_last=True,

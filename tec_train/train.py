@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -169,8 +169,9 @@ class Trainer:
         except ValueError:
             if self.owns_source:
                 self.source.close()
-            if getattr(self, "held_out", None) is not None:
-                self.held_out.close()
+            held_out = getattr(self, "held_out", None)  # not set when the failure came before it
+            if held_out is not None:
+                held_out.close()
             raise
 
     def _fit_layout(self, ck: PretrainCheckpoint) -> TrainConfig:
@@ -179,7 +180,8 @@ class Trainer:
         self.layout = fit_layout(self.saved_layout, self.layout, str(self.run_dir))
         if self.layout.accum_iter == self.cfg.optim.accum_iter:
             return self.cfg
-        return replace(self.cfg, optim=replace(self.cfg.optim, accum_iter=self.layout.accum_iter))
+        optim = replace(self.cfg.optim, accum_iter=self.layout.accum_iter)
+        return replace(self.cfg, optim=optim)  # type: ignore[type-var]  # nested_config makes the dataclass at runtime
 
     def _check_resumable(self, ck: PretrainCheckpoint) -> None:
         """The stored run must have used the same targets and epoch length this source gives now."""
@@ -201,7 +203,8 @@ class Trainer:
         # The same seed on every rank gives every rank the same initial weights (DDP would also
         # broadcast rank 0's); afterwards each rank draws from its own stream, as the reference.
         torch.manual_seed(cfg.optim.seed)
-        self.student: Any = self.objective.build(cfg, spec)
+        # The objective's own model (its encoder_config, num_patches, ... are used): Any, not nn.Module.
+        self.student: Any = cast(Any, self.objective.build(cfg, spec))
         seed_rank(cfg.optim.seed, self.info.rank)
         self.mask_gen = torch.Generator().manual_seed(_mask_seed(cfg.optim.seed, self.info.rank))
         if self.resume is None and cfg.student.init_from is not None:
