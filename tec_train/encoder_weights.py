@@ -20,10 +20,10 @@ import json
 import math
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import safetensors.torch
 import timm
@@ -33,6 +33,7 @@ from timm.layers import resample_abs_pos_embed
 
 from tec_cache.core.weights import is_url
 
+from .harness.checkpoint_state import StoredConfig
 from .harness.checkpoints import digest_path, file_sha256, load_checkpoint, usable_checkpoint, verify_checkpoint_file
 from .harness.errors import CheckpointError
 from .student import MODEL_SIZES, parse_model_name
@@ -133,17 +134,21 @@ def _read_export(folder: Path) -> EncoderWeights:
 
 
 def _read_run_checkpoint(ck: dict[str, Any], path: Path, model: str | None) -> EncoderWeights:
-    try:
-        student = ck["config"]["resolved"]["student"]
-        arch = {k: student[k] for k in (*CONFIG_KEYS, "model")}
-    except (KeyError, TypeError) as e:
+    # Only the stored config and the weights: a checkpoint that cannot resume still has an encoder.
+    stored = StoredConfig.read(ck, path)  # CheckpointError (a ValueError) naming the file and key
+    student = stored.resolved.student or {}
+    lacks = [k for k in (*CONFIG_KEYS, "model") if k not in student]
+    if lacks:
         raise ValueError(f"{path}: tec-train checkpoint without the student architecture "
-                         f"(config.resolved.student lacks {e})") from None
+                         f"(config.resolved.student lacks {lacks})")
+    arch = {k: student[k] for k in (*CONFIG_KEYS, "model")}
     if model is not None and parse_model_name(model) != parse_model_name(arch["model"]):
         raise ValueError(f"--model {model}: the checkpoint's student is {arch['model']}")
+    if not isinstance(ck.get("model"), Mapping):
+        raise ValueError(f"{path}: tec-train checkpoint without its model's weights (key model)")
     raw = dict(ck["model"])
     state, folded = _encoder_state(raw, path)
-    objective = (ck["config"].get("options") or {}).get("objective", "tec")
+    objective = stored.options.get("objective", "tec")
     facts = {"kind": "run", "path": str(path), "objective": objective, "student_model": arch["model"],
              "global_step": ck.get("global_step"), "mlp_token_folded": folded}
     config = {"model_name": timm_model_name(arch["model"]), **{k: arch[k] for k in CONFIG_KEYS}}
@@ -199,13 +204,12 @@ def _read_basemodel(source: str | Path | None, basemodel: str | None, arch: str 
                     depth: int | None, img_size: int | None = None) -> EncoderWeights:
     from tec_cache.core.basemodels import is_timm_source, load_base_model, resolve_spec, resolve_weights
 
-    if is_timm_source(basemodel):
+    if basemodel is not None and is_timm_source(basemodel):
         if arch is not None:
             raise ValueError(f"--arch: {basemodel} names its own architecture; give one of the two")
         return _read_timm_base(source, basemodel, img_size, patch_size, depth)
     # topk/last_layers only shape stage-1 targets; 1 keeps resolve_spec's checks from refusing small grids.
-    target_opts = {"topk": 1, "last_layers": 1}
-    spec = resolve_spec(basemodel, arch=arch, patch_size=patch_size, depth=depth, **target_opts)
+    spec = resolve_spec(basemodel, arch=arch, patch_size=patch_size, depth=depth, topk=1, last_layers=1)
     # A URL, or no source with a registry name: fetched (and verified) into the weights cache.
     if source is not None and not is_url(str(source)) and not Path(source).is_file():
         raise FileNotFoundError(f"{source}: no such base-model weights file")
@@ -216,7 +220,8 @@ def _read_basemodel(source: str | Path | None, basemodel: str | None, arch: str 
     # resolution wanted, for every kind of source alike.
     native = _native_img_size(path, spec.patch_size)
     if native is not None and native != spec.img_size:
-        spec = resolve_spec(basemodel, arch=arch, img_size=native, patch_size=patch_size, depth=depth, **target_opts)
+        spec = resolve_spec(basemodel, arch=arch, img_size=native, patch_size=patch_size, depth=depth, topk=1, last_layers=1)
+    model: Any  # a timm ViT, whose parts are nn.Module attribute look-ups (untyped)
     model, load_facts = load_base_model(spec, path, fetched=fetched)  # strict: only head / norm / masked_embed may differ
     config = {"model_name": spec.arch, "img_size": spec.img_size, "patch_size": spec.patch_size,
               "embed_dim": model.embed_dim, "depth": len(model.blocks), "num_heads": model.blocks[0].attn.num_heads}
@@ -257,6 +262,7 @@ def _read_timm_base(source: str | Path | None, basemodel: str, img_size: int | N
         native = _native_img_size(path, spec.patch_size, pos_prefix)
         if native is not None and native != spec.img_size:
             spec = spec_at(native)
+    model: Any  # a timm ViT, whose parts are nn.Module attribute look-ups (untyped)
     model, load_facts = load_base_model(spec, path, fetched=fetched, targets=False)
     config = {"model_name": spec.timm_name, "img_size": spec.img_size, "patch_size": spec.patch_size,
               "embed_dim": model.embed_dim, "depth": len(model.blocks), "num_heads": model.blocks[0].attn.num_heads,
@@ -264,7 +270,7 @@ def _read_timm_base(source: str | Path | None, basemodel: str, img_size: int | N
               "timm_source": spec.source, "timm_depth": spec.depth,
               "num_prefix_tokens": int(model.num_prefix_tokens), "pos_embed_prefix_tokens": _pos_prefix(model),
               "class_token": bool(model.has_class_token)}
-    facts = {"kind": "basemodel", "path": str(path if path is not None else spec.source), **fetched,
+    facts: dict[str, Any] = {"kind": "basemodel", "path": str(path if path is not None else spec.source), **fetched,
              "basemodel": spec.name, "arch": spec.arch,
              **{k: load_facts[k] for k in ("layout", "sha256", "input_mean", "input_std")},
              **{k: load_facts[k] for k in ("sha256_of", "pretrained_tag", "hf_hub_id") if k in load_facts}}
@@ -363,12 +369,13 @@ def build_vit(config: dict[str, Any], **kwargs: Any) -> timm.models.VisionTransf
         # A timm/hub base: its own architecture by its timm name (a hub repo's from its config.json, via the hub cache).
         from tec_cache.core.basemodels import _timm_create
 
-        return _timm_create(config["model_name"], pretrained=False, img_size=config["img_size"],  # type: ignore[return-value]
-                            depth=config.get("timm_depth"), label=config["timm_source"], **kwargs)
+        return cast(timm.models.VisionTransformer,
+                    _timm_create(config["model_name"], pretrained=False, img_size=config["img_size"],
+                                 depth=config.get("timm_depth"), label=config["timm_source"], **kwargs))
     if not timm.is_model(config["model_name"]):
         raise ValueError(f"{config['model_name']!r} is not a timm model name")
-    return timm.create_model(config["model_name"], pretrained=False,
-                             **{k: config[k] for k in CONFIG_KEYS}, **kwargs)
+    return cast(timm.models.VisionTransformer,
+                timm.create_model(config["model_name"], pretrained=False, **{k: config[k] for k in CONFIG_KEYS}, **kwargs))
 
 
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str,

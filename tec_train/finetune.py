@@ -11,10 +11,11 @@ Runs alone or under torchrun (DDP: nccl on CUDA, gloo on CPU); bf16 autocast on 
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,14 @@ from .harness import (
     seed_rank,
 )
 from .harness import config_for_run_dir as _config_for_run_dir
+from .harness.checkpoint_state import FinetuneCheckpoint
 from .harness.errors import NonFiniteLossError, ResumeError
 from .harness.reporting import last_metrics_record
+from .harness.step import AccumulatingStep, MicroBatch
 from .harness.trackers import MetricSinks, open_sinks
-from .harness.writer import take_run_dir
+from .harness.writer import take_run_dir_for
 from .labelled import DEFAULT_CROP_PCT, LabelledSplits, open_labelled
-from .schedule import WarmupCosine, absolute_lr
+from .schedule import build_schedule
 from .student_to_timm import CONFIG_KEYS
 
 __all__ = ["MIXUP_MODES", "FINETUNE_RUN", "FinetuneConfig", "FinetuneResult", "FinetuneViT", "Finetuner", "NonFiniteLossError",
@@ -87,8 +90,10 @@ class FinetuneViT(VisionTransformer):
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         if self.cls_token_mlp is None:
             return super()._pos_embed(x)
+        pos = self.pos_embed
+        assert pos is not None  # the adaptor is built for ViTs with a learnt pos_embed (TEC students)
         cls = self.cls_token_mlp(self.cls_token)  # [1, 1, C]
-        x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed  # [B, 1+L, C]
+        x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1) + pos  # [B, 1+L, C]
         return self.pos_drop(x)
 
 
@@ -108,11 +113,12 @@ def build_finetune_model(weights: EncoderWeights, num_classes: int, *, global_po
                              "distillation tokens; fine-tune it with --cls-token")
         if not global_pool and not config.get("class_token", True):
             raise ValueError(f"--cls-token: {where} is a ViT without a class token; fine-tune it with --global-pool")
-    keep_mlp = mlp_token and weights.cls_mlp is not None
+    cls_mlp = weights.cls_mlp if mlp_token else None
+    keep_mlp = cls_mlp is not None
     kwargs = dict(num_classes=num_classes, global_pool="avg" if global_pool else "token", drop_path_rate=drop_path)
-    if keep_mlp:
+    if cls_mlp is not None:
         model: VisionTransformer = FinetuneViT(mlp_token=True, **{k: weights.config[k] for k in CONFIG_KEYS}, **kwargs)
-        state = {**weights.state, **weights.cls_mlp}  # the raw cls token replaces the folded one
+        state = {**weights.state, **cls_mlp}  # the raw cls token replaces the folded one
     else:
         model = build_vit(weights.config, **kwargs)
         state = dict(weights.state)
@@ -127,7 +133,8 @@ def build_finetune_model(weights: EncoderWeights, num_classes: int, *, global_po
             if isinstance(head, nn.Linear):
                 nn.init.trunc_normal_(head.weight, std=2e-5)
                 nn.init.zeros_(head.bias)
-    model.pos_embed.requires_grad_(False)
+    if model.pos_embed is not None:  # a ViT without one (no_pos_embed) has nothing to freeze
+        model.pos_embed.requires_grad_(False)
     return model, {"cls_mlp_kept": keep_mlp, "global_pool": global_pool, "num_classes": num_classes}
 
 
@@ -147,9 +154,14 @@ def layer_id_for_vit(name: str, num_layers: int) -> int:
     return num_layers
 
 
+def _depth(model: nn.Module) -> int:
+    """The number of transformer blocks of a timm ViT."""
+    return len(list(model.get_submodule("blocks").children()))
+
+
 def layer_decay_scales(model: nn.Module, layer_decay: float) -> dict[str, float]:
     """lr scale of every trainable parameter: layer_decay ** (num_layers - layer id), num_layers = depth + 1."""
-    num_layers = len(model.blocks) + 1
+    num_layers = _depth(model) + 1
     scales = [layer_decay ** (num_layers - i) for i in range(num_layers + 1)]
     return {n: scales[layer_id_for_vit(n, num_layers)] for n, p in model.named_parameters() if p.requires_grad}
 
@@ -159,8 +171,9 @@ def param_groups_layer_decay(model: nn.Module, weight_decay: float, layer_decay:
 
     No weight decay for 1-D parameters and timm's no_weight_decay set (pos_embed, cls_token).
     """
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    num_layers = len(model.blocks) + 1
+    no_weight_decay = getattr(model, "no_weight_decay", None)
+    skip = set(no_weight_decay()) if no_weight_decay is not None else set()
+    num_layers = _depth(model) + 1
     scales = layer_decay_scales(model, layer_decay)
     groups: dict[str, dict[str, Any]] = {}
     for name, p in model.named_parameters():
@@ -195,6 +208,10 @@ class FinetuneResult:
                 "config": self.config}
 
 
+def _non_finite(where: str, values: dict[str, float]) -> str | None:
+    return None if math.isfinite(values["loss"]) else f"non-finite loss {values['loss']} at {where}"
+
+
 def _split_for_rank(ds: Any, info: DistInfo) -> Any:
     """Every world_size-th sample from this rank's offset: disjoint, no padding, so accuracy is exact."""
     if info.world_size == 1:
@@ -214,13 +231,8 @@ class Finetuner:
         self.run_dir = Path(cfg.run_dir)
         self.sinks = MetricSinks(self.run_dir)  # rank 0 opens its trackers in _setup
         # One writer per run dir, taken before anything is read from it or written to it.
-        self.lock = take_run_dir(self.runtime, self.run_dir, "tec-train finetune", self.reporter.message)
-        try:
-            self._prepare(cfg)
-        except BaseException:
-            self.lock.release()
-            self.runtime.leave()
-            raise
+        self.lock = take_run_dir_for(self.runtime, self.run_dir, "tec-train finetune", self.reporter.message,
+                                     lambda: self._prepare(cfg))
 
     def _prepare(self, cfg: FinetuneConfig) -> None:
         self.resume: Resume | None = find_resume(self.run_dir, FINETUNE_RUN, cfg.to_json(), self.info.world_size,
@@ -263,9 +275,8 @@ class Finetuner:
         # Per-rank streams for augmentation and mixup, as the reference seeds with seed + rank.
         seed_rank(cfg.optim.seed, info.rank)
         self.loader_gen = torch.Generator().manual_seed(cfg.optim.seed + info.rank)  # loader worker seeds
-        self.peak_lr = cfg.optim.lr if cfg.optim.lr is not None else absolute_lr(cfg.optim.blr, self.eff_batch)
-        # An extended run builds the schedule of its new total: the lr follows it from the resumed epoch on.
-        self.schedule = WarmupCosine(self.peak_lr, cfg.optim.min_lr, min(cfg.optim.warmup_epochs, cfg.optim.epochs), cfg.optim.epochs)
+        self.schedule = build_schedule(cfg.optim, self.eff_batch)
+        self.peak_lr = self.schedule.lr
         self.optimizer = torch.optim.AdamW(param_groups_layer_decay(self.net, cfg.optim.weight_decay, cfg.optim.layer_decay),
                                            lr=self.peak_lr)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
@@ -290,16 +301,19 @@ class Finetuner:
         }
         start_epoch, best, best_epoch = 0, -1.0, -1
         if self.resume is not None:
-            ck = self.resume.checkpoint
+            ck = self.resume.state(FinetuneCheckpoint)
             self.state.restore(ck, info.rank)
-            start_epoch, best, best_epoch = ck["epoch"], ck["best_top1"], ck["best_epoch"]
+            start_epoch, best, best_epoch = ck.epoch, ck.best_top1, ck.best_epoch
             self.extended = self.resume.history(start_epoch * steps_per_epoch, start_epoch)
             self.resume.release()
         self.runtime.join()
         agree_on_position(self.runtime, start_epoch, "epochs")
         self.model: Any = self.runtime.wrap(self.net)
+        self.step = AccumulatingStep(runtime=self.runtime, module=self.net, ddp=self.model if self.runtime.distributed else None,
+                                     optimizer=self.optimizer, scaler=self.scaler, schedule=self.schedule,
+                                     accum_iter=cfg.optim.accum_iter, clip_grad=cfg.optim.clip_grad, non_finite=_non_finite)
         pin = self.device.type == "cuda"
-        self.sampler = DistributedSampler(self.splits.train, num_replicas=info.world_size, rank=info.rank,
+        self.sampler: DistributedSampler[Any] = DistributedSampler(self.splits.train, num_replicas=info.world_size, rank=info.rank,
                                           shuffle=True, seed=cfg.optim.seed)
         self.train_loader = DataLoader(self.splits.train, batch_size=cfg.optim.batch_size, sampler=self.sampler,
                                        num_workers=cfg.labelled.num_workers, pin_memory=pin, drop_last=True,
@@ -324,66 +338,66 @@ class Finetuner:
     # ---- one epoch ----------------------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         cfg = self.cfg
-        micro_batches, micro_batches_run = self.micro_batches_per_epoch, self.micro_batches_run_per_epoch
+        accum, world = cfg.optim.accum_iter, self.info.world_size
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         self.sampler.set_epoch(epoch)
         loss_sum, n, lr = 0.0, 0, self.schedule(epoch)
         t0 = time.perf_counter()
-        wait = 0.0
-        it = 0
+        wait = [0.0]
         batches = iter(self.train_loader)
-        while True:
+        # Whole windows only: an incomplete last one is not run (its gradient would be discarded anyway).
+        for window in range(self.steps_per_epoch):
+            it = window * accum
+            lr, values = self.step(it / self.micro_batches_per_epoch + epoch, self._window(batches, epoch, it, wait))
+            for named in values:
+                loss_sum += named["loss"] / world
+                n += 1
+            if (window + 1) % cfg.run.log_every == 0:
+                spent = time.perf_counter() - t0
+                self.reporter.status(epoch * self.micro_batches_run_per_epoch + it + accum, {
+                    "step": epoch * self.steps_per_epoch + window + 1, "epoch": epoch,
+                    "train_loss": loss_sum / n, "lr": lr,
+                    "images_per_s": n * cfg.optim.batch_size * world / max(spent, 1e-12),
+                    "data_wait_fraction": wait[0] / max(spent, 1e-12)})
+        # The loader is asked for one batch past the last window, as it always was: with in-process
+        # loading that draws the augmentation of a batch, and the RNG states checkpointed after the epoch
+        # (which resumed runs continue from) include those draws.
+        tw = time.perf_counter()
+        next(batches, None)
+        wait[0] += time.perf_counter() - tw
+        seconds = time.perf_counter() - t0
+        return {"train_loss": loss_sum / max(n, 1), "lr": lr, "train_seconds": seconds,
+                "images_per_s": n * cfg.optim.batch_size * world / max(seconds, 1e-12),
+                "data_wait_fraction": wait[0] / max(seconds, 1e-12)}
+
+    def _window(self, batches: Iterator[Any], epoch: int, it: int, wait: list[float]) -> Iterator[MicroBatch]:
+        """The micro-batches of one window, from micro-batch ``it`` of ``epoch`` on, on the device and
+        mixed; the time spent waiting for data goes to ``wait[0]``."""
+        for j in range(self.cfg.optim.accum_iter):
             tw = time.perf_counter()
             item = next(batches, None)
-            wait += time.perf_counter() - tw
+            wait[0] += time.perf_counter() - tw
             if item is None:
-                break
+                raise RuntimeError(f"the training data ended epoch {epoch} after {it + j} of "
+                                   f"{self.micro_batches_per_epoch} micro-batches")
             images, target = item
-            if it >= micro_batches_run:
-                break  # an incomplete last window is not run (its gradient would be discarded anyway)
-            if it % cfg.optim.accum_iter == 0:
-                lr = self.schedule(it / micro_batches + epoch)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr * g["lr_scale"]
             images = images.to(self.device, non_blocking=True)  # [B, 3, S, S]
             target = target.to(self.device, non_blocking=True)  # [B]
             if self.mixup_fn is not None:
                 images, target = self.mixup_fn(images, target)  # target [B, K] soft
-            sync = (it + 1) % cfg.optim.accum_iter == 0
-            no_sync = self.model.no_sync() if (self.runtime.distributed and not sync) else contextlib.nullcontext()
-            with no_sync:
-                with self.runtime.autocast():
-                    logits = self.model(images)  # [B, K]
-                    loss = self.criterion(logits.float(), target)
-                # Every rank learns of a non-finite loss on any rank, so none hangs in the next all-reduce.
-                value, = self.runtime.all_sum([loss.item()])
-                if not math.isfinite(value):
-                    raise NonFiniteLossError(f"non-finite loss {value} at epoch {epoch}, micro-batch {it}")
-                self.scaler.scale(loss / cfg.optim.accum_iter).backward()
-            if sync:
-                if cfg.optim.clip_grad is not None:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.optim.clip_grad)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-            loss_sum += value / self.info.world_size
-            n += 1
-            it += 1
+            yield MicroBatch(partial(self._loss, images, target), self._summed, f"epoch {epoch}, micro-batch {it + j}")
             fault_point("finetune_step")
-            self.reporter.advance(epoch * micro_batches_run + it)
-            if sync and (it // cfg.optim.accum_iter) % cfg.run.log_every == 0:
-                spent = time.perf_counter() - t0
-                self.reporter.status(epoch * micro_batches_run + it, {
-                    "step": epoch * self.steps_per_epoch + it // cfg.optim.accum_iter, "epoch": epoch,
-                    "train_loss": loss_sum / n, "lr": lr,
-                    "images_per_s": n * cfg.optim.batch_size * self.info.world_size / max(spent, 1e-12),
-                    "data_wait_fraction": wait / max(spent, 1e-12)})
-        seconds = time.perf_counter() - t0
-        return {"train_loss": loss_sum / max(n, 1), "lr": lr, "train_seconds": seconds,
-                "images_per_s": n * cfg.optim.batch_size * self.info.world_size / max(seconds, 1e-12),
-                "data_wait_fraction": wait / max(seconds, 1e-12)}
+            self.reporter.advance(epoch * self.micro_batches_run_per_epoch + it + j + 1)
+
+    def _loss(self, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = self.model(images)  # [B, K]
+        return self.criterion(logits.float(), target)
+
+    def _summed(self, loss: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss and its sum over ranks."""
+        value, = self.runtime.all_sum([loss.item()])
+        return loss, {"loss": value}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

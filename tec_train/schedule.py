@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 
 def absolute_lr(blr: float, eff_batch: int) -> float:
@@ -36,3 +37,26 @@ class WarmupCosine:
             return self.lr
         progress = min((epoch - self.warmup_epochs) / decay, 1.0)
         return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class ScheduleOptions(Protocol):
+    """The options a schedule is built from (``tec-train run`` and ``finetune`` both have them)."""
+
+    @property
+    def lr(self) -> float | None: ...
+    @property
+    def blr(self) -> float: ...
+    @property
+    def min_lr(self) -> float: ...
+    @property
+    def warmup_epochs(self) -> float: ...
+    @property
+    def epochs(self) -> int: ...
+
+
+def build_schedule(optim: ScheduleOptions, eff_batch: int) -> WarmupCosine:
+    """The run's schedule: peak lr ``--lr``, else ``--blr`` scaled by the effective batch; warm-up
+    clipped to ``--epochs``. An extended run builds the one of its new total: the lr follows it from
+    the resumed position on."""
+    peak = optim.lr if optim.lr is not None else absolute_lr(optim.blr, eff_batch)
+    return WarmupCosine(peak, optim.min_lr, min(optim.warmup_epochs, optim.epochs), optim.epochs)

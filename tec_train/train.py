@@ -17,14 +17,13 @@ process count (runs started before that scheme continue their checkpointed mask 
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -47,13 +46,15 @@ from .harness import (
     seed_rank,
 )
 from .harness import config_for_run_dir as _config_for_run_dir
-from .harness.errors import NonFiniteLossError, ResumeError
+from .harness.checkpoint_state import PretrainCheckpoint
+from .harness.errors import ResumeError
 from .harness.reporting import truncate_metrics
+from .harness.step import AccumulatingStep, MicroBatch
 from .harness.trackers import MetricSinks, open_sinks
-from .harness.writer import take_run_dir
+from .harness.writer import take_run_dir_for
 from .held_out import HeldOutLoss
 from .objectives import check_geometry, objective_for, student_geometry
-from .schedule import WarmupCosine, absolute_lr
+from .schedule import build_schedule
 from .student import param_groups
 from .student_to_timm import load_tec_checkpoint
 from .target_feeds import StepInputs, TargetFeed
@@ -132,13 +133,8 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.sinks = MetricSinks(self.run_dir)  # rank 0 opens its trackers in _setup
         # One writer per run dir, taken before anything is read from it or written to it.
-        self.lock = take_run_dir(self.runtime, self.run_dir, "tec-train run", self.reporter.message)
-        try:
-            self._prepare(cfg, source)
-        except BaseException:
-            self.lock.release()
-            self.runtime.leave()
-            raise
+        self.lock = take_run_dir_for(self.runtime, self.run_dir, "tec-train run", self.reporter.message,
+                                     lambda: self._prepare(cfg, source))
 
     def _prepare(self, cfg: TrainConfig, source: TargetFeed | None) -> None:
         self.resume: Resume | None = find_resume(self.run_dir, PRETRAIN_RUN, cfg.to_json(), self.info.world_size,
@@ -155,7 +151,7 @@ class Trainer:
         self.layout = Layout(self.info.world_size, cfg.optim.batch_size, cfg.optim.accum_iter)
         self.saved_layout = self.layout
         if self.resume is not None:
-            self.cfg = cfg = self._fit_layout(self.resume.checkpoint)
+            self.cfg = cfg = self._fit_layout(self.resume.state(PretrainCheckpoint))
         # An incomplete last accumulation window is not run (method.md 8.13): whole windows only.
         self.micro_batches_run_per_epoch = self.micro_batches_per_epoch // cfg.optim.accum_iter * cfg.optim.accum_iter
         try:
@@ -163,7 +159,7 @@ class Trainer:
                 raise ValueError(f"--accum-iter {cfg.optim.accum_iter} exceeds the {self.micro_batches_per_epoch} micro-batches "
                                  f"per epoch of each rank (batch {cfg.optim.batch_size} x {self.info.world_size} processes)")
             if self.resume is not None:
-                self._check_resumable(self.resume.checkpoint)
+                self._check_resumable(self.resume.state(PretrainCheckpoint))
             self.held_out = None if cfg.val.val_cache is None else HeldOutLoss(
                 cfg.val.val_cache, self.source.spec, batch_size=cfg.optim.batch_size, rank=self.info.rank,
                 world_size=self.info.world_size, num_workers=cfg.loader.num_workers, seed=cfg.optim.seed)
@@ -173,31 +169,32 @@ class Trainer:
         except ValueError:
             if self.owns_source:
                 self.source.close()
-            if getattr(self, "held_out", None) is not None:
-                self.held_out.close()
+            held_out = getattr(self, "held_out", None)  # not set when the failure came before it
+            if held_out is not None:
+                held_out.close()
             raise
 
-    def _fit_layout(self, ck: dict[str, Any]) -> TrainConfig:
+    def _fit_layout(self, ck: PretrainCheckpoint) -> TrainConfig:
         """This launch's config with the accumulation that keeps the checkpoint's effective batch."""
-        opts = ck["config"]["options"]
-        self.saved_layout = Layout(ck["world_size"], opts["batch_size"], opts["accum_iter"])
+        self.saved_layout = Layout(ck.world_size, ck.options["batch_size"], ck.options["accum_iter"])
         self.layout = fit_layout(self.saved_layout, self.layout, str(self.run_dir))
         if self.layout.accum_iter == self.cfg.optim.accum_iter:
             return self.cfg
-        return replace(self.cfg, optim=replace(self.cfg.optim, accum_iter=self.layout.accum_iter))
+        optim = replace(self.cfg.optim, accum_iter=self.layout.accum_iter)
+        return replace(self.cfg, optim=optim)  # type: ignore[type-var]  # nested_config makes the dataclass at runtime
 
-    def _check_resumable(self, ck: dict[str, Any]) -> None:
+    def _check_resumable(self, ck: PretrainCheckpoint) -> None:
         """The stored run must have used the same targets and epoch length this source gives now."""
-        changed = self.source.spec.difference(ck["config"]["resolved"]["targets"])
+        changed = self.source.spec.difference(ck.resolved.targets)
         if changed is not None:
             raise ResumeError(f"targets changed since the run started: {changed}")
-        if self.layout == self.saved_layout and ck["loader"]["steps_per_epoch"] != self.micro_batches_per_epoch:
+        if self.layout == self.saved_layout and ck.loader.steps_per_epoch != self.micro_batches_per_epoch:
             raise ResumeError(f"the source now gives {self.micro_batches_per_epoch} micro-batches per epoch, the run "
-                              f"was started with {ck['loader']['steps_per_epoch']}")
+                              f"was started with {ck.loader.steps_per_epoch}")
         steps = self.micro_batches_run_per_epoch // self.layout.accum_iter
-        if steps != ck["config"]["resolved"]["optimizer_steps_per_epoch"]:
+        if steps != ck.resolved.optimizer_steps_per_epoch:
             raise ResumeError(f"the source now gives {steps} optimizer steps per epoch ({self.layout.describe()}), the "
-                              f"run was started with {ck['config']['resolved']['optimizer_steps_per_epoch']}")
+                              f"run was started with {ck.resolved.optimizer_steps_per_epoch}")
 
     # ---- setup -------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -206,16 +203,16 @@ class Trainer:
         # The same seed on every rank gives every rank the same initial weights (DDP would also
         # broadcast rank 0's); afterwards each rank draws from its own stream, as the reference.
         torch.manual_seed(cfg.optim.seed)
-        self.student: Any = self.objective.build(cfg, spec)
+        # The objective's own model (its encoder_config, num_patches, ... are used): Any, not nn.Module.
+        self.student: Any = cast(Any, self.objective.build(cfg, spec))
         seed_rank(cfg.optim.seed, self.info.rank)
         self.mask_gen = torch.Generator().manual_seed(_mask_seed(cfg.optim.seed, self.info.rank))
         if self.resume is None and cfg.student.init_from is not None:
             _load_strict(self.student, load_tec_checkpoint(cfg.student.init_from), f"--init-from {cfg.student.init_from}", cfg.student.model)
         self.student.to(self.device)
         self.eff_batch = cfg.optim.batch_size * cfg.optim.accum_iter * self.info.world_size
-        self.peak_lr = cfg.optim.lr if cfg.optim.lr is not None else absolute_lr(cfg.optim.blr, self.eff_batch)
-        # An extended run builds the schedule of its new total: the lr follows it from the resumed step on.
-        self.schedule = WarmupCosine(self.peak_lr, cfg.optim.min_lr, min(cfg.optim.warmup_epochs, cfg.optim.epochs), cfg.optim.epochs)
+        self.schedule = build_schedule(cfg.optim, self.eff_batch)
+        self.peak_lr = self.schedule.lr
         self.optimizer = torch.optim.AdamW(param_groups(self.student, cfg.optim.weight_decay), lr=self.peak_lr,
                                            betas=(0.9, 0.95), fused=self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
@@ -245,26 +242,24 @@ class Trainer:
     def _schedule_position(self) -> None:
         """What the run keeps across layouts: the samples an epoch fraction is counted in, the mask
         scheme, and the layouts it ran with (from which step)."""
-        fresh = {"epoch_samples": self.micro_batches_per_epoch * self.layout.per_micro_step, "mask_noise": MASK_PER_STEP,
-                 "layouts": [{"from_step": 0, **self._layout_json()}]}
         if self.resume is None:
-            stored = fresh
-        else:
-            ck = self.resume.checkpoint
-            res = ck["config"]["resolved"]
-            stored = {
-                # Runs from before elastic resume count an epoch in their own layout's micro-batches.
-                "epoch_samples": res.get("epoch_samples", ck["loader"]["steps_per_epoch"] * self.saved_layout.per_micro_step),
-                "mask_noise": res.get("mask_noise", MASK_STREAM),
-                "layouts": list(res.get("layouts", [{"from_step": 0, **self._layout_json(self.saved_layout)}])),
-            }
-            if self.layout != self.saved_layout:
-                stored["layouts"].append({"from_step": ck["global_step"], **self._layout_json()})
-                if self.layout.world_size != self.saved_layout.world_size:
-                    stored["mask_noise"] = MASK_PER_STEP  # a per-rank stream has no meaning on another count
-        self.epoch_samples: int = stored["epoch_samples"]
-        self.mask_noise: str = stored["mask_noise"]
-        self.layouts: list[dict[str, int]] = stored["layouts"]
+            self.epoch_samples: int = self.micro_batches_per_epoch * self.layout.per_micro_step
+            self.mask_noise: str = MASK_PER_STEP
+            self.layouts: list[dict[str, int]] = [{"from_step": 0, **self._layout_json()}]
+            return
+        ck = self.resume.state(PretrainCheckpoint)
+        res = ck.resolved
+        # Runs from before elastic resume count an epoch in their own layout's micro-batches, draw
+        # their masks from one checkpointed stream per rank, and ran in one layout.
+        self.epoch_samples = (res.epoch_samples if res.epoch_samples is not None
+                              else ck.loader.steps_per_epoch * self.saved_layout.per_micro_step)
+        self.mask_noise = res.mask_noise if res.mask_noise is not None else MASK_STREAM
+        self.layouts = (list(res.layouts) if res.layouts is not None
+                        else [{"from_step": 0, **self._layout_json(self.saved_layout)}])
+        if self.layout != self.saved_layout:
+            self.layouts.append({"from_step": ck.global_step, **self._layout_json()})
+            if self.layout.world_size != self.saved_layout.world_size:
+                self.mask_noise = MASK_PER_STEP  # a per-rank stream has no meaning on another count
 
     def _layout_json(self, layout: Layout | None = None) -> dict[str, int]:
         lay = layout or self.layout
@@ -282,15 +277,15 @@ class Trainer:
         if self.resume is None:
             self.log_accum = self._empty_accum()
             return 0, 0, 0
-        ck = self.resume.checkpoint
-        same_world = ck["world_size"] == self.info.world_size
+        ck = self.resume.state(PretrainCheckpoint)
+        same_world = ck.world_size == self.info.world_size
         self.state.restore(ck, self.info.rank, rng=same_world)
-        epoch, global_step = ck["epoch"], ck["global_step"]
+        epoch, global_step = ck.epoch, ck.global_step
         if not same_world:
             # Every rank's streams anew, from (seed, step, rank): defined for any process count.
             seed_rank(_mask_seed(self.cfg.optim.seed, self.info.rank, global_step) % 2**31, 0)
-        self.log_accum = dict(ck["log_accum"])
-        it = micro_batch_after(self.saved_layout, ck["step_in_epoch"], self.layout)
+        self.log_accum = dict(ck.log_accum)
+        it = micro_batch_after(self.saved_layout, ck.step_in_epoch, self.layout)
         self.extended = self.resume.history(global_step, epoch)
         self.resume.release()  # everything is copied out; let the mapped file go
         return epoch, it, global_step
@@ -348,13 +343,14 @@ class Trainer:
         return record
 
     # ---- the loop ------------------------------------------------------------------------------
-    def _losses(self, out: Any) -> list[float]:
-        """The objective's loss terms averaged over ranks; one sync per micro-batch, as the reference's .item()."""
+    def _losses(self, out: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss to backpropagate and the objective's loss terms averaged over ranks; one sync per
+        micro-batch, as the reference's .item()."""
         vals = torch.stack([getattr(out, t).detach() for t in self.terms]).float()  # [terms]
         if self.runtime.distributed:
             self.runtime.all_reduce_(vals)
             vals /= self.info.world_size
-        return vals.tolist()
+        return out.loss, dict(zip(self.terms, vals.tolist()))
 
     def _setup(self) -> tuple[int, int, int]:
         """Restore, join the process group, wrap; returns the position (epoch, micro-batch, step)."""
@@ -373,6 +369,9 @@ class Trainer:
             self.model = torch.compile(self.model)
         elif cfg.run.compile:
             self.reporter.message(f"--compile ignored on {self.device}: CPU runs eager")
+        self.step = AccumulatingStep(runtime=self.runtime, module=self.student, ddp=self.ddp, optimizer=self.optimizer,
+                                     scaler=self.scaler, schedule=self.schedule, accum_iter=cfg.optim.accum_iter,
+                                     clip_grad=cfg.optim.clip_grad)
         if self.info.is_main:
             open_run_dir(self.run_dir, PRETRAIN_RUN, global_step, self._config())
             self.sinks = open_sinks(self.run_dir, kept_step=global_step, tensorboard=cfg.run.tensorboard,
@@ -386,29 +385,25 @@ class Trainer:
                     self.reporter.message(self.resume.extension.notice(global_step, epoch))
         return epoch, it, global_step
 
-    def _micro_step(self, item: Any, sync: bool, where: str, step: int, micro: int) -> list[float]:
-        """Forward and backward of micro-batch ``micro`` of optimizer step ``step`` (1-based);
-        gradients are all-reduced only when ``sync``."""
-        inputs: StepInputs = self.source.prepare(item, self.device)
-        b = inputs.images.shape[0]
-        if self.mask_noise == MASK_PER_STEP:
-            self.mask_gen.manual_seed(_mask_seed(self.cfg.optim.seed, self.info.rank, step, micro))
-        noise = torch.rand(b, self.student.num_patches, generator=self.mask_gen).to(self.device, non_blocking=True)  # [B, L]
-        no_sync = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
-        with no_sync:
-            with self.runtime.autocast():
-                out = self.objective.forward(self.model, inputs, noise)
-            losses = self._losses(out)
-            named = list(zip(self.terms, losses))
-            # The parts name what broke; an objective with one term names its total.
-            bad = [f"{n} = {v}" for n, v in (named[1:] or named) if not math.isfinite(v)]
-            if bad:
-                raise NonFiniteLossError(f"non-finite loss at {where}: {', '.join(bad)}")
-            self.scaler.scale(out.loss / self.cfg.optim.accum_iter).backward()
-        for name, v in named:
-            self.log_accum[name] += v
-        self.log_accum["n"] += 1
-        return losses
+    def _window(self, batches: Iterator[Any], epoch: int, it: int, step: int, wait: list[float]) -> Iterator[MicroBatch]:
+        """The micro-batches of optimizer step ``step`` (1-based), from micro-batch ``it`` of ``epoch`` on,
+        prepared on the device with their mask noise; the time spent waiting for data goes to ``wait[0]``."""
+        for j in range(self.cfg.optim.accum_iter):
+            tw = time.perf_counter()
+            item = next(batches, None)
+            wait[0] += time.perf_counter() - tw
+            if item is None:
+                raise RuntimeError(f"the target feed ended epoch {epoch} after {it + j} of {self.micro_batches_per_epoch} "
+                                   "micro-batches")
+            if self.cfg.run.log_samples:
+                self._log_samples(item, step, epoch, it + j)
+            inputs: StepInputs = self.source.prepare(item, self.device)
+            b = inputs.images.shape[0]
+            if self.mask_noise == MASK_PER_STEP:
+                self.mask_gen.manual_seed(_mask_seed(self.cfg.optim.seed, self.info.rank, step, j))
+            noise = torch.rand(b, self.student.num_patches, generator=self.mask_gen).to(self.device, non_blocking=True)  # [B, L]
+            yield MicroBatch(partial(self.objective.forward, self.model, inputs, noise), self._losses,
+                             f"step {step} (epoch {epoch}, micro-batch {it + j})")
 
     def _log_samples(self, item: Any, step: int, epoch: int, micro_batch: int) -> None:
         """One line per micro-batch in this rank's samples log: which (view-epoch, image) it trains on."""
@@ -420,17 +415,9 @@ class Trainer:
         with open(self.run_dir / SAMPLES_LOG.format(rank=self.info.rank), "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
 
-    def _optimizer_step(self) -> None:
-        if self.cfg.optim.clip_grad is not None:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.optim.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-
     def run(self) -> TrainResult:
         cfg = self.cfg
-        micro_batches, micro_batches_run = self.micro_batches_per_epoch, self.micro_batches_run_per_epoch
+        micro_batches_run = self.micro_batches_run_per_epoch
         timing = {"micro": 0, "step_s": 0.0, "wait_s": 0.0}  # since the last metrics record
         total = {"micro": 0, "step_s": 0.0, "wait_s": 0.0}  # this invocation
         last_record: dict[str, Any] | None = None
@@ -448,30 +435,19 @@ class Trainer:
                 batches: Iterator[Any] = iter(self.source.epoch(epoch, start_step=it))
                 while it < micro_batches_run and global_step < stop_at:
                     t0 = time.perf_counter()
-                    wait = 0.0
-                    # The reference sets the lr at the start of each accumulation window.
-                    lr = self.schedule(self._epoch_f(epoch, it))
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr
-                    for j in range(cfg.optim.accum_iter):
-                        tw = time.perf_counter()
-                        item = next(batches, None)
-                        wait += time.perf_counter() - tw
-                        if item is None:
-                            raise RuntimeError(f"the target feed ended epoch {epoch} after {it} of {micro_batches} micro-batches")
-                        if cfg.run.log_samples:
-                            self._log_samples(item, global_step + 1, epoch, it)
-                        self._micro_step(item, sync=j == cfg.optim.accum_iter - 1,
-                                         where=f"step {global_step + 1} (epoch {epoch}, micro-batch {it})",
-                                         step=global_step + 1, micro=j)
-                        it += 1
-                    self._optimizer_step()
+                    wait = [0.0]
+                    lr, values = self.step(self._epoch_f(epoch, it), self._window(batches, epoch, it, global_step + 1, wait))
+                    for named in values:
+                        for name, v in named.items():
+                            self.log_accum[name] += v
+                        self.log_accum["n"] += 1
+                    it += cfg.optim.accum_iter
                     global_step += 1
                     dt = time.perf_counter() - t0
                     for acc in (timing, total):
                         acc["micro"] += cfg.optim.accum_iter
                         acc["step_s"] += dt
-                        acc["wait_s"] += wait
+                        acc["wait_s"] += wait[0]
                     fault_point("train_step")
                     self.reporter.advance(global_step)
                     epoch_done = it >= micro_batches_run

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +87,43 @@ def test_rng_round_trip(tmp_path: Path) -> None:
     draw()  # move every generator on
     resume.restore_rng(ck.load_checkpoint(latest_saved(tmp_path))["rng"][0], gen)
     assert draw() == expected
+
+
+def _pretrain_dict() -> dict:
+    """A pretraining checkpoint as the first stage-2 release wrote it: no epoch_samples, mask_noise,
+    layouts (elastic resume) nor extended (run extension)."""
+    return {"format": ck.PRETRAIN.format, "version": ck.PRETRAIN.version, **_state(4), "scaler": None, "rng": [{}],
+            "world_size": 1, "epoch": 1, "step_in_epoch": 0, "loader": {"steps_per_epoch": 4, "view_epoch": 1},
+            "log_accum": {"loss": 0.0, "n": 0},
+            "config": {"options": {"batch_size": 4}, "resolved": {"optimizer_steps_per_epoch": 4, "targets": {"k": 1}}}}
+
+
+def test_typed_state_of_an_old_checkpoint_reads_absent_keys_as_absent(tmp_path: Path) -> None:
+    from tec_train.harness.checkpoint_state import FinetuneCheckpoint, PretrainCheckpoint, read_state
+
+    state = read_state(_pretrain_dict(), tmp_path / "checkpoint-00000004.pt")
+    assert isinstance(state, PretrainCheckpoint)
+    assert (state.epoch, state.step_in_epoch, state.global_step, state.world_size) == (1, 0, 4, 1)
+    assert state.loader.steps_per_epoch == 4 and state.options == {"batch_size": 4} and state.config.extended == ()
+    assert state.resolved.optimizer_steps_per_epoch == 4 and state.resolved.targets == {"k": 1}
+    assert (state.resolved.epoch_samples, state.resolved.mask_noise, state.resolved.layouts) == (None, None, None)
+    ft = {**_pretrain_dict(), "format": ck.FINETUNE.format, "best_top1": 0.5, "best_epoch": 0}
+    assert isinstance(read_state(ft, tmp_path / "finetune-0001.pt"), FinetuneCheckpoint)
+
+
+@pytest.mark.parametrize("path, key", [(("log_accum",), "log_accum"), (("loader", "steps_per_epoch"), "loader.steps_per_epoch"),
+                                       (("config", "resolved", "targets"), "config.resolved.targets")])
+def test_typed_state_names_the_file_and_the_missing_key(tmp_path: Path, path: tuple, key: str) -> None:
+    from tec_train.harness.checkpoint_state import read_state
+
+    d = _pretrain_dict()
+    inner = d
+    for k in path[:-1]:
+        inner = inner[k]
+    del inner[path[-1]]
+    with pytest.raises(CheckpointError, match=rf"checkpoint-00000004\.pt: missing key {re.escape(key)}\b"):
+        read_state(d, tmp_path / "checkpoint-00000004.pt")
+    d = _pretrain_dict()
+    d["epoch"] = "one"
+    with pytest.raises(CheckpointError, match=r"str at key epoch"):
+        read_state(d, tmp_path / "checkpoint-00000004.pt")

@@ -379,3 +379,31 @@ def test_online_loader_steps_over_unreadable_images(tmp_path: Path) -> None:
     assert not bad & set(used)
     again = [i for b in loader.epoch(0) for i in b.image_index.tolist()]
     assert again == used
+
+
+def test_run_dir_from_before_elastic_resume_and_extension_still_resumes(tiny, tmp_path: Path) -> None:
+    """A checkpoint without the keys later releases added (epoch_samples, mask_noise, layouts,
+    extended) resumes with the values that reproduce the old behaviour; one without a key every
+    release wrote is refused naming the file and the key."""
+    run = tmp_path / "run"
+    train(_cfg(run, tiny.cache, epochs=2, ckpt_every=2, keep_last=10, max_steps=2))
+    path = latest_checkpoint(run)
+    old = torch.load(path, weights_only=True)
+    for k in ("epoch_samples", "mask_noise", "layouts"):
+        del old["config"]["resolved"][k]
+    old["config"].pop("extended", None)
+    torch.save(old, path)
+    (path.parent / (path.name + ".sha256")).unlink()  # written before checkpoints carried a digest
+    result = train(_cfg(run, tiny.cache, epochs=2, ckpt_every=2, keep_last=10, max_steps=4))
+    assert result.global_step == 4 and result.resumed_from == path
+    resolved = json.loads((run / "config.json").read_text())["resolved"]
+    assert resolved["mask_noise"] == "stream" and resolved["layouts"] == [{"from_step": 0, "world_size": 1, "batch_size": 4,
+                                                                          "accum_iter": 1}]
+    assert resolved["epoch_samples"] == old["loader"]["steps_per_epoch"] * 4
+    newest = latest_checkpoint(run)
+    broken = torch.load(newest, weights_only=True)
+    del broken["log_accum"]
+    torch.save(broken, newest)
+    (newest.parent / (newest.name + ".sha256")).unlink()
+    with pytest.raises(ResumeError, match=rf"{re.escape(newest.name)}: missing key log_accum"):
+        train(_cfg(run, tiny.cache, epochs=2, ckpt_every=2, keep_last=10, max_steps=6))

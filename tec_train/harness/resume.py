@@ -12,15 +12,18 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
+from .checkpoint_state import RunCheckpoint
 from .checkpoints import usable_checkpoint
 from .errors import CheckpointError, ResumeError
 from .run_dir import Extension, RunKind, check_options, read_checkpoint
 from .runtime import Runtime
+
+CK = TypeVar("CK", bound=RunCheckpoint)
 
 
 def capture_rng(generator: torch.Generator) -> dict[str, Any]:
@@ -29,7 +32,9 @@ def capture_rng(generator: torch.Generator) -> dict[str, Any]:
     ``generator`` is the run's own stream (pretraining's mask noise, fine-tuning's loader seeds);
     it is stored under "mask", the key checkpoints have always used.
     """
-    _, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # legacy=True: the (name, keys, pos, has_gauss, cached) tuple
+    _, np_keys, np_pos, np_has_gauss, np_cached = np_state
     py_version, py_state, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
@@ -67,9 +72,16 @@ class Resume:
     """The checkpoint a run continues from, read on every rank."""
 
     path: Path
-    checkpoint: dict[str, Any] | None  # dropped by release() once restored, so the mapped file can go
+    checkpoint: RunCheckpoint | None  # dropped by release() once restored, so the mapped file can go
     extension: Extension | None  # set when this run raised --epochs
     extended: list[dict[str, int]]  # the run's earlier extensions, as its checkpoint recorded them
+
+    def state(self, kind: type[CK]) -> CK:
+        """The checkpoint as the loop's own kind of state (until ``release``)."""
+        if not isinstance(self.checkpoint, kind):
+            raise TypeError(f"{self.path}: expected a {kind.__name__}, have {type(self.checkpoint).__name__} "
+                            "(released already?)")
+        return self.checkpoint
 
     def release(self) -> None:
         self.checkpoint = None
@@ -93,11 +105,11 @@ def find_resume(run_dir: Path, kind: RunKind, options: dict[str, Any], world_siz
     if path is None:
         return None
     ck = read_checkpoint(path, kind)
-    extension = check_options(ck["config"]["options"], options, path, kind)
-    if ck["world_size"] != world_size and not kind.elastic:
-        raise ResumeError(f"world size: the run in {run_dir} was started with {ck['world_size']} processes, "
+    extension = check_options(ck.options, options, path, kind)
+    if ck.world_size != world_size and not kind.elastic:
+        raise ResumeError(f"world size: the run in {run_dir} was started with {ck.world_size} processes, "
                           f"now {world_size}; {kind.world_size_needs}")
-    return Resume(path, ck, extension, list(ck["config"].get("extended", [])))
+    return Resume(path, ck, extension, list(ck.config.extended))
 
 
 def agree_on_position(runtime: Runtime, position: int, unit: str) -> None:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from tec_cache.format.fs import write_json_atomic
 from tec_cache.runtime.config import field_names, flag_name
 
+from .checkpoint_state import FinetuneCheckpoint, PretrainCheckpoint, read_state
 from .checkpoints import CheckpointKind, load_checkpoint, remove_stale_temp_files, usable_checkpoint
 from .errors import CheckpointError, ResumeError
 from .reporting import METRICS_NAME, truncate_metrics
@@ -84,10 +85,11 @@ def check_options(stored: dict[str, Any], current: dict[str, Any], ckpt: Path, k
     return extension
 
 
-def read_checkpoint(path: Path, kind: RunKind) -> dict[str, Any]:
-    """A run dir's checkpoint for resuming; a damaged one is a ResumeError naming the file."""
+def read_checkpoint(path: Path, kind: RunKind) -> PretrainCheckpoint | FinetuneCheckpoint:
+    """A run dir's checkpoint for resuming, as typed state; a damaged one, or one without a key the
+    run needs, is a ResumeError naming the file (and the key)."""
     try:
-        return load_checkpoint(path, kind.checkpoints)
+        return read_state(load_checkpoint(path, kind.checkpoints), path)
     except CheckpointError as e:
         raise ResumeError(str(e)) from e
 
@@ -105,7 +107,7 @@ def config_for_run_dir(config_type: type[C], run_dir: str, given: dict[str, Any]
         raise ResumeError(str(e)) from e
     if ckpt is None:
         return config_type(**{**given, "run_dir": run_dir})
-    stored = read_checkpoint(ckpt, kind)["config"]["options"]
+    stored = read_checkpoint(ckpt, kind).options
     check_options(stored, given, ckpt, kind)
     known = set(field_names(config_type))
     return config_type(**{**{k: v for k, v in stored.items() if k in known}, **given, "run_dir": run_dir})

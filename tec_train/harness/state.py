@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint_state import RunCheckpoint
 from .checkpoints import save_checkpoint
 from .resume import gather_rng, restore_rng
 from .run_dir import RunKind
@@ -29,15 +30,15 @@ class RunState:
     scaler: torch.amp.GradScaler
     generator: torch.Generator  # the run's own stream, checkpointed with the process RNGs
 
-    def restore(self, ck: dict[str, Any], rank: int, rng: bool = True) -> None:
+    def restore(self, ck: RunCheckpoint, rank: int, rng: bool = True) -> None:
         """Load a checkpoint's parts and (unless ``rng`` is false: a run resumed on another process
         count seeds its streams anew) ``rank``'s RNG states."""
-        self.model.load_state_dict(ck["model"], strict=True)
-        self.optimizer.load_state_dict(ck["optimizer"])
-        if ck["scaler"] is not None:
-            self.scaler.load_state_dict(ck["scaler"])
+        self.model.load_state_dict(ck.model, strict=True)
+        self.optimizer.load_state_dict(ck.optimizer)
+        if ck.scaler is not None:
+            self.scaler.load_state_dict(ck.scaler)
         if rng:
-            restore_rng(ck["rng"][rank], self.generator)
+            restore_rng(ck.rng[rank], self.generator)
 
     def save(self, runtime: Runtime, run_dir: Path, kind: RunKind, number: int, keep_last: int,
              position: dict[str, Any]) -> Path | None:

@@ -60,3 +60,18 @@ def take_run_dir(runtime: Runtime, run_dir: Path, command: str, say: Callable[[s
         runtime.leave()
         raise WriterLockError(error)
     return RunLock(lock)
+
+
+def take_run_dir_for(runtime: Runtime, run_dir: Path, command: str, say: Callable[[str], None],
+                     prepare: Callable[[], None]) -> RunLock:
+    """A loop's start: take ``run_dir``'s writer lock (``take_run_dir``), then ``prepare`` (read the
+    run dir, open data, build); if that fails the lock is released and the process group left, so a
+    refused or broken start leaves nothing held."""
+    lock = take_run_dir(runtime, run_dir, command, say)
+    try:
+        prepare()
+    except BaseException:
+        lock.release()
+        runtime.leave()
+        raise
+    return lock
