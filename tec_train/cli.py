@@ -185,14 +185,15 @@ _ONLINE_FROM_RECIPE = {"basemodel": "online_basemodel", "arch": "arch", "depth":
 def _with_preset(name: str, given: dict[str, Any], world_size: int, online: bool = False) -> dict[str, Any]:
     """The run's options: the pipeline's [pretrain] ([base] for --objective mae) under the flags
     given; with ``online``, the [cache] table's target recipe runs inside the step instead of a cache."""
-    from tec_cache.build.config import cache_table
     from tec_cache.runtime.pipelines import load_pipeline
+
+    from .pipeline_tables import table_keys
 
     pipe = load_pipeline(name)
     table = "base" if given.get("objective") == "mae" else "pretrain"
     merged = _preset_options(pipe, table, given, world_size)
     if online:
-        recipe = cache_table(name)
+        recipe = pipe.table("cache", table_keys("cache"))
         for key, option in _ONLINE_FROM_RECIPE.items():
             if key in recipe and option not in given:
                 merged[option] = recipe[key]

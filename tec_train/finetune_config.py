@@ -16,6 +16,7 @@ from tec_cache.runtime.config import (
     POSITIVE_INT,
     SEED,
     WORKERS,
+    NestedConfig,
     check_fields,
     flat_values,
     group,
@@ -172,7 +173,7 @@ class FinetuneRunControl:
 
 
 @nested_config
-class FinetuneConfig:
+class FinetuneConfig(NestedConfig):
     """Every option of ``tec-train finetune``, one component each (encoder source, labelled data,
     classifier, optimisation, augmentation, run control). A field ``foo_bar`` of any component is
     the option ``--foo-bar`` and the key ``foo_bar`` of a pipeline's [finetune] table. Defaults are

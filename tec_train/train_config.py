@@ -19,6 +19,7 @@ from tec_cache.runtime.config import (
     POSITIVE_INT,
     SEED,
     WORKERS,
+    NestedConfig,
     check_fields,
     flag_name,
     flat_values,
@@ -202,7 +203,7 @@ class RunControl:
 
 
 @nested_config
-class TrainConfig:
+class TrainConfig(NestedConfig):
     """Every option of ``tec-train run``, one component each (target source, student, optimisation,
     loader, held-out loss, run control). A field ``foo_bar`` of any component is the option ``--foo-bar``, the key
     ``foo_bar`` of a pipeline's [pretrain] table and of the run's stored options; each declares its

@@ -14,7 +14,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from rich.markup import escape
 from rich.table import Table
@@ -86,17 +86,25 @@ def group(cls: type) -> Any:
     return dataclasses.field(default_factory=cls, metadata={"group": True})
 
 
-def is_group(f: dataclasses.Field) -> bool:
+def is_group(f: dataclasses.Field[Any]) -> bool:
     return bool(f.metadata.get("group"))
 
 
-def flat_fields(cls: Any) -> list[dataclasses.Field]:
+def component_type(f: dataclasses.Field[Any]) -> type:
+    """The dataclass of a ``group`` field: its default factory."""
+    factory = f.default_factory
+    if not isinstance(factory, type):
+        raise TypeError(f"{f.name} is not a config component")
+    return factory
+
+
+def flat_fields(cls: Any) -> list[dataclasses.Field[Any]]:
     """The option fields of a config class (or instance), its components' fields in place."""
     cls = cls if isinstance(cls, type) else type(cls)
-    out: list[dataclasses.Field] = []
+    out: list[dataclasses.Field[Any]] = []
     for f in fields(cls):
         if is_group(f):
-            out.extend(flat_fields(f.default_factory))  # type: ignore[arg-type, misc]
+            out.extend(flat_fields(component_type(f)))
         else:
             out.append(f)
     return out
@@ -111,32 +119,41 @@ def flat_values(config: Any) -> dict[str, Any]:
     return out
 
 
+class NestedConfig:
+    """Base of the classes ``nested_config`` builds: their constructor takes flat option names,
+    which a type checker cannot derive from the components, so it is declared here."""
+
+    if TYPE_CHECKING:
+        def __init__(self, **values: Any) -> None: ...
+
+
 def nested_config(cls: type[C]) -> type[C]:
     """A dataclass with ``group`` components, built from flat option names: ``TrainConfig(run_dir=R,
     epochs=2)`` puts ``epochs`` in the component that declares it (a whole component may be passed
     by its own name too). What reads the config names the component: ``cfg.optim.epochs``."""
-    cls = dataclass(cls, init=False)  # type: ignore[assignment]
-    clash = {f.name for f in fields(cls) if is_group(f)} & set(field_names(cls))  # type: ignore[arg-type]
+    made: Any = dataclass(init=False)(cls)
+    clash = {f.name for f in fields(made) if is_group(f)} & set(field_names(made))
     if clash:
-        raise TypeError(f"{cls.__name__}: component names {sorted(clash)} are also option names")
+        raise TypeError(f"{made.__name__}: component names {sorted(clash)} are also option names")
 
     def __init__(self: Any, **values: Any) -> None:
-        for f in fields(cls):  # type: ignore[arg-type]
+        for f in fields(made):
             if is_group(f):
-                names = {g.name for g in flat_fields(f.default_factory)}  # type: ignore[arg-type]
-                base = values.pop(f.name) if f.name in values else f.default_factory()  # type: ignore[misc]
+                component = component_type(f)
+                names = set(field_names(component))
+                base = values.pop(f.name) if f.name in values else component()
                 setattr(self, f.name, dataclasses.replace(base, **{k: values.pop(k) for k in list(values) if k in names}))
             elif f.name in values:
                 setattr(self, f.name, values.pop(f.name))
             elif f.default is not _MISSING:
                 setattr(self, f.name, f.default)
             else:
-                raise TypeError(f"{cls.__name__}: missing option {f.name!r}")
+                raise TypeError(f"{made.__name__}: missing option {f.name!r}")
         if values:
-            raise TypeError(f"{cls.__name__} has no option {sorted(values)}")
+            raise TypeError(f"{made.__name__} has no option {sorted(values)}")
 
-    cls.__init__ = __init__  # type: ignore[misc]
-    return cls
+    made.__init__ = __init__
+    return made
 
 
 def option_like(cls: type, name: str, prefix: str = "") -> Any:
@@ -152,7 +169,7 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _field(cls: type, name: str) -> dataclasses.Field:
+def _field(cls: type, name: str) -> dataclasses.Field[Any]:
     for f in flat_fields(cls):
         if f.name == name:
             return f
