@@ -43,6 +43,10 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _note(text: str) -> None:
+    console.print(text, highlight=False)
+
+
 def _run_failure(e: Exception, run_dir: Path, rank: int, known: tuple[type[Exception], ...]) -> str:
     """The terminal line of a run that failed after it started. The project's own errors name what
     is wrong in their message; a sample that could not be made, a data-loader worker's exception or
@@ -162,50 +166,6 @@ class RichReporter(Reporter):
         self.progress.stop()
 
 
-def _preset_options(pipe: Any, table: str, given: dict[str, Any], world_size: int) -> dict[str, Any]:
-    """A pipeline table under the flags given, its keys checked against the config it feeds; its
-    ``world_size`` (the reference's process count) is only compared with this run's."""
-    from .pipeline_tables import table_keys
-
-    merged = {**pipe.table(table, table_keys(table)), **given}
-    ref_world = merged.pop("world_size", None)
-    if ref_world is not None and ref_world != world_size:
-        console.print(f"note: pipeline {pipe.name} was made for {ref_world} processes, this run has {world_size}; "
-                      "the lr follows the effective batch (--blr x batch x accum x processes / 256)", highlight=False)
-    return merged
-
-
-# The pipeline's target recipe ([cache], as tec-cache build takes it) as online-mode options of
-# tec-train run: the base model's depth is --base-depth there, --depth being the student's.
-_ONLINE_FROM_RECIPE = {"basemodel": "online_basemodel", "arch": "arch", "depth": "base_depth", "topk": "topk",
-                       "tau": "tau", "last_layers": "last_layers", "img_size": "img_size", "patch_size": "patch_size",
-                       "resize": "resize"}
-
-
-def _with_preset(name: str, given: dict[str, Any], world_size: int, online: bool = False) -> dict[str, Any]:
-    """The run's options: the pipeline's [pretrain] ([base] for --objective mae) under the flags
-    given; with ``online``, the [cache] table's target recipe runs inside the step instead of a cache."""
-    from tec_cache.runtime.pipelines import load_pipeline
-
-    from .pipeline_tables import table_keys
-
-    pipe = load_pipeline(name)
-    table = "base" if given.get("objective") == "mae" else "pretrain"
-    merged = _preset_options(pipe, table, given, world_size)
-    if online:
-        recipe = pipe.table("cache", table_keys("cache"))
-        for key, option in _ONLINE_FROM_RECIPE.items():
-            if key in recipe and option not in given:
-                merged[option] = recipe[key]
-        return merged
-    is_online = any(k in merged for k in ("online_basemodel", "arch"))
-    if table == "pretrain" and "cache" not in merged and not is_online:
-        cache_name = pipe.raw.get("cache", {}).get("cache_name")
-        if cache_name:
-            merged["cache"] = str(Path("caches") / cache_name)
-    return merged
-
-
 @app.command()
 def pipelines(
     name: str | None = typer.Argument(None, metavar="[NAME]", help="A pipeline (name or .toml file) to print fully resolved: every value of its row, defaults included."),
@@ -315,18 +275,13 @@ def run(
     """Train a TEC student from a cache (or online), or resume the run in --run-dir."""
     options = dict(locals())  # first statement: exactly the options
     from .harness.errors import NonFiniteLossError
-    from .train import Trainer, config_for_run_dir
+    from .options import run_config
+    from .train import Trainer
 
     info = dist_info()
-    given = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()
-             if v is not None and k not in ("run_dir", "pipeline", "online")}
+    flags = {k: v for k, v in options.items() if k not in ("run_dir", "pipeline", "online")}
     try:
-        if online and pipeline is None:
-            raise ValueError("--online: takes the target recipe of a --pipeline; without one, name the base model "
-                             "with --online-basemodel NAME or --arch TIMM_NAME")
-        if pipeline is not None:
-            given = _with_preset(pipeline, given, info.world_size, online)
-        cfg = config_for_run_dir(str(run_dir), given)
+        cfg = run_config(str(run_dir), flags, pipeline, online=online, world_size=info.world_size, say=_note)
         trainer = Trainer(cfg, None, RichReporter(console) if console.is_terminal else PlainReporter(console))
     except (ValueError, FileNotFoundError) as e:  # CompatibilityError and ResumeError are ValueErrors
         _fail(str(e), 2)
@@ -507,22 +462,15 @@ def finetune(
 ) -> None:
     """Fine-tune an encoder end to end with the reference recipe (docs/method.md 6), or resume the run in --run-dir."""
     options = dict(locals())  # first statement: exactly the options
-    from .finetune import Finetuner, finetune_config_for_run_dir
+    from .finetune import Finetuner
     from .harness.errors import NonFiniteLossError, ResumeError
+    from .options import finetune_config
 
     info = dist_info()
-    given = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()
-             if v is not None and k not in ("run_dir", "fashion_mnist", "fashion_mnist_dir", "pipeline")}
-    _, fm = _dataset_dir(data, fashion_mnist, fashion_mnist_dir)
-    if fm is not None:
-        given["fashion_mnist"] = fm
+    flags = {k: v for k, v in options.items() if k not in ("run_dir", "fashion_mnist", "fashion_mnist_dir", "pipeline")}
+    flags["fashion_mnist"] = _dataset_dir(data, fashion_mnist, fashion_mnist_dir)[1]
     try:
-        if pipeline is not None:
-            from tec_cache.runtime.pipelines import load_pipeline
-
-
-            given = _preset_options(load_pipeline(pipeline), "finetune", given, info.world_size)
-        cfg = finetune_config_for_run_dir(str(run_dir), given)
+        cfg = finetune_config(str(run_dir), flags, pipeline, world_size=info.world_size, say=_note)
         runner = Finetuner(cfg, RichFinetuneReporter(console) if console.is_terminal else PlainFinetuneReporter(console))
     except (ValueError, FileNotFoundError) as e:  # ResumeError is a ValueError
         _fail(str(e), 2)
@@ -545,30 +493,14 @@ def finetune(
     ])
 
 
-def _eval_config(options: dict[str, Any]) -> Any:
-    """knn/linear options (None: not given) on top of the pipeline's [eval] table and the defaults."""
-    from tec_cache.runtime.config import override
-
-    from .eval_config import EvalConfig
-
-    flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()
-             if k not in ("fashion_mnist", "fashion_mnist_dir", "pipeline", "out_json")}
-    flags["fashion_mnist"] = _dataset_dir(None, options["fashion_mnist"], options["fashion_mnist_dir"])[1]
-    table, where = {}, ""
-    if options["pipeline"] is not None:
-        from tec_cache.runtime.pipelines import load_pipeline
-
-        pipe = load_pipeline(options["pipeline"])
-        table, where = pipe.section("eval"), pipe.where("eval")
-    cfg = override(EvalConfig(), flags, table, where)
-    cfg.validate()
-    return cfg
-
-
 def _evaluate(run: Any, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """(config, result) of one knn/linear call; a bad option or source exits 2 before any work."""
     try:
-        cfg = _eval_config(options)
+        from .options import eval_config
+
+        flags = {k: v for k, v in options.items() if k not in ("fashion_mnist", "fashion_mnist_dir", "pipeline", "out_json")}
+        flags["fashion_mnist"] = _dataset_dir(None, options["fashion_mnist"], options["fashion_mnist_dir"])[1]
+        cfg = eval_config(flags, options["pipeline"])
         if options["out_json"] is not None:
             from tec_cache.format.fs import prepare_output_file
 

@@ -8,11 +8,11 @@ import pytest
 
 from tec_cache.build.builder import BuildConfig
 from tec_cache.core.basemodels import RECIPE_KEYS, TargetRecipe
-from tec_cache.runtime.config import check_fields, override
+from tec_cache.runtime.config import check_fields, resolve
 from tec_cache.runtime.pipelines import load_pipeline
 from tec_train.eval_config import DataSubsets, EvalConfig
 from tec_train.finetune import FinetuneConfig
-from tec_train.pipeline_tables import check_pipeline, resolved_tables
+from tec_train.pipeline_tables import check_pipeline, resolved_tables, table_keys
 from tec_train.student import parse_model_name
 from tec_train.train import TrainConfig
 
@@ -54,9 +54,9 @@ def test_preset_options_are_valid(path: Path, tmp_path: Path):
         (tmp_path / "export").mkdir()
         FinetuneConfig(run_dir=str(tmp_path / "ft"), source=str(tmp_path / "export"), data=str(tmp_path), **ft).validate()
     if "eval" in p:
-        check_fields(override(EvalConfig(), {}, p["eval"], pipe.where("eval")))
+        check_fields(resolve(EvalConfig, table=pipe.table("eval", table_keys("eval"))))
     if "data" in p:
-        check_fields(override(DataSubsets(), {}, p["data"], pipe.where("data")))
+        check_fields(resolve(DataSubsets, table=pipe.table("data", table_keys("data"))))
     _, patch = parse_model_name(pre["model"])
     assert spec.img_size % patch == 0 and spec.img_size // patch == spec.img_size // spec.patch_size
     if "expected_top1" in p:  # the paper's rows: method.md 4.1 and 9.8, through the resolved preset
@@ -173,11 +173,19 @@ def _cli(app, args: list[str]):
     return r.exit_code, " ".join(r.output.split())
 
 
+def _stored(run_dir: Path) -> dict:
+    """The options a run dir's latest checkpoint stores."""
+    from tec_train.harness.checkpoints import latest_checkpoint, load_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    assert ckpt is not None, f"no checkpoint in {run_dir}"
+    return load_checkpoint(ckpt)["config"]["options"]
+
+
 def test_pipeline_presets_give_defaults_and_flags_override(tmp_path: Path, tiny_ckpt: Path, monkeypatch):
     from tec_cache.build.cli import app as cache_app
     from tec_cache.format.manifest import load_manifest
     from tec_train.cli import app as train_app
-    from tec_train.harness.checkpoints import latest_checkpoint, load_checkpoint
     from tests.conftest import make_image_folder
 
     data = make_image_folder(tmp_path / "data", n_per_class=4, bad=False)
@@ -196,13 +204,13 @@ def test_pipeline_presets_give_defaults_and_flags_override(tmp_path: Path, tiny_
     code, out = _cli(train_app, ["run", "--pipeline", str(preset), "--run-dir", str(tmp_path / "run"), "--epochs", "1"])
     assert code == 0, out
     assert "was made for 8 processes, this run has 1" in out
-    options = load_checkpoint(latest_checkpoint(tmp_path / "run"))["config"]["options"]
+    options = _stored(tmp_path / "run")
     assert (options["epochs"], options["depth"], options["blr"], options["cache"]) == (1, 2, 1e-3, str(Path("caches") / "tiny-test"))
     # --objective mae reads the [base] table.
     code, out = _cli(train_app, ["run", "--pipeline", str(preset), "--objective", "mae", "--data", str(data),
                                  "--run-dir", str(tmp_path / "base"), "--img-size", "32"])
     assert code == 0, out
-    options = load_checkpoint(latest_checkpoint(tmp_path / "base"))["config"]["options"]
+    options = _stored(tmp_path / "base")
     assert (options["objective"], options["epochs"], options["cache"]) == ("mae", 1, None)
     # tec-train finetune reads [finetune]; the flag --epochs beats the preset's.
     preset.write_text(PRESET + FINETUNE)

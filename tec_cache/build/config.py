@@ -1,10 +1,10 @@
 """The options of ``tec-cache build``: each declared once (default, bounds, help) on BuildConfig,
 and resolved from flags and a preset's [cache] table.
 
-Data flow: flags (None: not given) + the --pipeline preset's [cache] table --> TargetRecipe (the
-base model and its targets, shared with online mode) + BuildConfig --validate--> build.build_cache.
-Flags win over the preset; the preset's ``cache_name`` gives the default --out. Stage 2 reads the
-declarations (``tec-train pipelines NAME`` resolves a [cache] table) without importing the build.
+Data flow: defaults < the --pipeline preset's [cache] table < flags (None: not given) --config.resolve-->
+CacheTable (core/cache_options: the target recipe, shared with online mode, and the options a
+table may set) --> BuildConfig --validate--> build.build_cache. The preset's ``cache_name`` gives the
+default --out. Stage 2 reads the [cache] schema from core/cache_options, never from here.
 """
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
-from tec_cache.core.basemodels import RECIPE_KEYS, BaseModelSpec, TargetRecipe, build_model, resolve_weights
-from tec_cache.core.cache_options import CACHE_TABLE_KEYS, CacheOptions
+from tec_cache.core.basemodels import BaseModelSpec, build_model, resolve_weights
+from tec_cache.core.cache_options import CACHE_TABLE_KEYS, CacheOptions, CacheTable
 from tec_cache.core.codecs import get_codec
 from tec_cache.core.views import RESIZERS
 from tec_cache.format import FORMATS, parse_compressor
 from tec_cache.format.remote import is_remote
-from tec_cache.runtime.config import check_fields, option
+from tec_cache.runtime.config import check_fields, flat_values, option, resolve
 from tec_cache.runtime.dist import dist_info, resolve_device
 
 VIEW_DEVICES = ("auto", "workers", "device")
@@ -76,32 +76,26 @@ class BuildConfig(CacheOptions):
             build_model(self.spec)
 
 
-def cache_table(pipeline: str) -> dict[str, Any]:
-    """The preset's [cache] table, every key checked against the build's options."""
+def build_config(flags: dict[str, Any], pipeline: str | None = None) -> BuildConfig:
+    """The checked BuildConfig of one ``tec-cache build``: the defaults < the pipeline's [cache]
+    table < the flags given (None: not given); ValueError names the option."""
     from tec_cache.runtime.pipelines import load_pipeline
 
-    return load_pipeline(pipeline).table("cache", set(CACHE_TABLE_KEYS))
-
-
-def build_config(flags: dict[str, Any], pipeline: str | None = None) -> BuildConfig:
-    """The checked BuildConfig of one ``tec-cache build``; ValueError names the option."""
-    table = cache_table(pipeline) if pipeline is not None else {}
-    cache_name = table.pop("cache_name", None)
-    values = {**table, **{k: v for k, v in flags.items() if v is not None}}
-    if values.get("out") is None:
-        if not cache_name:
+    table = load_pipeline(pipeline).table("cache", CACHE_TABLE_KEYS) if pipeline is not None else {}
+    given = resolve(CacheTable, table=table, flags={k: v for k, v in flags.items() if k in CACHE_TABLE_KEYS})
+    out = flags.get("out")
+    if out is None:
+        if not given.cache_name:
             raise ValueError("--out is required: the cache folder to create (or a --pipeline that names a cache_name)")
-        values["out"] = Path("caches") / cache_name
-    if values.get("data") is None:
+        out = Path("caches") / given.cache_name
+    opts = given.build
+    if opts.data is None:
         raise ValueError("--data is required: an image folder or a folder of .tar shards")
-    recipe = TargetRecipe(**{k: values.pop(k) for k in RECIPE_KEYS if k in values})
-    spec = recipe.resolve()
-    for key in ("data", "out"):
-        if not (key == "data" and is_remote(values[key])):
-            values[key] = Path(values[key])
+    spec = given.recipe.resolve()
     # A URL (or a registry name without --checkpoint) is fetched here, once, before any work.
-    values["checkpoint"], values["fetched"] = resolve_weights(spec, values.get("checkpoint"),
-                                                              values.get("checkpoint_sha256"))
-    cfg = BuildConfig(spec=spec, **values)
+    checkpoint, fetched = resolve_weights(spec, opts.checkpoint, opts.checkpoint_sha256)
+    cfg = BuildConfig(**{**flat_values(opts), "data": opts.data if is_remote(opts.data) else Path(opts.data),
+                         "checkpoint": checkpoint}, out=Path(out), spec=spec, fetched=fetched,
+                      strict=bool(flags.get("strict")), dry_run=bool(flags.get("dry_run")))
     cfg.validate()
     return cfg

@@ -1,8 +1,9 @@
 """Config fields declared once: default, bounds and help, for both command lines.
 
 Data flow: a config dataclass whose fields are ``option(...)`` --> ``help_for`` (the CLI's help
-text, default included) and ``check_fields`` (the bounds, with the option named) --> preset
-table + flags --``override``--> the resolved config --``config_table``--> what a command prints.
+text, default included) and ``check_fields`` (the bounds, with the option named) --> defaults <
+pipeline table < stored run < flags --``resolve``--> the config --``config_table``--> what a
+command prints.
 
 A field ``foo_bar`` is the option ``--foo-bar``; a preset table sets it as ``foo_bar = ...``.
 This module is shared code (no CLI): ``tec_cache`` and ``tec_train`` configs both use it.
@@ -218,27 +219,17 @@ def field_names(cls: type) -> list[str]:
     return [f.name for f in flat_fields(cls)]
 
 
-def check_table(table: Mapping[str, Any], allowed: Iterable[str], where: str) -> dict[str, Any]:
-    """A preset table whose keys are all options of the command; ConfigError names the file,
-    the table and the keys otherwise, so a typo never silently falls back to a default."""
-    allowed = set(allowed)
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        raise ConfigError(f"--pipeline: {where} sets {unknown}, which this command does not take "
-                          f"(its options: {sorted(allowed)})")
-    return dict(table)
-
-
-def override(config: C, flags: Mapping[str, Any], table: Mapping[str, Any] | None = None, where: str = "") -> C:
-    """``config`` with a preset table's values, then the flags given (None: not given), on top.
-
-    Keys of ``table`` that are not fields of the config are an error naming ``where`` (the file
-    and the table); the flags are the command's own options, so an unknown one is a bug.
-    """
-    names = field_names(type(config))
-    changes = check_table(table or {}, names, where)
-    changes.update({k: v for k, v in flags.items() if v is not None})
-    return type(config)(**{**flat_values(config), **changes})
+def resolve(cls: type[C], *, table: Mapping[str, Any] | None = None, stored: Mapping[str, Any] | None = None,
+            flags: Mapping[str, Any] | None = None) -> C:
+    """The config of one command, every command the same way: the defaults, under a pipeline's
+    ``table`` (its keys already checked, see pipelines.Pipeline.table), under a run dir's ``stored``
+    options when resuming or extending (those this version no longer has are dropped), under the
+    ``flags`` given (None: not given)."""
+    names = set(field_names(cls))
+    values = dict(table or {})
+    values.update({k: v for k, v in (stored or {}).items() if k in names})
+    values.update({k: v for k, v in (flags or {}).items() if v is not None})
+    return cls(**values)
 
 
 def config_table(config: Any, title: str, skip: Iterable[str] = ()) -> Table:
