@@ -199,7 +199,7 @@ class RunControl:
                                "(when the tensorboard package is installed).")
     wandb: str | None = option(None, "Log the metrics records to this Weights & Biases project too (rank 0; "
                                "the W&B run id is kept in the run dir, so a resumed job continues the same W&B run; "
-                               "WANDB_MODE, WANDB_ENTITY, WANDB_DIR, ... apply).", default_text="off")
+                               "WANDB_MODE, WANDB_ENTITY, WANDB_DIR, ... apply).", default_text="off", metavar="PROJECT")
 
 
 @nested_config

@@ -66,14 +66,17 @@ def in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = Fal
 
 
 def option(default: Any = _MISSING, help: str = "", *, check: Check | None = None,
-           choices: Iterable[str] | None = None, default_text: str | None = None) -> Any:
+           choices: Iterable[str] | None = None, default_text: str | None = None, flag: str | None = None,
+           metavar: str | None = None) -> Any:
     """A config field carrying its default, its bound (``check`` or ``choices``) and its help once.
 
     ``None`` as a default means "not set" (derived later, e.g. from the cache); its bound then
     applies only when a value is given. ``default_text`` says in words what a None default means.
+    ``flag`` spells the command-line flag when ``--foo-bar`` (``--foo-bar/--no-foo-bar`` for a bool)
+    will not do, ``metavar`` names its value in the help (tec_cache.runtime.flags).
     """
     meta = {"help": help, "check": check, "choices": tuple(choices) if choices is not None else None,
-            "default_text": default_text}
+            "default_text": default_text, "flag": flag, "metavar": metavar}
     if default is _MISSING:
         return dataclasses.field(metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
