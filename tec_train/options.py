@@ -21,13 +21,12 @@ from .harness.checkpoints import usable_checkpoint
 from .harness.errors import CheckpointError, ResumeError
 from .harness.run_dir import RunKind, check_options, read_checkpoint
 from .pipeline_tables import REFERENCE_KEYS, table_keys
-from .train_config import TrainConfig
+from .train_config import ONLINE_RECIPE, TrainConfig
 
-# The pipeline's target recipe ([cache], as tec-cache build takes it) as online-mode options of
-# tec-train run: the base model's depth is --base-depth there, --depth being the student's.
-ONLINE_FROM_RECIPE = {"basemodel": "online_basemodel", "arch": "arch", "depth": "base_depth", "topk": "topk",
-                      "tau": "tau", "last_layers": "last_layers", "img_size": "img_size", "patch_size": "patch_size",
-                      "resize": "resize"}
+# The pipeline's [cache] table (as tec-cache build takes it) as online-mode options of tec-train run:
+# the recipe under its online names, the view geometry as the student's, and the cache's resizer.
+ONLINE_FROM_RECIPE = {**{k: name for k, (name, _) in ONLINE_RECIPE.items()},
+                      "img_size": "img_size", "patch_size": "patch_size", "resize": "resize"}
 
 
 def given(flags: dict[str, Any]) -> dict[str, Any]:

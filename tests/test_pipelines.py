@@ -255,3 +255,45 @@ def test_pipelines_name_prints_the_row_resolved():
     for shown in ("epochs │ 800", "layer_decay │ 0.55", "blr │ 0.00015", "topk │ 15", "tau │ 1.8", "mask_ratio │ 0.75",
                   "keep_last │ 3", "mae-vitb-800ep.toml", "vit-imagenet.toml"):
         assert shown in out, shown
+
+
+def test_one_resolution_defaults_table_stored_run_flags():
+    from tec_cache.runtime.config import resolve
+
+    # A stored option this version no longer has is dropped; a flag not given (None) shows the layers below.
+    cfg = resolve(TrainConfig, table={"epochs": 5, "blr": 1e-3, "depth": 2, "warmup_epochs": 1},
+                  stored={"epochs": 7, "depth": 3, "warmup_epochs": 2, "retired_option": 1},
+                  flags={"run_dir": "r", "depth": 4, "blr": None})
+    assert (cfg.optim.epochs, cfg.optim.blr, cfg.student.depth, cfg.optim.warmup_epochs, cfg.optim.batch_size) == \
+        (7, 1e-3, 4, 2, 256)
+
+
+def test_every_command_refuses_an_unknown_pipeline_key_the_same_way(tmp_path: Path, monkeypatch):
+    from tec_cache.build.cli import app as cache_app
+    from tec_train.cli import app as train_app
+
+    monkeypatch.chdir(tmp_path)
+    for table, app, args in (("cache", cache_app, ["build", "--data", str(tmp_path)]),
+                             ("pretrain", train_app, ["run", "--run-dir", str(tmp_path / "r")]),
+                             ("finetune", train_app, ["finetune", "--run-dir", str(tmp_path / "ft")]),
+                             ("eval", train_app, ["knn", str(tmp_path)]), ("eval", train_app, ["linear", str(tmp_path)])):
+        bad = tmp_path / f"bad-{table}.toml"
+        bad.write_text(f"[{table}]\nbogus = 1\n")
+        code, out = _cli(app, [*args, "--pipeline", str(bad)])
+        assert code == 2 and f"--pipeline: {bad} [{table}] sets ['bogus'], which this command does not take (its options: [" \
+            in out, (table, out)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "ft").exists()
+
+
+def test_online_mode_takes_the_pipelines_recipe_under_its_online_names(tmp_path: Path):
+    from tec_train.options import run_config
+
+    preset = tmp_path / "tiny-test.toml"
+    preset.write_text(PRESET)
+    notes: list[str] = []
+    cfg = run_config(str(tmp_path / "run"), {"topk": 5}, str(preset), online=True, world_size=1, say=notes.append)
+    # The recipe's depth is --base-depth's; its view size is the student's; a flag beats the table.
+    assert (cfg.targets.base.arch, cfg.targets.base.tau, cfg.targets.base.topk, cfg.student.img_size) == \
+        ("vit_tiny_patch16_224", 1.4, 5, 32)
+    assert cfg.targets.cache is None and cfg.to_json()["arch"] == "vit_tiny_patch16_224"
+    assert notes and "was made for 8 processes" in notes[0]

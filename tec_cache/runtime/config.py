@@ -82,12 +82,16 @@ def option(default: Any = _MISSING, help: str = "", *, check: Check | None = Non
     return dataclasses.field(default=default, metadata=meta)
 
 
-def group(cls: type) -> Any:
+def group(cls: type, flat: Mapping[str, tuple[str, str]] | None = None) -> Any:
     """A nested component of a config (e.g. the optimiser's options): its own dataclass of
     ``option`` fields, default-constructed. On the command line, in pipeline tables and in a run's
     stored options its fields stay flat (``--epochs``, not ``--optim.epochs``), so field names are
-    unique across a config's components."""
-    return dataclasses.field(default_factory=cls, metadata={"group": True})
+    unique across a config's components.
+
+    ``flat`` takes a class declared for another command under this config (online mode takes the
+    target recipe of ``tec-cache build``): ``{field: (option name here, help prefix)}``; its fields
+    not named stay out of this config's options."""
+    return dataclasses.field(default_factory=cls, metadata={"group": True, "flat": dict(flat) if flat else None})
 
 
 def is_group(f: dataclasses.Field[Any]) -> bool:
@@ -102,15 +106,34 @@ def component_type(f: dataclasses.Field[Any]) -> type:
     return factory
 
 
+def flat_names(f: dataclasses.Field[Any]) -> dict[str, str]:
+    """``{the component's option name: its option name here}`` of a ``group`` field."""
+    renamed = f.metadata.get("flat")
+    own = [g.name for g in flat_fields(component_type(f))]
+    return {k: k for k in own} if renamed is None else {k: renamed[k][0] for k in own if k in renamed}
+
+
+def _as_option(f: dataclasses.Field[Any], name: str, prefix: str) -> dataclasses.Field[Any]:
+    """``f`` under another option name, its help prefixed: the same default, bound and choices."""
+    copy: dataclasses.Field[Any] = dataclasses.field(default=f.default, metadata={**f.metadata, "help": prefix + f.metadata["help"]})
+    copy.name, copy.type = name, f.type
+    return copy
+
+
 def flat_fields(cls: Any) -> list[dataclasses.Field[Any]]:
     """The option fields of a config class (or instance), its components' fields in place."""
     cls = cls if isinstance(cls, type) else type(cls)
     out: list[dataclasses.Field[Any]] = []
     for f in fields(cls):
-        if is_group(f):
-            out.extend(flat_fields(component_type(f)))
-        else:
+        if not is_group(f):
             out.append(f)
+            continue
+        renamed = f.metadata.get("flat")
+        for g in flat_fields(component_type(f)):
+            if renamed is None:
+                out.append(g)
+            elif g.name in renamed:
+                out.append(_as_option(g, *renamed[g.name]))
     return out
 
 
@@ -119,8 +142,27 @@ def flat_values(config: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in fields(config):
         value = getattr(config, f.name)
-        out.update(flat_values(value) if is_group(f) else {f.name: value})
+        if is_group(f):
+            names, own = flat_names(f), flat_values(value)
+            out.update({names[k]: v for k, v in own.items() if k in names})
+        else:
+            out[f.name] = value
     return out
+
+
+def _take(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The constructor arguments of ``cls`` from flat option ``values`` (taken out of it): its own
+    fields by name, each component built from its options (or passed whole by its own name)."""
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if is_group(f):
+            component = component_type(f)
+            own = flat_values(values.pop(f.name)) if f.name in values else {}
+            own.update({k: values.pop(name) for k, name in flat_names(f).items() if name in values})
+            kwargs[f.name] = component(**_take(component, own))
+        elif f.name in values:
+            kwargs[f.name] = values.pop(f.name)
+    return kwargs
 
 
 class NestedConfig:
@@ -141,31 +183,19 @@ def nested_config(cls: type[C]) -> type[C]:
         raise TypeError(f"{made.__name__}: component names {sorted(clash)} are also option names")
 
     def __init__(self: Any, **values: Any) -> None:
+        kwargs = _take(made, values)
+        if values:
+            raise TypeError(f"{made.__name__} has no option {sorted(values)}")
         for f in fields(made):
-            if is_group(f):
-                component = component_type(f)
-                names = set(field_names(component))
-                base = values.pop(f.name) if f.name in values else component()
-                setattr(self, f.name, dataclasses.replace(base, **{k: values.pop(k) for k in list(values) if k in names}))
-            elif f.name in values:
-                setattr(self, f.name, values.pop(f.name))
+            if f.name in kwargs:
+                setattr(self, f.name, kwargs[f.name])
             elif f.default is not _MISSING:
                 setattr(self, f.name, f.default)
             else:
                 raise TypeError(f"{made.__name__}: missing option {f.name!r}")
-        if values:
-            raise TypeError(f"{made.__name__} has no option {sorted(values)}")
 
     made.__init__ = __init__
     return made
-
-
-def option_like(cls: type, name: str, prefix: str = "") -> Any:
-    """A field that is ``cls``'s field ``name`` under another config (online mode takes the target
-    recipe's options): the same bound and help, default None, so the declaration stays in one place."""
-    f = _field(cls, name)
-    return option(None, prefix + f.metadata["help"], check=f.metadata["check"], choices=f.metadata["choices"],
-                  default_text=f.metadata["default_text"])
 
 
 def flag_name(name: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from .config import component_type, flag_name, flat_fields, help_for, is_group
+from .config import component_type, flag_name, flat_fields, flat_names, help_for, is_group
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -28,7 +28,8 @@ def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if is_group(f):
-            out.update(_field_types(component_type(f)))
+            own = _field_types(component_type(f))
+            out.update({name: own[k] for k, name in flat_names(f).items()})
         else:
             out[f.name] = hints[f.name]
     return out
