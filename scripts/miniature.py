@@ -36,7 +36,7 @@ from rich.table import Table  # noqa: E402
 from torch.utils.data import Subset  # noqa: E402
 
 from tec_cache.core.fashion_mnist import DEFAULT_DIR, HOW_TO_GET, export_image_folder, subset_indices  # noqa: E402
-from tec_cache.runtime.config import check_fields, override  # noqa: E402
+from tec_cache.runtime.config import check_fields, resolve  # noqa: E402
 from tec_cache.runtime.pipelines import load_pipeline  # noqa: E402
 from tec_cache.runtime.plain_log import log_console  # noqa: E402
 from tec_train.encoder_weights import load_encoder  # noqa: E402
@@ -45,7 +45,7 @@ from tec_train.evaluate import extract_features, knn_classify, linear_probe  # n
 from tec_train.harness.checkpoints import latest_checkpoint  # noqa: E402
 from tec_train.labelled import FashionMNIST  # noqa: E402
 from tec_train.mae import build_mae  # noqa: E402
-from tec_train.pipeline_tables import check_pipeline  # noqa: E402
+from tec_train.pipeline_tables import check_pipeline, table_keys  # noqa: E402
 
 console = log_console(stderr=False)  # whole tables and lines in a log file, as the commands print
 MODELS = ("base", "tec_cache", "tec_online", "mae_more")
@@ -128,7 +128,7 @@ def evaluate(source: Path | torch.nn.Module | None, splits: tuple[Any, Any], ev:
         (ftr, ytr), (fte, yte) = _pixels(train_ds), _pixels(test_ds)
     else:
         model = load_encoder(source)[0] if isinstance(source, Path) else source
-        kw = dict(batch_size=500, num_workers=0, pool=ev.pool, crop_pct=1.0)
+        kw: dict[str, Any] = dict(batch_size=500, num_workers=0, pool=ev.pool, crop_pct=1.0)
         ftr, ytr = extract_features(model, train_ds, **kw)
         fte, yte = extract_features(model, test_ds, **kw)
     knn = knn_classify(ftr, ytr, fte, yte, k=ev.k, temperature=ev.temperature, num_classes=10)
@@ -260,7 +260,7 @@ def probe_setup(pipe: Any, root: Path, n_train: int, n_test: int) -> tuple[tuple
     train_ds, test_ds = FashionMNIST("train", root), FashionMNIST("test", root)
     splits = (Subset(train_ds, subset_indices(np.asarray(train_ds.targets), n_train).tolist()),
               Subset(test_ds, subset_indices(np.asarray(test_ds.targets), n_test).tolist()))
-    ev = override(EvalConfig(), {}, pipe.raw.get("eval", {}), pipe.where("eval"))
+    ev = resolve(EvalConfig, table=pipe.table("eval", table_keys("eval"), required=False))
     check_fields(ev)
     return splits, ev
 
@@ -277,7 +277,7 @@ def main() -> None:
     out = args.out / pipe.name
     out.mkdir(parents=True, exist_ok=True)
     check_pipeline(pipe)  # every table, [data] and [eval] included, names only real options
-    sizes = override(DataSubsets(), {}, preset.get("data", {}), pipe.where("data"))
+    sizes = resolve(DataSubsets, table=pipe.table("data", table_keys("data"), required=False))
     n_train, n_test = sizes.train_images, sizes.test_images
     try:
         data = export_image_folder(out / "fmnist-train", "train", n=n_train, root=args.fashion_mnist)

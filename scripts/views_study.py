@@ -41,11 +41,11 @@ _spec.loader.exec_module(miniature)
 
 
 from tec_cache.core.fashion_mnist import DEFAULT_DIR, HOW_TO_GET, export_image_folder  # noqa: E402
-from tec_cache.runtime.config import override  # noqa: E402
+from tec_cache.runtime.config import resolve  # noqa: E402
 from tec_cache.runtime.pipelines import load_pipeline  # noqa: E402
 from tec_train.eval_config import DataSubsets  # noqa: E402
 from tec_train.harness.checkpoints import latest_checkpoint  # noqa: E402
-from tec_train.pipeline_tables import check_pipeline  # noqa: E402
+from tec_train.pipeline_tables import check_pipeline, table_keys  # noqa: E402
 
 console = miniature.console
 
@@ -114,7 +114,7 @@ def _per_seed(results: dict[str, Any], seeds: list[int], model: str, key: str) -
     return [v for v in vals if v is not None]
 
 
-def answers(results: dict[str, Any], seeds: list[int], ks: list[int]) -> list[tuple[str, miniature.Verdict, str]]:
+def answers(results: dict[str, Any], seeds: list[int], ks: list[int]) -> list[tuple[str, bool | None, str]]:  # miniature.Verdict: loaded at run time, mypy cannot name it
     """The study's questions, each answered from the numbers: a difference of means against the seed
     spread (the largest range over seeds of the two models compared), per metric; not tested where
     fewer than two seeds have the metric. Every line's numbers say how many seeds they are means of."""
@@ -241,7 +241,7 @@ def main() -> None:
                  f"{4 * max(ks)} (views seen many times over is the point)")
     out = args.out / pipe.name
     out.mkdir(parents=True, exist_ok=True)
-    sizes = override(DataSubsets(), {}, preset.get("data", {}), pipe.where("data"))
+    sizes = resolve(DataSubsets, table=pipe.table("data", table_keys("data"), required=False))
     try:
         data = export_image_folder(out / "fmnist-train", "train", n=sizes.train_images, root=args.fashion_mnist)
         held_out_images = export_image_folder(out / "fmnist-held-out", "test", n=sizes.test_images, root=args.fashion_mnist)

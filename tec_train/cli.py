@@ -1,29 +1,32 @@
-"""`tec-train`: the stage-2 command line (run, export, plot).
+"""`tec-train`: the stage-2 command line (run, finetune, knn, linear, export, plot, pipelines).
 
-Data flow: options (+ the run dir's stored config when resuming) --> TrainConfig --> train.Trainer
-(rich progress and a summary table on rank 0) --> checkpoints --> export --> a plain timm ViT.
-Every option is checked before any model is built or any data is read; a bad value exits with
-code 2 and a message naming the option, a failure during training with code 1.
+Data flow: flags (derived from the configs' option fields, tec_cache.runtime.flags) --options.py:
+defaults < pipeline table < stored run < flags--> TrainConfig | FinetuneConfig | EvalConfig --> one
+library call (train.Trainer, finetune.Finetuner, evaluate) with a harness reporter --> one result
+table (harness.reporters). Every option is checked before any model is built or any data is read;
+a bad value exits with code 2 and a message naming the option, a failure during training with code 1.
 """
 from __future__ import annotations
 
-import sys
+import inspect
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from tec_cache.runtime.config import help_for
 from tec_cache.runtime.dist import dist_info
-from tec_cache.runtime.plain_log import PlainProgress, log_console
+from tec_cache.runtime.flags import flag_param, flags_from, param, with_flags
+from tec_cache.runtime.plain_log import log_console
 from tec_cache.runtime.run_log import RUN_LOG, SampleError, failure_line, from_worker
 from tec_cache.runtime.version import version_callback
 
-from .harness.reporting import Reporter
+from .eval_config import EvalConfig
+from .finetune_config import FinetuneConfig
+from .harness.reporters import finetune_rows, knn_rows, linear_rows, reporter_for, result_table, run_rows
+from .train_config import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Stage 2 of TEC: train a student from cached (or online) base-model targets, and export it.")
@@ -37,10 +40,14 @@ def _main(version: bool | None = typer.Option(None, "--version", callback=versio
     """Stage 2 of TEC: train a student from cached (or online) base-model targets, and export it."""
 
 
-def _fail(msg: str, code: int = 2) -> None:
+def _fail(msg: str, code: int = 2) -> NoReturn:
     # Messages quote paths, keys and TOML tables like [cache]: never read them as rich markup.
     console.print(f"[bold red]error:[/] {escape(msg)}", markup=True, highlight=False)
     raise typer.Exit(code)
+
+
+def _note(text: str) -> None:
+    console.print(text, highlight=False)
 
 
 def _run_failure(e: Exception, run_dir: Path, rank: int, known: tuple[type[Exception], ...]) -> str:
@@ -51,158 +58,6 @@ def _run_failure(e: Exception, run_dir: Path, rank: int, known: tuple[type[Excep
         return f"{type(e).__name__}: {e}"
     return failure_line(e, run_dir / RUN_LOG, rank=rank,
                         resume="re-running the same command resumes from the last checkpoint")
-
-
-def _run_summary(summary: dict[str, Any]) -> str:
-    s = summary["student"]
-    return (f"student {s['model']} (depth {s['depth']}, {s['trainable_params']:,} trainable params) on "
-            f"{summary['targets']['origin'].get('kind')} targets; effective batch {summary['eff_batch']}, lr {summary['lr']:.3g}, "
-            f"{summary['optimizer_steps_per_epoch']} steps/epoch, amp {summary['amp']}")
-
-
-def _finetune_summary(summary: dict[str, Any]) -> str:
-    enc, data = summary["encoder"], summary["data"]
-    return (f"encoder {enc['kind']} {enc['model_name']} (depth {enc['depth']}, width {enc['embed_dim']}, img {summary['img_size']}) "
-            f"on {data['kind']} ({data['train_images']} train / {data['val_images']} val images, {data['num_classes']} classes); "
-            f"effective batch {summary['eff_batch']}, lr {summary['lr']:.3g}, {summary['optimizer_steps_per_epoch']} steps/epoch, "
-            f"amp {summary['amp']}")
-
-
-def _line_fields(record: dict[str, Any], skip: tuple[str, ...] = ("step", "time", "epoch_f")) -> dict[str, Any]:
-    """A record's fields for a log line, in its own order; the data wait as a percentage."""
-    out: dict[str, Any] = {}
-    for k, v in record.items():
-        if k in skip or isinstance(v, (list, dict)):
-            continue
-        out["data_wait" if k == "data_wait_fraction" else k] = f"{v:.1%}" if k == "data_wait_fraction" else v
-    return out
-
-
-class PlainReporter(Reporter):
-    """Where output is not a terminal (a job's log file): the summary, then one whole line per
-    metrics record (every --log-every steps) with the loss terms, lr, rate, data wait, elapsed time
-    and ETA; notices as their own lines. Implements harness.Reporter for ``tec-train run``."""
-
-    def __init__(self, out: Console) -> None:
-        self.out = out
-        self.lines = PlainProgress(out, "step")
-
-    def summary(self, summary: dict[str, Any]) -> str:
-        return _run_summary(summary)
-
-    def start(self, *, total: int, done: int, summary: dict[str, Any]) -> None:
-        self.out.print(self.summary(summary), markup=False, highlight=False)
-        self.lines.start(total, done)
-
-    def record(self, record: dict[str, Any]) -> None:
-        self.lines.line(record["step"], _line_fields(record))
-
-    def message(self, text: str) -> None:
-        self.out.print(text, markup=False, highlight=False)
-
-
-class PlainFinetuneReporter(PlainReporter):
-    """``tec-train finetune`` where output is not a terminal: a line every --log-every optimizer steps
-    (running loss of the epoch, lr, rate, data wait), and one per epoch with its evaluation."""
-
-    def __init__(self, out: Console) -> None:
-        super().__init__(out)
-        self.done = 0
-
-    def summary(self, summary: dict[str, Any]) -> str:
-        return _finetune_summary(summary)
-
-    def _position(self, done: int, step: int) -> str:
-        # Progress counts micro-batches; the line counts optimizer steps (done = step x accum-iter).
-        total = self.lines.total
-        return f"step {step}/{'?' if total is None or step <= 0 else total // (done // step)}"
-
-    def advance(self, done: int) -> None:
-        self.done = done
-
-    def status(self, done: int, stats: dict[str, Any]) -> None:
-        self.lines.line(done, _line_fields(stats), self._position(done, stats["step"]))
-
-    def record(self, record: dict[str, Any]) -> None:
-        # Comes right after the epoch's last micro-batch was counted by advance().
-        self.lines.line(self.done, _line_fields(record), self._position(self.done, record["step"]))
-
-
-class RichReporter(Reporter):
-    """Progress bar over optimizer steps with the latest losses and throughput; rank 0 only (the trainer
-    sees to that). Implements harness.Reporter."""
-
-    def __init__(self, out: Console) -> None:
-        self.out = out
-        self.progress = Progress(
-            TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=out,
-        )
-        self.task = self.progress.add_task("steps", total=None, stats="")
-
-    def start(self, *, total: int, done: int, summary: dict[str, Any]) -> None:
-        self.out.print(_run_summary(summary), highlight=False)
-        self.progress.update(self.task, total=total, completed=done)
-        self.progress.start()
-
-    def advance(self, done: int) -> None:
-        self.progress.update(self.task, completed=done)
-
-    def record(self, record: dict[str, Any]) -> None:
-        stats = f"loss {record['loss']:.4f} "
-        if "loss_fea" in record:
-            stats += f"(fea {record['loss_fea']:.4f}, att {record['loss_att']:.4f}) "
-        stats += f"lr {record['lr']:.2e} {record['images_per_s']:.1f} img/s wait {record['data_wait_fraction']:.0%}"
-        self.progress.update(self.task, stats=stats)
-
-    def message(self, text: str) -> None:
-        self.progress.console.print(text, highlight=False)
-
-    def finish(self) -> None:
-        self.progress.stop()
-
-
-def _preset_options(pipe: Any, table: str, given: dict[str, Any], world_size: int) -> dict[str, Any]:
-    """A pipeline table under the flags given, its keys checked against the config it feeds; its
-    ``world_size`` (the reference's process count) is only compared with this run's."""
-    from .pipeline_tables import table_keys
-
-    merged = {**pipe.table(table, table_keys(table)), **given}
-    ref_world = merged.pop("world_size", None)
-    if ref_world is not None and ref_world != world_size:
-        console.print(f"note: pipeline {pipe.name} was made for {ref_world} processes, this run has {world_size}; "
-                      "the lr follows the effective batch (--blr x batch x accum x processes / 256)", highlight=False)
-    return merged
-
-
-# The pipeline's target recipe ([cache], as tec-cache build takes it) as online-mode options of
-# tec-train run: the base model's depth is --base-depth there, --depth being the student's.
-_ONLINE_FROM_RECIPE = {"basemodel": "online_basemodel", "arch": "arch", "depth": "base_depth", "topk": "topk",
-                       "tau": "tau", "last_layers": "last_layers", "img_size": "img_size", "patch_size": "patch_size",
-                       "resize": "resize"}
-
-
-def _with_preset(name: str, given: dict[str, Any], world_size: int, online: bool = False) -> dict[str, Any]:
-    """The run's options: the pipeline's [pretrain] ([base] for --objective mae) under the flags
-    given; with ``online``, the [cache] table's target recipe runs inside the step instead of a cache."""
-    from tec_cache.build.config import cache_table
-    from tec_cache.runtime.pipelines import load_pipeline
-
-    pipe = load_pipeline(name)
-    table = "base" if given.get("objective") == "mae" else "pretrain"
-    merged = _preset_options(pipe, table, given, world_size)
-    if online:
-        recipe = cache_table(name)
-        for key, option in _ONLINE_FROM_RECIPE.items():
-            if key in recipe and option not in given:
-                merged[option] = recipe[key]
-        return merged
-    is_online = any(k in merged for k in ("online_basemodel", "arch"))
-    if table == "pretrain" and "cache" not in merged and not is_online:
-        cache_name = pipe.raw.get("cache", {}).get("cache_name")
-        if cache_name:
-            merged["cache"] = str(Path("caches") / cache_name)
-    return merged
 
 
 @app.command()
@@ -249,84 +104,33 @@ def pipelines(
     Console(width=max(Console().width, 120)).print(t)
 
 
-def _th(name: str) -> str:
-    from .train_config import TrainConfig
-
-    return help_for(TrainConfig, name)
+_PIPELINE_HELP = ("Pipeline name (see `tec-train pipelines`) or .toml file: its {table} gives the defaults; flags "
+                  "override them.")
 
 
-def _fh(name: str) -> str:
-    from .finetune_config import FinetuneConfig
-
-    return help_for(FinetuneConfig, name)
+def _pipeline(table: str, extra: str = "") -> inspect.Parameter:
+    return param("pipeline", str | None, typer.Option(None, "--pipeline", help=_PIPELINE_HELP.format(table=table) + extra))
 
 
 @app.command()
-def run(
-    run_dir: Path = typer.Option(..., "--run-dir", help=_th("run_dir")),
-    pipeline: str | None = typer.Option(None, "--pipeline", help="Pipeline name (see `tec-train pipelines`) or .toml file: its pretrain table (base with --objective mae) gives the defaults; flags override them. --cache defaults to caches/<the pipeline's cache_name>."),
-    objective: str | None = typer.Option(None, "--objective", help=_th("objective")),
-    cache: str | None = typer.Option(None, "--cache", help=_th("cache")),
-    cache_dir: Path | None = typer.Option(None, "--cache-dir", help=_th("cache_dir")),
-    online: bool = typer.Option(False, "--online", help="Online mode with the --pipeline's target recipe (its cache table, as tec-cache build takes it): the base model runs inside the step; give --data (and --checkpoint unless the base model is fetched by name)."),
-    online_basemodel: str | None = typer.Option(None, "--online-basemodel", help=_th("online_basemodel")),
-    checkpoint: str | None = typer.Option(None, "--checkpoint", help=_th("checkpoint")),
-    checkpoint_sha256: str | None = typer.Option(None, "--checkpoint-sha256", help=_th("checkpoint_sha256")),
-    data: str | None = typer.Option(None, "--data", help=_th("data")),
-    arch: str | None = typer.Option(None, "--arch", help=_th("arch")),
-    topk: int | None = typer.Option(None, "--topk", help=_th("topk")),
-    tau: float | None = typer.Option(None, "--tau", help=_th("tau")),
-    last_layers: int | None = typer.Option(None, "--last-layers", help=_th("last_layers")),
-    base_depth: int | None = typer.Option(None, "--base-depth", help=_th("base_depth")),
-    resize: str | None = typer.Option(None, "--resize", help=_th("resize")),
-    model: str | None = typer.Option(None, "--model", help=_th("model")),
-    depth: int | None = typer.Option(None, "--depth", help=_th("depth")),
-    img_size: int | None = typer.Option(None, "--img-size", help=_th("img_size")),
-    patch_size: int | None = typer.Option(None, "--patch-size", help=_th("patch_size")),
-    mask_ratio: float | None = typer.Option(None, "--mask-ratio", help=_th("mask_ratio")),
-    init_from: Path | None = typer.Option(None, "--init-from", help=_th("init_from")),
-    epochs: int | None = typer.Option(None, "--epochs", help=_th("epochs")),
-    warmup_epochs: float | None = typer.Option(None, "--warmup-epochs", help=_th("warmup_epochs")),
-    batch_size: int | None = typer.Option(None, "--batch-size", help=_th("batch_size")),
-    accum_iter: int | None = typer.Option(None, "--accum-iter", help=_th("accum_iter")),
-    blr: float | None = typer.Option(None, "--blr", help=_th("blr")),
-    lr: float | None = typer.Option(None, "--lr", help=_th("lr")),
-    min_lr: float | None = typer.Option(None, "--min-lr", help=_th("min_lr")),
-    weight_decay: float | None = typer.Option(None, "--weight-decay", help=_th("weight_decay")),
-    clip_grad: float | None = typer.Option(None, "--clip-grad", help=_th("clip_grad")),
-    seed: int | None = typer.Option(None, "--seed", help=_th("seed")),
-    num_workers: int | None = typer.Option(None, "--num-workers", help=_th("num_workers")),
-    view_order: str | None = typer.Option(None, "--view-order", help=_th("view_order")),
-    view_epochs: int | None = typer.Option(None, "--view-epochs", help=_th("view_epochs")),
-    val_cache: str | None = typer.Option(None, "--val-cache", help=_th("val_cache")),
-    val_every: int | None = typer.Option(None, "--val-every", help=_th("val_every")),
-    ckpt_every: int | None = typer.Option(None, "--ckpt-every", help=_th("ckpt_every")),
-    keep_last: int | None = typer.Option(None, "--keep-last", help=_th("keep_last")),
-    log_every: int | None = typer.Option(None, "--log-every", help=_th("log_every")),
-    max_steps: int | None = typer.Option(None, "--max-steps", help=_th("max_steps")),
-    device: str | None = typer.Option(None, "--device", help=_th("device")),
-    amp: str | None = typer.Option(None, "--amp", help=_th("amp")),
-    compile: bool | None = typer.Option(None, "--compile/--no-compile", help=_th("compile")),
-    log_samples: bool | None = typer.Option(None, "--log-samples/--no-log-samples", help=_th("log_samples")),
-    tensorboard: bool | None = typer.Option(None, "--tensorboard/--no-tensorboard", help=_th("tensorboard")),
-    wandb: str | None = typer.Option(None, "--wandb", metavar="PROJECT", help=_th("wandb")),
-) -> None:
+@with_flags(
+    flag_param(TrainConfig, "run_dir", required=True),
+    _pipeline("pretrain table (base with --objective mae)", " --cache defaults to caches/<the pipeline's cache_name>."),
+    param("online", bool, typer.Option(False, "--online", help=(
+        "Online mode with the --pipeline's target recipe (its cache table, as tec-cache build takes it): the base model "
+        "runs inside the step; give --data (and --checkpoint unless the base model is fetched by name)."))),
+    flags_from(TrainConfig, skip=("run_dir",)),
+)
+def run(*, run_dir: str, pipeline: str | None, online: bool, **flags: Any) -> None:
     """Train a TEC student from a cache (or online), or resume the run in --run-dir."""
-    options = dict(locals())  # first statement: exactly the options
     from .harness.errors import NonFiniteLossError
-    from .train import Trainer, config_for_run_dir
+    from .options import run_config
+    from .train import Trainer
 
     info = dist_info()
-    given = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()
-             if v is not None and k not in ("run_dir", "pipeline", "online")}
     try:
-        if online and pipeline is None:
-            raise ValueError("--online: takes the target recipe of a --pipeline; without one, name the base model "
-                             "with --online-basemodel NAME or --arch TIMM_NAME")
-        if pipeline is not None:
-            given = _with_preset(pipeline, given, info.world_size, online)
-        cfg = config_for_run_dir(str(run_dir), given)
-        trainer = Trainer(cfg, None, RichReporter(console) if console.is_terminal else PlainReporter(console))
+        cfg = run_config(run_dir, flags, pipeline, online=online, world_size=info.world_size, say=_note)
+        trainer = Trainer(cfg, None, reporter_for(console))
     except (ValueError, FileNotFoundError) as e:  # CompatibilityError and ResumeError are ValueErrors
         _fail(str(e), 2)
     try:
@@ -334,27 +138,9 @@ def run(
     except NonFiniteLossError as e:
         _fail(str(e), 1)
     except Exception as e:  # noqa: BLE001 - ValueError: ResumeError, ShardError (a shard failing its checksum)
-        _fail(_run_failure(e, run_dir, info.rank, (ValueError, RuntimeError, OSError)), 1)
-    if not info.is_main:
-        return
-    t = Table(title=f"tec-train run: {run_dir}")
-    t.add_column("item")
-    t.add_column("value", justify="right")
-    rec = result.last_record or {}
-    rows = [
-        ("steps this run", str(result.steps_run)),
-        ("global step / epoch", f"{result.global_step} / {result.epoch}"),
-        ("loss (fea + att)" if "loss_fea" in rec else "loss", "-" if not rec else
-         f"{rec['loss']:.5f} ({rec['loss_fea']:.5f} + {rec['loss_att']:.5f})" if "loss_fea" in rec else f"{rec['loss']:.5f}"),
-        ("images/s", f"{result.images_per_s:.1f}"),
-        ("data wait", f"{result.data_wait_fraction:.1%}"),
-        ("seconds in steps", f"{result.seconds:.1f}"),
-        ("checkpoint", str(result.checkpoint)),
-        ("resumed from", str(result.resumed_from) if result.resumed_from else "-"),
-    ]
-    for r in rows:
-        t.add_row(*r)
-    console.print(t)
+        _fail(_run_failure(e, Path(run_dir), info.rank, (ValueError, RuntimeError, OSError)), 1)
+    if info.is_main:
+        console.print(result_table(f"tec-train run: {Path(run_dir)}", run_rows(result)))
 
 
 @app.command()
@@ -397,132 +183,46 @@ _SOURCE_HELP = ("An export folder (tec-train export), a run dir or checkpoint-*.
                 "its official weights are fetched, with --basemodel timm:NAME or hf-hub:ORG/REPO and no SOURCE, timm's own.")
 
 
-def _dataset_dir(data: Path | None, fashion_mnist: bool, fashion_mnist_dir: Path | None) -> tuple[str | None, str | None]:
-    """(--data, Fashion-MNIST folder) as strings; --fashion-mnist-dir implies --fashion-mnist."""
+def _fashion_mnist_dir(fashion_mnist: bool, fashion_mnist_dir: str | None) -> str | None:
+    """The Fashion-MNIST folder the configs take; --fashion-mnist-dir implies --fashion-mnist."""
     from tec_cache.core.fashion_mnist import DEFAULT_DIR
 
-    fm = str(fashion_mnist_dir) if fashion_mnist_dir is not None else (str(DEFAULT_DIR) if fashion_mnist else None)
-    return (str(data) if data is not None else None), fm
+    return fashion_mnist_dir if fashion_mnist_dir is not None else (str(DEFAULT_DIR) if fashion_mnist else None)
 
 
-class RichFinetuneReporter(Reporter):
-    """Progress bar over micro-batches with the last epoch's accuracy; rank 0 only (the finetuner sees to
-    that). Implements harness.Reporter."""
-
-    def __init__(self, out: Console) -> None:
-        self.out = out
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=out,
-        )
-        self.task = self.progress.add_task("fine-tuning", total=None, stats="")
-
-    def start(self, *, total: int, done: int, summary: dict[str, Any]) -> None:
-        self.out.print(_finetune_summary(summary), highlight=False)
-        self.progress.update(self.task, total=total, completed=done)
-        self.progress.start()
-
-    def advance(self, done: int) -> None:
-        self.progress.update(self.task, completed=done)
-
-    def status(self, done: int, stats: dict[str, Any]) -> None:
-        self.progress.update(self.task, stats=f"epoch {stats['epoch']} loss {stats['train_loss']:.4f} lr {stats['lr']:.2e}")
-
-    def record(self, record: dict[str, Any]) -> None:
-        stats = (f"epoch {record['epoch']} loss {record['train_loss']:.4f} top-1 {record['test_top1']:.2%} "
-                 f"(best {record['best_top1']:.2%}) lr {record['lr']:.2e}")
-        self.progress.update(self.task, stats=stats)
-
-    def message(self, text: str) -> None:
-        self.progress.console.print(text, highlight=False)
-
-    def finish(self) -> None:
-        self.progress.stop()
-
-
-def _write_json(path: Path | None, obj: dict[str, Any]) -> None:
+def _write_json(path: str | None, obj: dict[str, Any]) -> None:
     if path is None:
         return
     from tec_cache.format.fs import write_json_atomic
 
-    write_json_atomic(path, obj)
+    write_json_atomic(Path(path), obj)
     console.print(f"wrote {path}", highlight=False)
 
 
-def _result_table(title: str, rows: list[tuple[str, str]]) -> None:
-    t = Table(title=title)
-    t.add_column("item")
-    t.add_column("value", justify="right")
-    for r in rows:
-        t.add_row(*r)
-    console.print(t)
+# What the downstream commands share beyond their configs' options: SOURCE and Fashion-MNIST.
+_SOURCE = param("source", str | None, typer.Argument(None, metavar="[SOURCE]", help=_SOURCE_HELP))
+_FASHION_MNIST = [
+    param("fashion_mnist", bool, typer.Option(False, "--fashion-mnist",
+                                              help="Use Fashion-MNIST (local idx files, /usr/share/datasets/fashion-mnist).")),
+    param("fashion_mnist_dir", str | None, typer.Option(None, "--fashion-mnist-dir",
+                                                        help="Fashion-MNIST from this folder instead (implies --fashion-mnist).")),
+]
 
 
 @app.command()
-def finetune(
-    source: str | None = typer.Argument(None, metavar="[SOURCE]", help=_SOURCE_HELP),
-    run_dir: Path = typer.Option(..., "--run-dir", help=_fh("run_dir")),
-    pipeline: str | None = typer.Option(None, "--pipeline", help="Pipeline name (see `tec-train pipelines`) or .toml file: its finetune table gives the defaults; flags override them."),
-    data: Path | None = typer.Option(None, "--data", help=_fh("data")),
-    fashion_mnist: bool = typer.Option(False, "--fashion-mnist", help="Use Fashion-MNIST (local idx files, /usr/share/datasets/fashion-mnist)."),
-    fashion_mnist_dir: Path | None = typer.Option(None, "--fashion-mnist-dir", help="Fashion-MNIST from this folder instead (implies --fashion-mnist)."),
-    model: str | None = typer.Option(None, "--model", help=_fh("model")),
-    basemodel: str | None = typer.Option(None, "--basemodel", help=_fh("basemodel")),
-    arch: str | None = typer.Option(None, "--arch", help=_fh("arch")),
-    checkpoint: str | None = typer.Option(None, "--checkpoint", help=_fh("checkpoint")),
-    mlp_token: bool | None = typer.Option(None, "--mlp-token/--fold-mlp-token", help=_fh("mlp_token")),
-    global_pool: bool | None = typer.Option(None, "--global-pool/--cls-token", help=_fh("global_pool")),
-    img_size: int | None = typer.Option(None, "--img-size", help=_fh("img_size")),
-    drop_path: float | None = typer.Option(None, "--drop-path", help=_fh("drop_path")),
-    epochs: int | None = typer.Option(None, "--epochs", help=_fh("epochs")),
-    warmup_epochs: float | None = typer.Option(None, "--warmup-epochs", help=_fh("warmup_epochs")),
-    batch_size: int | None = typer.Option(None, "--batch-size", help=_fh("batch_size")),
-    accum_iter: int | None = typer.Option(None, "--accum-iter", help=_fh("accum_iter")),
-    blr: float | None = typer.Option(None, "--blr", help=_fh("blr")),
-    lr: float | None = typer.Option(None, "--lr", help=_fh("lr")),
-    min_lr: float | None = typer.Option(None, "--min-lr", help=_fh("min_lr")),
-    layer_decay: float | None = typer.Option(None, "--layer-decay", help=_fh("layer_decay")),
-    weight_decay: float | None = typer.Option(None, "--weight-decay", help=_fh("weight_decay")),
-    clip_grad: float | None = typer.Option(None, "--clip-grad", help=_fh("clip_grad")),
-    aa: str | None = typer.Option(None, "--aa", help=_fh("aa")),
-    reprob: float | None = typer.Option(None, "--reprob", help=_fh("reprob")),
-    mixup: float | None = typer.Option(None, "--mixup", help=_fh("mixup")),
-    cutmix: float | None = typer.Option(None, "--cutmix", help=_fh("cutmix")),
-    mixup_prob: float | None = typer.Option(None, "--mixup-prob", help=_fh("mixup_prob")),
-    mixup_switch_prob: float | None = typer.Option(None, "--mixup-switch-prob", help=_fh("mixup_switch_prob")),
-    mixup_mode: str | None = typer.Option(None, "--mixup-mode", help=_fh("mixup_mode")),
-    smoothing: float | None = typer.Option(None, "--smoothing", help=_fh("smoothing")),
-    crop_pct: float | None = typer.Option(None, "--crop-pct", help=_fh("crop_pct")),
-    train_subset: int | None = typer.Option(None, "--train-subset", help=_fh("train_subset")),
-    val_subset: int | None = typer.Option(None, "--val-subset", help=_fh("val_subset")),
-    seed: int | None = typer.Option(None, "--seed", help=_fh("seed")),
-    num_workers: int | None = typer.Option(None, "--num-workers", help=_fh("num_workers")),
-    device: str | None = typer.Option(None, "--device", help=_fh("device")),
-    amp: str | None = typer.Option(None, "--amp", help=_fh("amp")),
-    keep_last: int | None = typer.Option(None, "--keep-last", help=_fh("keep_last")),
-    log_every: int | None = typer.Option(None, "--log-every", help=_fh("log_every")),
-    tensorboard: bool | None = typer.Option(None, "--tensorboard/--no-tensorboard", help=_fh("tensorboard")),
-    wandb: str | None = typer.Option(None, "--wandb", metavar="PROJECT", help=_fh("wandb")),
-) -> None:
+@with_flags(_SOURCE, flag_param(FinetuneConfig, "run_dir", required=True), _pipeline("finetune table"),
+            flags_from(FinetuneConfig, skip=("source", "run_dir", "fashion_mnist")), _FASHION_MNIST)
+def finetune(*, run_dir: str, pipeline: str | None, fashion_mnist: bool, fashion_mnist_dir: str | None, **flags: Any) -> None:
     """Fine-tune an encoder end to end with the reference recipe (docs/method.md 6), or resume the run in --run-dir."""
-    options = dict(locals())  # first statement: exactly the options
-    from .finetune import Finetuner, finetune_config_for_run_dir
+    from .finetune import Finetuner
     from .harness.errors import NonFiniteLossError, ResumeError
+    from .options import finetune_config
 
     info = dist_info()
-    given = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()
-             if v is not None and k not in ("run_dir", "fashion_mnist", "fashion_mnist_dir", "pipeline")}
-    _, fm = _dataset_dir(data, fashion_mnist, fashion_mnist_dir)
-    if fm is not None:
-        given["fashion_mnist"] = fm
+    flags["fashion_mnist"] = _fashion_mnist_dir(fashion_mnist, fashion_mnist_dir)
     try:
-        if pipeline is not None:
-            from tec_cache.runtime.pipelines import load_pipeline
-
-
-            given = _preset_options(load_pipeline(pipeline), "finetune", given, info.world_size)
-        cfg = finetune_config_for_run_dir(str(run_dir), given)
-        runner = Finetuner(cfg, RichFinetuneReporter(console) if console.is_terminal else PlainFinetuneReporter(console))
+        cfg = finetune_config(run_dir, flags, pipeline, world_size=info.world_size, say=_note)
+        runner = Finetuner(cfg, reporter_for(console, finetune=True))
     except (ValueError, FileNotFoundError) as e:  # ResumeError is a ValueError
         _fail(str(e), 2)
     try:
@@ -530,162 +230,60 @@ def finetune(
     except NonFiniteLossError as e:
         _fail(str(e), 1)
     except Exception as e:  # noqa: BLE001
-        _fail(_run_failure(e, run_dir, info.rank, (ResumeError, RuntimeError, OSError)), 1)
-    if not info.is_main:
-        return
-    top5 = f"{result.last_top5:.2%}" if result.last_top5 is not None else "-"
-    _result_table(f"tec-train finetune: {run_dir}", [
-        ("epochs this run / in all", f"{result.epochs_run} / {result.epoch}"),
-        ("best top-1 (epoch)", f"{result.best_top1:.2%} ({result.best_epoch})"),
-        ("last top-1 / top-5", f"{result.last_top1:.2%} / {top5}"),
-        ("encoder", f"{result.config['resolved']['encoder']['kind']} {result.config['resolved']['encoder']['model_name']}"),
-        ("resumed from", str(result.resumed_from) if result.resumed_from else "-"),
-        ("result", str(run_dir / "result.json")),
-    ])
+        _fail(_run_failure(e, Path(run_dir), info.rank, (ResumeError, RuntimeError, OSError)), 1)
+    if info.is_main:
+        console.print(result_table(f"tec-train finetune: {Path(run_dir)}", finetune_rows(result, str(Path(run_dir) / "result.json"))))
 
 
-def _eval_config(options: dict[str, Any]) -> Any:
-    """knn/linear options (None: not given) on top of the pipeline's [eval] table and the defaults."""
-    from tec_cache.runtime.config import override
-
-    from .eval_config import EvalConfig
-
-    flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()
-             if k not in ("fashion_mnist", "fashion_mnist_dir", "pipeline", "out_json")}
-    flags["fashion_mnist"] = _dataset_dir(None, options["fashion_mnist"], options["fashion_mnist_dir"])[1]
-    table, where = {}, ""
-    if options["pipeline"] is not None:
-        from tec_cache.runtime.pipelines import load_pipeline
-
-        pipe = load_pipeline(options["pipeline"])
-        table, where = pipe.section("eval"), pipe.where("eval")
-    cfg = override(EvalConfig(), flags, table, where)
-    cfg.validate()
-    return cfg
-
-
-def _evaluate(run: Any, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+def _evaluate(run: Any, flags: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """(config, result) of one knn/linear call; a bad option or source exits 2 before any work."""
+    from .options import eval_config
+
+    pipeline, out_json = flags.pop("pipeline"), flags.pop("out_json")
+    flags["fashion_mnist"] = _fashion_mnist_dir(flags.pop("fashion_mnist"), flags.pop("fashion_mnist_dir"))
     try:
-        cfg = _eval_config(options)
-        if options["out_json"] is not None:
+        cfg = eval_config(flags, pipeline)
+        if out_json is not None:
             from tec_cache.format.fs import prepare_output_file
 
-            prepare_output_file(options["out_json"], "--out-json")
+            prepare_output_file(Path(out_json), "--out-json")
         return cfg, run(cfg, busy=console.status)
     except (ValueError, FileNotFoundError, KeyError) as e:
         _fail(str(e))
     raise AssertionError("unreachable")
 
 
-def _eh(name: str, extra: str = "") -> str:
-    from .eval_config import EvalConfig
-
-    return help_for(EvalConfig, name, extra)
+_PROBE_ONLY = ("epochs", "lr", "weight_decay", "warmup_epochs", "optimizer")
+_KNN_ONLY = ("k", "temperature")
 
 
-# Options knn and linear share, declared once.
-_Source = Annotated[str | None, typer.Argument(metavar="[SOURCE]", help=_SOURCE_HELP)]
-_Pipeline = Annotated[str | None, typer.Option("--pipeline", help="Pipeline name (see `tec-train pipelines`) or .toml file: its eval table gives the defaults; flags override them.")]
-_Data = Annotated[Path | None, typer.Option("--data", help=_eh("data"))]
-_FashionMnist = Annotated[bool, typer.Option("--fashion-mnist", help="Use Fashion-MNIST (local idx files, /usr/share/datasets/fashion-mnist).")]
-_FashionMnistDir = Annotated[Path | None, typer.Option("--fashion-mnist-dir", help="Fashion-MNIST from this folder instead (implies --fashion-mnist).")]
-_Pool = Annotated[str | None, typer.Option("--pool", help=_eh("pool"))]
-_Model = Annotated[str | None, typer.Option("--model", help=_eh("model"))]
-_Basemodel = Annotated[str | None, typer.Option("--basemodel", help=_eh("basemodel"))]
-_Arch = Annotated[str | None, typer.Option("--arch", help=_eh("arch"))]
-_ImgSize = Annotated[int | None, typer.Option("--img-size", help=_eh("img_size"))]
-_PatchSize = Annotated[int | None, typer.Option("--patch-size", help=_eh("patch_size"))]
-_Depth = Annotated[int | None, typer.Option("--depth", help=_eh("depth"))]
-_BatchSize = Annotated[int | None, typer.Option("--batch-size", help=_eh("batch_size"))]
-_NumWorkers = Annotated[int | None, typer.Option("--num-workers", help=_eh("num_workers"))]
-_Device = Annotated[str | None, typer.Option("--device", help=_eh("device"))]
-_CropPct = Annotated[float | None, typer.Option("--crop-pct", help=_eh("crop_pct"))]
-_TrainSubset = Annotated[int | None, typer.Option("--train-subset", help=_eh("train_subset"))]
-_ValSubset = Annotated[int | None, typer.Option("--val-subset", help=_eh("val_subset"))]
-_Seed = Annotated[int | None, typer.Option("--seed", help=_eh("seed"))]
+def _out_json(help: str) -> inspect.Parameter:
+    return param("out_json", str | None, typer.Option(None, "--out-json", help=help))
 
 
 @app.command()
-def knn(
-    source: _Source = None,
-    pipeline: _Pipeline = None,
-    data: _Data = None,
-    fashion_mnist: _FashionMnist = False,
-    fashion_mnist_dir: _FashionMnistDir = None,
-    k: Annotated[int | None, typer.Option("--k", help=_eh("k"))] = None,
-    temperature: Annotated[float | None, typer.Option("--temperature", help=_eh("temperature"))] = None,
-    pool: _Pool = None,
-    model: _Model = None,
-    basemodel: _Basemodel = None,
-    arch: _Arch = None,
-    img_size: _ImgSize = None,
-    patch_size: _PatchSize = None,
-    depth: _Depth = None,
-    batch_size: _BatchSize = None,
-    num_workers: _NumWorkers = None,
-    device: _Device = None,
-    crop_pct: _CropPct = None,
-    train_subset: _TrainSubset = None,
-    val_subset: _ValSubset = None,
-    seed: _Seed = None,
-    out_json: Annotated[Path | None, typer.Option("--out-json", help="Write the result (and what produced it) here.")] = None,
-) -> None:
+@with_flags(_SOURCE, _pipeline("eval table"), flags_from(EvalConfig, skip=("source", "fashion_mnist", *_PROBE_ONLY)),
+            _FASHION_MNIST, _out_json("Write the result (and what produced it) here."))
+def knn(*, source: str | None, **flags: Any) -> None:
     """Weighted kNN accuracy of frozen features (DINO protocol: cosine, top-k, exp(sim / T) votes)."""
-    options = dict(locals())  # first statement: exactly the options
     from .evaluate import run_knn
 
-    cfg, out = _evaluate(run_knn, options)
-    res, meta = out["knn"], out
-    _result_table(f"tec-train knn: {source}", [
-        ("top-1", f"{res['top1']:.2%}"), ("top-5", f"{res['top5']:.2%}" if "top5" in res else "-"),
-        ("k / T", f"{res['k']} / {cfg.temperature}"), ("train / val images", f"{res['num_train']} / {res['num_test']}"),
-        ("encoder", f"{meta['encoder']['kind']} {meta['encoder']['model_name']}"), ("pool", cfg.pool),
-    ])
+    out_json = flags["out_json"]
+    cfg, out = _evaluate(run_knn, {**flags, "source": source})
+    console.print(result_table(f"tec-train knn: {source}", knn_rows(out, cfg.temperature, cfg.pool)))
     _write_json(out_json, out)
 
 
 @app.command()
-def linear(
-    source: _Source = None,
-    pipeline: _Pipeline = None,
-    data: _Data = None,
-    fashion_mnist: _FashionMnist = False,
-    fashion_mnist_dir: _FashionMnistDir = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", help=_eh("epochs"))] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help=_eh("lr"))] = None,
-    batch_size: _BatchSize = None,
-    weight_decay: Annotated[float | None, typer.Option("--weight-decay", help=_eh("weight_decay"))] = None,
-    warmup_epochs: Annotated[float | None, typer.Option("--warmup-epochs", help=_eh("warmup_epochs"))] = None,
-    optimizer: Annotated[str | None, typer.Option("--optimizer", help=_eh("optimizer"))] = None,
-    pool: _Pool = None,
-    model: _Model = None,
-    basemodel: _Basemodel = None,
-    arch: _Arch = None,
-    img_size: _ImgSize = None,
-    patch_size: _PatchSize = None,
-    depth: _Depth = None,
-    num_workers: _NumWorkers = None,
-    device: _Device = None,
-    crop_pct: _CropPct = None,
-    train_subset: _TrainSubset = None,
-    val_subset: _ValSubset = None,
-    seed: _Seed = None,
-    out_json: Annotated[Path | None, typer.Option("--out-json", help="Write the result (per-epoch curve included) here.")] = None,
-) -> None:
+@with_flags(_SOURCE, _pipeline("eval table"), flags_from(EvalConfig, skip=("source", "fashion_mnist", *_KNN_ONLY)),
+            _FASHION_MNIST, _out_json("Write the result (per-epoch curve included) here."))
+def linear(*, source: str | None, **flags: Any) -> None:
     """Linear probe (BatchNorm without affine + Linear, MAE's) trained on frozen, precomputed features."""
-    options = dict(locals())  # first statement: exactly the options
     from .evaluate import run_linear
 
-    cfg, out = _evaluate(run_linear, options)
-    res, meta = out["linear"], out
-    _result_table(f"tec-train linear: {source}", [
-        ("best top-1", f"{res['best_top1']:.2%}"), ("last top-1", f"{res['last_top1']:.2%}"),
-        ("last top-5", f"{res['last_top5']:.2%}" if res["last_top5"] is not None else "-"),
-        ("epochs / lr / batch", f"{cfg.epochs} / {res['lr']:.3g} / {res['batch_size']}"),
-        ("train / val images", f"{res['num_train']} / {res['num_test']}"),
-        ("encoder", f"{meta['encoder']['kind']} {meta['encoder']['model_name']}"), ("pool", cfg.pool),
-    ])
+    out_json = flags["out_json"]
+    cfg, out = _evaluate(run_linear, {**flags, "source": source})
+    console.print(result_table(f"tec-train linear: {source}", linear_rows(out, cfg.epochs, cfg.pool)))
     _write_json(out_json, out)
 
 
@@ -694,4 +292,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,6 +1,6 @@
 """The options of ``tec-train knn`` and ``tec-train linear``, declared once.
 
-Data flow: flags + a pipeline's [eval] table --override--> EvalConfig --validate--> evaluate.run_knn |
+Data flow: defaults < a pipeline's [eval] table < flags --options.eval_config--> EvalConfig --validate--> evaluate.run_knn |
 evaluate.run_linear (encoder_weights.load_encoder + labelled.open_labelled + features) --> results.
 Also holds DataSubsets, the [data] table of the CPU pipelines (how many Fashion-MNIST images a
 miniature run uses).

@@ -49,7 +49,6 @@ from .harness import (
     run_config,
     seed_rank,
 )
-from .harness import config_for_run_dir as _config_for_run_dir
 from .harness.checkpoint_state import FinetuneCheckpoint
 from .harness.errors import NonFiniteLossError, ResumeError
 from .harness.reporting import last_metrics_record
@@ -61,7 +60,7 @@ from .schedule import build_schedule
 from .student_to_timm import CONFIG_KEYS
 
 __all__ = ["MIXUP_MODES", "FINETUNE_RUN", "FinetuneConfig", "FinetuneResult", "FinetuneViT", "Finetuner", "NonFiniteLossError",
-           "ResumeError", "build_finetune_model", "finetune", "finetune_config_for_run_dir", "layer_decay_scales",
+           "ResumeError", "build_finetune_model", "finetune", "layer_decay_scales",
            "layer_id_for_vit", "param_groups_layer_decay"]
 
 RESULT_NAME = "result.json"
@@ -70,12 +69,6 @@ FINETUNE_RUN = RunKind(
     checkpoints=FINETUNE, label="fine-tuning run", mutable=MUTABLE_ON_RESUME, fresh_start="use a new --run-dir",
     world_size_needs="its batch, lr and RNG states need the same", progress_key="epoch",
 )
-
-
-def finetune_config_for_run_dir(run_dir: str, given: dict[str, Any]) -> FinetuneConfig:
-    """The given options on top of the run dir's stored ones when it has a checkpoint (so
-    ``tec-train finetune --run-dir R`` alone resumes), else on top of the defaults."""
-    return _config_for_run_dir(FinetuneConfig, run_dir, given, FINETUNE_RUN)
 
 
 # ---- model ------------------------------------------------------------------------------------

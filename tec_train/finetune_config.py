@@ -16,6 +16,7 @@ from tec_cache.runtime.config import (
     POSITIVE_INT,
     SEED,
     WORKERS,
+    NestedConfig,
     check_fields,
     flat_values,
     group,
@@ -47,7 +48,8 @@ class EncoderSource:
                                    check=BASEMODEL)
     arch: str | None = option(None, "SOURCE (or --checkpoint) is the weights of this timm ViT.")
     checkpoint: str | None = option(None, "Base-model weights file (instead of SOURCE), with --basemodel/--arch.")
-    mlp_token: bool = option(True, "Keep and train a TEC source's cls MLP as the README runs, or fold it into cls_token.")
+    mlp_token: bool = option(True, "Keep and train a TEC source's cls MLP as the README runs, or fold it into cls_token.",
+                             flag="--mlp-token/--fold-mlp-token")
 
     @property
     def path(self) -> str | None:
@@ -106,7 +108,8 @@ class LabelledData:
 class ClassifierOptions:
     """The classifier built on the encoder."""
 
-    global_pool: bool = option(True, "Head on the mean patch token + fc_norm, or on the normed cls token.")
+    global_pool: bool = option(True, "Head on the mean patch token + fc_norm, or on the normed cls token.",
+                               flag="--global-pool/--cls-token")
     img_size: int | None = option(None, "Fine-tuning resolution; pos_embed is re-sampled", check=POSITIVE_INT,
                                   default_text="the encoder's")
     drop_path: float = option(0.1, "Stochastic depth rate", check=in_range(0.0, 1.0, hi_open=True))
@@ -168,11 +171,11 @@ class FinetuneRunControl:
                                "<run dir>/tensorboard (when the tensorboard package is installed).")
     wandb: str | None = option(None, "Log the metrics records to this Weights & Biases project too (rank 0; "
                                "the W&B run id is kept in the run dir, so a resumed job continues the same W&B run; "
-                               "WANDB_MODE, WANDB_ENTITY, WANDB_DIR, ... apply).", default_text="off")
+                               "WANDB_MODE, WANDB_ENTITY, WANDB_DIR, ... apply).", default_text="off", metavar="PROJECT")
 
 
 @nested_config
-class FinetuneConfig:
+class FinetuneConfig(NestedConfig):
     """Every option of ``tec-train finetune``, one component each (encoder source, labelled data,
     classifier, optimisation, augmentation, run control). A field ``foo_bar`` of any component is
     the option ``--foo-bar`` and the key ``foo_bar`` of a pipeline's [finetune] table. Defaults are

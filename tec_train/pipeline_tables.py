@@ -1,17 +1,15 @@
 """Every table of a pipeline checked against the config it feeds, and the pipeline fully resolved.
 
-Data flow: presets.load_pipeline (``extends`` chain merged) --> per table: [cache] -> TargetRecipe +
-BuildConfig options, [pretrain] and [base] -> TrainConfig, [finetune] -> FinetuneConfig, [eval] ->
+Data flow: presets.load_pipeline (``extends`` chain merged) --> per table: [cache] -> CacheTable (the
+target recipe, the build's options), [pretrain] and [base] -> TrainConfig, [finetune] -> FinetuneConfig, [eval] ->
 EvalConfig, [data] -> DataSubsets --> ``tec-train pipelines NAME`` (every value of the row, defaults
 included) and the tests that hold the paper's numbers.
 """
 from __future__ import annotations
 
-from dataclasses import MISSING, fields
 from typing import Any
 
-from tec_cache.build.config import CACHE_TABLE_KEYS, BuildConfig
-from tec_cache.core.basemodels import RECIPE_KEYS, TargetRecipe
+from tec_cache.core.cache_options import CacheTable
 from tec_cache.runtime.config import field_names, flat_fields
 from tec_cache.runtime.pipelines import Pipeline, PipelineError
 
@@ -22,7 +20,8 @@ from .train_config import TrainConfig
 TOP_LEVEL = ("name", "expected_top1")
 # The reference's process count: a preset key of the run tables that is compared, never an option.
 REFERENCE_KEYS = ("world_size",)
-TABLE_CONFIGS: dict[str, type] = {"pretrain": TrainConfig, "base": TrainConfig, "finetune": FinetuneConfig,
+# Every table of a pipeline -> the config that declares its keys: the one place a table's schema is named.
+TABLE_CONFIGS: dict[str, type] = {"cache": CacheTable, "pretrain": TrainConfig, "base": TrainConfig, "finetune": FinetuneConfig,
                                   "eval": EvalConfig, "data": DataSubsets}
 # Fields a preset never sets: where a run writes, and what a command gets as its argument.
 _NOT_IN_PRESET = {"run_dir", "source"}
@@ -30,8 +29,6 @@ _NOT_IN_PRESET = {"run_dir", "source"}
 
 def table_keys(table: str) -> set[str]:
     """The keys a pipeline's ``table`` may set."""
-    if table == "cache":
-        return set(CACHE_TABLE_KEYS)
     keys = set(field_names(TABLE_CONFIGS[table])) - _NOT_IN_PRESET
     return keys | set(REFERENCE_KEYS) if table in ("pretrain", "base", "finetune") else keys
 
@@ -41,9 +38,8 @@ def check_pipeline(pipe: Pipeline) -> None:
     the table and the key. Values are checked by the command that uses them (and by the tests)."""
     for key, value in pipe.raw.items():
         if isinstance(value, dict):
-            if key != "cache" and key not in TABLE_CONFIGS:
-                raise PipelineError(f"--pipeline: {pipe.path}: unknown table [{key}] "
-                                    f"(expected {sorted(['cache', *TABLE_CONFIGS])})")
+            if key not in TABLE_CONFIGS:
+                raise PipelineError(f"--pipeline: {pipe.path}: unknown table [{key}] (expected {sorted(TABLE_CONFIGS)})")
             pipe.table(key, table_keys(key))
         elif key not in TOP_LEVEL:
             raise PipelineError(f"--pipeline: {pipe.path}: unknown key {key!r} (expected {list(TOP_LEVEL)} and tables)")
@@ -58,11 +54,7 @@ def resolved_tables(pipe: Pipeline) -> dict[str, dict[str, Any]]:
         if not isinstance(table, dict):
             continue
         if name == "cache":
-            spec = TargetRecipe(**{k: table[k] for k in RECIPE_KEYS if k in table}).resolve()
-            build = {f.name: None if f.default is MISSING else f.default for f in fields(BuildConfig)
-                     if f.name in CACHE_TABLE_KEYS and f.name not in RECIPE_KEYS}
-            out[name] = {**{k: getattr(spec, k if k != "basemodel" else "name") for k in RECIPE_KEYS}, **build,
-                         **{k: v for k, v in table.items() if k not in RECIPE_KEYS}}
+            out[name] = CacheTable(**table).resolved()
             continue
         cls = TABLE_CONFIGS[name]
         defaults = {f.name: f.default for f in flat_fields(cls) if f.name not in _NOT_IN_PRESET}

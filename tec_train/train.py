@@ -45,7 +45,6 @@ from .harness import (
     run_config,
     seed_rank,
 )
-from .harness import config_for_run_dir as _config_for_run_dir
 from .harness.checkpoint_state import PretrainCheckpoint
 from .harness.errors import ResumeError
 from .harness.reporting import truncate_metrics
@@ -72,15 +71,6 @@ PRETRAIN_RUN = RunKind(
 # started before it) from one checkpointed generator per rank, which has no meaning on another count.
 MASK_PER_STEP, MASK_STREAM = "per-step", "stream"
 SAMPLES_LOG = "samples-rank{rank}.jsonl"
-
-
-def config_for_run_dir(run_dir: str, given: dict[str, Any]) -> TrainConfig:
-    """The config of ``tec-train run``: the options given on top of the run dir's stored ones when it
-    has a checkpoint (so ``tec-train run --run-dir R`` alone resumes), else on top of the defaults.
-
-    Raises ResumeError naming the option when a given option contradicts the stored run.
-    """
-    return _config_for_run_dir(TrainConfig, run_dir, given, PRETRAIN_RUN)
 
 
 @dataclass

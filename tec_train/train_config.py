@@ -5,6 +5,7 @@ options on resume) --> **TrainConfig** --> ``validate`` (no model, no data read)
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from tec_cache.runtime.config import (
     POSITIVE_INT,
     SEED,
     WORKERS,
+    NestedConfig,
     check_fields,
     flag_name,
     flat_values,
@@ -26,7 +28,6 @@ from tec_cache.runtime.config import (
     in_range,
     nested_config,
     option,
-    option_like,
 )
 
 from .harness.runtime import AMP_MODES
@@ -37,6 +38,12 @@ VIEW_ORDERS = ("cycle", "permute")
 # The objectives.OBJECTIVES names (that module builds them; it reads this config, so the names are
 # stated here and a test holds the two equal).
 OBJECTIVE_NAMES = ("tec", "mae")
+_ONLINE = "Online mode: "
+# TargetRecipe field -> (tec-train run's option, help prefix): the recipe's img_size and patch_size
+# are the student's in online mode, and its depth is --base-depth, --depth being the student's.
+ONLINE_RECIPE = {"basemodel": ("online_basemodel", "Online mode, the base model run inside the step: "),
+                 "arch": ("arch", _ONLINE), "depth": ("base_depth", _ONLINE), "topk": ("topk", _ONLINE),
+                 "tau": ("tau", _ONLINE), "last_layers": ("last_layers", _ONLINE)}
 
 
 @dataclass
@@ -49,17 +56,14 @@ class TargetSource:
                                "checked against its sha256 as it arrives.")
     cache_dir: str | None = option(None, "Read-through folder for a remote --cache: shards are kept there once "
                                    "fetched (and checked again when read back).", default_text="none: stream only")
-    online_basemodel: str | None = option_like(TargetRecipe, "basemodel", "Online mode, the base model run inside the step: ")
+    # Online mode's base model and its targets: tec-cache build's recipe, under the option names
+    # run dirs have always stored (the student has its own --depth, --img-size and --patch-size).
+    base: TargetRecipe = group(TargetRecipe, flat=ONLINE_RECIPE)
     checkpoint: str | None = option(None, "Online mode: the base model's weights, a local file or a URL (http(s)://, "
                                     "s3://, ..., hf-hub:ORG/REPO, optionally @REVISION); a registry --online-basemodel fetches its "
                                     "official file and timm:NAME / hf-hub:ORG/REPO their own without it.")
     checkpoint_sha256: str | None = option(None, "Online mode: sha256 the base model's weights file must have.")
     data: str | None = option(None, "Online mode and --objective mae: " + SOURCE_HELP)
-    arch: str | None = option_like(TargetRecipe, "arch", "Online mode: ")
-    topk: int | None = option_like(TargetRecipe, "topk", "Online mode: ")
-    tau: float | None = option_like(TargetRecipe, "tau", "Online mode: ")
-    last_layers: int | None = option_like(TargetRecipe, "last_layers", "Online mode: ")
-    base_depth: int | None = option_like(TargetRecipe, "depth", "Online mode: ")
     resize: str | None = option(None, "Online mode: how views are resized, as the cache compared with was (its "
                                 "views.recipe.resize, which `tec-cache inspect` shows): torch-bicubic-u8 | "
                                 "torch-bicubic-f32 | pil-bicubic (caches built before the resizer was recorded) | auto",
@@ -67,20 +71,20 @@ class TargetSource:
 
     @property
     def online(self) -> bool:
-        return self.online_basemodel is not None or self.arch is not None
+        return self.base.basemodel is not None or self.base.arch is not None
 
     def recipe(self, img_size: int | None, patch_size: int | None) -> TargetRecipe:
         """Online mode's target recipe (the base model's geometry is the student's)."""
-        return TargetRecipe(basemodel=self.online_basemodel, arch=self.arch, img_size=img_size, patch_size=patch_size,
-                            depth=self.base_depth, topk=self.topk, tau=self.tau, last_layers=self.last_layers)
+        return dataclasses.replace(self.base, img_size=img_size, patch_size=patch_size)
 
     def validate(self, objective: str, external_source: bool) -> None:
         """The options that fit the mode: exactly one source, and no option of another mode."""
+        given = {k for k, v in flat_values(self).items() if v is not None}
         online_only = [n for n in ("checkpoint", "checkpoint_sha256", "data", "topk", "tau", "last_layers", "base_depth", "resize")
-                       if getattr(self, n) is not None]
+                       if n in given]
         if objective == "mae" and not external_source:
             targets = [n for n in ("cache", "online_basemodel", "arch", "checkpoint", "checkpoint_sha256", "topk", "tau", "last_layers", "base_depth",
-                                   "resize") if getattr(self, n) is not None]
+                                   "resize") if n in given]
             if targets:
                 raise ValueError(f"{flag_name(targets[0])}: --objective mae learns from pixels; it takes --data only, no base model or cache")
             if self.data is None or not (is_remote(self.data) or Path(self.data).exists()):
@@ -95,12 +99,13 @@ class TargetSource:
         from tec_cache.core.weights import check_sha256
 
         check_sha256(self.checkpoint_sha256)
-        if self.online_basemodel is not None:
+        basemodel = self.base.basemodel
+        if basemodel is not None:
             from tec_cache.core.basemodels import REGISTRY, is_timm_source
 
-            if self.online_basemodel not in REGISTRY and not is_timm_source(self.online_basemodel):
+            if basemodel not in REGISTRY and not is_timm_source(basemodel):
                 raise ValueError(f"--online-basemodel: expected one of {', '.join(sorted(REGISTRY))}, timm:NAME or "
-                                 f"hf-hub:ORG/REPO, got {self.online_basemodel!r}")
+                                 f"hf-hub:ORG/REPO, got {basemodel!r}")
         if self.cache is not None and self.online:
             raise ValueError("--cache and --online-basemodel/--arch exclude each other: train from a cache or online")
         if self.cache is None and not self.online:
@@ -114,7 +119,7 @@ class TargetSource:
         from tec_cache.core.weights import is_url
 
         if self.checkpoint is None:
-            if self.online_basemodel is None:
+            if basemodel is None:
                 raise ValueError("--checkpoint: online mode with --arch needs the base model's weights (a file or a URL)")
         elif not is_url(self.checkpoint) and not Path(self.checkpoint).is_file():
             raise ValueError(f"--checkpoint: online mode needs the base model's weights file or a URL, got {self.checkpoint!r}")
@@ -198,11 +203,11 @@ class RunControl:
                                "(when the tensorboard package is installed).")
     wandb: str | None = option(None, "Log the metrics records to this Weights & Biases project too (rank 0; "
                                "the W&B run id is kept in the run dir, so a resumed job continues the same W&B run; "
-                               "WANDB_MODE, WANDB_ENTITY, WANDB_DIR, ... apply).", default_text="off")
+                               "WANDB_MODE, WANDB_ENTITY, WANDB_DIR, ... apply).", default_text="off", metavar="PROJECT")
 
 
 @nested_config
-class TrainConfig:
+class TrainConfig(NestedConfig):
     """Every option of ``tec-train run``, one component each (target source, student, optimisation,
     loader, held-out loss, run control). A field ``foo_bar`` of any component is the option ``--foo-bar``, the key
     ``foo_bar`` of a pipeline's [pretrain] table and of the run's stored options; each declares its

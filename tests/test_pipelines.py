@@ -8,11 +8,11 @@ import pytest
 
 from tec_cache.build.builder import BuildConfig
 from tec_cache.core.basemodels import RECIPE_KEYS, TargetRecipe
-from tec_cache.runtime.config import check_fields, override
+from tec_cache.runtime.config import check_fields, resolve
 from tec_cache.runtime.pipelines import load_pipeline
 from tec_train.eval_config import DataSubsets, EvalConfig
 from tec_train.finetune import FinetuneConfig
-from tec_train.pipeline_tables import check_pipeline, resolved_tables
+from tec_train.pipeline_tables import check_pipeline, resolved_tables, table_keys
 from tec_train.student import parse_model_name
 from tec_train.train import TrainConfig
 
@@ -54,9 +54,9 @@ def test_preset_options_are_valid(path: Path, tmp_path: Path):
         (tmp_path / "export").mkdir()
         FinetuneConfig(run_dir=str(tmp_path / "ft"), source=str(tmp_path / "export"), data=str(tmp_path), **ft).validate()
     if "eval" in p:
-        check_fields(override(EvalConfig(), {}, p["eval"], pipe.where("eval")))
+        check_fields(resolve(EvalConfig, table=pipe.table("eval", table_keys("eval"))))
     if "data" in p:
-        check_fields(override(DataSubsets(), {}, p["data"], pipe.where("data")))
+        check_fields(resolve(DataSubsets, table=pipe.table("data", table_keys("data"))))
     _, patch = parse_model_name(pre["model"])
     assert spec.img_size % patch == 0 and spec.img_size // patch == spec.img_size // spec.patch_size
     if "expected_top1" in p:  # the paper's rows: method.md 4.1 and 9.8, through the resolved preset
@@ -173,12 +173,20 @@ def _cli(app, args: list[str]):
     return r.exit_code, " ".join(r.output.split())
 
 
+def _stored(run_dir: Path) -> dict:
+    """The options a run dir's latest checkpoint stores."""
+    from tec_train.harness.checkpoints import latest_checkpoint, load_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    assert ckpt is not None, f"no checkpoint in {run_dir}"
+    return load_checkpoint(ckpt)["config"]["options"]
+
+
 def test_pipeline_presets_give_defaults_and_flags_override(tmp_path: Path, tiny_ckpt: Path, monkeypatch):
     from tec_cache.build.cli import app as cache_app
     from tec_cache.format.manifest import load_manifest
     from tec_train.cli import app as train_app
-    from tec_train.harness.checkpoints import load_checkpoint
-    from tests.conftest import latest_saved, make_image_folder
+    from tests.conftest import make_image_folder
 
     data = make_image_folder(tmp_path / "data", n_per_class=4, bad=False)
     for split in ("train", "val"):  # a labelled ImageNet-style folder for the fine-tuning step
@@ -196,13 +204,13 @@ def test_pipeline_presets_give_defaults_and_flags_override(tmp_path: Path, tiny_
     code, out = _cli(train_app, ["run", "--pipeline", str(preset), "--run-dir", str(tmp_path / "run"), "--epochs", "1"])
     assert code == 0, out
     assert "was made for 8 processes, this run has 1" in out
-    options = load_checkpoint(latest_saved(tmp_path / "run"))["config"]["options"]
+    options = _stored(tmp_path / "run")
     assert (options["epochs"], options["depth"], options["blr"], options["cache"]) == (1, 2, 1e-3, str(Path("caches") / "tiny-test"))
     # --objective mae reads the [base] table.
     code, out = _cli(train_app, ["run", "--pipeline", str(preset), "--objective", "mae", "--data", str(data),
                                  "--run-dir", str(tmp_path / "base"), "--img-size", "32"])
     assert code == 0, out
-    options = load_checkpoint(latest_saved(tmp_path / "base"))["config"]["options"]
+    options = _stored(tmp_path / "base")
     assert (options["objective"], options["epochs"], options["cache"]) == ("mae", 1, None)
     # tec-train finetune reads [finetune]; the flag --epochs beats the preset's.
     preset.write_text(PRESET + FINETUNE)
@@ -247,3 +255,45 @@ def test_pipelines_name_prints_the_row_resolved():
     for shown in ("epochs │ 800", "layer_decay │ 0.55", "blr │ 0.00015", "topk │ 15", "tau │ 1.8", "mask_ratio │ 0.75",
                   "keep_last │ 3", "mae-vitb-800ep.toml", "vit-imagenet.toml"):
         assert shown in out, shown
+
+
+def test_one_resolution_defaults_table_stored_run_flags():
+    from tec_cache.runtime.config import resolve
+
+    # A stored option this version no longer has is dropped; a flag not given (None) shows the layers below.
+    cfg = resolve(TrainConfig, table={"epochs": 5, "blr": 1e-3, "depth": 2, "warmup_epochs": 1},
+                  stored={"epochs": 7, "depth": 3, "warmup_epochs": 2, "retired_option": 1},
+                  flags={"run_dir": "r", "depth": 4, "blr": None})
+    assert (cfg.optim.epochs, cfg.optim.blr, cfg.student.depth, cfg.optim.warmup_epochs, cfg.optim.batch_size) == \
+        (7, 1e-3, 4, 2, 256)
+
+
+def test_every_command_refuses_an_unknown_pipeline_key_the_same_way(tmp_path: Path, monkeypatch):
+    from tec_cache.build.cli import app as cache_app
+    from tec_train.cli import app as train_app
+
+    monkeypatch.chdir(tmp_path)
+    for table, app, args in (("cache", cache_app, ["build", "--data", str(tmp_path)]),
+                             ("pretrain", train_app, ["run", "--run-dir", str(tmp_path / "r")]),
+                             ("finetune", train_app, ["finetune", "--run-dir", str(tmp_path / "ft")]),
+                             ("eval", train_app, ["knn", str(tmp_path)]), ("eval", train_app, ["linear", str(tmp_path)])):
+        bad = tmp_path / f"bad-{table}.toml"
+        bad.write_text(f"[{table}]\nbogus = 1\n")
+        code, out = _cli(app, [*args, "--pipeline", str(bad)])
+        assert code == 2 and f"--pipeline: {bad} [{table}] sets ['bogus'], which this command does not take (its options: [" \
+            in out, (table, out)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "ft").exists()
+
+
+def test_online_mode_takes_the_pipelines_recipe_under_its_online_names(tmp_path: Path):
+    from tec_train.options import run_config
+
+    preset = tmp_path / "tiny-test.toml"
+    preset.write_text(PRESET)
+    notes: list[str] = []
+    cfg = run_config(str(tmp_path / "run"), {"topk": 5}, str(preset), online=True, world_size=1, say=notes.append)
+    # The recipe's depth is --base-depth's; its view size is the student's; a flag beats the table.
+    assert (cfg.targets.base.arch, cfg.targets.base.tau, cfg.targets.base.topk, cfg.student.img_size) == \
+        ("vit_tiny_patch16_224", 1.4, 5, 32)
+    assert cfg.targets.cache is None and cfg.to_json()["arch"] == "vit_tiny_patch16_224"
+    assert notes and "was made for 8 processes" in notes[0]

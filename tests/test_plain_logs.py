@@ -118,6 +118,7 @@ def test_build_run_and_finetune_write_plain_lines_to_a_log_file(tiny_ckpt: Path,
 
 def test_a_terminal_keeps_the_live_bar(tiny_cache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import tec_train.cli as cli
+    from tec_train.harness import reporters
 
     screen = io.StringIO()
     monkeypatch.setattr(cli, "console", LogConsole(file=screen, force_terminal=True, width=100, soft_wrap=True))
@@ -129,12 +130,12 @@ def test_a_terminal_keeps_the_live_bar(tiny_cache, tmp_path: Path, monkeypatch: 
     assert "training" in text and "━" in text  # rich's bar
     assert not re.search(r"^step \d+/\d+ ", text, re.M)  # no plain lines on a terminal
     # Both terminal reporters take every hook a loop calls.
-    for reporter in (cli.RichReporter, cli.RichFinetuneReporter, cli.PlainReporter, cli.PlainFinetuneReporter):
+    for reporter in (reporters.RichReporter, reporters.RichFinetuneReporter, reporters.PlainReporter, reporters.PlainFinetuneReporter):
         assert issubclass(reporter, Reporter)
 
 
 def test_finetune_reporters_take_the_running_status(tmp_path: Path) -> None:
-    from tec_train.cli import PlainFinetuneReporter, RichFinetuneReporter
+    from tec_train.harness.reporters import PlainFinetuneReporter, RichFinetuneReporter
 
     summary = {"encoder": {"kind": "export", "model_name": "vit_tiny_patch8", "depth": 2, "embed_dim": 192},
                "data": {"kind": "image_folder", "train_images": 64, "val_images": 20, "num_classes": 2},

@@ -1,25 +1,25 @@
 """`tec-cache`: the stage-1 command line (build, inspect, verify, show).
 
-Data flow: options --> BuildConfig --> build.build_cache (progress bar, summary table) or
-manifest --> inspect table / verify report. Only rank 0 prints under torchrun.
+Data flow: flags (derived from TargetRecipe's and BuildConfig's option fields, runtime/flags.py)
+--config.build_config (defaults < a pipeline's [cache] table < flags)--> BuildConfig -->
+builder.build_cache, shown by report.py (progress, dry-run estimate, result table); or manifest -->
+inspect table / verify report. Only rank 0 prints under torchrun.
 """
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
-from dataclasses import fields
-from typing import Optional
+from typing import Any, NoReturn
 
 import typer
-from rich import filesize
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from tec_cache.runtime.config import help_for
+from tec_cache.build.config import BuildConfig, build_config
+from tec_cache.build.report import BuildProgress, dry_run_report, result_table, size
+from tec_cache.core.basemodels import TargetRecipe
 from tec_cache.runtime.dist import dist_info
-from tec_cache.runtime.plain_log import PlainProgress, log_console
+from tec_cache.runtime.flags import flags_from, param, with_flags
+from tec_cache.runtime.plain_log import log_console
 from tec_cache.runtime.run_log import BUILD_LOG, SampleError, failure_line, from_worker
 from tec_cache.runtime.version import version_callback
 
@@ -29,108 +29,46 @@ console = log_console()
 
 
 @app.callback()
-def _main(version: Optional[bool] = typer.Option(None, "--version", callback=version_callback("tec-cache"), is_eager=True,
+def _main(version: bool | None = typer.Option(None, "--version", callback=version_callback("tec-cache"), is_eager=True,
                                                  help="Print the installed version and exit.")) -> None:
     """Stage 1 of TEC: cache a frozen base model's targets."""
 
 
-def _size(n: float) -> str:
-    return filesize.decimal(int(n))
-
-
-def _fail(msg: str, code: int = 2) -> None:
+def _fail(msg: str, code: int = 2) -> NoReturn:
     # Messages quote paths, keys and TOML tables like [cache]: never read them as rich markup.
     console.print(f"[bold red]error:[/] {escape(msg)}", markup=True, highlight=False)
     raise typer.Exit(code)
 
 
-IMAGENET_1K_IMAGES = 1_281_167  # the training split
-
-
-def _h(name: str, extra: str = "") -> str:
-    """Help of a build option, from the field that declares it (default included)."""
-    from tec_cache.core.basemodels import TargetRecipe
-    from tec_cache.build.config import BuildConfig
-
-    cls = TargetRecipe if name in {f.name for f in fields(TargetRecipe)} else BuildConfig
-    return help_for(cls, name, extra)
+_BUILD_FLAGS = [
+    param("pipeline", str | None, typer.Option(None, "--pipeline", help=(
+        "Pipeline name (see `tec-train pipelines`) or .toml file: its cache table gives the defaults; flags override them."))),
+    *flags_from(TargetRecipe, extra_help={"tau": " recorded for stage 2"}),
+    *flags_from(BuildConfig, skip=("spec", "fetched"),
+                extra_help={"out": " With --pipeline, defaults to caches/<the pipeline's cache_name>."}),
+    param("log_seconds", float, typer.Option(30.0, "--log-seconds", help=(
+        "Where output is not a terminal (a job's log file): a progress line every N seconds (0: after every batch of "
+        "views), and one at the end."))),
+]
 
 
 @app.command()
-def build(
-    out: Optional[Path] = typer.Option(None, "--out", help=_h("out", " With --pipeline, defaults to caches/<the pipeline's cache_name>.")),
-    pipeline: Optional[str] = typer.Option(None, "--pipeline", help="Pipeline name (see `tec-train pipelines`) or .toml file: its cache table gives the defaults; flags override them."),
-    data: Optional[str] = typer.Option(None, "--data", help=_h("data")),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help=_h("checkpoint")),
-    checkpoint_sha256: Optional[str] = typer.Option(None, "--checkpoint-sha256", help=_h("checkpoint_sha256")),
-    basemodel: Optional[str] = typer.Option(None, "--basemodel", help=_h("basemodel")),
-    arch: Optional[str] = typer.Option(None, "--arch", help=_h("arch")),
-    img_size: Optional[int] = typer.Option(None, "--img-size", help=_h("img_size")),
-    patch_size: Optional[int] = typer.Option(None, "--patch-size", help=_h("patch_size")),
-    depth: Optional[int] = typer.Option(None, "--depth", help=_h("depth")),
-    topk: Optional[int] = typer.Option(None, "--topk", help=_h("topk")),
-    last_layers: Optional[int] = typer.Option(None, "--last-layers", help=_h("last_layers")),
-    tau: Optional[float] = typer.Option(None, "--tau", help=_h("tau", " recorded for stage 2")),
-    views: Optional[int] = typer.Option(None, "--views", help=_h("views")),
-    codec: Optional[str] = typer.Option(None, "--codec", help=_h("codec")),
-    format: Optional[str] = typer.Option(None, "--format", help=_h("format")),
-    compressor: Optional[str] = typer.Option(None, "--compressor", help=_h("compressor")),
-    shard_size: Optional[int] = typer.Option(None, "--shard-size", help=_h("shard_size")),
-    seed: Optional[int] = typer.Option(None, "--seed", help=_h("seed")),
-    first_view: Optional[int] = typer.Option(None, "--first-view", help=_h("first_view")),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=_h("batch_size")),
-    num_workers: Optional[int] = typer.Option(None, "--num-workers", help=_h("num_workers")),
-    device: Optional[str] = typer.Option(None, "--device", help=_h("device")),
-    jpeg_quality: Optional[int] = typer.Option(None, "--jpeg-quality", help=_h("jpeg_quality")),
-    view_device: Optional[str] = typer.Option(None, "--view-device", help=_h("view_device")),
-    resize: Optional[str] = typer.Option(None, "--resize", help=_h("resize")),
-    strict: bool = typer.Option(False, "--strict", help=_h("strict")),
-    dry_run: bool = typer.Option(False, "--dry-run", help=_h("dry_run")),
-    log_seconds: float = typer.Option(30.0, "--log-seconds", help="Where output is not a terminal (a job's log file): a progress line every N seconds (0: after every batch of views), and one at the end."),
-) -> None:
+@with_flags(_BUILD_FLAGS)
+def build(*, pipeline: str | None, log_seconds: float, **flags: Any) -> None:
     """Run the base model over K augmented views of every image and write its targets to shards."""
-    options = dict(locals())  # first statement: exactly the options
-    options.pop("log_seconds")
     if not log_seconds >= 0:
         _fail(f"--log-seconds: must be a number >= 0, got {log_seconds:g}")
     from tec_cache.build.builder import BuildOptionError, build_cache
-    from tec_cache.build.config import build_config
 
     info = dist_info()
     say = console.print if info.is_main else (lambda *a, **k: None)
-    flags = {k: v for k, v in options.items() if k != "pipeline"}
     try:
-        cfg = build_config(flags, options["pipeline"])
+        cfg = build_config(flags, pipeline)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
-    out = cfg.out
-    # A terminal gets the live bar; a log file plain lines (the bar would print once, at the end, cut).
-    plain = not console.is_terminal
-    progress = Progress(TextColumn("[bold]building"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                        disable=plain or not info.is_main or dry_run)
-    task = progress.add_task("views", total=None, rate="")
-    lines = PlainProgress(console, "views", every_s=log_seconds)
-    show_lines = plain and info.is_main and not dry_run
-    t0 = time.time()
-    done = [0]
-
-    def advance(n: int) -> None:
-        done[0] += n
-        rate = done[0] / max(time.time() - t0, 1e-9)
-        progress.update(task, advance=n, rate=f"{rate:.1f} views/s")
-        if show_lines and (lines.due() or done[0] == lines.total):
-            lines.line(done[0], {"views/s": round(rate, 1)})
-
-    def set_total(n: int) -> None:
-        progress.update(task, total=n)
-        lines.start(n)
-        if show_lines:
-            lines.line(0, {})
-
     try:
-        with progress:
-            result = build_cache(cfg, log=say, progress=advance, set_total=set_total)
+        with BuildProgress(console, log_seconds, quiet=not info.is_main or cfg.dry_run) as progress:
+            result = build_cache(cfg, log=say, progress=progress.advance, set_total=progress.set_total)
     except BuildOptionError as e:  # found before any work: a usage error
         _fail(str(e))
     except Exception as e:  # noqa: BLE001
@@ -139,45 +77,11 @@ def build(
             _fail(str(e), 1)  # the project's own errors name the file and what to do
         # A view that could not be cut, a worker's exception, or an unexpected one: one line here,
         # the traceback in the cache folder's log.
-        _fail(failure_line(e, out / BUILD_LOG, rank=info.rank,
+        _fail(failure_line(e, cfg.out / BUILD_LOG, rank=info.rank,
                            resume="re-running the same command keeps the finished shards and builds the rest"), 1)
-    est = result.estimate
-    if dry_run:
-        sp = cfg.spec
-        grid = sp.img_size // sp.patch_size
-        say(f"base model {sp.name} ({sp.arch}): top-k {sp.topk}, tau {sp.tau}, last layers {sp.last_layers}, "
-            f"{sp.img_size}px / patch {sp.patch_size} = {grid}x{grid} grid", highlight=False)
-        if not est.get("views"):
-            say("nothing to do: every shard of this cache is complete")
-            return
-        t = Table(title="dry run: size estimate (nothing written)")
-        for col in ("bytes/view", "views to build", "bytes needed", "bytes free"):
-            t.add_column(col, justify="right")
-        t.add_row(_size(est["bytes_per_view"] or 0), str(est["views"]), _size(est.get("bytes_needed", 0)), _size(est.get("bytes_free", 0)))
-        say(t)
-        if est["bytes_per_view"]:
-            # The number a user weighs K and the codec against: the same recipe over ImageNet-1k.
-            total = est["bytes_per_view"] * IMAGENET_1K_IMAGES * cfg.views
-            say(f"ImageNet-1k ({IMAGENET_1K_IMAGES:,} images) at {cfg.views} view-epochs, codec {cfg.codec}, "
-                f"{_size(est['bytes_per_view'])}/view: about {_size(total)}", highlight=False)
-        return
-    t = Table(title=f"tec-cache build: {out}")
-    t.add_column("item")
-    t.add_column("value", justify="right")
-    rows = [
-        ("views built (this rank)", str(result.views_built)),
-        ("shards written (this rank)", str(result.shards_built)),
-        ("shards already complete", str(result.shards_skipped)),
-        ("unreadable images skipped", str(len(result.skipped_images))),
-        ("bytes per view", _size(result.bytes_per_view)),
-        ("seconds", f"{result.seconds:.1f}"),
-        ("views/s", f"{result.views_built / max(result.seconds, 1e-9):.1f}"),
-        ("manifest", str(result.manifest_path)),
-    ]
-    for r in rows:
-        t.add_row(*r)
-    say(t)
-    for s in result.skipped_images:
+    for shown in dry_run_report(cfg, result.estimate) if cfg.dry_run else [result_table(cfg, result)]:
+        say(shown, highlight=False)
+    for s in [] if cfg.dry_run else result.skipped_images:
         say(f"[yellow]skipped[/] {s['key']}: {s['error']}")
 
 
@@ -215,8 +119,8 @@ def inspect(cache: str = typer.Argument(..., help=CACHE_HELP)) -> None:
     t.add_row("source", f"{src.path} ({src.kind}): {src.num_images} images, {len(src.classes or ())} classes, {len(src.skipped or ())} skipped")
     st = man.stats or Stats()
     total_views = "?" if st.total_views is None else st.total_views
-    t.add_row("shards", f"{len(man.shards())} shards, {total_views} views, {_size(st.total_bytes or 0)}")
-    t.add_row("bytes per view", _size(st.bytes_per_view or 0))
+    t.add_row("shards", f"{len(man.shards())} shards, {total_views} views, {size(st.total_bytes or 0)}")
+    t.add_row("bytes per view", size(st.bytes_per_view or 0))
     b = st.build or {}
     t.add_row("last build", f"{b.get('seconds')} s, {b.get('views_per_s')} views/s, world size {b.get('world_size')}, {b.get('device')}")
     out.print(t)
@@ -237,9 +141,9 @@ def inspect(cache: str = typer.Argument(..., help=CACHE_HELP)) -> None:
 @app.command()
 def verify(cache: str = typer.Argument(..., help=CACHE_HELP)) -> None:
     """Check every shard against its checksum, size, count and schema; exit 1 naming each bad shard."""
+    from tec_cache.build.verify import verify_cache
     from tec_cache.format.manifest import ManifestError
     from tec_cache.format.remote import is_remote
-    from tec_cache.build.verify import verify_cache
 
     if not is_remote(cache) and not Path(cache).is_dir():  # a usage error (2); a folder that is not a sound cache is a failed check (1)
         _fail(f"CACHE: no such cache folder {cache} (expected the --out folder of tec-cache build)")
@@ -262,12 +166,12 @@ def show(
     n: int = typer.Option(8, "--n", help="Views to draw, one row each."),
     view_epoch: int = typer.Option(0, "--view-epoch", help="Which cached view-epoch to draw from."),
     head: str = typer.Option("mean", "--head", help="mean (average the heads' target distributions) | a head number."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Draw a seeded random sample of views instead of the first n."),
+    seed: int | None = typer.Option(None, "--seed", help="Draw a seeded random sample of views instead of the first n."),
     feat_norm: bool = typer.Option(True, "--feat-norm/--no-feat-norm", help="Add a column with the feature target's norm per patch."),
 ) -> None:
     """Draw cached views with their targets: top-k patches, cls-row and top-k-row attention targets, feature norms."""
-    from tec_cache.format import ShardError
     from tec_cache.build.show import render_views
+    from tec_cache.format import ShardError
 
     try:
         path = render_views(cache, out, n, view_epoch=view_epoch, head=head, seed=seed, feat_norm=feat_norm)
@@ -283,4 +187,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

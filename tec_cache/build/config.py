@@ -1,27 +1,27 @@
 """The options of ``tec-cache build``: each declared once (default, bounds, help) on BuildConfig,
 and resolved from flags and a preset's [cache] table.
 
-Data flow: flags (None: not given) + the --pipeline preset's [cache] table --> TargetRecipe (the
-base model and its targets, shared with online mode) + BuildConfig --validate--> build.build_cache.
-Flags win over the preset; the preset's ``cache_name`` gives the default --out. Stage 2 reads the
-declarations (``tec-train pipelines NAME`` resolves a [cache] table) without importing the build.
+Data flow: defaults < the --pipeline preset's [cache] table < flags (None: not given) --config.resolve-->
+CacheTable (core/cache_options: the target recipe, shared with online mode, and the options a
+table may set) --> BuildConfig --validate--> build.build_cache. The preset's ``cache_name`` gives the
+default --out. Stage 2 reads the [cache] schema from core/cache_options, never from here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tec_cache.core.basemodels import RECIPE_KEYS, BaseModelSpec, TargetRecipe, build_model, resolve_weights
+from tec_cache.core.basemodels import BaseModelSpec, build_model, resolve_weights
+from tec_cache.core.cache_options import CACHE_TABLE_KEYS, CacheOptions, CacheTable
 from tec_cache.core.codecs import get_codec
-from tec_cache.runtime.config import POSITIVE_INT, SEED, WORKERS, check_fields, in_range, option
-from tec_cache.runtime.dist import dist_info, resolve_device
+from tec_cache.core.views import RESIZERS
 from tec_cache.format import FORMATS, parse_compressor
 from tec_cache.format.remote import is_remote
-from tec_cache.core.images import SOURCE_HELP
-from tec_cache.core.views import RESIZERS
+from tec_cache.runtime.config import check_fields, flat_values, option, resolve
+from tec_cache.runtime.dist import dist_info, resolve_device
 
 VIEW_DEVICES = ("auto", "workers", "device")
 # A new cache's compressor: at level 1 zstd stores int8 and fp16 targets within 0.2% of level 3's
@@ -29,47 +29,22 @@ VIEW_DEVICES = ("auto", "workers", "device")
 DEFAULT_COMPRESSOR = "zstd:1"
 
 
-@dataclass
-class BuildConfig:
-    """Every option of ``tec-cache build`` but the target recipe (``spec``, from a TargetRecipe)."""
+@dataclass(kw_only=True)
+class BuildConfig(CacheOptions):
+    """Every option of ``tec-cache build``: a [cache] table's (CacheOptions), where it writes, how it
+    reports, and the resolved target recipe (``spec``, from a TargetRecipe)."""
 
-    data: Path | str = option(help=SOURCE_HELP)
     out: Path = option(help="Cache folder (created; re-running resumes or extends it).")
-    checkpoint: Path | None = option(help="Base-model weights: a local file (MAE, iBOT, DINO, state dict, .safetensors) "
-                                     "or a URL (http(s)://, s3://, gs://, ..., hf-hub:ORG/REPO, optionally @REVISION), fetched once "
-                                     "into $TEC_HOME/weights. Not needed for a registry --basemodel (its official file "
-                                     "is fetched) nor for timm:NAME / hf-hub:ORG/REPO (timm fetches its own).")
     spec: BaseModelSpec = option(help="The resolved target recipe.")
-    checkpoint_sha256: str | None = option(None, "sha256 the weights file must have (a --checkpoint URL or path, or "
-                                           "a registry base model's official file)")
     fetched: dict[str, Any] | None = option(None, "Where fetched weights came from (URL, size), for the manifest.")
-    views: int = option(1, "View-epochs K to hold (a larger K later adds only the missing ones)", check=POSITIVE_INT)
-    codec: str = option("int8", "fp16 (reference precision) | int8 (half the bytes) | int8-coarse (27% fewer "
-                        "bytes per view than int8, feature cosine 0.993)")
-    format: str = option("webdataset", "webdataset | zarr")
-    compressor: str = option("auto", "zstd:LEVEL | none | auto (an existing cache's own, else zstd:1: as small as "
-                             "zstd:3 for int8 and fp16, 13% smaller and 5x faster for int8-coarse)")
-    shard_size: int = option(256, "Views per shard", check=POSITIVE_INT)
-    seed: int = option(0, "Seed of the view augmentations", check=SEED)
-    first_view: int = option(0, "View index of view-epoch 0 (view-epoch v holds view first_view + v of every image): a "
-                             "validation cache of the training images at views a training cache of K < first_view "
-                             "view-epochs does not hold", check=SEED)
-    batch_size: int = option(64, "Views per base-model forward", check=POSITIVE_INT)
-    num_workers: int = option(4, "Decode/crop worker processes", check=WORKERS)
-    device: str = option("auto", "auto | cpu | cuda | cuda:N")
     strict: bool = option(False, "Fail on the first unreadable image instead of skipping it.")
     dry_run: bool = option(False, "Print the size estimate and write nothing.")
-    jpeg_quality: int = option(95, "Quality of the stored view JPEGs", check=in_range(1, 100))
-    view_device: str = option("auto", "Where views are cut and JPEG round-tripped: workers (CPU processes) | device "
-                              "(the base model's device, batched; on a GPU with nvJPEG) | auto (device on CUDA, "
-                              "else workers)")
-    resize: str = option("auto", "How views are resized: torch-bicubic-u8 (CPU) | torch-bicubic-f32 (any device) | "
-                         "pil-bicubic (caches built before the resizer was recorded) | auto (an existing cache's own; "
-                         "else u8 in workers, f32 on the device)")
 
     def validate(self) -> None:
         """Option checks before any work; ValueError names the option and what it expects."""
         check_fields(self, ("views", "shard_size", "seed", "first_view", "batch_size"))
+        if self.data is None:
+            raise ValueError("--data is required: an image folder or a folder of .tar shards")
         if not is_remote(self.data) and not Path(self.data).exists():
             raise ValueError(f"--data: no such file or folder {self.data} (expected an image folder or .tar shards)")
         if self.checkpoint is None:
@@ -101,38 +76,26 @@ class BuildConfig:
             build_model(self.spec)
 
 
-# BuildConfig fields a preset does not set: where this build writes, how it reports, and the
-# recipe, which it sets through its own keys.
-_NOT_IN_PRESET = {"out", "spec", "strict", "dry_run", "fetched"}
-CACHE_TABLE_KEYS = frozenset({f.name for f in fields(BuildConfig)} - _NOT_IN_PRESET | set(RECIPE_KEYS) | {"cache_name"})
-
-
-def cache_table(pipeline: str) -> dict[str, Any]:
-    """The preset's [cache] table, every key checked against the build's options."""
+def build_config(flags: dict[str, Any], pipeline: str | None = None) -> BuildConfig:
+    """The checked BuildConfig of one ``tec-cache build``: the defaults < the pipeline's [cache]
+    table < the flags given (None: not given); ValueError names the option."""
     from tec_cache.runtime.pipelines import load_pipeline
 
-    return load_pipeline(pipeline).table("cache", set(CACHE_TABLE_KEYS))
-
-
-def build_config(flags: dict[str, Any], pipeline: str | None = None) -> BuildConfig:
-    """The checked BuildConfig of one ``tec-cache build``; ValueError names the option."""
-    table = cache_table(pipeline) if pipeline is not None else {}
-    cache_name = table.pop("cache_name", None)
-    values = {**table, **{k: v for k, v in flags.items() if v is not None}}
-    if values.get("out") is None:
-        if not cache_name:
+    table = load_pipeline(pipeline).table("cache", CACHE_TABLE_KEYS) if pipeline is not None else {}
+    given = resolve(CacheTable, table=table, flags={k: v for k, v in flags.items() if k in CACHE_TABLE_KEYS})
+    out = flags.get("out")
+    if out is None:
+        if not given.cache_name:
             raise ValueError("--out is required: the cache folder to create (or a --pipeline that names a cache_name)")
-        values["out"] = Path("caches") / cache_name
-    if values.get("data") is None:
+        out = Path("caches") / given.cache_name
+    opts = given.build
+    if opts.data is None:
         raise ValueError("--data is required: an image folder or a folder of .tar shards")
-    recipe = TargetRecipe(**{k: values.pop(k) for k in RECIPE_KEYS if k in values})
-    spec = recipe.resolve()
-    for key in ("data", "out"):
-        if not (key == "data" and is_remote(values[key])):
-            values[key] = Path(values[key])
+    spec = given.recipe.resolve()
     # A URL (or a registry name without --checkpoint) is fetched here, once, before any work.
-    values["checkpoint"], values["fetched"] = resolve_weights(spec, values.get("checkpoint"),
-                                                              values.get("checkpoint_sha256"))
-    cfg = BuildConfig(spec=spec, **values)
+    checkpoint, fetched = resolve_weights(spec, opts.checkpoint, opts.checkpoint_sha256)
+    cfg = BuildConfig(**{**flat_values(opts), "data": opts.data if is_remote(opts.data) else Path(opts.data),
+                         "checkpoint": checkpoint}, out=Path(out), spec=spec, fetched=fetched,
+                      strict=bool(flags.get("strict")), dry_run=bool(flags.get("dry_run")))
     cfg.validate()
     return cfg

@@ -21,11 +21,11 @@ from matplotlib.patches import Rectangle
 
 from tec_cache.core.codecs import get_codec, stack_fields
 from tec_cache.core.figures import DPI, save_png
-from tec_cache.format.remote import is_remote
+from tec_cache.core.views import decode_view
 from tec_cache.format.fs import prepare_output_file
 from tec_cache.format.manifest import Manifest, ManifestError, load_manifest
+from tec_cache.format.remote import is_remote
 from tec_cache.format.schema import ViewRecord
-from tec_cache.core.views import decode_view
 
 __all__ = ["attention_map", "feature_norm_map", "parse_head", "render_views", "select_records"]
 
@@ -151,7 +151,7 @@ def _overlay(ax: Axes, image: np.ndarray, panel: _Panel, extent: tuple[float, fl
 
 
 def render_views(
-    cache: Path,
+    cache: Path | str,
     out: Path,
     n: int = 8,
     *,

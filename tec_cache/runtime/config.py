@@ -1,8 +1,9 @@
 """Config fields declared once: default, bounds and help, for both command lines.
 
 Data flow: a config dataclass whose fields are ``option(...)`` --> ``help_for`` (the CLI's help
-text, default included) and ``check_fields`` (the bounds, with the option named) --> preset
-table + flags --``override``--> the resolved config --``config_table``--> what a command prints.
+text, default included) and ``check_fields`` (the bounds, with the option named) --> defaults <
+pipeline table < stored run < flags --``resolve``--> the config --``config_table``--> what a
+command prints.
 
 A field ``foo_bar`` is the option ``--foo-bar``; a preset table sets it as ``foo_bar = ...``.
 This module is shared code (no CLI): ``tec_cache`` and ``tec_train`` configs both use it.
@@ -14,7 +15,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from rich.markup import escape
 from rich.table import Table
@@ -65,40 +66,74 @@ def in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = Fal
 
 
 def option(default: Any = _MISSING, help: str = "", *, check: Check | None = None,
-           choices: Iterable[str] | None = None, default_text: str | None = None) -> Any:
+           choices: Iterable[str] | None = None, default_text: str | None = None, flag: str | None = None,
+           metavar: str | None = None) -> Any:
     """A config field carrying its default, its bound (``check`` or ``choices``) and its help once.
 
     ``None`` as a default means "not set" (derived later, e.g. from the cache); its bound then
     applies only when a value is given. ``default_text`` says in words what a None default means.
+    ``flag`` spells the command-line flag when ``--foo-bar`` (``--foo-bar/--no-foo-bar`` for a bool)
+    will not do, ``metavar`` names its value in the help (tec_cache.runtime.flags).
     """
     meta = {"help": help, "check": check, "choices": tuple(choices) if choices is not None else None,
-            "default_text": default_text}
+            "default_text": default_text, "flag": flag, "metavar": metavar}
     if default is _MISSING:
         return dataclasses.field(metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
-def group(cls: type) -> Any:
+def group(cls: type, flat: Mapping[str, tuple[str, str]] | None = None) -> Any:
     """A nested component of a config (e.g. the optimiser's options): its own dataclass of
     ``option`` fields, default-constructed. On the command line, in pipeline tables and in a run's
     stored options its fields stay flat (``--epochs``, not ``--optim.epochs``), so field names are
-    unique across a config's components."""
-    return dataclasses.field(default_factory=cls, metadata={"group": True})
+    unique across a config's components.
+
+    ``flat`` takes a class declared for another command under this config (online mode takes the
+    target recipe of ``tec-cache build``): ``{field: (option name here, help prefix)}``; its fields
+    not named stay out of this config's options."""
+    return dataclasses.field(default_factory=cls, metadata={"group": True, "flat": dict(flat) if flat else None})
 
 
-def is_group(f: dataclasses.Field) -> bool:
+def is_group(f: dataclasses.Field[Any]) -> bool:
     return bool(f.metadata.get("group"))
 
 
-def flat_fields(cls: Any) -> list[dataclasses.Field]:
+def component_type(f: dataclasses.Field[Any]) -> type:
+    """The dataclass of a ``group`` field: its default factory."""
+    factory = f.default_factory
+    if not isinstance(factory, type):
+        raise TypeError(f"{f.name} is not a config component")
+    return factory
+
+
+def flat_names(f: dataclasses.Field[Any]) -> dict[str, str]:
+    """``{the component's option name: its option name here}`` of a ``group`` field."""
+    renamed = f.metadata.get("flat")
+    own = [g.name for g in flat_fields(component_type(f))]
+    return {k: k for k in own} if renamed is None else {k: renamed[k][0] for k in own if k in renamed}
+
+
+def _as_option(f: dataclasses.Field[Any], name: str, prefix: str) -> dataclasses.Field[Any]:
+    """``f`` under another option name, its help prefixed: the same default, bound and choices."""
+    copy: dataclasses.Field[Any] = dataclasses.field(default=f.default, metadata={**f.metadata, "help": prefix + f.metadata["help"]})
+    copy.name, copy.type = name, f.type
+    return copy
+
+
+def flat_fields(cls: Any) -> list[dataclasses.Field[Any]]:
     """The option fields of a config class (or instance), its components' fields in place."""
     cls = cls if isinstance(cls, type) else type(cls)
-    out: list[dataclasses.Field] = []
+    out: list[dataclasses.Field[Any]] = []
     for f in fields(cls):
-        if is_group(f):
-            out.extend(flat_fields(f.default_factory))  # type: ignore[arg-type, misc]
-        else:
+        if not is_group(f):
             out.append(f)
+            continue
+        renamed = f.metadata.get("flat")
+        for g in flat_fields(component_type(f)):
+            if renamed is None:
+                out.append(g)
+            elif g.name in renamed:
+                out.append(_as_option(g, *renamed[g.name]))
     return out
 
 
@@ -107,44 +142,60 @@ def flat_values(config: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in fields(config):
         value = getattr(config, f.name)
-        out.update(flat_values(value) if is_group(f) else {f.name: value})
+        if is_group(f):
+            names, own = flat_names(f), flat_values(value)
+            out.update({names[k]: v for k, v in own.items() if k in names})
+        else:
+            out[f.name] = value
     return out
+
+
+def _take(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The constructor arguments of ``cls`` from flat option ``values`` (taken out of it): its own
+    fields by name, each component built from its options (or passed whole by its own name)."""
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if is_group(f):
+            component = component_type(f)
+            own = flat_values(values.pop(f.name)) if f.name in values else {}
+            own.update({k: values.pop(name) for k, name in flat_names(f).items() if name in values})
+            kwargs[f.name] = component(**_take(component, own))
+        elif f.name in values:
+            kwargs[f.name] = values.pop(f.name)
+    return kwargs
+
+
+class NestedConfig:
+    """Base of the classes ``nested_config`` builds: their constructor takes flat option names,
+    which a type checker cannot derive from the components, so it is declared here."""
+
+    if TYPE_CHECKING:
+        def __init__(self, **values: Any) -> None: ...
 
 
 def nested_config(cls: type[C]) -> type[C]:
     """A dataclass with ``group`` components, built from flat option names: ``TrainConfig(run_dir=R,
     epochs=2)`` puts ``epochs`` in the component that declares it (a whole component may be passed
     by its own name too). What reads the config names the component: ``cfg.optim.epochs``."""
-    cls = dataclass(cls, init=False)  # type: ignore[assignment]
-    clash = {f.name for f in fields(cls) if is_group(f)} & set(field_names(cls))  # type: ignore[arg-type]
+    made: Any = dataclass(init=False)(cls)
+    clash = {f.name for f in fields(made) if is_group(f)} & set(field_names(made))
     if clash:
-        raise TypeError(f"{cls.__name__}: component names {sorted(clash)} are also option names")
+        raise TypeError(f"{made.__name__}: component names {sorted(clash)} are also option names")
 
     def __init__(self: Any, **values: Any) -> None:
-        for f in fields(cls):  # type: ignore[arg-type]
-            if is_group(f):
-                names = {g.name for g in flat_fields(f.default_factory)}  # type: ignore[arg-type]
-                base = values.pop(f.name) if f.name in values else f.default_factory()  # type: ignore[misc]
-                setattr(self, f.name, dataclasses.replace(base, **{k: values.pop(k) for k in list(values) if k in names}))
-            elif f.name in values:
-                setattr(self, f.name, values.pop(f.name))
+        kwargs = _take(made, values)
+        if values:
+            raise TypeError(f"{made.__name__} has no option {sorted(values)}")
+        for f in fields(made):
+            if f.name in kwargs:
+                setattr(self, f.name, kwargs[f.name])
             elif f.default is not _MISSING:
                 setattr(self, f.name, f.default)
             else:
-                raise TypeError(f"{cls.__name__}: missing option {f.name!r}")
-        if values:
-            raise TypeError(f"{cls.__name__} has no option {sorted(values)}")
+                raise TypeError(f"{made.__name__}: missing option {f.name!r}")
 
-    cls.__init__ = __init__  # type: ignore[misc]
-    return cls
-
-
-def option_like(cls: type, name: str, prefix: str = "") -> Any:
-    """A field that is ``cls``'s field ``name`` under another config (online mode takes the target
-    recipe's options): the same bound and help, default None, so the declaration stays in one place."""
-    f = _field(cls, name)
-    return option(None, prefix + f.metadata["help"], check=f.metadata["check"], choices=f.metadata["choices"],
-                  default_text=f.metadata["default_text"])
+    made.__init__ = __init__
+    return made
 
 
 def flag_name(name: str) -> str:
@@ -152,7 +203,7 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _field(cls: type, name: str) -> dataclasses.Field:
+def _field(cls: type, name: str) -> dataclasses.Field[Any]:
     for f in flat_fields(cls):
         if f.name == name:
             return f
@@ -201,27 +252,17 @@ def field_names(cls: type) -> list[str]:
     return [f.name for f in flat_fields(cls)]
 
 
-def check_table(table: Mapping[str, Any], allowed: Iterable[str], where: str) -> dict[str, Any]:
-    """A preset table whose keys are all options of the command; ConfigError names the file,
-    the table and the keys otherwise, so a typo never silently falls back to a default."""
-    allowed = set(allowed)
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        raise ConfigError(f"--pipeline: {where} sets {unknown}, which this command does not take "
-                          f"(its options: {sorted(allowed)})")
-    return dict(table)
-
-
-def override(config: C, flags: Mapping[str, Any], table: Mapping[str, Any] | None = None, where: str = "") -> C:
-    """``config`` with a preset table's values, then the flags given (None: not given), on top.
-
-    Keys of ``table`` that are not fields of the config are an error naming ``where`` (the file
-    and the table); the flags are the command's own options, so an unknown one is a bug.
-    """
-    names = field_names(type(config))
-    changes = check_table(table or {}, names, where)
-    changes.update({k: v for k, v in flags.items() if v is not None})
-    return type(config)(**{**flat_values(config), **changes})
+def resolve(cls: type[C], *, table: Mapping[str, Any] | None = None, stored: Mapping[str, Any] | None = None,
+            flags: Mapping[str, Any] | None = None) -> C:
+    """The config of one command, every command the same way: the defaults, under a pipeline's
+    ``table`` (its keys already checked, see pipelines.Pipeline.table), under a run dir's ``stored``
+    options when resuming or extending (those this version no longer has are dropped), under the
+    ``flags`` given (None: not given)."""
+    names = set(field_names(cls))
+    values = dict(table or {})
+    values.update({k: v for k, v in (stored or {}).items() if k in names})
+    values.update({k: v for k, v in (flags or {}).items() if v is not None})
+    return cls(**values)
 
 
 def config_table(config: Any, title: str, skip: Iterable[str] = ()) -> Table:

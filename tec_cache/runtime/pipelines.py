@@ -1,6 +1,6 @@
 """Named pipelines: TOML presets that carry every option of one row of the paper (or a CPU run).
 
-Data flow: ``pipelines/NAME.toml`` --load_pipeline--> Pipeline --section + merge_options--> the
+Data flow: ``pipelines/NAME.toml`` --load_pipeline--> Pipeline --table (keys checked)--> config.resolve --> the
 options of ``tec-cache build`` ([cache]), ``tec-train run`` ([pretrain]; [base] with
 ``--objective mae``) and ``tec-train finetune`` ([finetune]), with every flag given on the
 command line taking precedence over the preset's value.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,9 +51,14 @@ class Pipeline:
         files = sorted({str(self.origin.get((table, k), self.path)) for k in keys or []}) or [str(self.path)]
         return f"{', '.join(files)} [{table}]"
 
-    def table(self, name: str, allowed: set[str]) -> dict[str, Any]:
-        """A table whose keys are all in ``allowed``; PipelineError naming the file, table and keys."""
+    def table(self, name: str, allowed: Iterable[str], *, required: bool = True) -> dict[str, Any]:
+        """A table whose keys are all in ``allowed`` (``required=False``: empty when the preset has
+        none); PipelineError naming the file, the table and the keys otherwise, so a typo never
+        silently falls back to a default. The one place a pipeline key is refused."""
+        if not required and not isinstance(self.raw.get(name), dict):
+            return {}
         section = self.section(name)
+        allowed = set(allowed)
         unknown = sorted(set(section) - allowed)
         if unknown:
             raise PipelineError(f"--pipeline: {self.where(name, unknown)} sets {unknown}, which this command does not take "
@@ -151,13 +157,3 @@ def load_pipeline(name_or_path: str) -> Pipeline:
             return _read(p)
     known = ", ".join(p.name for p in list_pipelines()) or "none"
     raise PipelineError(f"--pipeline: unknown pipeline {name_or_path!r}; known: {known} (see `tec-train pipelines`)")
-
-
-def merge_options(preset: dict[str, Any], given: dict[str, Any], allowed: set[str], where: str) -> dict[str, Any]:
-    """The preset's values with the command line's on top; a preset key the command does not take
-    is an error naming it, so a typo in a preset never silently falls back to a default."""
-    unknown = sorted(set(preset) - allowed)
-    if unknown:
-        raise PipelineError(f"--pipeline: {where} sets {unknown}, which this command does not take "
-                            f"(its options: {sorted(allowed)})")
-    return {**preset, **{k: v for k, v in given.items() if v is not None}}

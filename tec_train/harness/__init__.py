@@ -22,7 +22,7 @@ from .checkpoints import (
 from .errors import CheckpointError, NonFiniteLossError, ResumeError
 from .reporting import METRICS_NAME, Reporter, append_metrics, truncate_metrics
 from .resume import Resume, agree_on_position, find_resume
-from .run_dir import RunKind, config_for_run_dir, open_run_dir, run_config
+from .run_dir import RunKind, open_run_dir, run_config
 from .runtime import AMP_MODES, Runtime, resolve_amp, seed_rank
 from .state import RunState
 from .writer import RunLock, take_run_dir
@@ -30,7 +30,7 @@ from .writer import RunLock, take_run_dir
 __all__ = [
     "AMP_MODES", "FINETUNE", "METRICS_NAME", "PRETRAIN", "CheckpointError", "CheckpointKind", "NonFiniteLossError",
     "Reporter", "Resume", "ResumeError", "RunKind", "RunLock", "RunState", "Runtime", "agree_on_position",
-    "append_metrics", "check_checkpoint", "config_for_run_dir", "find_resume", "latest_checkpoint", "list_checkpoints",
+    "append_metrics", "check_checkpoint", "find_resume", "latest_checkpoint", "list_checkpoints",
     "load_checkpoint", "open_run_dir", "resolve_amp", "run_config", "seed_rank", "take_run_dir", "truncate_metrics",
     "usable_checkpoint",
 ]

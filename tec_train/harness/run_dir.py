@@ -1,8 +1,8 @@
 """The run dir's config: which options a resumed run takes, what it refuses, and config.json.
 
 Data flow: options given on the command line + the latest checkpoint's stored options -->
-``config_for_run_dir`` (stored ones fill what is not given; a changed setting is refused naming
-the option; a raised --epochs becomes an ``Extension``) --> the loop's config --> ``open_run_dir``
+``check_options`` (called by tec_train/options.py's one resolution: a changed setting is refused
+naming the option; a raised --epochs becomes an ``Extension``) --> the loop's config --> ``open_run_dir``
 writes **config.json** ({"options", "resolved", and "extended" once a run was extended}) and cuts
 metrics.jsonl back to the checkpoint.
 
@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tec_cache.format.fs import write_json_atomic
-from tec_cache.runtime.config import field_names, flag_name
+from tec_cache.runtime.config import flag_name
 
 from .checkpoint_state import FinetuneCheckpoint, PretrainCheckpoint, read_state
-from .checkpoints import CheckpointKind, load_checkpoint, remove_stale_temp_files, usable_checkpoint
+from .checkpoints import CheckpointKind, load_checkpoint, remove_stale_temp_files
 from .errors import CheckpointError, ResumeError
 from .reporting import METRICS_NAME, truncate_metrics
 
@@ -92,25 +92,6 @@ def read_checkpoint(path: Path, kind: RunKind) -> PretrainCheckpoint | FinetuneC
         return read_state(load_checkpoint(path, kind.checkpoints), path)
     except CheckpointError as e:
         raise ResumeError(str(e)) from e
-
-
-def config_for_run_dir(config_type: type[C], run_dir: str, given: dict[str, Any], kind: RunKind) -> C:
-    """The config of a run: the options given on top of the run dir's stored ones when it has a
-    checkpoint (so ``--run-dir R`` alone resumes), else on top of the defaults.
-
-    Raises ResumeError naming the option when a given option contradicts the stored run.
-    """
-    try:
-        # Quietly: the loop's own resume names what it skips.
-        ckpt = usable_checkpoint(Path(run_dir), kind.checkpoints)
-    except CheckpointError as e:
-        raise ResumeError(str(e)) from e
-    if ckpt is None:
-        return config_type(**{**given, "run_dir": run_dir})
-    stored = read_checkpoint(ckpt, kind).options
-    check_options(stored, given, ckpt, kind)
-    known = set(field_names(config_type))
-    return config_type(**{**{k: v for k, v in stored.items() if k in known}, **given, "run_dir": run_dir})
 
 
 def run_config(options: dict[str, Any], resolved: dict[str, Any], extended: list[dict[str, int]]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Any, ContextManager
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,7 +76,7 @@ class Runtime:
             return model
         return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
-    def autocast(self) -> ContextManager[Any]:
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The forward's mixed-precision context (a no-op with amp off)."""
         if self.amp == "off":
             return contextlib.nullcontext()
