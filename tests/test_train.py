@@ -388,6 +388,7 @@ def test_run_dir_from_before_elastic_resume_and_extension_still_resumes(tiny, tm
     run = tmp_path / "run"
     train(_cfg(run, tiny.cache, epochs=2, ckpt_every=2, keep_last=10, max_steps=2))
     path = latest_checkpoint(run)
+    assert path is not None
     old = torch.load(path, weights_only=True)
     for k in ("epoch_samples", "mask_noise", "layouts"):
         del old["config"]["resolved"][k]
@@ -401,6 +402,7 @@ def test_run_dir_from_before_elastic_resume_and_extension_still_resumes(tiny, tm
                                                                           "accum_iter": 1}]
     assert resolved["epoch_samples"] == old["loader"]["steps_per_epoch"] * 4
     newest = latest_checkpoint(run)
+    assert newest is not None
     broken = torch.load(newest, weights_only=True)
     del broken["log_accum"]
     torch.save(broken, newest)

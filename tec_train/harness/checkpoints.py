@@ -25,7 +25,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 
@@ -214,9 +214,10 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], n: int, keep_last: int
     # after_checkpoint_rename the new checkpoint is complete and older ones not yet pruned.
     torn = bool(os.environ.get("TEC_FAULT") or os.environ.get("TEC_FAULT_LOG"))
     h = hashlib.sha256()
-    # The digest is of the bytes handed to the file as they go (torch.save only writes forwards),
+    # The digest is of the bytes handed to the file as they go (torch.save only writes forwards, and
+    # takes any object with write and flush: the cast says so to the type checker),
     # and is on disk before the checkpoint has its name.
-    write_atomic(final, lambda f: torch.save(payload, _HashingWriter(_TornWriter(f) if torn else f, h)), tmp=tmp,
+    write_atomic(final, lambda f: torch.save(payload, cast(IO[bytes], _HashingWriter(_TornWriter(f) if torn else f, h))), tmp=tmp,
                  sealed=lambda: write_text_atomic(digest_path(final), f"{h.hexdigest()}  {final.name}\n"),
                  before_rename="mid_checkpoint", after_rename="after_checkpoint_rename")
     # The one just written is the newest intact checkpoint: damaged ones with higher numbers (skipped
