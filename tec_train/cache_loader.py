@@ -132,7 +132,10 @@ class Batch:
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
         """The batch on ``device`` (non-blocking copies are only asynchronous from pinned memory)."""
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=non_blocking)
+
         return replace(
             self,
             images=move(self.images),
