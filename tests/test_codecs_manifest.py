@@ -127,3 +127,15 @@ def test_cache_identity_of_an_old_manifest_takes_the_legacy_values():
     other = CacheIdentity.of(Manifest.from_json(m, Path("."), "m"))
     assert other.mismatch(ident) == [("base_model.input_mean", [0.5, 0.5, 0.5], list(LEGACY_INPUT_MEAN)),
                                      ("views.seed", 3, 0)]
+
+
+def test_a_field_shape_no_view_can_have_is_refused_before_anything_is_allocated() -> None:
+    """An edited manifest naming a field of gigabytes a view (or a negative size) is refused by name,
+    not handed to a reader that would allocate it."""
+    from tec_cache.format.schema import FieldSpec, check_specs
+
+    with pytest.raises(ValueError, match=r"field 'feat_q': shape \[160000, 160000\] is 25,600,000,000 bytes a view"):
+        check_specs({"feat_q": FieldSpec("uint8", (160000, 160000))})
+    with pytest.raises(ValueError, match=r"field 'idx': shape \[-3, -1\] has no elements"):
+        check_specs({"idx": FieldSpec("int16", (-3, -1))})
+    assert check_specs({"feat": FieldSpec("float16", (1369, 1536))})  # a ViT-g/14 at 518 px

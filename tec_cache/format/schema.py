@@ -113,6 +113,10 @@ def parse_compressor(compressor: str) -> int | None:
     raise ValueError(f"compressor must be 'none' or 'zstd:LEVEL' (LEVEL in -131072..22), got {compressor!r}")
 
 
+# Bytes of one view's field: a ViT-g/14 at 518 px has 1369 x 1536 fp16 features, 4.2 MB.
+MAX_FIELD_BYTES = 64 * 2**20
+
+
 def check_specs(fields: dict[str, FieldSpec]) -> dict[str, FieldSpec]:
     """The field specs every format can store: safe names, canonical numeric dtypes, non-empty shapes."""
     for name, spec in fields.items():
@@ -124,8 +128,12 @@ def check_specs(fields: dict[str, FieldSpec]) -> dict[str, FieldSpec]:
         # check_fields compares dtype strings, so an alias such as "i1" would never match an array.
         if str(dtype) != spec.dtype or dtype.kind not in "biuf":
             raise ValueError(f"field {name!r}: dtype {spec.dtype!r} must be a canonical numeric numpy name")
-        if spec.nbytes() == 0:
-            raise ValueError(f"field {name!r}: shape {list(spec.shape)} has no elements")
+        if any(s < 1 for s in spec.shape):
+            raise ValueError(f"field {name!r}: shape {list(spec.shape)} has no elements (every size must be >= 1)")
+        if spec.nbytes() > MAX_FIELD_BYTES:
+            # An edited or damaged manifest must not make a reader allocate gigabytes per view.
+            raise ValueError(f"field {name!r}: shape {list(spec.shape)} is {spec.nbytes():,} bytes a view, over the "
+                             f"{MAX_FIELD_BYTES:,} any base model's targets take")
     return dict(fields)
 
 
