@@ -30,22 +30,22 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from rich.table import Table  # noqa: E402
-from torch.utils.data import Subset  # noqa: E402
+import numpy as np
+import torch
+from rich.table import Table
+from torch.utils.data import Subset
 
-from tec_cache.core.fashion_mnist import DEFAULT_DIR, HOW_TO_GET, export_image_folder, subset_indices  # noqa: E402
-from tec_cache.runtime.config import check_fields, resolve  # noqa: E402
-from tec_cache.runtime.pipelines import load_pipeline  # noqa: E402
-from tec_cache.runtime.plain_log import log_console  # noqa: E402
-from tec_train.encoder_weights import load_encoder  # noqa: E402
-from tec_train.eval_config import DataSubsets, EvalConfig  # noqa: E402
-from tec_train.evaluate import extract_features, knn_classify, linear_probe  # noqa: E402
-from tec_train.harness.checkpoints import latest_checkpoint  # noqa: E402
-from tec_train.labelled import FashionMNIST  # noqa: E402
-from tec_train.mae import build_mae  # noqa: E402
-from tec_train.pipeline_tables import check_pipeline, table_keys  # noqa: E402
+from tec_cache.core.fashion_mnist import DEFAULT_DIR, HOW_TO_GET, export_image_folder, subset_indices
+from tec_cache.runtime.config import check_fields, resolve
+from tec_cache.runtime.pipelines import load_pipeline
+from tec_cache.runtime.plain_log import log_console
+from tec_train.encoder_weights import load_encoder
+from tec_train.eval_config import DataSubsets, EvalConfig
+from tec_train.evaluate import extract_features, knn_classify, linear_probe
+from tec_train.harness.checkpoints import latest_checkpoint
+from tec_train.labelled import FashionMNIST
+from tec_train.mae import build_mae
+from tec_train.pipeline_tables import check_pipeline, table_keys
 
 console = log_console(stderr=False)  # whole tables and lines in a log file, as the commands print
 MODELS = ("base", "tec_cache", "tec_online", "mae_more")

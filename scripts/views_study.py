@@ -40,12 +40,12 @@ miniature = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(miniature)
 
 
-from tec_cache.core.fashion_mnist import DEFAULT_DIR, HOW_TO_GET, export_image_folder  # noqa: E402
-from tec_cache.runtime.config import resolve  # noqa: E402
-from tec_cache.runtime.pipelines import load_pipeline  # noqa: E402
-from tec_train.eval_config import DataSubsets  # noqa: E402
-from tec_train.harness.checkpoints import latest_checkpoint  # noqa: E402
-from tec_train.pipeline_tables import check_pipeline, table_keys  # noqa: E402
+from tec_cache.core.fashion_mnist import DEFAULT_DIR, HOW_TO_GET, export_image_folder
+from tec_cache.runtime.config import resolve
+from tec_cache.runtime.pipelines import load_pipeline
+from tec_train.eval_config import DataSubsets
+from tec_train.harness.checkpoints import latest_checkpoint
+from tec_train.pipeline_tables import check_pipeline, table_keys
 
 console = miniature.console
 

@@ -229,7 +229,7 @@ def finetune(*, run_dir: str, pipeline: str | None, fashion_mnist: bool, fashion
         result = runner.run()
     except NonFiniteLossError as e:
         _fail(str(e), 1)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # every failure ends as one line; the traceback goes to the log
         _fail(_run_failure(e, Path(run_dir), info.rank, (ResumeError, RuntimeError, OSError)), 1)
     if info.is_main:
         console.print(result_table(f"tec-train finetune: {Path(run_dir)}", finetune_rows(result, str(Path(run_dir) / "result.json"))))

@@ -55,7 +55,7 @@ from .harness.reporting import last_metrics_record
 from .harness.step import AccumulatingStep, MicroBatch
 from .harness.trackers import MetricSinks, open_sinks
 from .harness.writer import take_run_dir_for
-from .labelled import DEFAULT_CROP_PCT, LabelledSplits, open_labelled
+from .labelled import DEFAULT_CROP_PCT, LabelledSplits, dataset_len, open_labelled
 from .schedule import build_schedule
 from .student_to_timm import CONFIG_KEYS
 
@@ -239,7 +239,7 @@ class Finetuner:
             "image_folder" if cfg.labelled.data is not None else "fashion_mnist"]
         self.splits = self._open_data()
         self.eff_batch = cfg.optim.batch_size * cfg.optim.accum_iter * self.info.world_size
-        per_rank = len(self.splits.train) // self.info.world_size  # type: ignore[arg-type]
+        per_rank = dataset_len(self.splits.train) // self.info.world_size
         self.micro_batches_per_epoch = per_rank // cfg.optim.batch_size  # drop_last, as the reference
         # An incomplete last accumulation window is not run (its gradient would be discarded anyway).
         self.micro_batches_run_per_epoch = self.micro_batches_per_epoch // cfg.optim.accum_iter * cfg.optim.accum_iter

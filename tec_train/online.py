@@ -128,8 +128,9 @@ class OnlineTargetFeed:
         self.autocast = autocast
         # The compared cache's resizer (its manifest's views.recipe.resize); by default a CPU build's.
         recipe = ViewRecipe(size=spec.img_size, resize=WORKER_RESIZE if resize in (None, "auto") else resize)
+        vit: Any = self.model  # a timm ViT, whose parts are nn.Module attribute look-ups (untyped)
         self.spec = TargetSpec(
-            dim=int(self.model.embed_dim), heads=int(self.model.blocks[-1].attn.num_heads), topk=spec.topk,
+            dim=int(vit.embed_dim), heads=int(vit.blocks[-1].attn.num_heads), topk=spec.topk,
             tau=spec.tau, img_size=spec.img_size, patch_size=spec.patch_size, mean=recipe.mean, std=recipe.std,
             origin={"kind": "online", "base_model": spec.name, "arch": spec.arch, "base_sha256": facts["sha256"],
                     "data": str(source.root), "last_layers": spec.last_layers, "resize": recipe.resize},

@@ -89,8 +89,8 @@ def server(tiny_cache: SimpleNamespace) -> Iterator[_Server]:
 
 
 def _batches(cache: str | Path | Manifest, epoch: int, **kw: Any) -> list:
-    # A URL too: CacheLoader opens anything load_manifest does, though its annotation says Path | Manifest.
-    with CacheLoader(cache, batch_size=4, num_workers=1, seed=5, **kw) as loader:  # type: ignore[arg-type]  # a URL, see above
+    # A URL too: CacheLoader opens anything load_manifest does.
+    with CacheLoader(cache, batch_size=4, num_workers=1, seed=5, **kw) as loader:
         return list(loader.epoch(epoch))
 
 

@@ -282,6 +282,7 @@ class Builder:
         cfg.validate()
         self.cfg, self.info, self.log = cfg, info, log
         self.device = resolve_device(cfg.device, info)
+        assert cfg.data is not None  # validate() refused a build without --data
         self.source = open_source(cfg.data)
         built = load_manifest(cfg.out) if (cfg.out / MANIFEST_NAME).exists() else None  # a cache to resume or extend
         resize, self.on_device = _view_placement(cfg, self.device, built)

@@ -71,7 +71,7 @@ def build(*, pipeline: str | None, log_seconds: float, **flags: Any) -> None:
             result = build_cache(cfg, log=say, progress=progress.advance, set_total=progress.set_total)
     except BuildOptionError as e:  # found before any work: a usage error
         _fail(str(e))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # every failure ends as one line; the traceback goes to the log
         if isinstance(e, (ValueError, FileNotFoundError, OSError, RuntimeError)) and not isinstance(e, SampleError) \
                 and not from_worker(e):
             _fail(str(e), 1)  # the project's own errors name the file and what to do

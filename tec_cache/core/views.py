@@ -184,7 +184,7 @@ def encode_view(pixels: torch.Tensor, quality: int) -> bytes:
     return encode_views([pixels], quality)[0]
 
 
-def decode_view(data: bytes) -> torch.Tensor:
+def decode_view(data: bytes | memoryview) -> torch.Tensor:
     """JPEG bytes -> uint8 [3,H,W], on the CPU: the decode stage 2's loader does."""
     return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
 

@@ -202,7 +202,7 @@ class ShardFormat(ABC):
                 expect: ShardInfo | None, buffer: bytearray | None = None) -> ShardReader: ...
 
 
-def verify_digest(path: Path, nbytes: int, digest: str, expect: ShardInfo) -> None:
+def verify_digest(path: Path | str, nbytes: int, digest: str, expect: ShardInfo) -> None:
     """ShardError unless size and sha256 are the ones the manifest lists."""
     if nbytes != expect.nbytes:
         raise ShardError(f"{path}: size: {nbytes} bytes, manifest says {expect.nbytes}")
@@ -210,7 +210,7 @@ def verify_digest(path: Path, nbytes: int, digest: str, expect: ShardInfo) -> No
         raise ShardError(f"{path}: checksum: sha256 {digest}, manifest says {expect.sha256}")
 
 
-def verify_count(path: Path, count: int, expect: ShardInfo) -> None:
+def verify_count(path: Path | str, count: int, expect: ShardInfo) -> None:
     """ShardError unless the shard holds the record count the manifest lists."""
     if count != expect.num_samples:
         raise ShardError(f"{path}: sample count: {count} records, manifest says {expect.num_samples}")

@@ -81,7 +81,7 @@ def publish(tmp: Path, path: Path, fault: str | None = None) -> None:
 
 def write_atomic(
     path: Path,
-    write: Callable[[BinaryIO], None],
+    write: Callable[[BinaryIO], object],
     *,
     tmp: Path | None = None,
     before_rename: str | None = None,

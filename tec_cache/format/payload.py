@@ -43,7 +43,8 @@ def encode_targets(fields: dict[str, np.ndarray], specs: dict[str, FieldSpec], c
     return np.array([len(fr) for fr in frames], dtype="<u4").tobytes() + b"".join(frames)
 
 
-def split_targets(payload: bytes, specs: dict[str, FieldSpec], compressed: bool, where: str) -> dict[str, bytes]:
+def split_targets(payload: bytes | memoryview, specs: dict[str, FieldSpec], compressed: bool,
+                  where: str) -> dict[str, bytes | memoryview]:
     """One record's targets member cut into per-field payloads (sorted field-name order)."""
     names = sorted(specs)
     if compressed:
@@ -93,7 +94,7 @@ def decode_field_into(payload: bytes | memoryview, name: str, spec: FieldSpec, c
         out.byteswap(inplace=True)
 
 
-def zstd_content_size(frame: bytes) -> int | None:
+def zstd_content_size(frame: bytes | memoryview) -> int | None:
     """Frame_Content_Size from a zstd frame header (RFC 8878 3.1.1.1), None if absent or not zstd."""
     if len(frame) < 5 or frame[:4] != _ZSTD_MAGIC:
         return None

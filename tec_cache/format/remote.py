@@ -30,7 +30,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO, TypeVar, cast
 
 from tec_cache.format.fs import publish, remove
 from tec_cache.format.schema import ShardError, ShardInfo
@@ -148,7 +148,8 @@ def _with_retries(url: str, retries: int, consume: Callable[[BinaryIO], T]) -> T
 
 def _open_url(url: str) -> BinaryIO:
     if url.startswith(PIPE_PREFIX):
-        return _PipeStream(url[len(PIPE_PREFIX):], url)  # type: ignore[return-value]
+        # A read-only stream: what the readers call of a file (read, close) and nothing else.
+        return cast(BinaryIO, _PipeStream(url[len(PIPE_PREFIX):], url))
     if url.startswith(("http://", "https://")):
         try:
             return urllib.request.urlopen(url, timeout=_TIMEOUT_S)  # noqa: S310 (the user's own URL)
@@ -223,7 +224,7 @@ class _PipeStream:
 
     def __init__(self, command: str, url: str) -> None:
         self.url = url
-        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # noqa: S602
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert self.proc.stdout is not None
         self._out = self.proc.stdout
 

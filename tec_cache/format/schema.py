@@ -94,7 +94,7 @@ class ViewRecord:
     view_epoch: int
     label: int
     image_key: str
-    image: bytes
+    image: bytes | memoryview  # a view of a verified shard's bytes while its reader holds them
     fields: dict[str, np.ndarray] = field(default_factory=dict)
 
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
 import tarfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 
@@ -149,12 +150,14 @@ class TarReader(ShardReader):
         # With expect the whole file is read once, verified, and every record is parsed from those
         # verified bytes (reading the file again could see different bytes).
         self._data: bytes | memoryview | None = None
-        if data is None and expect is not None:
-            data = self._read_whole(path, buffer)
-            verify_digest(path, len(data), hashlib.sha256(data).hexdigest(), expect)
-        if data is not None:
-            self._data = data
-            self._members = self._build_index(_ViewFile(memoryview(data)))
+        held: bytes | memoryview | None = data
+        if held is None and expect is not None:
+            held = self._read_whole(path, buffer)
+            verify_digest(path, len(held), hashlib.sha256(held).hexdigest(), expect)
+        if held is not None:
+            self._data = held
+            # _ViewFile gives the index scan a file's seek, tell and read over the bytes in memory.
+            self._members = self._build_index(cast(BinaryIO, _ViewFile(memoryview(held))))
         else:
             with _open_shard_file(path) as f:
                 self._members = self._build_index(f)
@@ -293,7 +296,10 @@ class TarReader(ShardReader):
     def _decode_into(self, i: int, f: BinaryIO | None, out: dict[str, np.ndarray], row: int) -> ViewRecord:
         key, members = self._members[i]
         where = f"{self.path} record {key}"
-        blob = lambda suffix: self._read(f, *members[suffix], where)  # noqa: E731
+
+        def blob(suffix: str) -> bytes | memoryview:
+            return self._read(f, *members[suffix], where)
+
         meta = _decode_meta(bytes(blob("json")), where)
         payloads = split_targets(memoryview(blob("targets" + self._ext)), self.fields, self._codec is not None, where)
         fields = {}
@@ -305,6 +311,7 @@ class TarReader(ShardReader):
     def _read(self, f: BinaryIO | None, offset: int, size: int, where: str) -> bytes | memoryview:
         """A member's bytes: a view of the shard's bytes when they are held in memory (callers that
         return a record copy it, so no record pins the shard), else read from the file."""
+        data: bytes | memoryview
         if f is None:
             self._check_open()
             assert self._data is not None
@@ -376,7 +383,7 @@ def _decode_meta(raw: bytes, where: str) -> dict[str, Any]:
 
 
 
-def _open_shard_file(path: Path) -> BinaryIO:
+def _open_shard_file(path: Path | str) -> io.BufferedReader:
     try:
         return open(path, "rb")
     except FileNotFoundError as e:

@@ -155,7 +155,7 @@ class ZarrReader(ShardReader):
         self._view_epoch = self._read_column(grp, "view_epoch")
         self._label = self._read_column(grp, "label")
         self._offsets = self._read_column(grp, "image_offsets")
-        total = grp["image_bytes"].shape[0]
+        total = self._array(grp, "image_bytes").shape[0]
         if self._offsets[0] != 0 or np.any(np.diff(self._offsets) < 0) or self._offsets[-1] != total:
             raise ShardError(f"{path}: image_offsets: not monotone from 0 to the {total} image bytes")
         if expect is not None:
@@ -234,10 +234,12 @@ class ZarrReader(ShardReader):
         if self._direct is None:
             files = {}
             for name, arr in self._handles().items():
-                data_file = self.path / name / arr.metadata.encode_chunk_key((0,) * arr.ndim)
+                data_file = Path(self.path) / name / arr.metadata.encode_chunk_key((0,) * arr.ndim)
                 files[name] = ShardFile.from_array(arr, data_file, f"{self.path}: array {name!r}")
             self._direct = files
-        return None if any(f is None for f in self._direct.values()) else self._direct  # type: ignore[return-value]
+        if any(f is None for f in self._direct.values()):
+            return None
+        return {name: f for name, f in self._direct.items() if f is not None}
 
     def _open_group(self) -> zarr.Group:
         try:
@@ -288,16 +290,22 @@ class ZarrReader(ShardReader):
             if (shape is None and node.ndim != 1) or (shape is not None and node.shape != shape):
                 raise ShardError(f"{self.path}: array shape: {name!r} is {list(node.shape)}, expected {shape or '1-D'}")
             # A deleted data file would silently read back as fill values.
-            data_file = self.path / name / node.metadata.encode_chunk_key((0,) * node.ndim)
+            data_file = Path(self.path) / name / node.metadata.encode_chunk_key((0,) * node.ndim)
             if node.size and not data_file.is_file():
                 raise ShardError(f"{self.path}: missing array data: {name!r} has no {data_file.name} file")
 
+    def _array(self, grp: zarr.Group, name: str) -> zarr.Array:
+        node = grp[name]
+        if not isinstance(node, zarr.Array):
+            raise ShardError(f"{self.path}: array {name!r}: a group, expected an array")
+        return node
+
     def _read_column(self, grp: zarr.Group, name: str) -> np.ndarray:
-        return self._read(grp[name], slice(None))
+        return self._read(self._array(grp, name), slice(None))
 
     def _read(self, arr: zarr.Array, selection: int | slice) -> np.ndarray:
         try:
-            return arr[selection]
+            return np.asarray(arr[selection])
         except (OSError, ValueError, RuntimeError) as e:  # bad checksum, zstd error, short file
             raise ShardError(f"{self.path}: array data: reading {arr.basename!r}[{selection}] failed: {e}") from e
 
