@@ -116,6 +116,7 @@ class _MagnitudeSpy:
         return sorted(set(timm_aa._RAND_INCREASING_TRANSFORMS) - ran)
 
 
+@pytest.mark.slow
 def test_default_recipe_over_many_images_draws_every_op_at_its_maximum(monkeypatch) -> None:
     """N(9, 0.5) clipped at 10 reaches the maximum about 2% of the draws: 6,000 seeded images see
     every op there, as an ImageNet epoch does thousands of times."""

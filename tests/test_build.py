@@ -252,6 +252,7 @@ def test_inspect_and_verify(reference_cache, tmp_path):
     # Damaged caches: tests/test_faults_inputs.py.
 
 
+@pytest.mark.slow
 def test_views_cut_on_the_device_equal_the_same_recipe_cut_in_workers(data_dir, tiny_ckpt, tmp_path):
     """--view-device device (a GPU build's path: the source's JPEG decode, crop, resize, flip and the
     views' JPEG encode where the base model runs), here on CPU tensors: the same shards, byte for

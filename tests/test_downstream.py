@@ -426,6 +426,7 @@ class _KillAfterFirstEpoch(Reporter):
         raise KeyboardInterrupt("killed after the epoch's checkpoint")
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_finetune_runs_resumes_exactly(tiny, tmp_path: Path) -> None:
     straight = finetune(_ft_cfg(tmp_path / "a", tiny.export))
@@ -517,6 +518,7 @@ def test_cli_knn_fashion_mnist(tiny, tmp_path: Path) -> None:
     assert res["data"]["kind"] == "fashion_mnist" and res["knn"]["num_train"] == 200 and "top5" in res["knn"]
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_cli_finetune_then_extend(tiny, tmp_path: Path) -> None:
     run_dir = tmp_path / "ft"

@@ -138,6 +138,7 @@ def test_a_second_build_into_the_same_out_is_refused(extend: bool, ref: SimpleNa
     assert not (out / LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["mid_shard_write", "json_torn", "manifest_torn"])
 def test_disk_full_fails_clearly_and_resumes(point: str, ref: SimpleNamespace, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
@@ -268,6 +269,7 @@ def _fill(disk: Path) -> Path:
     return filler
 
 
+@pytest.mark.slow
 def test_a_real_full_disk_stops_the_build_clearly_and_the_rerun_ends_identical(ref: SimpleNamespace, tmp_path: Path) -> None:
     """On a tmpfs mounted for the test, another writer fills the disk once the build has written its
     first shard: the build stops naming the file and the bytes still needed and publishes nothing

@@ -119,6 +119,7 @@ def test_select_records_first_and_seeded(caches) -> None:
 # render_views
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt,codec", COMBOS)
 def test_render_views_png_follows_the_decoded_targets(fmt, codec, caches, tmp_path, monkeypatch) -> None:
     cache = caches[fmt, codec]
@@ -193,6 +194,7 @@ def test_read_metrics_and_panels(tmp_path) -> None:
         read_metrics(tmp_path)
 
 
+@pytest.mark.slow
 def test_plot_runs_png(tmp_path) -> None:
     tec = _write_run(tmp_path / "tec", 30, torn=True)
     mae = _write_run(tmp_path / "mae", 20, mae=True)

@@ -73,7 +73,7 @@ class _Handler(SimpleHTTPRequestHandler):
 @contextlib.contextmanager
 def _serving(root: Path) -> Iterator[_Server]:
     srv = _Server(root)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     try:
         yield srv
@@ -113,6 +113,7 @@ def test_batches_over_http_equal_batches_from_disk(tiny_cache: SimpleNamespace, 
     assert verify_cache(server.url) == []
 
 
+@pytest.mark.slow
 def test_training_over_http_takes_the_same_steps_as_from_disk(tiny_cache: SimpleNamespace, server: _Server,
                                                               tmp_path: Path) -> None:
     args = ["--model", "vit_tiny_patch8", "--depth", "3", "--batch-size", "4", "--epochs", "2", "--warmup-epochs", "1",
@@ -141,6 +142,7 @@ def test_inspect_and_show_read_a_cache_over_http(server: _Server, tmp_path: Path
     assert r.exit_code == 2 and "/nothing is not a cache" in r.output, r.output
 
 
+@pytest.mark.slow
 def test_a_shard_changed_in_transit_is_refused_naming_it(server: _Server) -> None:
     man = load_manifest(server.url)
     bad = man.shards(1)[0].path
@@ -154,6 +156,7 @@ def test_a_shard_changed_in_transit_is_refused_naming_it(server: _Server) -> Non
     assert r.returncode == 1 and f"BAD {bad}: shard: {server.url}/{bad}: checksum" in said, said
 
 
+@pytest.mark.slow
 def test_dropped_connections_are_retried_then_fail_with_a_clear_error(server: _Server,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TEC_FETCH_RETRIES", "2")
@@ -192,6 +195,7 @@ def _batches_local(url: str, local: Path) -> list:
     return _batches(load_manifest(url, local_dir=local), 0)
 
 
+@pytest.mark.slow
 def test_pipe_command_and_zarr_refusal(tiny_cache: SimpleNamespace, tmp_path: Path) -> None:
     ref = f"pipe:cat {tiny_cache.cache}/{{path}}"
     assert _same(_batches(ref, 0), _batches(tiny_cache.cache, 0))
@@ -210,6 +214,7 @@ def test_pipe_command_and_zarr_refusal(tiny_cache: SimpleNamespace, tmp_path: Pa
         load_manifest(f"pipe:cat {zarr_cache}/{{path}}")
 
 
+@pytest.mark.slow
 def test_build_from_tar_urls_equals_the_build_from_the_same_tars_on_disk(tiny_ckpt: Path, tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import numpy as np

@@ -309,6 +309,7 @@ def test_held_out_cache_of_another_base_model_is_refused(tiny, held_out, tmp_pat
     assert not run.exists()
 
 
+@pytest.mark.slow
 def test_raised_epochs_extend_the_run_from_its_checkpoint(tiny, tmp_path: Path) -> None:
     base = ["--cache", str(tiny.cache), "--model", "vit_tiny_patch8", "--depth", "3", "--batch-size", "4",
             "--warmup-epochs", "0", "--blr", "1e-3", "--log-every", "1", "--num-workers", "0", "--device", "cpu"]
