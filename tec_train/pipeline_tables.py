@@ -1,6 +1,6 @@
 """Every table of a pipeline checked against the config it feeds, and the pipeline fully resolved.
 
-Data flow: presets.load_pipeline (``extends`` chain merged) --> per table: [cache] -> CacheTable (the
+Data flow: runtime.pipelines.load_pipeline (``extends`` chain merged) --> per table: [cache] -> CacheTable (the
 target recipe, the build's options), [pretrain] and [base] -> TrainConfig, [finetune] -> FinetuneConfig, [eval] ->
 EvalConfig, [data] -> DataSubsets --> ``tec-train pipelines NAME`` (every value of the row, defaults
 included) and the tests that hold the paper's numbers.
