@@ -16,6 +16,7 @@ round-trips unchanged). Schema version 1 is the only one written and read so far
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -478,7 +479,7 @@ class Manifest(_Record):
         """Shard entries of one view-epoch, or of all in order."""
         return [s for ve in self.view_epochs if view_epoch is None or ve.index == view_epoch for s in ve.shards]
 
-    @property
+    @functools.cached_property  # the manifest is frozen: made once, not on every shard opened
     def handle(self) -> CacheHandle:
         """Where this cache's shards are and how one is opened (handle.py): plain data for workers."""
         return CacheHandle(self.root, self.location, self.format.name, self.fields, self.format.compressor)

@@ -146,7 +146,9 @@ class ZarrReader(ShardReader):
             verify_digest(path, nbytes, digest, expect)
         self._pid: int | None = None
         self._arrays: dict[str, zarr.Array] = {}
-        self._direct: dict[str, ShardFile | None] | None = None
+        # Direct shard-file readers, made on first use; None there: some array is laid out otherwise.
+        self._direct: dict[str, ShardFile] | None = None
+        self._direct_made = False
         grp = self._open_group()
         self._keys, self._image_keys = self._load_attrs(grp)
         n = len(self._keys)
@@ -231,15 +233,15 @@ class ZarrReader(ShardReader):
     def _shard_files(self) -> dict[str, ShardFile] | None:
         """Direct readers of each field's and the images' shard file, built on first use; None
         when an array is not laid out as ``ZarrWriter`` writes it."""
-        if self._direct is None:
+        if not self._direct_made:
             files = {}
             for name, arr in self._handles().items():
                 data_file = Path(self.path) / name / arr.metadata.encode_chunk_key((0,) * arr.ndim)
                 files[name] = ShardFile.from_array(arr, data_file, f"{self.path}: array {name!r}")
-            self._direct = files
-        if any(f is None for f in self._direct.values()):
-            return None
-        return {name: f for name, f in self._direct.items() if f is not None}
+            direct = {name: f for name, f in files.items() if f is not None}
+            self._direct = direct if len(direct) == len(files) else None
+            self._direct_made = True
+        return self._direct
 
     def _open_group(self) -> zarr.Group:
         try:
