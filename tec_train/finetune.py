@@ -52,7 +52,7 @@ from .harness import (
 from .harness.checkpoint_state import FinetuneCheckpoint
 from .harness.errors import NonFiniteLossError, ResumeError
 from .harness.reporting import last_metrics_record
-from .harness.step import AccumulatingStep, MicroBatch
+from .harness.step import AccumulatingStep, MicroBatch, next_micro_batch
 from .harness.trackers import MetricSinks, open_sinks
 from .harness.writer import take_run_dir_for
 from .labelled import DEFAULT_CROP_PCT, LabelledSplits, dataset_len, open_labelled
@@ -368,13 +368,7 @@ class Finetuner:
         """The micro-batches of one window, from micro-batch ``it`` of ``epoch`` on, on the device and
         mixed; the time spent waiting for data goes to ``wait[0]``."""
         for j in range(self.cfg.optim.accum_iter):
-            tw = time.perf_counter()
-            item = next(batches, None)
-            wait[0] += time.perf_counter() - tw
-            if item is None:
-                raise RuntimeError(f"the training data ended epoch {epoch} after {it + j} of "
-                                   f"{self.micro_batches_per_epoch} micro-batches")
-            images, target = item
+            images, target = next_micro_batch(batches, wait, "the training data", epoch, it + j, self.micro_batches_per_epoch)
             images = images.to(self.device, non_blocking=True)  # [B, 3, S, S]
             target = target.to(self.device, non_blocking=True)  # [B]
             if self.mixup_fn is not None:

@@ -48,7 +48,7 @@ from .harness import (
 from .harness.checkpoint_state import PretrainCheckpoint
 from .harness.errors import ResumeError
 from .harness.reporting import truncate_metrics
-from .harness.step import AccumulatingStep, MicroBatch
+from .harness.step import AccumulatingStep, MicroBatch, next_micro_batch
 from .harness.trackers import MetricSinks, open_sinks
 from .harness.writer import take_run_dir_for
 from .held_out import HeldOutLoss
@@ -379,12 +379,7 @@ class Trainer:
         """The micro-batches of optimizer step ``step`` (1-based), from micro-batch ``it`` of ``epoch`` on,
         prepared on the device with their mask noise; the time spent waiting for data goes to ``wait[0]``."""
         for j in range(self.cfg.optim.accum_iter):
-            tw = time.perf_counter()
-            item = next(batches, None)
-            wait[0] += time.perf_counter() - tw
-            if item is None:
-                raise RuntimeError(f"the target feed ended epoch {epoch} after {it + j} of {self.micro_batches_per_epoch} "
-                                   "micro-batches")
+            item = next_micro_batch(batches, wait, "the target feed", epoch, it + j, self.micro_batches_per_epoch)
             if self.cfg.run.log_samples:
                 self._log_samples(item, step, epoch, it + j)
             inputs: StepInputs = self.source.prepare(item, self.device)

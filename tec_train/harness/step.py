@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -38,6 +39,19 @@ class MicroBatch:
     # rank: each learns of a non-finite loss on any rank, so none hangs in the next all-reduce.
     losses: Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
     where: str  # the position, in messages: "step 3 (epoch 0, micro-batch 2)"
+
+T = TypeVar("T")
+
+
+def next_micro_batch(batches: Iterator[T], wait: list[float], what: str, epoch: int, done: int, total: int) -> T:
+    """The next micro-batch of a window, the time waited for it added to ``wait[0]``; RuntimeError
+    naming ``what`` when the data ends before the epoch's ``total`` micro-batches (``done`` so far)."""
+    tw = time.perf_counter()
+    item = next(batches, None)
+    wait[0] += time.perf_counter() - tw
+    if item is None:
+        raise RuntimeError(f"{what} ended epoch {epoch} after {done} of {total} micro-batches")
+    return item
 
 
 def parts_non_finite(where: str, values: dict[str, float]) -> str | None:
