@@ -196,7 +196,10 @@ class _BatchSlots:
         if info is None:
             return None, None
         row = self.free[info.id].numpy()
-        for s in np.flatnonzero(row).tolist():
+        # One reading of the row: the main process hands slots back (0 -> 1) while this looks, and
+        # numpy's nonzero raises on memory that changes under it. A slot seen free stays free (only
+        # this worker takes its own); one handed back meanwhile waits for the next batch.
+        for s in np.flatnonzero(row.copy()).tolist():
             storage = self._mine.get(s)
             if storage is None or storage.nbytes() != nbytes:
                 storage = self._mine[s] = torch.UntypedStorage._new_shared(nbytes)

@@ -475,3 +475,29 @@ def test_rank_batches_partition_the_epoch_and_resume_where_they_stopped():
     assert [b.tolist() for b in resumed] == [b.tolist() for b in per_rank[1][2:]]
     assert sampling.first_reads([{0, 1}, {1, 2}, {2}], {0}) == [frozenset({1}), frozenset({2}), frozenset()]
     assert [sampling.view_epoch_for(e, num_view_epochs=3, view_order="cycle", seed=0) for e in range(4)] == [0, 1, 2, 0]
+
+
+def _hand_back_until(free: torch.Tensor, stop: multiprocessing.synchronize.Event) -> None:
+    """The main process's side of the slot protocol, as fast as it goes: every slot handed back."""
+    row = free[0].numpy()
+    while not stop.is_set():
+        row[:] = 1
+
+
+def test_taking_a_slot_while_the_main_process_hands_slots_back(monkeypatch):
+    """A worker looks for a free slot while the main process writes the same shared row: the look
+    must act on one reading of the row (numpy's nonzero on memory that changes under it raises, which
+    stopped a run's loader mid-epoch)."""
+    slots = data_mod._BatchSlots(num_workers=1, per_worker=1 << 16)  # a long row: a wide window for the race
+    monkeypatch.setattr(data_mod, "get_worker_info", lambda: type("Info", (), {"id": 0})())
+    ctx = multiprocessing.get_context("fork")
+    stop = ctx.Event()
+    writer = ctx.Process(target=_hand_back_until, args=(slots.free, stop), daemon=True)
+    writer.start()
+    try:
+        for _ in range(3000):
+            slots.free[0].zero_()  # every slot out, for the writer to hand back while take() looks
+            slots.take(64)
+    finally:
+        stop.set()
+        writer.join(10)
