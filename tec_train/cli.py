@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from tec_cache.runtime.config import PATH_METAVAR
 from tec_cache.runtime.dist import dist_info
 from tec_cache.runtime.flags import flag_param, flags_from, param, with_flags
 from tec_cache.runtime.plain_log import log_console
@@ -204,7 +205,7 @@ _SOURCE = param("source", str | None, typer.Argument(None, metavar="[SOURCE]", h
 _FASHION_MNIST = [
     param("fashion_mnist", bool, typer.Option(False, "--fashion-mnist",
                                               help="Use Fashion-MNIST (local idx files, /usr/share/datasets/fashion-mnist).")),
-    param("fashion_mnist_dir", str | None, typer.Option(None, "--fashion-mnist-dir",
+    param("fashion_mnist_dir", str | None, typer.Option(None, "--fashion-mnist-dir", metavar=PATH_METAVAR,
                                                         help="Fashion-MNIST from this folder instead (implies --fashion-mnist).")),
 ]
 
@@ -258,7 +259,7 @@ _KNN_ONLY = ("k", "temperature")
 
 
 def _out_json(help: str) -> inspect.Parameter:
-    return param("out_json", str | None, typer.Option(None, "--out-json", help=help))
+    return param("out_json", str | None, typer.Option(None, "--out-json", metavar=PATH_METAVAR, help=help))
 
 
 @app.command()

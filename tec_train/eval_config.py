@@ -11,7 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tec_cache.core.basemodels import REGISTRY, is_timm_source
-from tec_cache.runtime.config import NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, WORKERS, Check, check_fields, in_range, option
+from tec_cache.runtime.config import (
+    NON_NEGATIVE,
+    PATH_METAVAR,
+    POSITIVE,
+    POSITIVE_INT,
+    SEED,
+    WORKERS,
+    Check,
+    check_fields,
+    in_range,
+    option,
+)
 
 POOLS = ("avg", "cls")
 PROBE_OPTIMIZERS = ("lars", "sgd")
@@ -26,7 +37,7 @@ class EvalConfig:
 
     source: str | None = option(None, "The encoder: export folder, run dir, checkpoint or base-model weights.")
     # Data: exactly one of data and fashion_mnist (the folder of the idx files).
-    data: str | None = option(None, "ImageNet-style folder with train/ and val/ class folders.")
+    data: str | None = option(None, "ImageNet-style folder with train/ and val/ class folders.", metavar=PATH_METAVAR)
     fashion_mnist: str | None = option(None, "Fashion-MNIST idx folder.")
     # Encoder details (see encoder_weights.load_encoder).
     model: str | None = option(None, "Encoder size of a reference checkpoint, e.g. vit_base_patch16.")

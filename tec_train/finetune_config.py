@@ -12,6 +12,7 @@ from typing import Any
 from tec_cache.core import fashion_mnist
 from tec_cache.runtime.config import (
     NON_NEGATIVE,
+    PATH_METAVAR,
     POSITIVE,
     POSITIVE_INT,
     SEED,
@@ -87,7 +88,7 @@ class LabelledData:
     """The labelled images: exactly one of --data and --fashion-mnist, subsets for quick runs, the
     evaluation crop, the loader."""
 
-    data: str | None = option(None, "ImageNet-style folder with train/ and val/ class folders.")
+    data: str | None = option(None, "ImageNet-style folder with train/ and val/ class folders.", metavar=PATH_METAVAR)
     fashion_mnist: str | None = option(None, "Fashion-MNIST idx folder.")
     train_subset: int | None = option(None, "Train on a seeded class-balanced subset of N images.", check=POSITIVE_INT)
     val_subset: int | None = option(None, "Evaluate on a seeded class-balanced subset of N images.", check=POSITIVE_INT)
@@ -182,7 +183,7 @@ class FinetuneConfig(NestedConfig):
     the reference recipe (method.md 6, README ViT-B row); each field declares its default, bound and help once."""
 
     run_dir: str = option(help="Run folder: finetune-<epoch>.pt, metrics.jsonl, config.json, result.json. "
-                          "Re-running resumes it.")
+                          "Re-running resumes it.", metavar=PATH_METAVAR)
     encoder: EncoderSource = group(EncoderSource)
     labelled: LabelledData = group(LabelledData)
     classifier: ClassifierOptions = group(ClassifierOptions)

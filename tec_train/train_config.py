@@ -16,6 +16,7 @@ from tec_cache.core.views import RESIZERS
 from tec_cache.format.remote import is_remote
 from tec_cache.runtime.config import (
     NON_NEGATIVE,
+    PATH_METAVAR,
     POSITIVE,
     POSITIVE_INT,
     SEED,
@@ -55,7 +56,8 @@ class TargetSource:
                                "gs://, ... through fsspec; 'pipe:COMMAND' with {path}); remote shards stream, each "
                                "checked against its sha256 as it arrives.")
     cache_dir: str | None = option(None, "Read-through folder for a remote --cache: shards are kept there once "
-                                   "fetched (and checked again when read back).", default_text="none: stream only")
+                                   "fetched (and checked again when read back).", default_text="none: stream only",
+                                   metavar=PATH_METAVAR)
     # Online mode's base model and its targets: tec-cache build's recipe, under the option names
     # run dirs have always stored (the student has its own --depth, --img-size and --patch-size).
     base: TargetRecipe = group(TargetRecipe, flat=ONLINE_RECIPE)
@@ -140,7 +142,7 @@ class StudentOptions:
     patch_size: int | None = option(None, "Patch size", check=POSITIVE_INT, default_text="the --model name's")
     mask_ratio: float = option(0.75, "Fraction of patches masked", check=in_range(0.0, 1.0, hi_open=True))
     init_from: str | None = option(None, "Start from a TEC pretraining checkpoint ({'model': ...}, reference or "
-                                   "ours), loaded strictly.")
+                                   "ours), loaded strictly.", metavar=PATH_METAVAR)
 
 
 @dataclass
@@ -213,7 +215,8 @@ class TrainConfig(NestedConfig):
     ``foo_bar`` of a pipeline's [pretrain] table and of the run's stored options; each declares its
     default, bound and help once (tec_cache.runtime.config.option)."""
 
-    run_dir: str = option(help="Run folder: checkpoints, metrics.jsonl, config.json. Re-running resumes it.")
+    run_dir: str = option(help="Run folder: checkpoints, metrics.jsonl, config.json. Re-running resumes it.",
+                          metavar=PATH_METAVAR)
     objective: str = option("tec", "tec: learn a base model's targets (--cache or online) | mae: plain MAE on "
                             "--data pixels, to make a base model from scratch", choices=OBJECTIVE_NAMES)
     targets: TargetSource = group(TargetSource)

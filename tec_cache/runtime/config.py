@@ -65,6 +65,11 @@ def in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = Fal
     return Check(ok, text)
 
 
+# The help's name for a value that is a file or folder (typer's own for a Path): path options are
+# declared as text, since a URL must pass through unmangled, yet still read as paths in --help.
+PATH_METAVAR = "<path>"
+
+
 def option(default: Any = _MISSING, help: str = "", *, check: Check | None = None,
            choices: Iterable[str] | None = None, default_text: str | None = None, flag: str | None = None,
            metavar: str | None = None) -> Any:

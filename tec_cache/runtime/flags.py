@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from .config import component_type, flag_name, flat_fields, flat_names, help_for, is_group
+from .config import PATH_METAVAR, component_type, flag_name, flat_fields, flat_names, help_for, is_group
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -35,11 +35,17 @@ def _field_types(cls: type) -> dict[str, Any]:
     return out
 
 
+def _members(annotation: Any) -> list[Any]:
+    """The types of ``annotation`` but None: ``X | None`` -> [X], ``Path | str`` -> [Path, str]."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return [a for a in typing.get_args(annotation) if a is not type(None)]
+    return [annotation]
+
+
 def _cli_type(annotation: Any) -> Any:
     """The type a flag parses to: ``X | None`` -> X; a path or a union with one -> str (a path on the
     command line may be a URL, which pathlib would mangle)."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)] \
-        if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else [annotation]
+    args = _members(annotation)
     if len(args) != 1 or args[0] is Path:
         return str
     return args[0]
@@ -49,10 +55,13 @@ def flag_param(cls: type, name: str, *, required: bool = False, extra_help: str 
     """The typer parameter of option ``name`` of ``cls``: its flag (a bool's ``--x/--no-x`` unless the
     field spells it), type and help; not given -> None, so a pipeline table or stored run shows through."""
     f = next(f for f in flat_fields(cls) if f.name == name)
-    kind = _cli_type(_field_types(cls)[name])
+    annotation = _field_types(cls)[name]
+    kind = _cli_type(annotation)
+    # A path parses as text (see _cli_type) but is still named a path in the help, as in 0.3.0.
+    metavar = f.metadata.get("metavar") or (PATH_METAVAR if Path in _members(annotation) else None)
     decl = f.metadata.get("flag") or (f"{flag_name(name)}/--no-{flag_name(name)[2:]}" if kind is bool else flag_name(name))
     info = typer.Option(... if required else None, decl, help=help_for(cls, name, extra_help),
-                        metavar=f.metadata.get("metavar"))
+                        metavar=metavar)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info,
                              annotation=kind if required else kind | None)
 
