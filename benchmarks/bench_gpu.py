@@ -28,7 +28,7 @@ import torch
 from timm.layers import Attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_train import forward_rate, make_images, sync  # the same images and timer
+from benchmarks.bench_train import forward_rate, make_images, so_far, sync  # the same images, timer and progress
 from tec_cache.build.builder import BuildConfig, build_cache
 from tec_cache.core.basemodels import build_model, resolve_spec
 from tec_cache.format.manifest import load_manifest
@@ -173,12 +173,15 @@ def main() -> None:
 
     res["base_forward_views_per_s"], res["base_forward_peak_gib"] = peak_memory(device, forward)
     base.cpu()
+    so_far(res)
     paths = ["workers", "device"]
     res["build"] = build_paths(work, data, args.images, spec, ckpt, device, args.batch_size, args.num_workers, paths)
     for p in paths:
         res["build"][p]["over_bare_forward"] = res["build"][p]["views_per_s"] / res["base_forward_views_per_s"]
+    so_far(res)
     res["finetune"] = finetune_slice(work, data, ckpt, arch, img, args.finetune_batch, args.finetune_images,
                                      device, args.num_workers)
+    so_far(res)
     res["largest_batch"] = {}
     dim, heads = int(base.embed_dim), int(cast(Attention, base.blocks[-1].attn).num_heads)  # the targets' D and H size the heads
     for name in args.students:
@@ -187,6 +190,7 @@ def main() -> None:
             "batch": largest_batch(name, 8, args.max_batch, img_size=img, pred_dim=dim, heads=heads,
                                    topk=topk, device=device, depth=student_depth),
             "search_s": time.perf_counter() - t0}
+        so_far(res)
     print(json.dumps(res, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

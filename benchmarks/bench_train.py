@@ -82,6 +82,11 @@ def step_rates(run_dir: Path, warmup: int) -> list[float]:
     return [r["images_per_s"] for r in recs if r["step"] > warmup]
 
 
+def so_far(res: dict) -> None:
+    """What is measured so far, one line: a run cut off by its time limit still reports it."""
+    print("so far: " + json.dumps(res, default=str), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="vit_tiny_patch16_224", help="base model (timm)")
@@ -123,6 +128,7 @@ def main() -> None:
     # 1. base-model forward alone
     res["base_forward_views_per_s"] = forward_rate(base.to(device).eval(), spec, args.batch_size, device)
     del base  # free the device memory before the training runs
+    so_far(res)
 
     # 2. stage-1 build
     cache = work / "cache"
@@ -148,6 +154,7 @@ def main() -> None:
     res["loader_views_per_s"] = n / (time.perf_counter() - t0)
     res["loader_workers"] = args.num_workers
     loader.close()
+    so_far(res)
 
     # 4. training step rates
     common = dict(model=args.model, depth=args.depth, img_size=args.img_size, patch_size=patch,
@@ -172,6 +179,7 @@ def main() -> None:
             rates[mode] += step_rates(Path(cfg.run_dir), args.warmup)
             if device.type == "cuda":  # peak device memory of the mode's step, GiB
                 peaks[mode] = max(peaks.get(mode, 0.0), torch.cuda.max_memory_allocated(device) / 2**30)
+            so_far({"round": r, "mode": mode, "images_per_s": rates[mode], "peak_gib": peaks.get(mode)})
     res["peak_gib"] = peaks or None
     for mode, values in rates.items():
         res[f"{mode}_images_per_s"] = statistics.median(values)
