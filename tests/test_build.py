@@ -281,3 +281,41 @@ def test_a_resizer_that_cannot_run_where_views_are_cut_is_refused(data_dir, tiny
     with pytest.raises(ValueError, match="the cache at --out .*u8 was resized with it: torch-bicubic-u8"):
         build_cache(_cfg(data_dir, tmp_path / "u8", tiny_ckpt, views=2, view_device="device"))
     assert not (tmp_path / "c").exists()
+
+
+def test_a_chunk_seals_while_the_next_one_goes_through_the_model(data_dir, tiny_ckpt, tmp_path, reference_cache,
+                                                                  monkeypatch):
+    """The main thread does not wait for a chunk's last write and its shards' close: the next
+    chunk's forward passes run meanwhile (with the default of one batch a shard, that wait was every
+    batch's write). The bytes are those of a build that waited."""
+    import threading
+    import time
+
+    from tec_cache.build import builder as builder_mod
+
+    events: list[tuple[str, int]] = []
+    lock = threading.Lock()
+    seal, compute = builder_mod._ChunkBuild.seal, builder_mod.Builder._compute
+
+    def slow_seal(self):
+        with lock:
+            events.append(("seal begins", self.chunk))
+        time.sleep(0.5)  # a slow disk
+        yield from seal(self)
+        with lock:
+            events.append(("seal ends", self.chunk))
+
+    def noted_compute(self, chunk, v, n):
+        with lock:
+            events.append(("forward", chunk.chunk))
+        return compute(self, chunk, v, n)
+
+    monkeypatch.setattr(builder_mod._ChunkBuild, "seal", slow_seal)
+    monkeypatch.setattr(builder_mod.Builder, "_compute", noted_compute)
+    out = tmp_path / "cache"
+    build_cache(_cfg(data_dir, out, tiny_ckpt))
+    overlapped = [c for c in range(max(c for _, c in events))
+                  if events.index(("seal begins", c)) < events.index(("forward", c + 1)) < events.index(("seal ends", c))]
+    assert overlapped, events
+    assert _tree(out) == _tree(reference_cache)
+    assert _manifest_sans_stats(out) == _manifest_sans_stats(reference_cache)

@@ -226,6 +226,7 @@ class _ChunkBuild:
         # chunk are being built, so a resumed or extended build computes them identically.
         self.pending: dict[int, list[tuple[int, int, bytes, torch.Tensor]]] = {v: [] for v in missing}
         self.futures: list[Future] = []
+        self.sealing: Future[list[ShardInfo]] | None = None  # seal(), queued behind the writes
 
     def add(self, index: int, views: list[tuple[int, bytes, torch.Tensor]]) -> Iterator[int]:
         """Queue one image's views; yields each view-epoch whose queue now holds a full batch."""
@@ -250,6 +251,17 @@ class _ChunkBuild:
                 f.result()
         self.futures.append(self.builder.writer_pool.submit(self.builder._write, self.chunk, self.writers, recs))
 
+    def seal_later(self) -> None:
+        """Queue seal() on the writer thread, after this chunk's writes: the main thread goes on to
+        the next chunk's forward passes instead of waiting for the last write (with the default
+        shard of one batch, that wait was every batch's whole write). ``sealed()`` collects it."""
+        self.sealing = self.builder.writer_pool.submit(lambda: list(self.seal()))
+
+    def sealed(self) -> list[ShardInfo]:
+        """The finished shards of ``seal_later()``; raises what the writes or the seal raised."""
+        assert self.sealing is not None
+        return self.sealing.result()
+
     def seal(self) -> Iterator[ShardInfo]:
         """Wait for the writes, then close each shard and publish its sidecar (the shard's mark of
         completeness); yields each finished shard's facts."""
@@ -267,10 +279,12 @@ class _ChunkBuild:
             yield info
 
     def abort(self) -> None:
-        for f in self.futures:
+        futures = [*self.futures, *([self.sealing] if self.sealing is not None else [])]
+        for f in futures:
             f.cancel()
-        # A write still running would race the aborts below (and could open a new temporary).
-        wait(self.futures)
+        # A write or seal still running would race the aborts below (and could open a new
+        # temporary). Shards the seal already closed stay: abort() leaves a closed writer alone.
+        wait(futures)
         for w in self.writers.values():
             w.abort()
 
@@ -408,6 +422,18 @@ class Builder:
         shards_built = 0
         skipped_all: list[dict[str, str]] = []
         bpv_seen: list[float] = []
+        # One chunk seals on the writer thread while the next one's views go through the model.
+        sealing: _ChunkBuild | None = None
+
+        def collect(done: _ChunkBuild) -> None:
+            nonlocal shards_built
+            for info in done.sealed():
+                self._views_done += info.num_samples
+                bpv_seen.append(info.nbytes / max(info.num_samples, 1))
+                shards_built += 1
+                fault_point("after_shard")
+            skipped_all.extend(done.skipped)
+
         for c, missing in mine:
             chunk = _ChunkBuild(self, c, missing)
             try:
@@ -415,15 +441,21 @@ class Builder:
                     return self._dry(self._estimate, t0)
                 if self.cfg.dry_run:
                     continue
-                for info in chunk.seal():
-                    self._views_done += info.num_samples
-                    bpv_seen.append(info.nbytes / max(info.num_samples, 1))
-                    shards_built += 1
-                    fault_point("after_shard")
+                chunk.seal_later()
+                if sealing is not None:
+                    collect(sealing)
+                sealing = chunk
             except BaseException:
                 chunk.abort()
+                if sealing is not None and sealing is not chunk:
+                    sealing.abort()
                 raise
-            skipped_all.extend(chunk.skipped)
+        if sealing is not None:
+            try:
+                collect(sealing)
+            except BaseException:
+                sealing.abort()
+                raise
         if self.cfg.dry_run:
             # Nothing to compute on this rank: estimate from what is planned, without a forward.
             return self._dry(self._estimate or {"views": total_missing, "bytes_per_view": None}, t0)
