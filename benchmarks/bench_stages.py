@@ -105,18 +105,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny sizes on CPU: the script's own check")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--images", type=int, default=6144, help="source images of the larger build (the smaller has a quarter)")
+    ap.add_argument("--images", type=int, default=None,
+                    help="source images of the larger build (the smaller has a quarter); 6144, --tiny 64")
     ap.add_argument("--batch-size", type=int, default=256, help="build batch")
     ap.add_argument("--train-batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--workers", type=int, nargs="+", default=[12, 15], help="worker counts: the first is the build's")
+    ap.add_argument("--only-build", action="store_true", help="stop after the builds")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.tiny:
-        args.device, args.images, args.batch_size, args.train_batch, args.steps, args.workers = "cpu", 64, 16, 8, 4, [2, 1]
+        args.device, args.batch_size, args.train_batch, args.steps, args.workers = "cpu", 16, 8, 4, [2, 1]
+        args.images = args.images or 64
         arch, model, img, topk, depth = "vit_tiny_patch16_224", "vit_tiny_patch16", 64, 3, 2
     else:
         arch, model, img, topk, depth = "vit_base_patch16_224", "vit_base_patch16", 224, 15, None
+        args.images = args.images or 6144
     device = torch.device(args.device)
     work = Path(tempfile.mkdtemp(prefix="tec_bench_stages_"))
     spec = resolve_spec(None, arch=arch, img_size=img, patch_size=16, topk=topk, depth=depth)
@@ -159,6 +163,9 @@ def main() -> None:
         row["marginal_views_per_s"] = round(dn / dt, 1) if dt > 0 else None
         res["build"][path] = row
         so_far(res)
+    if args.only_build:
+        finish(res, args.out)
+        return
 
     # 2. the loader alone over the larger workers-path cache, two passes per worker count
     man = load_manifest(work / "cache-workers-large")
@@ -199,10 +206,14 @@ def main() -> None:
                               "threads": sampler.top(8)}
         so_far(res)
     res["train"]["cache_over_in_memory"] = res["train"]["cache"]["images_per_s"] / res["train"]["in_memory"]["images_per_s"]
+    finish(res, args.out)
+
+
+def finish(res: dict[str, Any], out: Path | None) -> None:
     print(json.dumps(res, indent=1))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=1))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":
