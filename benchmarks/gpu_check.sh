@@ -10,6 +10,9 @@
 #   bash benchmarks/fetch_gpu_wheels.sh      # here, once: fills .whl/
 #   bash benchmarks/gpu_check.sh             # there (device run with carry [".whl"])
 #   bash benchmarks/gpu_check.sh --tiny      # anywhere, CPU
+#
+# The tree travels to the device with the wheels under a 64 MiB cap that tests/data alone nearly
+# fills: move tests/data aside for the call (the check does not read it), then put it back.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -25,6 +28,15 @@ if [ "${1:-}" = "--tiny" ]; then
   timeout 600 python3 benchmarks/bench_gpu.py --tiny --out "$OUTDIR/check_tiny_extra.json"
 else
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+  # nccl itself, one rank (with one GPU the project's DDP paths stay alone; nccl refuses two ranks
+  # on one device): the group starts, an all-reduce and a barrier go through.
+  timeout 90 python3 -c "
+import datetime, torch, torch.distributed as d
+d.init_process_group('nccl', init_method='tcp://127.0.0.1:29533', rank=0, world_size=1,
+                     timeout=datetime.timedelta(seconds=60), device_id=torch.device('cuda', 0))
+t = torch.ones(4, device='cuda'); d.all_reduce(t); d.barrier()
+print('nccl', torch.cuda.nccl.version(), 'all_reduce', t.tolist()); d.destroy_process_group()" \
+    || echo "nccl check failed (rc $?)"
   timeout 280 python3 benchmarks/bench_train.py --arch vit_base_patch16_224 --base-depth 0 --model vit_base_patch16 \
     --img-size 224 --batch-size 128 --images 3072 --steps 12 --warmup 3 --num-workers 12 --device cuda \
     --out "$OUTDIR/gpu_vitb.json" || echo "bench_train failed or timed out (rc $?)"
