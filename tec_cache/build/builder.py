@@ -453,9 +453,10 @@ class Builder:
                 fault_point("after_shard")
             skipped_all.extend(done.skipped)
 
-        for c, missing in mine:
-            chunk = _ChunkBuild(self, c, missing)
-            try:
+        chunk: _ChunkBuild | None = None
+        try:
+            for c, missing in mine:
+                chunk = _ChunkBuild(self, c, missing)
                 if self._fill(chunk, it):
                     return self._dry(self._estimate, t0)
                 if self.cfg.dry_run:
@@ -464,17 +465,13 @@ class Builder:
                 if sealing is not None:
                     collect(sealing)
                 sealing = chunk
-            except BaseException:
-                chunk.abort()
-                if sealing is not None and sealing is not chunk:
-                    sealing.abort()
-                raise
-        if sealing is not None:
-            try:
+            if sealing is not None:
                 collect(sealing)
-            except BaseException:
-                sealing.abort()
-                raise
+        except BaseException:
+            for unfinished in (chunk, sealing):  # abort() is a no-op on what it already finished
+                if unfinished is not None:
+                    unfinished.abort()
+            raise
         if self.cfg.dry_run:
             # Nothing to compute on this rank: estimate from what is planned, without a forward.
             return self._dry(self._estimate or {"views": total_missing, "bytes_per_view": None}, t0)
